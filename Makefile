@@ -1,0 +1,34 @@
+# `make demo` and `make test` work on a fresh machine: each creates .venv when missing and
+# installs the project (one pip resolve, torch pinned with torchvision) before running.
+PYTHON ?= python3
+VENV ?= .venv
+WORKDIR ?= demo-run
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export NO_ALBUMENTATIONS_UPDATE := 1
+export HF_HUB_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+
+.PHONY: demo test test-quick install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/unclip demo --workdir $(WORKDIR)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not slow"
+
+clean:
+	rm -rf $(VENV) $(WORKDIR) .cache

@@ -1,0 +1,69 @@
+"""Settings of the data jobs: Ray, ingest, embed and the embedded synthetic data set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from launch.configlib import option
+
+# Columns `unclip embed` can write; DESIGN.md "The embedding store contract" defines each one.
+STORE_COLUMNS = (
+    "clip_image_emb",
+    "clip_text_emb",
+    "clip_text_tokens",
+    "text_mask",
+    "vae_latent",
+    "image_64",
+    "image_256",
+)
+
+
+@dataclass
+class RayConfig:
+    address: str | None = option(None, doc="existing cluster ('auto', 'ray://HOST:10001'); null starts a local Ray")
+    num_cpus: int | None = option(None, ge=1, doc="CPUs of the local Ray; null: all")
+    dashboard: bool = option(False, doc="start the dashboard with a local Ray")
+
+
+@dataclass
+class IngestConfig:
+    url_list: str = option("", doc="URL list: a file, a folder or a glob; any fsspec URL")
+    input_format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = "auto"
+    url_col: str | None = option(None, doc="null: the first of URL, url")
+    caption_col: str | None = option(None, doc="null: the first of TEXT, caption, text")
+    shard_size: int = option(256, ge=1, doc="URLs per shard; one shard is one Ray task")
+    image_size: int = option(64, ge=8, doc="side of the stored images (img2dataset resizes)")
+    resize_mode: Literal["border", "keep_ratio", "center_crop", "no"] = "center_crop"
+    encode_format: Literal["jpg", "png", "webp"] = "png"
+    encode_quality: int = option(95, ge=1, le=100)
+    threads_per_task: int = option(16, ge=1)
+    timeout_s: int = option(10, ge=1)
+    retries: int = option(0, ge=0)
+    max_in_flight: int | None = option(None, ge=1, doc="shards downloading at once; null: one per CPU")
+
+
+@dataclass
+class EmbedConfig:
+    columns: list[str] = option(factory=lambda: list(STORE_COLUMNS[:-1]))
+    batch_size: int = option(64, ge=1, doc="rows per encoder forward pass")
+    encoder_actors: int = option(1, ge=1, doc="size of the encoder actor pool")
+    actor_cpus: float = option(1.0, gt=0, doc="CPUs reserved by each encoder actor")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    vae_resolution: int = option(64, ge=8, doc="images are centre-cropped to this side for the VAE")
+
+    def validate(self) -> None:
+        unknown = [c for c in self.columns if c not in STORE_COLUMNS]
+        if unknown:
+            raise ValueError(
+                f"config key 'embed.columns': unknown column {unknown[0]!r} (expected some of {', '.join(STORE_COLUMNS)})"
+            )
+
+
+@dataclass
+class SyntheticConfig:
+    count: int = option(512, ge=1, doc="captioned images in the embedded default data set")
+    image_size: int = option(64, ge=16)
+    broken: bool = option(True, doc="add a 404, a non-image and a truncated file")
+    seed: int = 0

@@ -1,0 +1,228 @@
+"""Where bytes live: any fsspec URL, with atomic "write then commit" for files and folders.
+
+Every job in unclip reads and writes through this module, so the same code runs on a local
+disk, `file://`, `s3://` (any S3-compatible endpoint; set AWS_ENDPOINT_URL for a non-AWS one),
+`gs://` and `memory://`.
+
+The commit rules readers may rely on:
+- a file is either absent or complete: it is written under a hidden temporary name in the same
+  folder and moved into place only after the last byte was written;
+- a folder is complete only when it holds `_COMMITTED`, which is written after everything else
+  (on local disk the whole folder is also renamed into place, so nothing partial is visible).
+Temporary names start with `.tmp-`; `remove_stale_temporaries` clears those a killed job left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from typing import IO, Any, Iterator
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+COMMIT_MARKER = "_COMMITTED"
+TMP_PREFIX = ".tmp-"
+
+
+def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem for `url` and the path inside it (local paths come back absolute)."""
+    fs, path = fsspec.core.url_to_fs(str(url))
+    if isinstance(fs, LocalFileSystem):
+        path = os.path.abspath(path)
+    return fs, path
+
+
+def is_local(url: str) -> bool:
+    return isinstance(url_to_fs(url)[0], LocalFileSystem)
+
+
+def local_path(url: str) -> str:
+    """The OS path of a local URL; refuses remote ones."""
+    fs, path = url_to_fs(url)
+    if not isinstance(fs, LocalFileSystem):
+        raise ValueError(f"'{url}' is not on the local filesystem")
+    return path
+
+
+def join(url: str, *parts: str) -> str:
+    url = str(url)
+    if "://" in url:
+        return posixpath.join(url.rstrip("/"), *parts)
+    return os.path.join(url, *parts)
+
+
+def normalize(url: str) -> str:
+    """A canonical form of `url`: absolute for local paths, unchanged for remote ones."""
+    return local_path(url) if is_local(url) else str(url).rstrip("/")
+
+
+def exists(url: str) -> bool:
+    fs, path = url_to_fs(url)
+    return fs.exists(path)
+
+
+def makedirs(url: str) -> None:
+    fs, path = url_to_fs(url)
+    fs.makedirs(path, exist_ok=True)
+
+
+def listdir(url: str) -> list[str]:
+    """Base names in folder `url` (empty when missing), without temporaries."""
+    fs, path = url_to_fs(url)
+    if not fs.exists(path):
+        return []
+    names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
+    return sorted(n for n in names if not n.startswith(TMP_PREFIX))
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def read_text(url: str) -> str:
+    return read_bytes(url).decode("utf-8")
+
+
+def read_json(url: str) -> Any:
+    return json.loads(read_text(url))
+
+
+def remove(url: str) -> None:
+    fs, path = url_to_fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def _tmp_sibling(path: str) -> str:
+    head, tail = posixpath.split(path)
+    return posixpath.join(head, f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{tail}")
+
+
+@contextlib.contextmanager
+def atomic_open(url: str, mode: str = "wb") -> Iterator[IO]:
+    """Open `url` for writing; it appears, complete, only if the block finishes without error."""
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_open writes only ('wb' or 'w'), got mode {mode!r}")
+    fs, path = url_to_fs(url)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = _tmp_sibling(path)
+    try:
+        with fs.open(tmp, mode) as f:
+            yield f
+            if isinstance(fs, LocalFileSystem):
+                f.flush()
+                os.fsync(f.fileno())
+        fs.mv(tmp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.rm(tmp)
+        raise
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    with atomic_open(url, "wb") as f:
+        f.write(data)
+
+
+def write_text(url: str, text: str) -> None:
+    write_bytes(url, text.encode("utf-8"))
+
+
+def write_json(url: str, obj: Any) -> None:
+    write_text(url, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def move(src_url: str, dst_url: str) -> None:
+    """Move one file; on object stores a server-side copy then delete, so `dst` appears whole."""
+    fs, src = url_to_fs(src_url)
+    _, dst = url_to_fs(dst_url)
+    fs.mv(src, dst)
+
+
+def is_committed(url: str) -> bool:
+    return exists(join(url, COMMIT_MARKER))
+
+
+@contextlib.contextmanager
+def atomic_dir(url: str) -> Iterator[str]:
+    """Yield a local staging folder; on success its files become folder `url`, marker last.
+
+    Staging is always local because the writers we feed (DeepSpeed, torch.save, PIL) want OS
+    paths. On local disk the staging folder sits beside the destination and is renamed into
+    place in one step; elsewhere files are uploaded and `_COMMITTED` is uploaded after them.
+    An existing folder at `url` is replaced.
+    """
+    fs, path = url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.path.basename(path)}-", dir=parent)
+    else:
+        staging = tempfile.mkdtemp(prefix=TMP_PREFIX)
+    try:
+        yield staging
+        with open(os.path.join(staging, COMMIT_MARKER), "w") as f:
+            f.write("ok\n")
+        if isinstance(fs, LocalFileSystem):
+            if os.path.exists(path):
+                doomed = _tmp_sibling(path)
+                os.replace(path, doomed)
+                shutil.rmtree(doomed)
+            os.replace(staging, path)
+        else:
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+            files = sorted(
+                os.path.relpath(os.path.join(d, n), staging) for d, _, ns in os.walk(staging) for n in ns
+            )
+            files.remove(COMMIT_MARKER)
+            for rel in files + [COMMIT_MARKER]:
+                fs.put_file(os.path.join(staging, rel), posixpath.join(path, rel.replace(os.sep, "/")))
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def download_dir(url: str, local_dir: str) -> str:
+    """Copy folder `url` to `local_dir` (a no-op path return when `url` is already local)."""
+    fs, path = url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        return path
+    os.makedirs(local_dir, exist_ok=True)
+    for remote in fs.find(path):
+        rel = posixpath.relpath(remote, path)
+        target = os.path.join(local_dir, *rel.split("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fs.get_file(remote, target)
+    return local_dir
+
+
+def remove_stale_temporaries(url: str) -> int:
+    """Delete what killed writers left under folder `url` (one level); returns the count."""
+    fs, path = url_to_fs(url)
+    if not fs.exists(path):
+        return 0
+    stale = [p for p in fs.ls(path, detail=False) if posixpath.basename(p.rstrip("/")).startswith(TMP_PREFIX)]
+    for p in stale:
+        fs.rm(p, recursive=True)
+    return len(stale)
+
+
+def sha256_file(url: str, chunk: int = 1 << 22) -> str:
+    fs, path = url_to_fs(url)
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,150 @@
+"""The embedded default data set: captioned coloured shapes, served over HTTP on 127.0.0.1.
+
+The build machines reach no image host, so `unclip demo` and the tests generate their data,
+serve it locally and download it through the real ingest path. Every image records the
+attributes it was drawn from, and captions are built from them with varied wording, so what a
+model learned can later be checked against the truth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import io
+import json
+import os
+import random
+import threading
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+from PIL import Image, ImageDraw
+
+from data_pipeline.config import SyntheticConfig
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 50),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 30),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+SHAPES = ("circle", "square", "triangle")
+CAPTION_TEMPLATES = (
+    "a {color} {shape} on a {background} background",
+    "a {shape} in {color} on {background}",
+    "{color} {shape}, {background} background",
+    "a picture of a {color} {shape} against a {background} backdrop",
+)
+
+
+@dataclass(frozen=True)
+class ShapeAttributes:
+    shape: str
+    color: str
+    background: str
+    cx: float  # centre and half-size as fractions of the image side
+    cy: float
+    size: float
+
+
+def sample_attributes(rng: random.Random) -> ShapeAttributes:
+    color, background = rng.sample(sorted(COLORS), 2)
+    size = rng.uniform(0.22, 0.34)
+    return ShapeAttributes(
+        shape=rng.choice(SHAPES),
+        color=color,
+        background=background,
+        cx=rng.uniform(size + 0.04, 1 - size - 0.04),
+        cy=rng.uniform(size + 0.04, 1 - size - 0.04),
+        size=size,
+    )
+
+
+def draw(attrs: ShapeAttributes, side: int) -> Image.Image:
+    image = Image.new("RGB", (side, side), COLORS[attrs.background])
+    pen = ImageDraw.Draw(image)
+    cx, cy, r = attrs.cx * side, attrs.cy * side, attrs.size * side
+    fill = COLORS[attrs.color]
+    if attrs.shape == "circle":
+        pen.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif attrs.shape == "square":
+        pen.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        pen.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return image
+
+
+def caption(attrs: ShapeAttributes, rng: random.Random) -> str:
+    return rng.choice(CAPTION_TEMPLATES).format(color=attrs.color, shape=attrs.shape, background=attrs.background)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def generate(out_dir: str, cfg: SyntheticConfig) -> list[dict]:
+    """Write images under `out_dir/images/` and return one record per URL to list.
+
+    Records carry `path` (relative to `out_dir`), `caption` and the attributes; broken entries
+    (a missing file, bytes that are not an image, a truncated PNG) have `broken` set to why.
+    """
+    rng = random.Random(cfg.seed)
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    records = []
+    for i in range(cfg.count):
+        attrs = sample_attributes(rng)
+        rel = f"images/{i:06d}.png"
+        with open(os.path.join(out_dir, rel), "wb") as f:
+            f.write(png_bytes(draw(attrs, cfg.image_size)))
+        records.append({"path": rel, "caption": caption(attrs, rng), "broken": None, **asdict(attrs)})
+    if cfg.broken:
+        good = png_bytes(draw(sample_attributes(rng), cfg.image_size))
+        broken = {
+            "images/missing.png": None,  # never written: the server answers 404
+            "images/not-an-image.png": b"<html><body>this is not an image</body></html>",
+            "images/truncated.png": good[: len(good) // 2],
+        }
+        for rel, body in broken.items():
+            if body is not None:
+                with open(os.path.join(out_dir, rel), "wb") as f:
+                    f.write(body)
+            reason = "missing" if body is None else os.path.basename(rel)[:-4]
+            records.append({"path": rel, "caption": f"a broken entry ({reason})", "broken": reason})
+    return records
+
+
+def write_url_list(records: list[dict], base_url: str, path: str) -> str:
+    """A LAION-style parquet URL list (`URL`, `TEXT` + attribute columns) for `records`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"URL": f"{base_url}/{r['path']}", "TEXT": r["caption"]} for r in records]
+    for row, r in zip(rows, records):
+        row["attributes"] = json.dumps({k: r.get(k) for k in ("shape", "color", "background", "cx", "cy", "size")})
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+
+@contextlib.contextmanager
+def serve_directory(directory: str) -> Iterator[str]:
+    """Serve `directory` on 127.0.0.1 (a free port) for the duration; yields the base URL."""
+    handler = functools.partial(_QuietHandler, directory=directory)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="synthetic-http", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,0 +1,113 @@
+"""The `unclip` command: every subcommand reads a YAML config plus key=value overrides,
+validates all of it, says what it will do, then does it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from launch.configlib import ConfigError
+
+COMMANDS = {
+    "ingest": "download a URL list into ROOT/raw/ (Ray + img2dataset)",
+    "encoders": "`encoders init`: write the small random encoders the embedded default uses",
+    "embed": "frozen CLIP/VAE over ROOT/raw/ into the embedding store ROOT/store/ (Ray Data)",
+    "train": "`train STAGE`: train prior or ldm with DeepSpeed from the store",
+    "sample": "text -> images (ldm) and text -> CLIP image embeddings (prior)",
+    "demo": "the whole pipeline on the embedded default data set",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unclip", description="Distributed training of text-to-image diffusion.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "train":
+            from training.stages import STAGE_NAMES
+
+            p.add_argument("stage", choices=STAGE_NAMES)
+        if name == "encoders":
+            p.add_argument("action", choices=["init"])
+        if name == "demo":
+            p.add_argument("--workdir", default="demo-run", help="where data, runs and report.json go")
+        p.add_argument("--config", help="YAML configuration (defaults: the embedded default)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.steps=100 root=s3://bucket/x")
+    return parser
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    # Overrides may stand before or after options; argparse's subparsers cannot intermix, so
+    # whatever it leaves over must be key=value.
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    stray = [r for r in rest if "=" not in r or r.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = list(args.overrides) + rest
+    return args
+
+
+def _setup_environment() -> None:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_environment()
+    args = _parse(argv)
+    from data_pipeline.store import StoreError
+    from data_pipeline.url_list import UrlListError
+    from launch import config as config_mod
+
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    try:
+        overrides = list(args.overrides)
+        if args.command == "demo":
+            from launch.demo import demo_overrides
+
+            overrides = demo_overrides(args.workdir) + overrides
+        cfg = config_mod.load(args.config, overrides)
+        return _dispatch(args, cfg, log)
+    except (ConfigError, UrlListError, StoreError, FileNotFoundError) as err:
+        print(f"unclip {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace, cfg, log) -> int:
+    from launch.configlib import to_dict, to_yaml
+
+    if args.command == "ingest":
+        from data_pipeline import ingest
+
+        log(f"ingest: {cfg.ingest.url_list} -> {cfg.raw_url} (Ray: {cfg.ray.address or 'local'})")
+        summary = ingest.run(cfg.ingest, cfg.ray, cfg.raw_url, to_yaml(cfg), log=log)
+        log(f"ingest: kept {summary['kept']} of {summary['input_rows']}; failed by reason {summary['failed_by_reason']}")
+    elif args.command == "encoders":
+        from models.encoders import write_tiny_encoders
+
+        log(f"encoders init: {write_tiny_encoders(cfg.encoders)}")
+    elif args.command == "embed":
+        from data_pipeline import embed
+
+        log(f"embed: {cfg.raw_url} -> {cfg.store_url} with {cfg.encoders.clip.model} / {cfg.encoders.vae.path}")
+        embed.run(cfg.encoders, cfg.embed, cfg.ray, cfg.raw_url, cfg.store_url, to_dict(cfg), log=log)
+    elif args.command == "train":
+        from launch.train import train_local
+
+        summary = train_local(cfg, args.stage, log=log)
+        log(f"train {args.stage}: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}; {summary['checkpoint']}")
+    elif args.command == "sample":
+        from launch import sample
+
+        sample.run(cfg, log=log)
+    elif args.command == "demo":
+        from launch import demo
+
+        demo.run(cfg, args.workdir, log=log)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

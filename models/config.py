@@ -1,0 +1,83 @@
+"""Settings of the frozen encoders, the diffusion process and each stage's network."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from launch.configlib import option
+
+
+@dataclass
+class ClipConfig:
+    model: str = option(
+        "local-dir:{root}/encoders/clip",
+        doc="open_clip model name (ViT-L-14) or 'local-dir:PATH' (open_clip_config.json + weights)",
+    )
+    pretrained: str | None = option(None, doc="with a model name: a tag ('openai') or a weights file")
+
+
+@dataclass
+class VaeConfig:
+    path: str = option("{root}/encoders/vae", doc="diffusers AutoencoderKL folder or hub repo id")
+    subfolder: str | None = None
+
+
+@dataclass
+class TinyEncodersConfig:
+    """Sizes of the small random encoders `unclip encoders init` writes for the embedded default."""
+
+    embed_dim: int = option(64, ge=8)
+    image_size: int = option(64, ge=16)
+    patch_size: int = option(8, ge=1)
+    vision_width: int = option(64, ge=8)
+    vision_layers: int = option(2, ge=1)
+    text_layers: int = option(2, ge=1)
+    heads: int = option(4, ge=1)
+    context_length: int = option(32, ge=8)
+    vae_channels: list[int] = option(factory=lambda: [32, 64, 64])
+    latent_channels: int = option(4, ge=1)
+    seed: int = 0
+
+
+@dataclass
+class EncodersConfig:
+    clip: ClipConfig = option(factory=ClipConfig)
+    vae: VaeConfig = option(factory=VaeConfig)
+    tiny: TinyEncodersConfig = option(factory=TinyEncodersConfig)
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: Literal["linear", "scaled_linear", "cosine"] = "cosine"
+    timesteps: int = option(1000, ge=2)
+    prediction: Literal["eps", "x0", "v"] = "eps"
+    loss_weighting: Literal["uniform", "min_snr"] = "uniform"
+    snr_gamma: float = option(5.0, gt=0)
+
+
+@dataclass
+class PriorConfig:
+    layers: int = option(4, ge=1)
+    heads: int = option(4, ge=1)
+    head_dim: int = option(32, ge=4)
+    text_drop: float = option(0.1, ge=0, le=1)
+    diffusion: DiffusionConfig = option(factory=lambda: DiffusionConfig(prediction="x0"))
+
+
+@dataclass
+class LdmConfig:
+    block_channels: list[int] = option(factory=lambda: [64, 128])
+    layers_per_block: int = option(1, ge=1)
+    heads: int = option(4, ge=1)
+    text_drop: float = option(0.1, ge=0, le=1)
+    latent_scale: Literal["store", "vae"] = option(
+        "store", doc="'store': 1/std of the store's latents (how SD derived 0.18215); 'vae': the VAE config's factor"
+    )
+    diffusion: DiffusionConfig = option(factory=lambda: DiffusionConfig(schedule="scaled_linear"))
+
+    def validate(self) -> None:
+        if not self.block_channels or any(c < 8 or c % 8 for c in self.block_channels):
+            raise ValueError(
+                f"config key 'ldm.block_channels': expected multiples of 8, at least one, got {self.block_channels}"
+            )

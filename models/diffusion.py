@@ -1,0 +1,108 @@
+"""Gaussian diffusion shared by every stage: forward process, training targets, loss, sampling.
+
+Betas come from diffusers' schedulers (the same tables diffusers pipelines sample with), so a
+stage trained here and exported runs unchanged in diffusers. What diffusers leaves to training
+scripts lives here: q(x_t | x_0), the eps / x0 / v targets, min-SNR-gamma weighting, and
+classifier-free guidance around the scheduler's step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from models.config import DiffusionConfig
+
+BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+PREDICTION_TYPES = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+
+# model_fn(x_t, t, conditional: bool) -> prediction
+ModelFn = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
+
+
+def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.reshape(-1, *([1] * (like.dim() - 1))).to(like)
+
+
+class Diffusion:
+    def __init__(self, cfg: DiffusionConfig):
+        self.cfg = cfg
+        self.scheduler_config = {
+            "num_train_timesteps": cfg.timesteps,
+            "beta_schedule": BETA_SCHEDULES[cfg.schedule],
+            "prediction_type": PREDICTION_TYPES[cfg.prediction],
+            "clip_sample": False,
+            **({"beta_start": 0.00085, "beta_end": 0.012} if cfg.schedule == "scaled_linear" else {}),
+        }
+        self.alphas_cumprod = self.make_scheduler("ddpm").alphas_cumprod.double()
+
+    def make_scheduler(self, sampler: str):
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        if sampler == "ddim":
+            return DDIMScheduler(**self.scheduler_config, set_alpha_to_one=False, steps_offset=1)
+        if sampler == "ddpm":
+            return DDPMScheduler(**self.scheduler_config)
+        raise ValueError(f"unknown sampler {sampler!r} (expected 'ddim' or 'ddpm')")
+
+    def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, self.cfg.timesteps, (n,), generator=generator)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
+        abar = _expand(self.alphas_cumprod[t], x0)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.cfg.prediction == "eps":
+            return noise
+        if self.cfg.prediction == "x0":
+            return x0
+        abar = _expand(self.alphas_cumprod[t], x0)
+        return abar.sqrt() * noise - (1 - abar).sqrt() * x0  # v
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        abar = self.alphas_cumprod[t]
+        return (abar / (1 - abar)).float()
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample weight; min-SNR-gamma (Hang et al. 2023) expressed for each target."""
+        if self.cfg.loss_weighting == "uniform":
+            return torch.ones(len(t))
+        snr = self.snr(t)
+        clipped = torch.minimum(snr, torch.full_like(snr, self.cfg.snr_gamma))
+        return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[self.cfg.prediction]
+
+    def loss(self, prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        target = self.target(x0, noise, t)
+        per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+        return (per_sample * self.loss_weight(t).to(per_sample)).mean()
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model_fn: ModelFn,
+        shape: tuple[int, ...],
+        steps: int,
+        guidance: float,
+        generator: torch.Generator,
+        sampler: str = "ddim",
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """Draw x_0 by the scheduler's reverse process with classifier-free guidance.
+
+        guidance w: pred = uncond + w (cond - uncond); w = 1 is the conditional model alone and
+        w = 0 the unconditional one.
+        """
+        scheduler = self.make_scheduler(sampler)
+        scheduler.set_timesteps(steps)
+        x = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            tt = torch.full((shape[0],), int(t), dtype=torch.long, device=device)
+            pred = model_fn(x, tt, True)
+            if guidance != 1.0:
+                uncond = model_fn(x, tt, False)
+                pred = uncond + guidance * (pred - uncond)
+            x = scheduler.step(pred, t, x, generator=generator).prev_sample
+        return x

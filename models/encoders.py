@@ -1,0 +1,233 @@
+"""The frozen encoders: open_clip (image + text) and a diffusers AutoencoderKL.
+
+They load by name or path exactly as public weights do (`ViT-L-14` + `openai`, `local-dir:PATH`,
+a diffusers folder or hub id). The embedded default's small random encoders are written by
+`write_tiny_encoders` in those same formats and then loaded through the same functions, so a
+user with real weights changes only configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_pipeline import storage
+from models.config import ClipConfig, EncodersConfig, TinyEncodersConfig, VaeConfig
+
+LOCAL_DIR = "local-dir:"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ClipPreprocess:
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def _local_dir(cfg: ClipConfig) -> Path | None:
+    return Path(cfg.model[len(LOCAL_DIR) :]) if cfg.model.startswith(LOCAL_DIR) else None
+
+
+def clip_preprocess(cfg: ClipConfig) -> ClipPreprocess:
+    """Input size and normalisation of the configured CLIP, read from configs (no weights)."""
+    import open_clip
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    folder = _local_dir(cfg)
+    if folder is not None:
+        config_file = folder / "open_clip_config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(
+                f"config key 'encoders.clip.model': {config_file} not found (run `unclip encoders init` "
+                "for the embedded default, or point it at an open_clip folder)"
+            )
+        saved = json.loads(config_file.read_text())
+        model_cfg, pre = saved["model_cfg"], saved.get("preprocess_cfg", {})
+    else:
+        model_cfg = open_clip.get_model_config(cfg.model)
+        if model_cfg is None:
+            raise ValueError(f"config key 'encoders.clip.model': open_clip has no model {cfg.model!r}")
+        pre = (open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained) or {}) if cfg.pretrained else {}
+    size = model_cfg["vision_cfg"]["image_size"]
+    return ClipPreprocess(
+        image_size=size if isinstance(size, int) else size[0],
+        mean=tuple(pre.get("mean") or OPENAI_DATASET_MEAN),
+        std=tuple(pre.get("std") or OPENAI_DATASET_STD),
+    )
+
+
+def _clip_weights_file(cfg: ClipConfig) -> str | None:
+    import open_clip
+
+    folder = _local_dir(cfg)
+    if folder is not None:
+        from open_clip.factory import _find_checkpoint_in_dir
+
+        return _find_checkpoint_in_dir(folder)
+    if cfg.pretrained and os.path.isfile(cfg.pretrained):
+        return cfg.pretrained
+    if cfg.pretrained:
+        tag_cfg = open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained)
+        return open_clip.download_pretrained(tag_cfg) if tag_cfg else None
+    return None
+
+
+def _vae_weights_file(cfg: VaeConfig) -> str | None:
+    folder = Path(cfg.path) / (cfg.subfolder or "")
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+        if (folder / name).is_file():
+            return str(folder / name)
+    return None
+
+
+class FrozenClip:
+    """open_clip in eval mode with no grad: pooled image/text embeddings and per-token states."""
+
+    def __init__(self, cfg: ClipConfig, device: str = "cpu", precision: str = "fp32"):
+        import open_clip
+
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dtype = DTYPES[precision]
+        pretrained = None if cfg.model.startswith(LOCAL_DIR) else cfg.pretrained
+        model = open_clip.create_model(cfg.model, pretrained=pretrained, device=self.device)
+        self.model = model.eval().requires_grad_(False).to(self.dtype)
+        self.tokenizer = open_clip.get_tokenizer(cfg.model)
+        text_tower = getattr(model, "text", model)
+        self._ln_final = getattr(text_tower, "ln_final")
+        self.pad_id = getattr(self.tokenizer, "pad_token_id", None) or 0
+        self.context_length = int(self.tokenizer.context_length)
+        self.text_width = int(self._ln_final.normalized_shape[0])
+        self.embed_dim = int(self.model.text_projection.shape[-1] if torch.is_tensor(self.model.text_projection) else self.model.text_projection.out_features)
+        pre = clip_preprocess(cfg)
+        shape = (1, 3, 1, 1)
+        self._mean = torch.tensor(pre.mean, device=self.device).view(shape)
+        self._std = torch.tensor(pre.std, device=self.device).view(shape)
+        self.image_size = pre.image_size
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] floats in [0, 1] at the model's input size -> [B, D] embeddings."""
+        x = ((images.to(self.device) - self._mean) / self._std).to(self.dtype)
+        return self.model.encode_image(x).float()
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Pooled embedding [B, D], per-token hidden states [B, L, W] and mask [B, L]."""
+        tokens = self.tokenizer(captions).to(self.device)
+        captured: list[torch.Tensor] = []
+        handle = self._ln_final.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            emb = self.model.encode_text(tokens).float()
+        finally:
+            handle.remove()
+        return {"emb": emb, "tokens": captured[-1].float(), "mask": tokens != self.pad_id}
+
+    def identity(self) -> dict[str, Any]:
+        weights = _clip_weights_file(self.cfg)
+        return {
+            "library": "open_clip",
+            "model": self.cfg.model,
+            "pretrained": self.cfg.pretrained,
+            "weights_file": weights,
+            "weights_sha256": storage.sha256_file(weights) if weights else None,
+            "embed_dim": self.embed_dim,
+            "text_width": self.text_width,
+            "context_length": self.context_length,
+            "image_size": self.image_size,
+        }
+
+
+class FrozenVae:
+    """diffusers AutoencoderKL in eval mode: latents are the posterior mean, unscaled."""
+
+    def __init__(self, cfg: VaeConfig, device: str = "cpu", precision: str = "fp32"):
+        from diffusers import AutoencoderKL
+
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dtype = DTYPES[precision]
+        vae = AutoencoderKL.from_pretrained(cfg.path, subfolder=cfg.subfolder, torch_dtype=self.dtype)
+        self.vae = vae.eval().requires_grad_(False).to(self.device)
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.latent_channels = int(vae.config.latent_channels)
+        self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] -> [B, C, H/f, W/f] posterior means (deterministic)."""
+        posterior = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
+        return posterior.mean.float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents -> images in [-1, 1]."""
+        return self.vae.decode(latents.to(self.device, self.dtype)).sample.float().clamp(-1, 1)
+
+    def identity(self) -> dict[str, Any]:
+        weights = _vae_weights_file(self.cfg)
+        return {
+            "library": "diffusers",
+            "class": "AutoencoderKL",
+            "path": self.cfg.path,
+            "subfolder": self.cfg.subfolder,
+            "weights_sha256": storage.sha256_file(weights) if weights else None,
+            "scaling_factor": self.scaling_factor,
+            "latent_channels": self.latent_channels,
+            "downsample": self.downsample,
+        }
+
+
+def tiny_clip_config(t: TinyEncodersConfig) -> dict[str, Any]:
+    return {
+        "embed_dim": t.embed_dim,
+        "vision_cfg": {"image_size": t.image_size, "layers": t.vision_layers, "width": t.vision_width, "patch_size": t.patch_size},
+        # text width == embed_dim keeps the per-token states in the embedding's space, as in ViT-L-14
+        "text_cfg": {"context_length": t.context_length, "vocab_size": 49408, "width": t.embed_dim, "heads": t.heads, "layers": t.text_layers},
+    }  # fmt: skip
+
+
+def tiny_vae_config(t: TinyEncodersConfig) -> dict[str, Any]:
+    n = len(t.vae_channels)
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * n,
+        "up_block_types": ["UpDecoderBlock2D"] * n,
+        "block_out_channels": list(t.vae_channels),
+        "layers_per_block": 1,
+        "latent_channels": t.latent_channels,
+        "norm_num_groups": min(32, min(t.vae_channels)),
+        "sample_size": t.image_size,
+    }
+
+
+def write_tiny_encoders(cfg: EncodersConfig) -> dict[str, str]:
+    """Write small random encoders where `cfg` expects to load them; returns their locations."""
+    import open_clip
+    from diffusers import AutoencoderKL
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from safetensors.torch import save_file
+
+    folder = _local_dir(cfg.clip)
+    if folder is None:
+        raise ValueError(
+            f"config key 'encoders.clip.model': expected 'local-dir:PATH' to write tiny encoders into, got {cfg.clip.model!r}"
+        )
+    torch.manual_seed(cfg.tiny.seed)
+    model_cfg = tiny_clip_config(cfg.tiny)
+    clip = open_clip.CLIP(**model_cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(clip.state_dict(), str(folder / "open_clip_model.safetensors"))
+    preprocess = {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD), "interpolation": "bicubic", "resize_mode": "shortest"}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2))
+
+    vae = AutoencoderKL(**tiny_vae_config(cfg.tiny))
+    vae.save_pretrained(cfg.vae.path if not cfg.vae.subfolder else os.path.join(cfg.vae.path, cfg.vae.subfolder))
+    return {"clip": str(folder), "vae": cfg.vae.path}

@@ -1,0 +1,57 @@
+"""The latent-diffusion model: a diffusers UNet2DConditionModel over VAE latents.
+
+It cross-attends to CLIP's per-token text states, like Stable Diffusion (no attention mask, so
+the exported UNet runs in a plain diffusers pipeline). Dropped text is all-zero tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from models.config import LdmConfig
+from models.diffusion import Diffusion
+
+
+def build_unet(cfg: LdmConfig, latent_channels: int, latent_size: int, text_width: int):
+    from diffusers import UNet2DConditionModel
+
+    n = len(cfg.block_channels)
+    return UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        block_out_channels=tuple(cfg.block_channels),
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        layers_per_block=cfg.layers_per_block,
+        cross_attention_dim=text_width,
+        attention_head_dim=cfg.heads,  # diffusers' name; it is the number of heads here
+        norm_num_groups=min(32, math.gcd(*cfg.block_channels)),
+    )
+
+
+def predict(unet, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """`unet` is the UNet or an engine wrapping it; inputs are cast to its dtype."""
+    dtype = getattr(unet, "module", unet).dtype
+    return unet(x_t.to(dtype), t, encoder_hidden_states=tokens.to(dtype)).sample.float()
+
+
+def sample(
+    unet,
+    diffusion: Diffusion,
+    tokens: torch.Tensor,
+    steps: int,
+    guidance: float,
+    generator: torch.Generator,
+    sampler: str = "ddim",
+) -> torch.Tensor:
+    """Text tokens [B, L, W] -> scaled latents [B, C, h, w]."""
+    null = torch.zeros_like(tokens)
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor, conditional: bool) -> torch.Tensor:
+        return predict(unet, x, t, tokens if conditional else null)
+
+    c, size = unet.config.in_channels, unet.config.sample_size
+    return diffusion.sample(model_fn, (len(tokens), c, size, size), steps, guidance, generator, sampler)

@@ -1,0 +1,86 @@
+"""The unCLIP prior: a diffusers PriorTransformer that predicts a CLIP image embedding from text.
+
+Inputs are [text tokens, text embedding, timestep, noised image embedding] and a learned
+query token, as in Ramesh et al. 2022; it predicts the clean (normalised) image embedding.
+Dropped text (for classifier-free guidance) is all-zero tokens and embedding with a full mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from models.config import PriorConfig
+from models.diffusion import Diffusion
+
+
+def build_prior(cfg: PriorConfig, embed_dim: int, context_length: int, mean: list[float], std: list[float]):
+    from diffusers import PriorTransformer
+
+    model = PriorTransformer(
+        num_attention_heads=cfg.heads,
+        attention_head_dim=cfg.head_dim,
+        num_layers=cfg.layers,
+        embedding_dim=embed_dim,
+        num_embeddings=context_length,
+        additional_embeddings=4,
+        norm_in_type="layer",
+        embedding_proj_norm_type="layer",
+    )
+    # The store's statistics, kept in the model so an exported prior un-normalises by itself.
+    with torch.no_grad():
+        model.clip_mean.copy_(torch.tensor(mean).view(1, -1))
+        model.clip_std.copy_(torch.tensor(std).view(1, -1))
+    model.clip_mean.requires_grad_(False)
+    model.clip_std.requires_grad_(False)
+    return model
+
+
+def drop_text(text: dict[str, torch.Tensor], drop: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Replace the text of rows where `drop` is true by the null condition."""
+    keep = (~drop).float()
+    return {
+        "emb": text["emb"] * keep[:, None],
+        "tokens": text["tokens"] * keep[:, None, None],
+        "mask": text["mask"] | drop[:, None],
+    }
+
+
+def predict(model, x_t: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`model` is the PriorTransformer or an engine wrapping it; inputs are cast to its dtype."""
+    dtype = getattr(model, "module", model).dtype
+    return model(
+        hidden_states=x_t.to(dtype),
+        timestep=t,
+        proj_embedding=text["emb"].to(dtype),
+        encoder_hidden_states=text["tokens"].to(dtype),
+        attention_mask=text["mask"],
+    ).predicted_image_embedding.float()
+
+
+def normalize(model, image_emb: torch.Tensor) -> torch.Tensor:
+    return (image_emb - model.clip_mean) / model.clip_std
+
+
+def sample(
+    model,
+    diffusion: Diffusion,
+    text: dict[str, torch.Tensor],
+    steps: int,
+    guidance: float,
+    generator: torch.Generator,
+    sampler: str = "ddim",
+) -> torch.Tensor:
+    """Text conditioning -> CLIP image embeddings (un-normalised, in the store's space)."""
+    n = len(text["emb"])
+    null = drop_text(text, torch.ones(n, dtype=torch.bool))
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor, conditional: bool) -> torch.Tensor:
+        return predict(model, x, t, text if conditional else null)
+
+    dim = model.clip_mean.shape[-1]
+    x0 = diffusion.sample(model_fn, (n, dim), steps, guidance, generator, sampler)
+    return model.post_process_latents(x0)
+
+

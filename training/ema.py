@@ -1,0 +1,33 @@
+"""Exponential moving average of the trained weights, in fp32, with the usual warm-up."""
+
+from __future__ import annotations
+
+import torch
+
+
+class EMA:
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+    def current_decay(self) -> float:
+        # Early averages would be dominated by the random init; (1+n)/(10+n) ramps the decay up.
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        decay = self.current_decay()
+        for name, param in model.named_parameters():
+            self.shadow[name].lerp_(param.detach().float(), 1 - decay)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], updates: int) -> None:
+        missing = set(self.shadow) - set(state)
+        if missing:
+            raise KeyError(f"EMA weights lack {sorted(missing)[0]!r}")
+        self.shadow = {n: state[n].float().clone() for n in self.shadow}
+        self.updates = updates

@@ -1,0 +1,40 @@
+"""What a stage gives the engine: its store columns, its network, its loss.
+
+The engine (training/engine.py) owns everything else: DeepSpeed, data order, checkpoints, EMA,
+logging. A stage is a small subclass in training/stages/.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from data_pipeline.store import Store
+from launch.config import Config
+
+
+class Stage:
+    name: ClassVar[str]
+    columns: ClassVar[tuple[str, ...]]
+
+    def __init__(self, cfg: Config, store: Store):
+        self.cfg, self.store = cfg, store
+        store.require(self.columns)
+        self.check_store()
+
+    def check_store(self) -> None:
+        """Refuse a store this stage cannot train on (raise StoreError naming the field)."""
+
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extras(self) -> dict[str, Any]:
+        """What sampling needs besides the network (saved in stage.json)."""
+        return {}
+
+    def describe(self, model: torch.nn.Module) -> dict[str, Any]:
+        return {"stage": self.name, "class": type(model).__name__, "config": dict(model.config), "extras": self.extras()}

@@ -1,0 +1,44 @@
+"""prior: p(CLIP image embedding | text), trained on clip_text_* -> clip_image_emb."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from data_pipeline.store import StoreError
+from models import prior
+from models.diffusion import Diffusion
+from training.stage import Stage
+
+
+class PriorStage(Stage):
+    name = "prior"
+    columns = ("clip_text_emb", "clip_text_tokens", "text_mask", "clip_image_emb")
+
+    def check_store(self) -> None:
+        dim = self.store.shape("clip_image_emb")[0]
+        length, width = self.store.shape("clip_text_tokens")
+        if width != dim:
+            raise StoreError(
+                f"store '{self.store.url}': manifest field 'columns.clip_text_tokens.shape' has width {width}, "
+                f"but the prior needs it equal to the embedding size {dim} (PriorTransformer projects both alike)"
+            )
+        if "clip_image_emb_mean" not in self.store.manifest:
+            raise StoreError(f"store '{self.store.url}': manifest lacks 'clip_image_emb_mean' (rerun `unclip embed`)")
+        self.diffusion = Diffusion(self.cfg.prior.diffusion)
+
+    def build_model(self) -> torch.nn.Module:
+        m = self.store.manifest
+        dim, length = self.store.shape("clip_image_emb")[0], self.store.shape("clip_text_tokens")[0]
+        return prior.build_prior(self.cfg.prior, dim, length, m["clip_image_emb_mean"], m["clip_image_emb_std"])
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        module = getattr(model, "module", model)
+        x0 = prior.normalize(module, batch["clip_image_emb"].float())
+        text = {"emb": batch["clip_text_emb"].float(), "tokens": batch["clip_text_tokens"].float(), "mask": batch["text_mask"]}
+        text = prior.drop_text(text, torch.rand(len(x0), generator=generator) < self.cfg.prior.text_drop)
+        t = self.diffusion.sample_timesteps(len(x0), generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        prediction = prior.predict(model, self.diffusion.q_sample(x0, t, noise), t, text)
+        return self.diffusion.loss(prediction, x0, noise, t)
