@@ -12,6 +12,7 @@ Rows that cannot be used (undecodable image, non-finite encoder output) travel t
 from __future__ import annotations
 
 import io
+import logging
 import tarfile
 import time
 from collections import Counter, defaultdict
@@ -233,7 +234,8 @@ def run(
     if todo:
         with ray_session(ray_cfg):
             ctx = ray.data.DataContext.get_current()
-            ctx.enable_progress_bars = False
+            ctx.enable_progress_bars = False  # our per-part lines say the same, once
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
             clip_size = clip_preprocess(encoders.clip).image_size
             ds = (
                 ray.data.from_items([{"raw_url": raw_url, "shard": s} for s in todo], override_num_blocks=len(todo))

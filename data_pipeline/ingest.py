@@ -30,6 +30,7 @@ from data_pipeline.config import IngestConfig, RayConfig
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count: names are 00000.tar, 00000.parquet, ...
 STATS_SUFFIX = "_stats.json"
 SUMMARY = "_summary.json"
+PLAN = "_plan.json"  # which URLs each shard holds, so a rerun cannot mix two different lists
 
 
 def shard_name(shard_id: int) -> str:
@@ -130,6 +131,27 @@ def plan_shards(table: pa.Table, shard_size: int) -> tuple[list[pa.Table], dict[
     return shards, dict(counts)
 
 
+def _fingerprint(shard: pa.Table) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(shard["uid"].to_pylist()).encode()).hexdigest()
+
+
+def check_plan(raw_url: str, shards: list[pa.Table], done: set[int]) -> None:
+    """Record the shard plan, or refuse a rerun whose list would put other URLs in a done shard."""
+    plan = [_fingerprint(s) for s in shards]
+    path = storage.join(raw_url, PLAN)
+    if storage.exists(path):
+        recorded = storage.read_json(path)["shards"]
+        for shard_id in sorted(done):
+            if shard_id >= len(plan) or shard_id >= len(recorded) or recorded[shard_id] != plan[shard_id]:
+                raise url_list.UrlListError(
+                    f"'{raw_url}' holds shard {shard_name(shard_id)} of another URL list or shard size; "
+                    "ingest into a new root (or remove it) to start over"
+                )
+    storage.write_json(path, {"shards": plan})
+
+
 def summarize(raw_url: str, input_rows: int, prefiltered: dict[str, int], wall_s: float) -> dict[str, Any]:
     """Totals over every complete shard in `raw_url`, including those of earlier runs."""
     totals: Counter[str] = Counter()
@@ -175,6 +197,7 @@ def run(cfg: IngestConfig, ray_cfg: RayConfig, raw_url: str, config_yaml: str, l
     storage.remove_stale_temporaries(raw_url)
     storage.write_text(storage.join(raw_url, "_config.yaml"), config_yaml)
     done = set(complete_shards(raw_url))
+    check_plan(raw_url, shards, done)
     todo = [i for i in range(len(shards)) if i not in done]
     log(f"ingest: {len(table)} URLs -> {len(shards)} shards of <= {cfg.shard_size}; {len(done)} already complete")
 

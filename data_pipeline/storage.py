@@ -65,6 +65,8 @@ def normalize(url: str) -> str:
 
 def exists(url: str) -> bool:
     fs, path = url_to_fs(url)
+    # Object-store clients cache listings; other processes (Ray tasks, ranks) write behind them.
+    fs.invalidate_cache(posixpath.dirname(path))
     return fs.exists(path)
 
 
@@ -76,6 +78,7 @@ def makedirs(url: str) -> None:
 def listdir(url: str) -> list[str]:
     """Base names in folder `url` (empty when missing), without temporaries."""
     fs, path = url_to_fs(url)
+    fs.invalidate_cache(path)
     if not fs.exists(path):
         return []
     names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]

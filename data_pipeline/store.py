@@ -82,9 +82,10 @@ def to_arrow(rows: dict[str, Any], specs: dict[str, dict]) -> pa.Table:
     for field in schema:
         value = rows[field.name]
         if pa.types.is_fixed_size_list(field.type):
-            flat = np.ascontiguousarray(value).reshape(len(value), -1)
+            width = field.type.list_size
+            flat = np.ascontiguousarray(value).reshape(len(value), width)
             element = np.float16 if field.type.value_type == pa.float16() else np.bool_
-            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(flat.astype(element).ravel()), flat.shape[1]))
+            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(flat.astype(element).ravel()), width))
         else:
             arrays.append(pa.array(list(value) if isinstance(value, np.ndarray) else value, field.type))
     return pa.Table.from_arrays(arrays, schema=schema)

@@ -27,6 +27,7 @@ class SampleConfig:
             "a blue circle on a yellow background",
         ]
     )
+    images_per_prompt: int = option(4, ge=1)
     steps: int = option(50, ge=1)
     guidance: float = option(3.0, ge=0, doc="classifier-free guidance scale; 1 turns it off")
     sampler: str = option("ddim")

@@ -41,6 +41,11 @@ def _phase(report: dict[str, Any], name: str, log) -> Iterator[dict[str, Any]]:
 def run(cfg: Config, workdir: str, log=print) -> dict[str, Any]:
     workdir = os.path.abspath(workdir)
     site = os.path.join(workdir, "site")
+    # The served URLs carry a fresh port each time, and keys derive from URLs: start clean.
+    for stale in (site, cfg.root, os.path.join(workdir, "report.json")):
+        if storage.exists(stale):
+            log(f"demo: removing {stale} from an earlier run")
+            storage.remove(stale)
     report: dict[str, Any] = {"workdir": workdir, "root": cfg.root, "phases": {}}
     started = time.time()
     config_yaml = to_yaml(cfg)

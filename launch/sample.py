@@ -61,7 +61,7 @@ def _save(image: Image.Image, url: str) -> str:
     return url
 
 
-def run(cfg: Config, stages: list[str] | None = None, per_prompt: int = 4, log=print) -> dict[str, Any]:
+def run(cfg: Config, stages: list[str] | None = None, log=print) -> dict[str, Any]:
     s = cfg.sample
     store = open_store(cfg.store_url)
     available = [st for st in ("ldm", "prior") if read_latest(cfg.run_url(st, s.run))]
@@ -76,15 +76,16 @@ def run(cfg: Config, stages: list[str] | None = None, per_prompt: int = 4, log=p
     storage.write_text(storage.join(s.out, "config.yaml"), to_yaml(cfg))
     result: dict[str, Any] = {"out": s.out}
     if "ldm" in stages:
-        result["ldm"] = _sample_ldm(cfg, store, text, per_prompt, log)
+        result["ldm"] = _sample_ldm(cfg, store, text, log)
     if "prior" in stages:
         result["prior"] = _sample_prior(cfg, store, text, log)
     storage.write_json(storage.join(s.out, "samples.json"), result)
     return result
 
 
-def _sample_ldm(cfg: Config, store, text: dict[str, torch.Tensor], per_prompt: int, log) -> dict[str, Any]:
+def _sample_ldm(cfg: Config, store, text: dict[str, torch.Tensor], log) -> dict[str, Any]:
     s = cfg.sample
+    per_prompt = s.images_per_prompt
     folder = read_latest(cfg.run_url("ldm", s.run))
     unet, info = load_ema_model(folder)
     vae = FrozenVae(cfg.encoders.vae)

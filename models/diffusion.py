@@ -41,7 +41,7 @@ class Diffusion:
         from diffusers import DDIMScheduler, DDPMScheduler
 
         if sampler == "ddim":
-            return DDIMScheduler(**self.scheduler_config, set_alpha_to_one=False, steps_offset=1)
+            return DDIMScheduler(**self.scheduler_config, set_alpha_to_one=True)  # the last step lands on x_0
         if sampler == "ddpm":
             return DDPMScheduler(**self.scheduler_config)
         raise ValueError(f"unknown sampler {sampler!r} (expected 'ddim' or 'ddpm')")

@@ -136,7 +136,9 @@ def load_ema_model(folder: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     import diffusers
     from safetensors.torch import load_file
 
-    local = storage.download_dir(folder, os.path.join(os.path.expanduser("~/.cache/unclip"), os.path.basename(folder)))
+    import tempfile
+
+    local = storage.download_dir(folder, tempfile.mkdtemp(prefix="unclip-checkpoint-"))
     with open(os.path.join(local, "stage.json")) as f:
         info = json.load(f)
     model = getattr(diffusers, info["class"]).from_config(info["config"])

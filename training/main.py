@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from launch import config as config_mod
 from launch.configlib import read_yaml, to_yaml
@@ -19,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", required=True)
     parser.add_argument("--config", required=True, help="resolved configuration (YAML)")
     args = parser.parse_args(argv)
+    # DeepSpeed's ZeRO calls a collective torch has renamed; the notice repeats every step.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     cfg = config_mod.from_dict(read_yaml(args.config))
     train(cfg, args.stage, to_yaml(cfg), log=lambda msg: print(msg, flush=True))
     return 0

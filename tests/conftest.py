@@ -1,0 +1,65 @@
+"""Shared fixtures: the real services tests run against (S3 on loopback, a local Ray)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Set before any test imports Ray, torch or img2dataset; every process a test starts inherits it.
+os.environ.update(
+    {
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+)
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1, with credentials and endpoint in the environment."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    _, port = server.get_host_and_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint
+    )
+    boto3.client("s3").create_bucket(Bucket="unclip-test")
+    yield endpoint
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def s3_prefix(s3_endpoint) -> str:
+    return f"s3://unclip-test/{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray for the whole session (start-up costs seconds); jobs reuse it."""
+    import ray
+
+    from data_pipeline.config import RayConfig
+    from data_pipeline.ray_runtime import ray_session
+
+    with ray_session(RayConfig(num_cpus=2)):
+        yield ray

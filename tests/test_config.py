@@ -1,0 +1,120 @@
+"""Configuration: YAML + overrides, validated before any work, errors as one line naming the key."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from launch import cli, config
+from launch.configlib import ConfigError, parse_override
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.zero_stage=5", "config key 'train.zero_stage': expected one of 0, 1, 2, 3, got 5"),
+        ("train.batch_size=-4", "config key 'train.batch_size': expected a number >= 1, got -4"),
+        ("train.batch_size=abc", "config key 'train.batch_size': expected an integer, got 'abc'"),
+        ("train.batch_size=2.5", "config key 'train.batch_size': expected an integer, got 2.5"),
+        ("train.optim.lr=0", "config key 'train.optim.lr': expected a number > 0, got 0"),
+        ("train.precision=fp8", "config key 'train.precision': expected one of 'fp32', 'bf16', 'fp16', got 'fp8'"),
+        ("ingest.shard_size=0", "config key 'ingest.shard_size': expected a number >= 1, got 0"),
+        ("prior.text_drop=1.5", "config key 'prior.text_drop': expected a number <= 1, got 1.5"),
+        ("embed.columns=[clip_image_emb,nope]", "config key 'embed.columns': unknown column 'nope'"),
+        ("sample.sampler=euler", "config key 'sample.sampler': expected one of 'ddim', 'ddpm', got 'euler'"),
+        ("ldm.block_channels=[12]", "config key 'ldm.block_channels': expected multiples of 8"),
+        ("train.optim.betas=[0.9]", "config key 'train.optim.betas': expected two numbers in [0, 1)"),
+    ],
+)
+def test_impossible_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, [override])
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_key_names_it_and_lists_the_known_ones():
+    with pytest.raises(ConfigError, match=r"config key 'train.bach_size': unknown key \(known keys here: .*batch_size"):
+        config.load(None, ["train.bach_size=3"])
+    with pytest.raises(ConfigError, match=r"config key 'trian': unknown key"):
+        config.load(None, ["trian.steps=3"])
+
+
+def test_yaml_then_overrides_then_validation(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"root": str(tmp_path / "data"), "train": {"steps": 7, "batch_size": 4}}))
+    cfg = config.load(str(path), ["train.batch_size=8", "ldm.block_channels=[32, 64]"])
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.ldm.block_channels) == (7, 8, [32, 64])
+    # {root} in any string setting follows root
+    assert cfg.encoders.vae.path == str(tmp_path / "data" / "encoders" / "vae")
+    assert cfg.store_url == str(tmp_path / "data" / "store")
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match=f"config file '{bad}': not valid YAML"):
+        config.load(str(bad))
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(str(tmp_path / "missing.yaml"))
+    wrong = tmp_path / "list.yaml"
+    wrong.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="expected a mapping at the top level"):
+        config.load(str(wrong))
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("train: 3\n")
+    with pytest.raises(ConfigError, match="config key 'train': expected a mapping, got 3"):
+        config.load(str(nested))
+
+
+def test_override_syntax():
+    assert parse_override("a.b=3") == (["a", "b"], 3)
+    assert parse_override("a=null") == (["a"], None)
+    assert parse_override("a=[1, 2]") == (["a"], [1, 2])
+    assert parse_override("root=s3://bucket/x=y") == (["root"], "s3://bucket/x=y")
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_override("train.steps")
+    with pytest.raises(ConfigError, match="expected a dotted key"):
+        parse_override("train..steps=3")
+
+
+def test_saved_config_round_trips(tmp_path):
+    from launch.configlib import read_yaml, to_yaml
+
+    cfg = config.load(None, [f"root={tmp_path}", "train.steps=11", "train.deepspeed={zero_optimization: {overlap_comm: true}}"])
+    (tmp_path / "saved.yaml").write_text(to_yaml(cfg))
+    again = config.from_dict(read_yaml(str(tmp_path / "saved.yaml")))
+    assert again == cfg
+
+
+def test_cli_stops_before_work_with_one_line(tmp_path, capsys):
+    code = cli.main(["ingest", f"root={tmp_path}", "ingest.shard_size=-1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == "unclip ingest: error: config key 'ingest.shard_size': expected a number >= 1, got -1"
+    assert list(tmp_path.iterdir()) == []  # nothing was written
+
+
+def test_cli_rejects_unknown_stage_and_stray_arguments(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "decoderx"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit):
+        cli.main(["embed", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_cli_reports_missing_inputs_without_traceback(tmp_path, capsys):
+    assert cli.main(["ingest", f"root={tmp_path}", f"ingest.url_list={tmp_path}/nope.parquet"]) == 2
+    assert capsys.readouterr().err.strip() == f"unclip ingest: error: URL list '{tmp_path}/nope.parquet': not found"
+    assert cli.main(["train", "ldm", f"root={tmp_path}"]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_every_shipped_config_is_valid():
+    from pathlib import Path
+
+    shipped = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert shipped
+    for path in shipped:
+        config.load(str(path))

@@ -1,0 +1,79 @@
+"""The shared diffusion math against closed forms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from models.config import DiffusionConfig
+from models.diffusion import Diffusion
+
+
+def test_linear_schedule_is_the_product_of_alphas():
+    d = Diffusion(DiffusionConfig(schedule="linear", timesteps=1000))
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    assert torch.allclose(d.alphas_cumprod, torch.cumprod(1 - betas, 0), rtol=1e-5)
+
+
+def test_cosine_schedule_follows_nichol_dhariwal():
+    d = Diffusion(DiffusionConfig(schedule="cosine", timesteps=1000))
+    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    for t in (0, 100, 500, 900):
+        assert d.alphas_cumprod[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-3)
+
+
+def test_q_sample_has_the_marginal_statistics():
+    d = Diffusion(DiffusionConfig(schedule="linear"))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.full((200_000, 1), 2.0)
+    t = torch.full((len(x0),), 300)
+    xt = d.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+    abar = d.alphas_cumprod[300].item()
+    assert xt.mean().item() == pytest.approx(2.0 * math.sqrt(abar), abs=0.01)
+    assert xt.var().item() == pytest.approx(1 - abar, rel=0.02)
+
+
+def test_targets_convert_into_each_other():
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(8, 3, generator=g), torch.randn(8, 3, generator=g)
+    t = torch.randint(0, 1000, (8,), generator=g)
+    d = {p: Diffusion(DiffusionConfig(prediction=p)) for p in ("eps", "x0", "v")}
+    xt = d["v"].q_sample(x0, t, eps)
+    v = d["v"].target(x0, eps, t)
+    a = d["v"].alphas_cumprod[t].float()[:, None]
+    assert torch.allclose(a.sqrt() * xt - (1 - a).sqrt() * v, x0, atol=1e-5)  # v -> x0
+    assert torch.allclose((1 - a).sqrt() * xt + a.sqrt() * v, eps, atol=1e-5)  # v -> eps
+    assert torch.equal(d["eps"].target(x0, eps, t), eps)
+    assert torch.equal(d["x0"].target(x0, eps, t), x0)
+
+
+def test_min_snr_weights():
+    t = torch.tensor([10, 500, 990])
+    for prediction, expected in (
+        ("eps", lambda s: torch.clamp(s, max=5.0) / s),
+        ("x0", lambda s: torch.clamp(s, max=5.0)),
+        ("v", lambda s: torch.clamp(s, max=5.0) / (s + 1)),
+    ):
+        d = Diffusion(DiffusionConfig(prediction=prediction, loss_weighting="min_snr", snr_gamma=5.0))
+        assert torch.allclose(d.loss_weight(t), expected(d.snr(t)))
+    assert torch.equal(Diffusion(DiffusionConfig()).loss_weight(t), torch.ones(3))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_sampling_a_perfect_model_returns_the_data_point(sampler):
+    """If the data is one point, the exact x0-predictor always says so; sampling must land on it."""
+    target = torch.tensor([[0.5, -1.0, 2.0]])
+    d = Diffusion(DiffusionConfig(prediction="x0"))
+    out = d.sample(lambda x, t, c: target.expand_as(x), (4, 3), steps=20, guidance=1.0, generator=torch.Generator().manual_seed(0), sampler=sampler)
+    assert torch.allclose(out, target.expand(4, 3), atol=1e-4)
+
+
+def test_classifier_free_guidance_extrapolates_from_unconditional():
+    cond, uncond = torch.tensor([[1.0, 1.0]]), torch.tensor([[0.0, 2.0]])
+    d = Diffusion(DiffusionConfig(prediction="x0"))
+    fn = lambda x, t, c: (cond if c else uncond).expand_as(x)  # noqa: E731
+    for w in (0.0, 1.0, 3.0):
+        out = d.sample(fn, (2, 2), steps=10, guidance=w, generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(out, (uncond + w * (cond - uncond)).expand(2, 2), atol=1e-4)
