@@ -27,6 +27,38 @@ class RayConfig:
 
 
 @dataclass
+class Threshold:
+    min: float | None = None
+    max: float | None = None
+
+
+@dataclass
+class IngestFilters:
+    """What to drop, each rule counted by name in ROOT/raw/_summary.json."""
+
+    # before download, from the list's own columns
+    drop_empty_caption: bool = option(True, doc="a caption that is missing or only white space")
+    min_caption_chars: int = option(0, ge=0)
+    max_caption_chars: int | None = option(None, ge=1)
+    min_caption_words: int = option(0, ge=0)
+    max_caption_words: int | None = option(None, ge=1)
+    width_col: str | None = option(None, doc="null: WIDTH or width if the list has one")
+    height_col: str | None = option(None, doc="null: HEIGHT or height if the list has one")
+    min_width: int = option(0, ge=0)
+    min_height: int = option(0, ge=0)
+    max_aspect_ratio: float | None = option(None, ge=1, doc="from the listed width/height")
+    thresholds: dict[str, Threshold] = option(
+        factory=dict, doc="numeric column -> {min, max}; e.g. similarity: {min: 0.28}; a missing value fails"
+    )
+    blocked_domains: list[str] = option(factory=list, doc="a listed domain blocks its subdomains too")
+    # after download, on the decoded image (img2dataset's checks, plus a header check before decoding)
+    min_image_size: int = option(0, ge=0, doc="shorter side, in pixels")
+    max_image_aspect_ratio: float | None = option(None, ge=1)
+    max_image_pixels: int = option(89_478_485, ge=1, doc="decompression-bomb guard, read from the header")
+    dedup_content: bool = option(True, doc="drop exact duplicate images (sha256) across the whole data set")
+
+
+@dataclass
 class IngestConfig:
     url_list: str = option("", doc="URL list: a file, a folder or a glob; any fsspec URL")
     input_format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = "auto"
@@ -37,10 +69,13 @@ class IngestConfig:
     resize_mode: Literal["border", "keep_ratio", "center_crop", "no"] = "center_crop"
     encode_format: Literal["jpg", "png", "webp"] = "png"
     encode_quality: int = option(95, ge=1, le=100)
-    threads_per_task: int = option(16, ge=1)
+    processes_per_task: int = option(1, ge=1, doc="shards one Ray task downloads at once, a process each")
+    threads_per_task: int = option(16, ge=1, doc="download threads per process")
     timeout_s: int = option(10, ge=1)
     retries: int = option(0, ge=0)
-    max_in_flight: int | None = option(None, ge=1, doc="shards downloading at once; null: one per CPU")
+    max_in_flight: int | None = option(None, ge=1, doc="Ray tasks at once; null: as many as the CPUs allow")
+    progress_every_s: float = option(5.0, gt=0, doc="seconds between progress lines")
+    filters: IngestFilters = option(factory=IngestFilters)
 
 
 @dataclass

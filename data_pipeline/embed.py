@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import io
 import logging
-import tarfile
 import time
 from collections import Counter, defaultdict
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from data_pipeline import ingest, storage, store
+from data_pipeline import raw, storage, store
 from data_pipeline.config import EmbedConfig, RayConfig
 from models.config import EncodersConfig
 
@@ -39,37 +37,21 @@ def _resize_center_crop(image, side: int):
 
 
 def raw_rows(item: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every successful sample of one raw shard, one row each (in the shard's parquet order)."""
-    raw_url, shard_id = item["raw_url"], int(item["shard"])
-    name = ingest.shard_name(shard_id)
-    fs, path = storage.url_to_fs(storage.join(raw_url, name + ".parquet"))
-    with fs.open(path, "rb") as f:
-        meta = pq.read_table(f, columns=["key", "uid", "caption", "url", "width", "height", "status"]).to_pylist()
-    images: dict[str, bytes] = {}
-    fs, path = storage.url_to_fs(storage.join(raw_url, name + ".tar"))
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        for member in tar:
-            stem, _, ext = member.name.rpartition(".")
-            if ext in ("jpg", "png", "webp", "jpeg"):
-                images[stem] = tar.extractfile(member).read()
-    rows = []
-    for m in meta:
-        if m["status"] != "success":
-            continue
-        image = images.get(m["key"])
-        rows.append(
-            {
-                "shard": shard_id,
-                "key": m["uid"],
-                "caption": m["caption"] or "",
-                "url": m["url"],
-                "width": int(m["width"] or 0),
-                "height": int(m["height"] or 0),
-                "image": image or b"",
-                "rejected": "" if image else "missing_in_tar",
-            }
-        )
-    return rows
+    """Every kept sample of one raw shard, one row each."""
+    shard_id = int(item["shard"])
+    return [
+        {
+            "shard": shard_id,
+            "key": m["uid"],
+            "caption": m["caption"] or "",
+            "url": m["url"],
+            "width": int(m["width"] or 0),
+            "height": int(m["height"] or 0),
+            "image": m["image"] or b"",
+            "rejected": "" if m["image"] else "missing_in_tar",
+        }
+        for m in raw.iter_samples(item["raw_url"], shard_id, set(item["dropped"]))
+    ]
 
 
 def preprocess(batch: dict[str, np.ndarray], clip_size: int, vae_size: int, image_columns: list[str]) -> dict[str, np.ndarray]:
@@ -190,13 +172,6 @@ def _check_same_encoders(store_url: str, identity: dict[str, Any], columns: list
         )
 
 
-def _expected_rows(raw_url: str, shard_id: int) -> int:
-    fs, path = storage.url_to_fs(storage.join(raw_url, ingest.shard_name(shard_id) + ".parquet"))
-    with fs.open(path, "rb") as f:
-        status = pq.read_table(f, columns=["status"])["status"].to_pylist()
-    return sum(s == "success" for s in status)
-
-
 def run(
     encoders: EncodersConfig,
     cfg: EmbedConfig,
@@ -212,16 +187,16 @@ def run(
     from models.encoders import clip_preprocess
 
     started = time.time()
-    shards = ingest.complete_shards(raw_url)
-    if not shards:
-        raise store.StoreError(f"raw data '{raw_url}': no complete shards (run `unclip ingest` first)")
+    raw.require_complete(raw_url)
+    shards = raw.complete_shards(raw_url)
+    dropped = raw.read_duplicates(raw_url)
     identity, specs = encoder_identity(encoders, cfg)
     storage.makedirs(store_url)
     storage.remove_stale_temporaries(store_url)
     _check_same_encoders(store_url, identity, cfg.columns)
     parts = store.complete_parts(store_url)
     todo = [s for s in shards if s not in parts]
-    expected = {s: _expected_rows(raw_url, s) for s in todo}
+    expected = {s: raw.kept_count(raw_url, s, dropped.get(s, set())) for s in todo}
     log(f"embed: {len(shards)} raw shards, {len(parts)} already in the store, {len(todo)} to encode")
     counts: Counter[str] = Counter()
     image_columns = [c for c in cfg.columns if c.startswith("image_")]
@@ -238,7 +213,8 @@ def run(
             logging.getLogger("ray.data").setLevel(logging.WARNING)
             clip_size = clip_preprocess(encoders.clip).image_size
             ds = (
-                ray.data.from_items([{"raw_url": raw_url, "shard": s} for s in todo], override_num_blocks=len(todo))
+                ray.data.from_items([{"raw_url": raw_url, "shard": s, "dropped": sorted(dropped.get(s, ()))} for s in todo],
+                                    override_num_blocks=len(todo))
                 .flat_map(raw_rows)
                 .map_batches(preprocess, fn_kwargs={"clip_size": clip_size, "vae_size": cfg.vae_resolution,
                              "image_columns": image_columns}, batch_size=cfg.batch_size, batch_format="numpy")

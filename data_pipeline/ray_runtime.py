@@ -23,7 +23,9 @@ def ray_session(cfg: RayConfig) -> Iterator[str | None]:
         return
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)
-    env_vars = {k: os.environ[k] for k in (*WORKER_ENV, "HF_HUB_OFFLINE", "AWS_ENDPOINT_URL") if k in os.environ}
+    forwarded = (*WORKER_ENV, "HF_HUB_OFFLINE", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS")  # fmt: skip
+    env_vars = {k: os.environ[k] for k in forwarded if k in os.environ}
     if cfg.address:
         context = ray.init(address=cfg.address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
     else:

@@ -54,8 +54,9 @@ def s3_prefix(s3_endpoint) -> str:
 
 
 @pytest.fixture(scope="session")
-def local_ray():
-    """One local Ray for the whole session (start-up costs seconds); jobs reuse it."""
+def local_ray(s3_endpoint):
+    """One local Ray for the whole session (start-up costs seconds); jobs reuse it. It starts
+    after the S3 server so its workers inherit the endpoint and credentials."""
     import ray
 
     from data_pipeline.config import RayConfig

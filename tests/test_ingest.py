@@ -1,87 +1,262 @@
-"""`unclip ingest` for real: Ray tasks running img2dataset against an HTTP server on 127.0.0.1."""
+"""`unclip ingest` for real: Ray tasks running img2dataset against an HTTP server on 127.0.0.1
+that serves every kind of bad input, lists in all four formats, S3 output, kill and rerun."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import tarfile
+import threading
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
-from data_pipeline import ingest, storage, synthetic, url_list
-from data_pipeline.config import IngestConfig, RayConfig, SyntheticConfig
+from data_pipeline import ingest, raw, storage, url_list
+from data_pipeline.config import IngestConfig, IngestFilters, RayConfig, Threshold
+from tests import images
+
+QUIET = lambda _msg: None  # noqa: E731
+
+
+class Site(http.server.BaseHTTPRequestHandler):
+    """Routes: /ok/N.png (distinct images, optionally slow), and one route per bad input."""
+
+    delay_s = 0.0
+    fixed = {
+        "/dup/a.png": lambda: images.png(color=(0, 0, 1)),  # same bytes as /ok/0.png
+        "/dup/b.png": lambda: images.png(color=(0, 0, 1)),
+        "/text.png": lambda: b"<html>not an image</html>",
+        "/truncated.jpg": images.truncated_jpeg,
+        "/cmyk.jpg": images.cmyk_jpeg,
+        "/png16.png": images.png16,
+        "/palette.png": images.palette_png,
+        "/transparent.png": images.transparent_png,
+        "/empty.png": lambda: b"",
+        "/bomb.png": images.bomb_png,
+        "/small.png": lambda: images.png((20, 20)),
+        "/wide.png": lambda: images.png((200, 40)),
+    }
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        if self.path.startswith("/ok/"):
+            time.sleep(self.delay_s)
+            i = int(self.path[4:-4])
+            return self._send(200, images.png(color=(i % 256, (i // 256) % 256, 1)))
+        if self.path in ("/404.png", "/500.png"):
+            return self._send(int(self.path[1:4]), b"no")
+        if self.path == "/hang.png":
+            time.sleep(10)
+            return self._send(200, images.png())
+        if self.path == "/loop":
+            self.send_response(302)
+            self.send_header("Location", "/loop")
+            self.end_headers()
+            return None
+        if self.path in self.fixed:
+            return self._send(200, self.fixed[self.path]())
+        return self._send(404, b"no")
+
+    def _send(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serve(delay_s: float = 0.0):
+    handler = type("SiteHandler", (Site,), {"delay_s": delay_s})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("site")
-    records = synthetic.generate(str(folder), SyntheticConfig(count=30, seed=5))
-    with synthetic.serve_directory(str(folder)) as base:
-        yield folder, records, base
+def site():
+    with serve() as base:
+        yield base
+
+
+def kept_keys(raw_url: str) -> list[str]:
+    """Sample keys a reader of ROOT/raw/ gets (duplicates dropped), repeats kept."""
+    dropped = raw.read_duplicates(raw_url)
+    return [s["uid"] for i in raw.complete_shards(raw_url) for s in raw.iter_samples(raw_url, i, dropped.get(i, set()))]
+
+
+def write_lists(folder, base: str) -> dict[str, str]:
+    """The bad-input list, split over one file of each format; returns url -> caption of the good rows."""
+    good = {f"{base}/ok/{i}.png": f"picture number {i}" for i in range(12)}
+    good.update({f"{base}{p}": f"odd image {p}" for p in ("/cmyk.jpg", "/png16.png", "/palette.png", "/transparent.png")})
+    bad = {f"{base}{p}": f"bad {p}" for p in (
+        "/404.png", "/500.png", "/hang.png", "/text.png", "/truncated.jpg", "/empty.png", "/bomb.png", "/loop",
+        "/small.png", "/wide.png", "/dup/a.png", "/dup/b.png",
+    )}  # fmt: skip
+    rows = [{"url": u, "caption": c} for u, c in {**good, **bad}.items()]
+    rows += [
+        {"url": "htp:/broken", "caption": "malformed"},
+        {"url": "not a url", "caption": "malformed"},
+        {"url": f"{base}/ok/1.png", "caption": "listed twice"},
+        {"url": f"{base}/ok/100.png", "caption": "   "},
+    ]
+    quarter = len(rows) // 4
+    pq.write_table(pa.Table.from_pylist(rows[:quarter]), folder / "a.parquet")
+    (folder / "b.csv").write_bytes(
+        b"url,caption\n" + b"".join(f'{r["url"]},"{r["caption"]}"\n'.encode() for r in rows[quarter : 2 * quarter])
+        + f"{base}/ok/101.png,".encode() + b'"caf\xe9 latin-1"\n'
+    )  # fmt: skip
+    (folder / "c.tsv").write_text("url\tcaption\n" + "".join(f'{r["url"]}\t{r["caption"]}\n' for r in rows[2 * quarter : 3 * quarter]))
+    (folder / "d.jsonl").write_bytes(
+        "".join(json.dumps(r) + "\n" for r in rows[3 * quarter :]).encode()
+        + b'{"url": "' + f"{base}/ok/102.png".encode() + b'", "caption": "bad \xff bytes"}\n'
+    )
+    return good
 
 
 @pytest.mark.slow
-def test_ingest_counts_reasons_and_resumes(site, tmp_path, local_ray):
-    folder, records, base = site
-    urls = tmp_path / "urls.parquet"
-    synthetic.write_url_list(records, base, str(urls))
-    table = pq.read_table(urls)
-    duplicate = table.slice(0, 1)
-    pq.write_table(pa.concat_tables([table, duplicate]), urls)  # one URL listed twice
-    raw = str(tmp_path / "raw")
-    cfg = IngestConfig(url_list=str(urls), shard_size=10)
+def test_every_bad_input_is_counted_under_its_reason(site, tmp_path, local_ray):
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    good = write_lists(lists, site)
+    filters = IngestFilters(min_image_size=32, max_image_aspect_ratio=3.0, max_image_pixels=10_000_000)
+    cfg = IngestConfig(url_list=str(lists), shard_size=8, timeout_s=4, threads_per_task=8, filters=filters, progress_every_s=1)
+    raw_url = str(tmp_path / "raw")
+    lines: list[str] = []
+    summary = ingest.run(cfg, RayConfig(), raw_url, "a: 1\n", log=lines.append)
 
-    summary = ingest.run(cfg, RayConfig(), raw, "saved: config\n", log=lambda _: None)
     assert summary["input_rows"] == 34
-    assert summary["filtered_before_download"] == {"duplicate_url": 1}
-    assert summary["attempted"] == 33 and summary["kept"] == 30 and summary["failed"] == 3
-    assert summary["failed_by_reason"] == {"decode_error": 2, "http_4xx": 1}
-    assert storage.read_json(storage.join(raw, "_summary.json")) == summary
-    assert storage.read_text(storage.join(raw, "_config.yaml")) == "saved: config\n"
-    assert ingest.complete_shards(raw) == [0, 1, 2, 3]
+    assert summary["filtered_before_download"] == {
+        "duplicate_url": 1, "empty_caption": 1, "malformed_url": 2, "non_utf8_caption": 2,
+    }  # fmt: skip
+    assert summary["failed_by_reason"] == {
+        "decode_error": 2, "empty_body": 1, "http_4xx": 1, "http_5xx": 1, "redirect_loop": 1, "timeout": 1,
+    }  # fmt: skip
+    assert summary["filtered_after_download"] == {
+        "duplicate_content": 2, "image_aspect_ratio": 1, "image_too_large": 1, "image_too_small": 1,
+    }  # fmt: skip
+    assert summary["attempted"] == 28 and summary["downloaded"] == 28 - 4  # not: 404, 500, hang, loop
+    assert summary["kept"] == len(good) == 16
+    assert summary["bytes"] > 0 and summary["images_per_s"] > 0
+    assert sorted(kept_keys(raw_url)) == sorted(url_list.stable_key(u) for u in good)
+    assert storage.read_json(storage.join(raw_url, raw.SUMMARY)) == summary
+    assert any("shards" in line and "images/s" in line for line in lines)  # progress while it ran
+    assert "kept" in lines[-1] and "failed: timeout" in lines[-1]  # the final table
 
-    # every kept sample sits in a tar with its caption and URL-derived key
-    kept = {}
-    for shard in range(4):
-        with tarfile.open(tmp_path / "raw" / f"{shard:05d}.tar") as tar:
+    # the odd images were converted, not mangled: every kept odd image is the red it was drawn in
+    for shard in raw.complete_shards(raw_url):
+        with tarfile.open(raw.shard_file(raw_url, shard, ".tar")) as tar:
             for member in tar.getmembers():
                 if member.name.endswith(".json"):
                     meta = json.load(tar.extractfile(member))
-                    kept[meta["uid"]] = meta["caption"]
-    good = [r for r in records if r["broken"] is None]
-    assert kept == {url_list.stable_key(f"{base}/{r['path']}"): r["caption"] for r in good}
-
-    # a shard whose marker is missing is redone; complete ones are left alone
-    stats_before = (tmp_path / "raw" / "00000_stats.json").read_text()
-    (tmp_path / "raw" / "00002_stats.json").unlink()
-    (tmp_path / "raw" / "00002.tar").write_bytes(b"partial garbage")
-    again = ingest.run(cfg, RayConfig(), raw, "saved: config\n", log=lambda _: None)
-    assert (tmp_path / "raw" / "00000_stats.json").read_text() == stats_before
-    assert tarfile.is_tarfile(tmp_path / "raw" / "00002.tar")
-    assert {k: again[k] for k in ("attempted", "kept", "failed")} == {"attempted": 33, "kept": 30, "failed": 3}
+                    if "odd image" in meta["caption"]:
+                        data = tar.extractfile(member.name[:-5] + ".png").read()
+                        pixel = Image.open(io.BytesIO(data)).convert("RGB").getpixel((32, 32))
+                        assert all(abs(a - b) <= 12 for a, b in zip(pixel, images.RED)), (meta["url"], pixel)
 
 
-def test_failure_reasons_are_classified():
-    assert ingest.failure_reason("HTTP Error 404: File not found") == "http_4xx"
-    assert ingest.failure_reason("HTTP Error 503: Service Unavailable") == "http_5xx"
-    assert ingest.failure_reason("<urlopen error timed out>") == "timeout"
-    assert ingest.failure_reason("Image decoding error") == "decode_error"
-    assert ingest.failure_reason("<urlopen error [Errno 111] Connection refused>") == "connection_error"
-    assert ingest.failure_reason("something new") == "other"
+@pytest.mark.slow
+def test_s3_output_and_input(site, s3_prefix, local_ray):
+    rows = [{"URL": f"{site}/ok/{i}.png", "TEXT": f"picture {i}", "punsafe": i / 10} for i in range(10)]
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    storage.write_bytes(storage.join(s3_prefix, "lists", "urls.parquet"), buf.getvalue())
+    raw_url = storage.join(s3_prefix, "raw")
+    filters = IngestFilters(thresholds={"punsafe": Threshold(max=0.55)})
+    cfg = IngestConfig(url_list=storage.join(s3_prefix, "lists"), shard_size=4, filters=filters)
+    summary = ingest.run(cfg, RayConfig(), raw_url, "a: 1\n", log=QUIET)
+    assert summary["filtered_before_download"] == {"threshold:punsafe": 4}
+    assert summary["kept"] == 6 and raw.complete_shards(raw_url) == [0, 1]
+    assert sorted(kept_keys(raw_url)) == sorted(url_list.stable_key(r["URL"]) for r in rows[:6])
+    names = storage.listdir(raw_url)
+    assert {"00000.tar", "00000.parquet", "00000_stats.json", raw.SUMMARY, raw.DUPLICATES, raw.PLAN} <= set(names)
+    assert not any(n.startswith(storage.TMP_PREFIX) for n in storage.url_to_fs(raw_url)[0].ls(storage.url_to_fs(raw_url)[1]))
+    # carried metadata: the list's punsafe column is in the shard parquet
+    assert sorted(raw.read_status(raw_url, 0, ["punsafe"])["punsafe"].to_pylist()) == [0.0, 0.1, 0.2, 0.3]
 
 
-def test_a_rerun_with_another_list_is_refused(tmp_path):
-    table = url_list.read(str(_write_list(tmp_path / "a.parquet", ["http://h/1", "http://h/2", "http://h/3"])))
-    shards, _ = ingest.plan_shards(table, 2)
-    raw = str(tmp_path / "raw")
-    ingest.check_plan(raw, shards, done=set())
-    ingest.check_plan(raw, shards, done={0, 1})  # the same list again: fine
-    other = url_list.read(str(_write_list(tmp_path / "b.parquet", ["http://h/9", "http://h/2", "http://h/3"])))
+KILL_LIST_SIZE = 120
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_keeps_exactly_the_uninterrupted_keys(tmp_path, local_ray):
+    with serve(delay_s=0.05) as base:
+        urls = [f"{base}/ok/{i}.png" for i in range(KILL_LIST_SIZE)] + [f"{base}/dup/a.png", f"{base}/404.png"]
+        pq.write_table(pa.table({"url": urls, "caption": [f"c{i}" for i in range(len(urls))]}), tmp_path / "urls.parquet")
+        settings = [f"ingest.url_list={tmp_path / 'urls.parquet'}", "ingest.shard_size=8", "ingest.threads_per_task=2"]
+
+        reference = str(tmp_path / "reference" / "raw")
+        from launch import config
+
+        cfg = config.load(None, [f"root={tmp_path / 'reference'}", *settings])
+        ingest.run(cfg.ingest, cfg.ray, reference, "x: 1\n", log=QUIET)
+        expected = kept_keys(reference)
+        assert len(expected) == len(set(expected)) == KILL_LIST_SIZE  # /dup/a.png repeats /ok/0.png
+
+        root = tmp_path / "killed"
+        command = [sys.executable, "-m", "launch.cli", "ingest", f"root={root}", "ray.num_cpus=2", *settings]
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 120
+        while len(raw.complete_shards(str(root / "raw"))) < 3 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        time.sleep(2)  # Ray fate-shares its local cluster with the killed driver; let it wind down
+        partial = raw.complete_shards(str(root / "raw"))
+        assert 3 <= len(partial) < 16 and not storage.exists(storage.join(str(root / "raw"), raw.SUMMARY))
+
+        cfg = config.load(None, [f"root={root}", *settings])
+        summary = ingest.run(cfg.ingest, cfg.ray, str(root / "raw"), "x: 1\n", log=QUIET)
+        assert summary["this_run"]["shards"] == 16 - len(partial)
+    got = kept_keys(str(root / "raw"))
+    assert len(got) == len(set(got))  # each once
+    assert sorted(got) == sorted(expected)  # exactly the uninterrupted run's keys
+
+
+def test_a_rerun_with_another_list_or_settings_is_refused(tmp_path):
+    def shards_of(urls):
+        table = url_list.read(str(_write_list(tmp_path / f"{len(urls)}-{urls[0][-1]}.parquet", urls)))
+        return [table.slice(i, 2) for i in range(0, len(table), 2)]
+
+    raw_url = str(tmp_path / "raw")
+    settings = ingest.plan_settings(IngestConfig(shard_size=2))
+    ingest.check_plan(raw_url, shards_of(["http://h/1", "http://h/2", "http://h/3"]), set(), settings)
+    ingest.check_plan(raw_url, shards_of(["http://h/1", "http://h/2", "http://h/3"]), {0, 1}, settings)
     with pytest.raises(url_list.UrlListError, match="holds shard 00000 of another URL list"):
-        ingest.check_plan(raw, ingest.plan_shards(other, 2)[0], done={0})
+        ingest.check_plan(raw_url, shards_of(["http://h/9", "http://h/2", "http://h/3"]), {0}, settings)
+    other = ingest.plan_settings(IngestConfig(shard_size=2, image_size=128))
+    with pytest.raises(url_list.UrlListError, match="was ingested with ingest.image_size=64, now 128"):
+        ingest.check_plan(raw_url, shards_of(["http://h/1", "http://h/2", "http://h/3"]), {0}, other)
 
 
 def _write_list(path, urls):
     pq.write_table(pa.table({"url": urls}), path)
     return path
+
+
+def test_failure_reasons_are_classified():
+    from data_pipeline.filters import failure_reason
+
+    assert failure_reason("HTTP Error 404: File not found") == "http_4xx"
+    assert failure_reason("HTTP Error 503: Service Unavailable") == "http_5xx"
+    assert failure_reason("<urlopen error timed out>") == "timeout"
+    assert failure_reason("HTTP Error 302: The HTTP server returned a redirect error that would lead to an infinite loop.") == "redirect_loop"
+    assert failure_reason("Image decoding error") == "decode_error"
+    assert failure_reason("<urlopen error [Errno 111] Connection refused>") == "connection_error"
+    assert failure_reason("something new") == "other"
