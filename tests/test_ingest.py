@@ -178,7 +178,8 @@ def test_s3_output_and_input(site, s3_prefix, local_ray):
     storage.write_bytes(storage.join(s3_prefix, "lists", "urls.parquet"), buf.getvalue())
     raw_url = storage.join(s3_prefix, "raw")
     filters = IngestFilters(thresholds={"punsafe": Threshold(max=0.55)})
-    cfg = IngestConfig(url_list=storage.join(s3_prefix, "lists"), shard_size=4, filters=filters)
+    # two shards in one Ray task, a process each
+    cfg = IngestConfig(url_list=storage.join(s3_prefix, "lists"), shard_size=4, processes_per_task=2, filters=filters)
     summary = ingest.run(cfg, RayConfig(), raw_url, "a: 1\n", log=QUIET)
     assert summary["filtered_before_download"] == {"threshold:punsafe": 4}
     assert summary["kept"] == 6 and raw.complete_shards(raw_url) == [0, 1]
