@@ -80,13 +80,21 @@ class IngestConfig:
 
 @dataclass
 class EmbedConfig:
+    input: str = option("", doc="webdataset/parquet image shards to embed; empty: ingest's ROOT/raw/")
+    input_format: Literal["auto", "webdataset", "parquet"] = "auto"
+    image_col: str | None = option(None, doc="parquet input: image bytes column (null: jpg, png, webp, image, img)")
+    caption_col: str | None = option(None, doc="parquet input: caption column (null: txt, caption, TEXT, text)")
     columns: list[str] = option(factory=lambda: list(STORE_COLUMNS[:-1]))
-    batch_size: int = option(64, ge=1, doc="rows per encoder forward pass")
+    vae_resolution: int = option(64, ge=8, doc="images are centre-cropped to this side for `vae_latent`")
+    extra_vae_resolutions: list[int] = option(factory=list, doc="more latents, as columns vae_latent_<side>")
+    min_clip_score: float | None = option(None, ge=-1, le=1, doc="drop rows whose image-caption cosine is lower")
+    batch_size: int = option(64, ge=1, doc="rows per encoder forward pass (fixed per shard: outputs are reproducible)")
     encoder_actors: int = option(1, ge=1, doc="size of the encoder actor pool")
-    actor_cpus: float = option(1.0, gt=0, doc="CPUs reserved by each encoder actor")
+    actor_cpus: float = option(1.0, gt=0, doc="CPUs reserved by each encoder actor (its torch threads)")
+    decode_cpus: float = option(1.0, gt=0, doc="CPUs reserved by each decode task")
+    decode_memory_gb: float = option(0.5, gt=0, doc="memory reserved by each decode task: a shard's bytes and a chunk")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    vae_resolution: int = option(64, ge=8, doc="images are centre-cropped to this side for the VAE")
 
     def validate(self) -> None:
         unknown = [c for c in self.columns if c not in STORE_COLUMNS]
@@ -94,6 +102,19 @@ class EmbedConfig:
             raise ValueError(
                 f"config key 'embed.columns': unknown column {unknown[0]!r} (expected some of {', '.join(STORE_COLUMNS)})"
             )
+        if self.extra_vae_resolutions and "vae_latent" not in self.columns:
+            raise ValueError("config key 'embed.extra_vae_resolutions': needs 'vae_latent' in embed.columns")
+        if any(r < 8 for r in self.extra_vae_resolutions) or len(set(self.extra_vae_resolutions) | {self.vae_resolution}) != len(self.extra_vae_resolutions) + 1:
+            raise ValueError(
+                f"config key 'embed.extra_vae_resolutions': expected distinct sides >= 8 other than embed.vae_resolution, "
+                f"got {self.extra_vae_resolutions}"
+            )
+
+    def latent_columns(self) -> dict[str, int]:
+        """Latent column name -> image side it encodes."""
+        if "vae_latent" not in self.columns:
+            return {}
+        return {"vae_latent": self.vae_resolution, **{f"vae_latent_{r}": r for r in self.extra_vae_resolutions}}
 
 
 @dataclass

@@ -41,22 +41,29 @@ def part_name(shard_id: int) -> str:
     return f"part-{shard_id:05d}"
 
 
-def column_specs(clip: dict[str, Any], vae: dict[str, Any] | None, columns: Sequence[str], vae_resolution: int) -> dict[str, dict]:
-    """dtype and per-row shape of every array/bytes column, from the encoders' identities."""
+def column_specs(
+    clip: dict[str, Any], vae: dict[str, Any] | None, columns: Sequence[str], latent_columns: dict[str, int]
+) -> dict[str, dict]:
+    """dtype and per-row shape of every array/bytes column, from the encoders' identities.
+
+    `latent_columns` maps each VAE latent column (vae_latent, vae_latent_<side>) to its image side.
+    """
     d, length, width = clip["embed_dim"], clip["context_length"], clip["text_width"]
     specs: dict[str, dict] = {}
-    for name in columns:
+    for name in [c for c in columns if c != "vae_latent"] + list(latent_columns):
         if name in ("clip_image_emb", "clip_text_emb"):
             specs[name] = {"dtype": "float16", "shape": [d]}
         elif name == "clip_text_tokens":
             specs[name] = {"dtype": "float16", "shape": [length, width]}
         elif name == "text_mask":
             specs[name] = {"dtype": "bool", "shape": [length]}
-        elif name == "vae_latent":
+        elif name in latent_columns:
             if vae is None:
-                raise StoreError("column 'vae_latent' needs a VAE (encoders.vae)")
-            side = vae_resolution // vae["downsample"]
-            specs[name] = {"dtype": "float16", "shape": [vae["latent_channels"], side, side]}
+                raise StoreError(f"column {name!r} needs a VAE (encoders.vae)")
+            if latent_columns[name] % vae["downsample"]:
+                raise StoreError(f"column {name!r}: side {latent_columns[name]} is not a multiple of the VAE's downsampling {vae['downsample']}")
+            side = latent_columns[name] // vae["downsample"]
+            specs[name] = {"dtype": "float16", "shape": [vae["latent_channels"], side, side], "image_side": latent_columns[name]}
         elif name.startswith("image_"):
             specs[name] = {"dtype": "png", "shape": [int(name.split("_")[1])] * 2 + [3]}
         else:
@@ -91,8 +98,19 @@ def to_arrow(rows: dict[str, Any], specs: dict[str, dict]) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def write_part(store_url: str, shard_id: int, table: pa.Table) -> dict[str, Any]:
-    """Commit one part: the parquet (atomic), then its sidecar, which marks it complete."""
+def empty_columns(specs: dict[str, dict]) -> dict[str, Any]:
+    """Columns of a part with no rows (a shard where nothing was kept still gets its part)."""
+    rows: dict[str, Any] = {k: [] for k in BASE_COLUMNS}
+    for name, spec in specs.items():
+        rows[name] = [] if spec["dtype"] == "png" else np.zeros((0, *spec["shape"]))
+    return rows
+
+
+def write_part(store_url: str, shard_id: int, table: pa.Table, counts: dict[str, int] | None = None) -> dict[str, Any]:
+    """Commit one part: the parquet (atomic), then its sidecar, which marks it complete.
+
+    `counts` (kept, rejected_<reason>) is kept in the sidecar so the manifest's totals include
+    parts written by earlier, interrupted runs."""
     table = table.sort_by("key")
     buf = io.BytesIO()
     pq.write_table(table, buf, row_group_size=1024)
@@ -101,20 +119,24 @@ def write_part(store_url: str, shard_id: int, table: pa.Table) -> dict[str, Any]
     storage.write_bytes(storage.join(store_url, name + ".parquet"), data)
     entry: dict[str, Any] = {"file": name + ".parquet", "rows": len(table), "bytes": len(data), "sha256": _sha256(data)}
     entry["sums"] = _sums(table)
+    entry["counts"] = dict(counts or {"kept": len(table)})
     storage.write_json(storage.join(store_url, name + ".json"), entry)
     return entry
 
 
 # Statistics the trainers need, kept per part as sums so a resumed job never rereads old parts:
-# the CLIP image embedding per dimension (the prior normalises with it) and the VAE latent
+# the CLIP image embedding per dimension (the prior normalises with it) and each VAE latent
 # overall (the ldm scales latents to unit variance with it).
-STAT_COLUMNS = {"clip_image_emb": 0, "vae_latent": None}  # reduction axis; None: every element
+def _stat_axis(name: str) -> int | None | bool:
+    """0: per dimension; None: over every element; False: no statistics."""
+    return 0 if name == "clip_image_emb" else None if name.startswith("vae_latent") else False
 
 
 def _sums(table: pa.Table) -> dict[str, dict[str, Any]]:
     sums = {}
-    for name, axis in STAT_COLUMNS.items():
-        if name in table.column_names and len(table):
+    for name in table.column_names:
+        axis = _stat_axis(name)
+        if axis is not False and len(table):
             values = column_numpy(table, name, [-1]).astype(np.float64)
             sums[name] = {
                 "count": len(table) if axis == 0 else values.size,
@@ -154,11 +176,11 @@ def build_manifest(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "encoders": encoders,
         "columns": {**{k: {"dtype": str(t)} for k, t in BASE_COLUMNS.items()}, **specs},
-        "shards": [{k: v for k, v in p.items() if k != "sums"} for _, p in sorted(parts.items())],
+        "shards": [{k: v for k, v in p.items() if k not in ("sums", "counts")} for _, p in sorted(parts.items())],
         "totals": {"rows": rows, "bytes": sum(p["bytes"] for p in parts.values()), **counts},
         "config": config,
     }
-    for name in STAT_COLUMNS:
+    for name in [c for c in specs if _stat_axis(c) is not False]:
         stats = [p["sums"][name] for p in parts.values() if name in p.get("sums", {})]
         count = sum(s["count"] for s in stats)
         if count:
@@ -238,3 +260,58 @@ class Store:
 
 def open_store(store_url: str) -> Store:
     return Store(storage.normalize(store_url), read_manifest(store_url))
+
+
+def tensors(store: Store, columns: Sequence[str], files: Sequence[str] | None = None) -> dict[str, Any]:
+    """Chosen array columns as torch tensors (float16 stays float16; bool stays bool)."""
+    import torch
+
+    return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in store.read(columns, files).items()}
+
+
+def column_bytes(store: Store) -> dict[str, float]:
+    """Stored (compressed) bytes per sample of every column, from the parquet footers."""
+    totals: dict[str, int] = {}
+    rows = 0
+    for file in store.files:
+        fs, path = storage.url_to_fs(file)
+        with fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        rows += meta.num_rows
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            for c in range(group.num_columns):
+                chunk = group.column(c)
+                name = chunk.path_in_schema.split(".")[0]
+                totals[name] = totals.get(name, 0) + chunk.total_compressed_size
+    return {name: size / max(rows, 1) for name, size in totals.items()}
+
+
+def describe(store: Store, sample_rows: int = 3) -> str:
+    """What `unclip inspect` prints: manifest summary, columns, a few rows."""
+    m = store.manifest
+    clip, vae = m["encoders"]["clip"], m["encoders"].get("vae") or {}
+    lines = [
+        f"store        {store.url}",
+        f"schema       v{m['schema_version']}, created {m['created']}",
+        f"rows         {m['totals']['rows']:,} in {len(m['shards'])} parts, {m['totals']['bytes']:,} bytes",
+        f"counts       " + ", ".join(f"{k}={v:,}" for k, v in m["totals"].items() if k not in ("rows", "bytes")),
+        f"clip         {clip['model']} pretrained={clip.get('pretrained')} sha256={str(clip.get('weights_sha256'))[:16]}…",
+    ]
+    if vae:
+        lines.append(f"vae          {vae['path']} scaling_factor={vae['scaling_factor']} sha256={str(vae.get('weights_sha256'))[:16]}…")
+    sizes = column_bytes(store)
+    lines.append("")
+    lines.append(f"{'column':<20} {'dtype':<8} {'shape':<16} {'bytes/sample':>12}")
+    for name, spec in m["columns"].items():
+        shape = "x".join(str(d) for d in spec.get("shape", [])) or "-"
+        lines.append(f"{name:<20} {spec['dtype']:<8} {shape:<16} {sizes.get(name, 0):>12,.1f}")
+    if m["totals"]["rows"] and sample_rows:
+        first = store.files[next(i for i, s in enumerate(m["shards"]) if s["rows"])]
+        arrays = [c for c in ("clip_image_emb", "clip_text_emb") if c in m["columns"]]
+        data = store.read(["key", "caption", "clip_score", *arrays], [first])
+        lines.append("")
+        for i in range(min(sample_rows, len(data["key"]))):
+            preview = "  ".join(f"{c}[:3]={np.round(data[c][i][:3].astype(float), 3).tolist()}" for c in arrays)
+            lines.append(f"{data['key'][i]}  clip_score={float(data['clip_score'][i]):.3f}  {data['caption'][i]!r}  {preview}")
+    return "\n".join(lines)

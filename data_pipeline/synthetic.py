@@ -148,3 +148,39 @@ def serve_directory(directory: str) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def write_shards(records: list[dict], site_dir: str, out_url: str, shard_size: int, fmt: str = "webdataset") -> list[str]:
+    """The generated images as image shards (webdataset tars or parquet), for `embed.input`.
+
+    Samples carry no URL, so their keys come from file name and in-file key, as for any outside
+    data set without one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_pipeline import storage
+
+    files = []
+    for start in range(0, len(records), shard_size):
+        rows = records[start : start + shard_size]
+        name = f"shard-{start // shard_size:05d}"
+        buf = io.BytesIO()
+        if fmt == "webdataset":
+            import tarfile
+
+            with tarfile.open(fileobj=buf, mode="w") as tar:
+                for i, r in enumerate(rows):
+                    with open(os.path.join(site_dir, r["path"]), "rb") as f:
+                        members = {"png": f.read(), "txt": r["caption"].encode(), "json": json.dumps({"caption": r["caption"]}).encode()}
+                    for ext, data in members.items():
+                        info = tarfile.TarInfo(f"{start + i:08d}.{ext}")
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+            name += ".tar"
+        else:
+            images = [open(os.path.join(site_dir, r["path"]), "rb").read() for r in rows]
+            pq.write_table(pa.table({"image": images, "caption": [r["caption"] for r in rows]}), buf)
+            name += ".parquet"
+        storage.write_bytes(storage.join(out_url, name), buf.getvalue())
+        files.append(storage.join(out_url, name))
+    return files

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from launch.configlib import ConfigError
@@ -15,6 +16,7 @@ COMMANDS = {
     "embed": "frozen CLIP/VAE over ROOT/raw/ into the embedding store ROOT/store/ (Ray Data)",
     "train": "`train STAGE`: train prior or ldm with DeepSpeed from the store",
     "sample": "text -> images (ldm) and text -> CLIP image embeddings (prior)",
+    "inspect": "`inspect [URL]`: summarise an embedding store (default: ROOT/store)",
     "demo": "the whole pipeline on the embedded default data set",
 }
 
@@ -30,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("stage", choices=STAGE_NAMES)
         if name == "encoders":
             p.add_argument("action", choices=["init"])
+        if name == "inspect":
+            p.add_argument("url", nargs="?", help="store URL (default: ROOT/store)")
+            p.add_argument("--rows", type=int, default=3, help="sample rows to show")
         if name == "demo":
             p.add_argument("--workdir", default="demo-run", help="where data, runs and report.json go")
         p.add_argument("--config", help="YAML configuration (defaults: the embedded default)")
@@ -46,6 +51,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = list(args.overrides) + rest
+    if getattr(args, "url", None) and re.match(r"^[A-Za-z_][\w.]*=", args.url):
+        args.overrides.insert(0, args.url)  # `unclip inspect root=...`: an override, not a URL
+        args.url = None
     return args
 
 
@@ -102,6 +110,10 @@ def _dispatch(args: argparse.Namespace, cfg, log) -> int:
         from launch import sample
 
         sample.run(cfg, log=log)
+    elif args.command == "inspect":
+        from data_pipeline.store import describe, open_store
+
+        print(describe(open_store(args.url or cfg.store_url), args.rows))
     elif args.command == "demo":
         from launch import demo
 

@@ -20,19 +20,17 @@ from launch.config import Config
 from launch.configlib import to_yaml
 from models import ldm, prior
 from models.diffusion import Diffusion
-from models.encoders import FrozenClip, FrozenVae
+from models.encoders import FrozenClip, FrozenVae, identity_mismatch
 from training.checkpoint import load_ema_model, read_latest
 
-IDENTITY_FIELDS = ("model", "pretrained", "weights_sha256", "embed_dim", "text_width", "context_length")
-
-
-def check_identity(section: str, recorded: dict[str, Any], loaded: dict[str, Any], fields) -> None:
-    for field in fields:
-        if recorded.get(field) != loaded.get(field):
-            raise StoreError(
-                f"encoders.{section}.{field} is {loaded.get(field)!r}, but the store was embedded with "
-                f"{recorded.get(field)!r}; sample with the encoders the store was built with"
-            )
+def check_identity(section: str, recorded: dict[str, Any], loaded: dict[str, Any]) -> None:
+    differs = identity_mismatch(recorded, loaded)
+    if differs:
+        field, old, new = differs
+        raise StoreError(
+            f"encoders.{section}.{field} is {new!r}, but the store was embedded with {old!r}; "
+            "sample with the encoders the store was built with"
+        )
 
 
 def slug(text: str) -> str:
@@ -70,7 +68,7 @@ def run(cfg: Config, stages: list[str] | None = None, log=print) -> dict[str, An
     if missing or not stages:
         raise FileNotFoundError(f"no checkpoint for stage {missing[0] if missing else 'ldm or prior'} under {cfg.run_url('<stage>', s.run)}")
     clip = FrozenClip(cfg.encoders.clip)
-    check_identity("clip", store.manifest["encoders"]["clip"], clip.identity(), IDENTITY_FIELDS)
+    check_identity("clip", store.manifest["encoders"]["clip"], clip.identity())
     text = clip.encode_text(s.prompts)
     storage.makedirs(s.out)
     storage.write_text(storage.join(s.out, "config.yaml"), to_yaml(cfg))
@@ -89,7 +87,7 @@ def _sample_ldm(cfg: Config, store, text: dict[str, torch.Tensor], log) -> dict[
     folder = read_latest(cfg.run_url("ldm", s.run))
     unet, info = load_ema_model(folder)
     vae = FrozenVae(cfg.encoders.vae)
-    check_identity("vae", store.manifest["encoders"]["vae"], vae.identity(), ("path", "weights_sha256"))
+    check_identity("vae", store.manifest["encoders"]["vae"], vae.identity())
     diffusion = Diffusion(cfg.ldm.diffusion)
     generator = torch.Generator().manual_seed(s.seed)
     tokens = text["tokens"].repeat_interleave(per_prompt, 0)

@@ -34,10 +34,9 @@ def _local_dir(cfg: ClipConfig) -> Path | None:
     return Path(cfg.model[len(LOCAL_DIR) :]) if cfg.model.startswith(LOCAL_DIR) else None
 
 
-def clip_preprocess(cfg: ClipConfig) -> ClipPreprocess:
-    """Input size and normalisation of the configured CLIP, read from configs (no weights)."""
+def _clip_model_config(cfg: ClipConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model config, preprocess config) of the configured CLIP, read from configs (no weights)."""
     import open_clip
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
     folder = _local_dir(cfg)
     if folder is not None:
@@ -48,18 +47,65 @@ def clip_preprocess(cfg: ClipConfig) -> ClipPreprocess:
                 "for the embedded default, or point it at an open_clip folder)"
             )
         saved = json.loads(config_file.read_text())
-        model_cfg, pre = saved["model_cfg"], saved.get("preprocess_cfg", {})
-    else:
-        model_cfg = open_clip.get_model_config(cfg.model)
-        if model_cfg is None:
-            raise ValueError(f"config key 'encoders.clip.model': open_clip has no model {cfg.model!r}")
-        pre = (open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained) or {}) if cfg.pretrained else {}
+        return saved["model_cfg"], saved.get("preprocess_cfg", {})
+    model_cfg = open_clip.get_model_config(cfg.model)
+    if model_cfg is None:
+        raise ValueError(f"config key 'encoders.clip.model': open_clip has no model {cfg.model!r}")
+    pre = (open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained) or {}) if cfg.pretrained else {}
+    return model_cfg, pre
+
+
+def clip_preprocess(cfg: ClipConfig) -> ClipPreprocess:
+    """Input size and normalisation of the configured CLIP."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    model_cfg, pre = _clip_model_config(cfg)
     size = model_cfg["vision_cfg"]["image_size"]
     return ClipPreprocess(
         image_size=size if isinstance(size, int) else size[0],
         mean=tuple(pre.get("mean") or OPENAI_DATASET_MEAN),
         std=tuple(pre.get("std") or OPENAI_DATASET_STD),
     )
+
+
+def clip_identity(cfg: ClipConfig) -> dict[str, Any]:
+    """What the store records about the CLIP it was embedded with, without loading weights."""
+    from open_clip.model import CLIPTextCfg
+
+    model_cfg, _ = _clip_model_config(cfg)
+    text = model_cfg.get("text_cfg", {})
+    if "hf_model_name" in text:  # an HF text tower: its width lives in the HF config
+        return FrozenClip(cfg).identity()
+    weights = _clip_weights_file(cfg)
+    return {
+        "library": "open_clip",
+        "model": cfg.model,
+        "pretrained": cfg.pretrained,
+        "weights_file": weights,
+        "weights_sha256": storage.sha256_file(weights) if weights else None,
+        "embed_dim": int(model_cfg["embed_dim"]),
+        "text_width": int(text.get("width", CLIPTextCfg.width)),
+        "context_length": int(text.get("context_length", CLIPTextCfg.context_length)),
+        "image_size": clip_preprocess(cfg).image_size,
+    }
+
+
+def vae_identity(cfg: VaeConfig) -> dict[str, Any]:
+    """What the store records about the VAE, from its config and weights file (no model built)."""
+    from diffusers import AutoencoderKL
+
+    config = AutoencoderKL.load_config(cfg.path, subfolder=cfg.subfolder)
+    weights = _vae_weights_file(cfg)
+    return {
+        "library": "diffusers",
+        "class": "AutoencoderKL",
+        "path": cfg.path,
+        "subfolder": cfg.subfolder,
+        "weights_sha256": storage.sha256_file(weights) if weights else None,
+        "scaling_factor": float(config.get("scaling_factor", 0.18215)),
+        "latent_channels": int(config.get("latent_channels", 4)),
+        "downsample": 2 ** (len(config.get("block_out_channels", [64])) - 1),
+    }
 
 
 def _clip_weights_file(cfg: ClipConfig) -> str | None:
@@ -137,7 +183,7 @@ class FrozenClip:
             "pretrained": self.cfg.pretrained,
             "weights_file": weights,
             "weights_sha256": storage.sha256_file(weights) if weights else None,
-            "embed_dim": self.embed_dim,
+            "embed_dim": self.embed_dim,  # from the loaded model: the truth clip_identity must match
             "text_width": self.text_width,
             "context_length": self.context_length,
             "image_size": self.image_size,
@@ -171,17 +217,7 @@ class FrozenVae:
         return self.vae.decode(latents.to(self.device, self.dtype)).sample.float().clamp(-1, 1)
 
     def identity(self) -> dict[str, Any]:
-        weights = _vae_weights_file(self.cfg)
-        return {
-            "library": "diffusers",
-            "class": "AutoencoderKL",
-            "path": self.cfg.path,
-            "subfolder": self.cfg.subfolder,
-            "weights_sha256": storage.sha256_file(weights) if weights else None,
-            "scaling_factor": self.scaling_factor,
-            "latent_channels": self.latent_channels,
-            "downsample": self.downsample,
-        }
+        return vae_identity(self.cfg)
 
 
 def tiny_clip_config(t: TinyEncodersConfig) -> dict[str, Any]:
@@ -231,3 +267,20 @@ def write_tiny_encoders(cfg: EncodersConfig) -> dict[str, str]:
     vae = AutoencoderKL(**tiny_vae_config(cfg.tiny))
     vae.save_pretrained(cfg.vae.path if not cfg.vae.subfolder else os.path.join(cfg.vae.path, cfg.vae.subfolder))
     return {"clip": str(folder), "vae": cfg.vae.path}
+
+
+LOCATION_FIELDS = ("model", "path", "subfolder", "weights_file", "pretrained")
+
+
+def identity_mismatch(recorded: dict[str, Any], current: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first field in which two encoder identities differ, or None when they are the same encoder.
+
+    With a weights hash on both sides the hash decides, so weights moved to another path are the
+    same encoder; without one (weights not in a local file), name and location must match."""
+    hashed = bool(recorded.get("weights_sha256") and current.get("weights_sha256"))
+    for field in sorted(set(recorded) | set(current)):
+        if field == "weights_file" or (hashed and field in LOCATION_FIELDS):
+            continue
+        if recorded.get(field) != current.get(field):
+            return field, recorded.get(field), current.get(field)
+    return None

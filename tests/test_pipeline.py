@@ -72,7 +72,7 @@ def test_store_manifest_follows_the_contract(pipeline):
     assert vae["weights_sha256"] == storage.sha256_file(os.path.join(cfg.root, "encoders", "vae", "diffusion_pytorch_model.safetensors"))
     assert vae["scaling_factor"] > 0
     assert manifest["columns"]["clip_text_tokens"] == {"dtype": "float16", "shape": [32, 64]}
-    assert manifest["columns"]["vae_latent"] == {"dtype": "float16", "shape": [4, 16, 16]}
+    assert manifest["columns"]["vae_latent"] == {"dtype": "float16", "shape": [4, 16, 16], "image_side": 64}
     assert len(manifest["clip_image_emb_mean"]) == len(manifest["clip_image_emb_std"]) == 64
     assert sum(s["rows"] for s in manifest["shards"]) == manifest["totals"]["rows"] == 48
     for shard in manifest["shards"]:

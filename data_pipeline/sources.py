@@ -1,0 +1,122 @@
+"""Where `unclip embed` reads images from: ingest's ROOT/raw/, or any webdataset/parquet shards.
+
+A source is a sorted list of shard files; shard i becomes store part i. Every sample gets a
+stable key: the URL hash for raw data (the key ingest gave it), or a hash of the sample's URL,
+else of file name + in-file key, for outside data.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import tarfile
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import pyarrow.parquet as pq
+
+from data_pipeline import raw, storage
+from data_pipeline.url_list import stable_key
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_COLUMNS = ("jpg", "png", "webp", "image", "img")
+CAPTION_COLUMNS = ("txt", "caption", "TEXT", "text")
+
+
+class SourceError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Source:
+    """kind: 'raw' (ingest output), 'webdataset' or 'parquet'; files: one per shard, sorted."""
+
+    kind: str
+    files: tuple[str, ...]
+    raw_url: str | None = None
+    image_col: str | None = None
+    caption_col: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "files": [posixpath.basename(f) for f in self.files]}
+
+
+def open_source(input_url: str, raw_url: str, input_format: str, image_col: str | None, caption_col: str | None) -> Source:
+    """The source to embed: `input_url` when given, else ingest's output under `raw_url`."""
+    if not input_url:
+        raw.require_complete(raw_url)
+        ids = raw.complete_shards(raw_url)
+        return Source("raw", tuple(raw.shard_file(raw_url, i, ".tar") for i in ids), raw_url=raw_url)
+    fs, path = storage.url_to_fs(input_url)
+    if any(ch in path for ch in "*?["):
+        found = fs.glob(path)
+    elif fs.isdir(path):
+        found = fs.find(path)
+    elif fs.exists(path):
+        found = [path]
+    else:
+        raise SourceError(f"embed input '{input_url}': not found")
+    kinds = {"webdataset": (".tar",), "parquet": (".parquet",), "auto": (".tar", ".parquet")}[input_format]
+    files = sorted(f for f in found if f.endswith(kinds) and not posixpath.basename(f).startswith((".", "_")))
+    if not files:
+        raise SourceError(f"embed input '{input_url}': no {' or '.join(kinds)} files")
+    suffixes = {posixpath.splitext(f)[1] for f in files}
+    if len(suffixes) > 1:
+        raise SourceError(f"embed input '{input_url}': mixes {' and '.join(sorted(suffixes))} files; set embed.input_format")
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    files = [f if storage.is_local(input_url) else f"{protocol}://{f}" for f in files]
+    kind = "webdataset" if suffixes == {".tar"} else "parquet"
+    return Source(kind, tuple(files), image_col=image_col, caption_col=caption_col)
+
+
+def iter_samples(source: Source, shard_id: int, dropped: set[str]) -> Iterator[dict[str, Any]]:
+    """Samples of one shard: key, caption, url, width, height, image (bytes or None)."""
+    if source.kind == "raw":
+        for m in raw.iter_samples(source.raw_url, shard_id, dropped):
+            yield {"key": m["uid"], "caption": m["caption"] or "", "url": m["url"], "width": m["width"] or 0,
+                   "height": m["height"] or 0, "image": m["image"]}  # fmt: skip
+    elif source.kind == "webdataset":
+        yield from _webdataset_samples(source.files[shard_id])
+    else:
+        yield from _parquet_samples(source.files[shard_id], source.image_col, source.caption_col)
+
+
+def _webdataset_samples(file: str) -> Iterator[dict[str, Any]]:
+    groups: dict[str, dict[str, bytes]] = {}
+    fs, path = storage.url_to_fs(file)
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for member in tar:
+            if member.isfile():
+                stem, _, ext = member.name.partition(".")
+                groups.setdefault(stem, {})[ext.lower()] = tar.extractfile(member).read()
+    name = posixpath.basename(file)
+    for stem, parts in groups.items():
+        meta = json.loads(parts["json"]) if "json" in parts else {}
+        image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+        caption = parts["txt"].decode("utf-8", "replace") if "txt" in parts else str(meta.get("caption") or "")
+        url = meta.get("url") or f"{name}#{stem}"
+        yield {"key": stable_key(url), "caption": caption, "url": url, "width": int(meta.get("width") or 0),
+               "height": int(meta.get("height") or 0), "image": image}  # fmt: skip
+
+
+def _parquet_samples(file: str, image_col: str | None, caption_col: str | None) -> Iterator[dict[str, Any]]:
+    fs, path = storage.url_to_fs(file)
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f)
+    names = table.column_names
+    image_col = image_col or next((c for c in IMAGE_COLUMNS if c in names), None)
+    caption_col = caption_col or next((c for c in CAPTION_COLUMNS if c in names), None)
+    if image_col not in names or caption_col not in names:
+        raise SourceError(
+            f"embed input '{file}': needs an image column (embed.image_col; looked for {', '.join(IMAGE_COLUMNS)}) "
+            f"and a caption column (embed.caption_col; looked for {', '.join(CAPTION_COLUMNS)}); columns: {', '.join(names)}"
+        )
+    name = posixpath.basename(file)
+    urls = table["url"].to_pylist() if "url" in names else [None] * len(table)
+    keys = table["key"].to_pylist() if "key" in names else list(range(len(table)))
+    for image, caption, url, key in zip(table[image_col].to_pylist(), table[caption_col].to_pylist(), urls, keys):
+        if isinstance(image, dict):  # HF-style struct {"bytes": ..., "path": ...}
+            image = image.get("bytes")
+        url = url or f"{name}#{key}"
+        yield {"key": stable_key(url), "caption": caption or "", "url": url, "width": 0, "height": 0, "image": image}
+

@@ -1,0 +1,173 @@
+"""`unclip embed` for real: Ray Data, open_clip and a diffusers VAE built from small configs,
+over webdataset and parquet shards on local disk and on S3 (moto on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from data_pipeline import embed, storage, store, synthetic
+from data_pipeline.config import SyntheticConfig
+from data_pipeline.embed_stages import invalid_rows
+from launch import cli, config
+from launch.configlib import to_dict
+from models.encoders import write_tiny_encoders
+
+SHARD = 8
+QUIET = lambda _msg: None  # noqa: E731
+
+
+def embed_config(root, env, *extra):
+    return config.load(None, [
+        f"root={root}", f"embed.input={env['wds']}", "embed.batch_size=4",
+        f"encoders.clip.model=local-dir:{env['encoders']}/clip", f"encoders.vae.path={env['encoders']}/vae",
+        *extra,
+    ])  # fmt: skip
+
+
+def run_embed(cfg):
+    return embed.run(cfg.encoders, cfg.embed, cfg.ray, cfg.raw_url, cfg.store_url, to_dict(cfg), log=QUIET)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, local_ray):
+    """96 good images and 2 undecodable ones as webdataset shards, tiny encoders, one reference store."""
+    base = tmp_path_factory.mktemp("embed")
+    site = base / "site"
+    records = [r for r in synthetic.generate(str(site), SyntheticConfig(count=96, seed=3)) if r["broken"] != "missing"]
+    wds = str(base / "wds")
+    synthetic.write_shards(records, str(site), wds, SHARD)
+    env = {"base": base, "site": site, "records": records, "wds": wds, "encoders": str(base / "encoders")}
+    cfg = embed_config(base / "reference", env)
+    write_tiny_encoders(cfg.encoders)
+    env["manifest"] = run_embed(cfg)
+    env["store_url"] = cfg.store_url
+    return env
+
+
+def read_all(store_url: str) -> dict[str, np.ndarray]:
+    s = store.open_store(store_url)
+    data = s.read(["key", "clip_score", "clip_image_emb", "clip_text_emb", "clip_text_tokens", "text_mask", "vae_latent", "image_64"])
+    order = np.argsort(data["key"])
+    return {k: v[order] for k, v in data.items()}
+
+
+@pytest.mark.slow
+def test_manifest_follows_the_contract(env):
+    m = env["manifest"]
+    assert m["schema_version"] == store.SCHEMA_VERSION
+    clip, vae = m["encoders"]["clip"], m["encoders"]["vae"]
+    assert clip["weights_sha256"] == storage.sha256_file(os.path.join(env["encoders"], "clip", "open_clip_model.safetensors"))
+    assert vae["weights_sha256"] == storage.sha256_file(os.path.join(env["encoders"], "vae", "diffusion_pytorch_model.safetensors"))
+    assert vae["scaling_factor"] == pytest.approx(0.18215)
+    assert m["columns"]["clip_image_emb"] == {"dtype": "float16", "shape": [64]}
+    assert m["columns"]["clip_text_tokens"] == {"dtype": "float16", "shape": [32, 64]}
+    assert m["columns"]["text_mask"] == {"dtype": "bool", "shape": [32]}
+    assert m["columns"]["image_64"] == {"dtype": "png", "shape": [64, 64, 3]}
+    assert len(m["shards"]) == 13 and [s["file"] for s in m["shards"]][:2] == ["part-00000.parquet", "part-00001.parquet"]
+    for shard in m["shards"]:
+        assert storage.sha256_file(storage.join(env["store_url"], shard["file"])) == shard["sha256"]
+    assert m["totals"]["rows"] == sum(s["rows"] for s in m["shards"]) == 96
+    assert m["totals"]["rejected_decode_error"] == 2 and m["totals"]["kept"] == 96
+    emb = read_all(env["store_url"])["clip_image_emb"].astype(np.float64)
+    assert np.allclose(m["clip_image_emb_mean"], emb.mean(0), atol=1e-4)
+    assert np.allclose(m["clip_image_emb_std"], emb.std(0), atol=1e-4)
+    assert m["config"]["embed"]["batch_size"] == 4
+
+
+def test_invalid_rows_are_named():
+    specs = {"clip_image_emb": {"dtype": "float16", "shape": [2]}, "text_mask": {"dtype": "bool", "shape": [3]}}
+    good = np.zeros((4, 2), np.float32)
+    assert invalid_rows({"clip_image_emb": good}, specs, 4) == {}
+    bad = good.copy()
+    bad[1, 0], bad[2, 1], bad[3, 0] = np.nan, np.inf, 1e6  # 1e6 does not fit in float16
+    assert invalid_rows({"clip_image_emb": bad}, specs, 4) == {1: "non_finite", 2: "non_finite", 3: "non_finite"}
+    assert invalid_rows({"clip_image_emb": np.zeros((4, 3))}, specs, 4) == {i: "wrong_shape" for i in range(4)}
+
+
+@pytest.mark.slow
+def test_clip_score_filter_drops_and_counts(env):
+    scores = read_all(env["store_url"])["clip_score"]
+    threshold = float(np.median(scores))
+    cfg = embed_config(env["base"] / "filtered", env, f"embed.min_clip_score={threshold}")
+    m = run_embed(cfg)
+    expected = int((scores >= np.float32(threshold)).sum())
+    assert m["totals"]["rows"] == expected < 96
+    assert m["totals"]["rejected_clip_score_below_threshold"] == 96 - expected
+    assert (read_all(cfg.store_url)["clip_score"] >= np.float32(threshold)).all()
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_gives_the_same_store(env):
+    root = env["base"] / "killed"
+    cfg = embed_config(root, env)
+    args = [f"root={root}", f"embed.input={env['wds']}", "embed.batch_size=4", "ray.num_cpus=2",
+            f"encoders.clip.model=local-dir:{env['encoders']}/clip", f"encoders.vae.path={env['encoders']}/vae"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "embed", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not store.complete_parts(cfg.store_url) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "embed finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(2)  # the killed driver's local Ray winds down with it
+    done = store.complete_parts(cfg.store_url)
+    assert 1 <= len(done) < 13 and not storage.exists(storage.join(cfg.store_url, store.MANIFEST))
+
+    rerun = run_embed(cfg)
+    assert rerun["totals"]["rows"] == 96 and rerun["totals"]["rejected_decode_error"] == 2
+    got, want = read_all(cfg.store_url), read_all(env["store_url"])
+    assert len(set(got["key"])) == len(got["key"]) == 96
+    for name in want:
+        assert np.array_equal(got[name], want[name]), name
+    assert [s["sha256"] for s in rerun["shards"]] == [s["sha256"] for s in env["manifest"]["shards"]]
+
+
+@pytest.mark.slow
+def test_other_encoders_or_settings_are_refused(env, tmp_path):
+    seed1 = config.load(None, [f"encoders.clip.model=local-dir:{tmp_path}/clip", f"encoders.vae.path={tmp_path}/vae", "encoders.tiny.seed=1"])
+    write_tiny_encoders(seed1.encoders)
+    other = embed_config(env["base"] / "reference", env, f"encoders.clip.model=local-dir:{tmp_path}/clip")
+    with pytest.raises(store.StoreError, match=r"encoders.clip.weights_sha256 is '[0-9a-f]{64}' there, '[0-9a-f]{64}' now"):
+        run_embed(other)
+    with pytest.raises(store.StoreError, match=r"embed.precision='fp32', now 'bf16'"):
+        run_embed(embed_config(env["base"] / "reference", env, "embed.precision=bf16"))
+    assert store.open_store(env["store_url"]).manifest["totals"]["rows"] == 96  # untouched
+
+
+@pytest.mark.slow
+def test_inspect_and_read_api(env, capsys):
+    assert cli.main(["inspect", env["store_url"], "--rows", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "96 in 13 parts" in out and "rejected_decode_error=2" in out
+    assert "clip_text_tokens     float16  32x64" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.split()}
+    assert float(lines["clip_text_tokens"].split()[-1].replace(",", "")) > 1000  # 32x64 halves, compressed
+    assert sum(1 for line in out.splitlines() if "clip_score=" in line) == 2
+
+    s = store.open_store(env["store_url"])
+    t = store.tensors(s, ["clip_image_emb", "text_mask", "vae_latent"], s.files[:2])
+    assert t["clip_image_emb"].dtype == torch.float16 and t["clip_image_emb"].shape == (16, 64)
+    assert t["text_mask"].dtype == torch.bool and t["vae_latent"].shape == (16, 4, 16, 16)
+
+
+@pytest.mark.slow
+def test_parquet_input_and_s3(env, s3_prefix):
+    good = [r for r in env["records"] if r["broken"] is None][:20]
+    wds = storage.join(s3_prefix, "wds")
+    synthetic.write_shards(good, str(env["site"]), wds, 10, fmt="parquet")
+    cfg = embed_config(storage.join(s3_prefix, "root"), env, f"embed.input={wds}", "embed.extra_vae_resolutions=[32]")
+    m = run_embed(cfg)
+    assert m["totals"]["rows"] == 20 and len(m["shards"]) == 2
+    assert m["columns"]["vae_latent_32"]["shape"] == [4, 8, 8]
+    assert set(storage.listdir(cfg.store_url)) >= {"manifest.json", "part-00000.parquet", "part-00001.json"}
+    data = store.open_store(cfg.store_url).read(["caption", "clip_image_emb", "vae_latent_32"])
+    assert data["vae_latent_32"].shape == (20, 4, 8, 8) and sorted(data["caption"]) == sorted(r["caption"] for r in good)
