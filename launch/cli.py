@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
             from training.stages import STAGE_NAMES
 
             p.add_argument("stage", choices=STAGE_NAMES)
+            p.add_argument("--resume-from", help="resume from this step_NNNNNNN folder (default: the run's newest)")
+            p.add_argument("--init-from", help="start from these EMA weights (a step folder or run folder)")
         if name == "encoders":
             p.add_argument("action", choices=["init"])
         if name == "inspect":
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.store import StoreError
     from data_pipeline.url_list import UrlListError
     from launch import config as config_mod
+    from launch.train import RanksFailed
 
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     try:
@@ -81,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UrlListError, StoreError, FileNotFoundError) as err:
         print(f"unclip {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RanksFailed as err:
+        print(f"unclip {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args: argparse.Namespace, cfg, log) -> int:
@@ -104,8 +110,9 @@ def _dispatch(args: argparse.Namespace, cfg, log) -> int:
     elif args.command == "train":
         from launch.train import train_local
 
-        summary = train_local(cfg, args.stage, log=log)
-        log(f"train {args.stage}: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}; {summary['checkpoint']}")
+        summary = train_local(cfg, args.stage, args.resume_from, args.init_from, log=log)
+        if not summary.get("preempted"):
+            log(f"train {args.stage}: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}; {summary['checkpoint']}")
     elif args.command == "sample":
         from launch import sample
 

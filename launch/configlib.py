@@ -110,6 +110,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # `train.run=2024` is a name, though YAML reads a number
     raise ConfigError(f"config key '{key}': expected {_describe(tp)}, got {value!r}")
 
 

@@ -21,6 +21,7 @@ from launch.configlib import to_yaml
 from models import ldm, prior
 from models.diffusion import Diffusion
 from models.encoders import FrozenClip, FrozenVae, identity_mismatch
+from models.imaging import grid, to_pil
 from training.checkpoint import load_ema_model, read_latest
 
 def check_identity(section: str, recorded: dict[str, Any], loaded: dict[str, Any]) -> None:
@@ -35,21 +36,6 @@ def check_identity(section: str, recorded: dict[str, Any], loaded: dict[str, Any
 
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48]
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[B, 3, H, W] in [-1, 1] -> PIL images."""
-    array = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in array]
-
-
-def grid(rows: list[list[Image.Image]]) -> Image.Image:
-    h, w = rows[0][0].height, rows[0][0].width
-    canvas = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), (255, 255, 255))
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            canvas.paste(image, (j * w, i * h))
-    return canvas
 
 
 def _save(image: Image.Image, url: str) -> str:

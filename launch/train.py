@@ -1,11 +1,14 @@
 """`unclip train <stage>` on this machine: validate, then start `train.nproc` ranks with torchrun.
 
-Inside an existing launch (torchrun, deepspeed, srun, Ray set WORLD_SIZE) it trains in-process.
+Inside an existing launch (torchrun, deepspeed, srun and Ray set WORLD_SIZE) it trains in-process.
+SIGTERM (preemption) is passed to the ranks, which save at the next step boundary; the command
+then exits 0.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -15,6 +18,10 @@ from data_pipeline import storage
 from data_pipeline.store import open_store
 from launch.config import Config
 from launch.configlib import to_yaml
+
+
+class RanksFailed(RuntimeError):
+    """The ranks exited with an error (they printed why)."""
 
 
 def rank_environment() -> dict[str, str]:
@@ -29,25 +36,59 @@ def rank_environment() -> dict[str, str]:
     return env
 
 
-def train_local(cfg: Config, stage: str, log=print) -> dict[str, Any]:
-    from training.engine import SUMMARY, train
+def check_before_launch(cfg: Config, stage: str) -> None:
+    """Everything that can be refused before a rank starts."""
+    from training.ds_config import check_runtime
     from training.stages import get_stage
 
-    stage_cls = get_stage(stage)
-    stage_cls(cfg, open_store(cfg.store_url))  # refuses an unsuitable store before any rank starts
+    check_runtime(cfg.train)
+    get_stage(stage)(cfg, open_store(cfg.store_url))  # refuses an unsuitable store
+
+
+def train_local(cfg: Config, stage: str, resume_from: str | None = None, init_from: str | None = None, log=print) -> dict[str, Any]:
+    from training.engine import SUMMARY, train
+
+    check_before_launch(cfg, stage)
     run_url = cfg.run_url(stage)
     config_yaml = to_yaml(cfg)
-    if "WORLD_SIZE" in os.environ or cfg.train.nproc == 1:
-        return train(cfg, stage, config_yaml, log=log)
+    if "WORLD_SIZE" in os.environ:
+        return train(cfg, stage, config_yaml, resume_from, init_from, log=log)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"unclip-{stage}-") as f:
         f.write(config_yaml)
         f.flush()
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.train.nproc}",
+            f"--shutdown-timeout={cfg.train.preemption_grace_s}",
             "-m", "training.main", "--stage", stage, "--config", f.name,
+            *(["--resume-from", resume_from] if resume_from else []), *(["--init-from", init_from] if init_from else []),
         ]  # fmt: skip
         log(f"train {stage}: {cfg.train.nproc} ranks -> {run_url}")
-        result = subprocess.run(command, env=rank_environment())
-    if result.returncode != 0:
-        raise RuntimeError(f"train {stage}: ranks exited with status {result.returncode} (their output is above)")
+        returncode, preempted = _run_forwarding_sigterm(command)
+    if preempted and returncode != 0:
+        # torchrun reports the signal it forwarded as a failure; what matters is the saved state
+        from training.checkpoint import read_latest, read_trainer_state
+
+        latest = read_latest(run_url)
+        if latest and read_trainer_state(latest).get("reason") == "preempted":
+            log(f"train {stage}: preempted; checkpoint {latest}")
+            return {"stage": stage, "preempted": True, "checkpoint": latest}
+    if returncode != 0:
+        raise RanksFailed(f"ranks exited with status {returncode} (their output is above)")
+    if preempted:
+        return {"stage": stage, "preempted": True}
     return storage.read_json(storage.join(run_url, SUMMARY))
+
+
+def _run_forwarding_sigterm(command: list[str]) -> tuple[int, bool]:
+    proc = subprocess.Popen(command, env=rank_environment())
+    got: list[int] = []
+
+    def forward(signum, frame) -> None:
+        got.append(signum)
+        proc.send_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        return proc.wait(), bool(got)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -118,3 +118,55 @@ def test_every_shipped_config_is_valid():
     assert shipped
     for path in shipped:
         config.load(str(path))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.offload_params=cpu"], "config key 'train.offload_params': parameter offload needs train.zero_stage=3, got 2"),
+        (["train.zero_stage=0", "train.offload_optimizer=cpu"], "config key 'train.offload_optimizer': optimizer offload needs train.zero_stage of 1, 2 or 3"),
+        (["train.zero_stage=3", "train.offload_params=nvme"], "config key 'train.nvme_path': offload to nvme needs a local NVMe folder"),
+        (["train.deepspeed={train_micro_batch_size_per_gpu: 4}"], "config key 'train.deepspeed.train_micro_batch_size_per_gpu': set train.batch_size instead"),
+        (["train.deepspeed={optimizer: {type: Adam}}"], "config key 'train.deepspeed.optimizer': set train.optim instead"),
+        (["train.deepspeed={bf16: {enabled: true}}"], "config key 'train.deepspeed.bf16.enabled': contradicts train.precision=fp32"),
+        (["train.deepspeed={zero_optimization: {stage: 3}}"], "config key 'train.deepspeed.zero_optimization.stage': contradicts train.zero_stage=2"),
+    ],
+)
+def test_invalid_deepspeed_combinations_are_refused(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, overrides)
+    assert str(err.value).startswith(message)
+
+
+def test_deepspeed_config_is_derived_and_raw_keys_pass_through():
+    from training.ds_config import deepspeed_config
+
+    cfg = config.load(None, ["train.zero_stage=3", "train.offload_params=cpu", "train.offload_optimizer=cpu", "train.precision=bf16",
+                             "train.grad_accum=4", "train.grad_clip=0.5", "train.deepspeed={zero_optimization: {overlap_comm: true}}"])  # fmt: skip
+    ds = deepspeed_config(cfg.train)
+    assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}, "overlap_comm": True}
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"]["enabled"] is False and ds["fp16"]["loss_scale"] == 0
+    assert (ds["gradient_accumulation_steps"], ds["gradient_clipping"], ds["train_micro_batch_size_per_gpu"]) == (4, 0.5, 32)
+    assert "gradient_clipping" not in deepspeed_config(config.load(None, ["train.grad_clip=0"]).train)
+
+
+def test_fp16_on_a_cpu_accelerator_is_refused_before_launch():
+    import torch
+
+    from training.ds_config import check_runtime
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU supports fp16")
+    with pytest.raises(ConfigError, match="config key 'train.precision': fp16 is not supported by DeepSpeed's cpu accelerator"):
+        check_runtime(config.load(None, ["train.precision=fp16"]).train)
+
+
+def test_lr_schedule():
+    from training.ds_config import lr_factor
+
+    optim = config.load(None, ["train.optim.warmup_steps=10", "train.optim.min_lr_ratio=0.1"]).train.optim
+    f = lr_factor(optim, 110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+    constant = lr_factor(config.load(None, ["train.optim.schedule=constant", "train.optim.warmup_steps=0"]).train.optim, 100)
+    assert constant(0) == constant(99) == 1.0

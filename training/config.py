@@ -7,6 +7,16 @@ from typing import Any, Literal
 
 from launch.configlib import option
 
+# DeepSpeed keys derived from our own settings; passing them raw would contradict those.
+OWNED_DEEPSPEED_KEYS = {
+    "train_micro_batch_size_per_gpu": "train.batch_size",
+    "train_batch_size": "train.batch_size and train.grad_accum",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_clipping": "train.grad_clip",
+    "optimizer": "train.optim",
+    "scheduler": "train.optim",
+}
+
 
 @dataclass
 class OptimConfig:
@@ -24,20 +34,67 @@ class OptimConfig:
 
 
 @dataclass
+class EmaConfig:
+    decay: float = option(0.999, ge=0, lt=1)
+    warmup: int = option(10, ge=1, doc="decay at update n is min(decay, (1 + n) / (warmup + n))")
+
+
+@dataclass
+class FaultInjection:
+    """Deliberate faults, for the tests of failure handling; never set in a real run."""
+
+    nan_loss_steps: list[int] = option(factory=list, doc="steps whose loss is made NaN on every rank")
+    hang_rank: int | None = option(None, ge=0, doc="this rank stops answering collectives at hang_step")
+    hang_step: int = option(0, ge=0)
+    crash_in_checkpoint_step: int | None = option(None, ge=1, doc="rank 1 dies mid-save of this step's checkpoint")
+
+
+@dataclass
 class TrainConfig:
     run: str = option("main", doc="run name: checkpoints go to ROOT/runs/<stage>/<run>/")
     steps: int = option(300, ge=1, doc="optimizer steps in total (a resumed run stops at the same step)")
-    batch_size: int = option(32, ge=1, doc="samples per process per micro-step")
+    batch_size: int = option(32, ge=1, doc="samples per rank per micro-step")
     grad_accum: int = option(1, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    offload_params: Literal["none", "cpu", "nvme"] = option("none", doc="ZeRO-3 only")
+    nvme_path: str | None = option(None, doc="local NVMe folder for offload to nvme")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    fp16_initial_scale_power: int = option(16, ge=0, le=32, doc="fp16: dynamic loss scale starts at 2**this")
     grad_clip: float = option(1.0, ge=0, doc="0 disables clipping")
     optim: OptimConfig = option(factory=OptimConfig)
-    ema_decay: float = option(0.999, ge=0, lt=1)
+    ema: EmaConfig = option(factory=EmaConfig)
     checkpoint_every: int = option(100, ge=1)
     keep_last: int = option(3, ge=1)
+    verify_checkpoints: bool = option(True, doc="check every file's sha256 before resuming from a checkpoint")
+    max_skipped_steps: int = option(10, ge=1, doc="stop after this many non-finite steps in a row")
+    collective_timeout_s: int = option(1800, ge=1, doc="a collective waiting longer fails the run")
+    preemption_grace_s: int = option(600, ge=1, doc="after SIGTERM, time ranks get to reach a step boundary and save")
     log_every: int = option(10, ge=1)
+    preview_every: int = option(0, ge=0, doc="preview samples every N steps (PNG + TensorBoard); 0: never")
+    progress_bar: Literal["auto", "always", "never"] = option("auto", doc="auto: when stderr is a terminal")
+    prefetch: int = option(4, ge=1, doc="batches the loader reads ahead")
     seed: int = 0
     nproc: int = option(2, ge=1, doc="processes `unclip train` starts on this machine (torchrun)")
     deepspeed: dict[str, Any] = field(default_factory=dict)
+    fault_injection: FaultInjection = option(factory=FaultInjection)
 
+    def validate(self) -> None:
+        if self.offload_params != "none" and self.zero_stage != 3:
+            raise ValueError(
+                f"config key 'train.offload_params': parameter offload needs train.zero_stage=3, got {self.zero_stage}"
+            )
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError("config key 'train.offload_optimizer': optimizer offload needs train.zero_stage of 1, 2 or 3")
+        if "nvme" in (self.offload_optimizer, self.offload_params) and not self.nvme_path:
+            raise ValueError("config key 'train.nvme_path': offload to nvme needs a local NVMe folder")
+        for key, ours in OWNED_DEEPSPEED_KEYS.items():
+            if key in self.deepspeed:
+                raise ValueError(f"config key 'train.deepspeed.{key}': set {ours} instead (unclip derives it)")
+        for key in ("fp16", "bf16"):
+            enabled = self.deepspeed.get(key, {}).get("enabled")
+            if enabled is not None and enabled != (self.precision == key):
+                raise ValueError(f"config key 'train.deepspeed.{key}.enabled': contradicts train.precision={self.precision}")
+        stage = self.deepspeed.get("zero_optimization", {}).get("stage")
+        if stage is not None and stage != self.zero_stage:
+            raise ValueError(f"config key 'train.deepspeed.zero_optimization.stage': contradicts train.zero_stage={self.zero_stage}")

@@ -1,22 +1,82 @@
-"""Batches over the embedding store whose order is a pure function of (seed, epoch, position).
+"""Batches over the embedding store: rank-local row groups, exact resume on any world size.
 
-The position is counted in samples of the global order, not in steps of one world size, so a
-run resumed from a checkpoint continues with exactly the next unseen samples, whatever the
-number of ranks. Each epoch is a fresh permutation; the tail shorter than one global batch is
-left out of that epoch (it is in the next permutation).
+Order. An epoch is a permutation of the store's row groups (seeded by (seed, epoch)), each row
+group's rows in their own permutation (seeded by (seed, epoch, group)). The row groups, or what is
+left of them, are dealt to the ranks (each to the least loaded): each rank reads only its own row groups, in the
+background, and cuts its stream into batches. All ranks step together, so every rank can compute
+every other rank's position without talking to it; the epoch ends when one rank's stream cannot
+fill a batch (the rows left over come back in the next epoch's permutation).
+
+Position. The state is (epoch, the fragments dealt, steps taken since they were dealt). Resuming on
+the same world size and batch size continues exactly where the run stopped; on another one, the
+unconsumed remainder of every row group is dealt anew, so no sample is repeated or skipped.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
-from data_pipeline.store import Store
+from data_pipeline import storage
+from data_pipeline.store import Store, column_numpy
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    file: str
+    index: int  # row group within the file
+    rows: int
+
+
+def row_groups(store: Store) -> list[RowGroup]:
+    groups = []
+    for file in store.files:
+        fs, path = storage.url_to_fs(file)
+        with fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        groups += [RowGroup(file, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
+    return [g for g in groups if g.rows]
+
+
+def in_group_order(seed: int, epoch: int, group: int, rows: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, group]).permutation(rows)
+
+
+def deal(fragments: list[tuple[int, int]], sizes: Sequence[int], world_size: int) -> list[list[tuple[int, int]]]:
+    """Fragments (group, first unconsumed row), in order, each to the rank with the fewest rows so
+    far (ties to the lowest rank), so streams end nearly together."""
+    streams: list[list[tuple[int, int]]] = [[] for _ in range(world_size)]
+    loads = [0] * world_size
+    for group, start in fragments:
+        rank = loads.index(min(loads))
+        streams[rank].append((group, start))
+        loads[rank] += sizes[group] - start
+    return streams
+
+
+def consumed_rows(streams: list[list[tuple[int, int]]], sizes: Sequence[int], taken: int) -> dict[int, int]:
+    """For each group touched, how far into it the streams have read after `taken` rows each."""
+    progress: dict[int, int] = {}
+    for stream in streams:
+        left = taken
+        for group, start in stream:
+            if left <= 0:
+                break
+            use = min(left, sizes[group] - start)
+            progress[group] = start + use
+            left -= use
+    return progress
 
 
 class StoreLoader:
+    """Iterates batches (dicts of tensors) for one rank; `state_dict` is the same on every rank."""
+
     def __init__(
         self,
         store: Store,
@@ -25,44 +85,126 @@ class StoreLoader:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        prefetch: int = 4,
     ):
-        self.columns = list(columns)
+        self.store, self.columns = store, list(columns)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        # Only the stage's columns are read; the whole selection is held in memory.
-        self.arrays = store.read(self.columns)
-        self.rows = len(next(iter(self.arrays.values())))
-        self.global_batch = batch_size * world_size
-        if self.rows < self.global_batch:
+        self.groups = row_groups(store)
+        self.sizes = [g.rows for g in self.groups]
+        self.rows = sum(self.sizes)
+        if self.rows < batch_size * world_size:
             raise ValueError(
                 f"store '{store.url}' has {self.rows} rows, fewer than one global batch "
                 f"({batch_size} per rank x {world_size} ranks); lower train.batch_size"
             )
-        self.epoch, self.position = 0, 0
-        self._order: tuple[int, np.ndarray] | None = None
+        self.shapes = {c: store.shape(c) for c in self.columns}
+        self.prefetch = prefetch
+        self._start_epoch(0)
 
-    def order(self, epoch: int) -> np.ndarray:
-        if self._order is None or self._order[0] != epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._order = (epoch, rng.permutation(self.rows))
-        return self._order[1]
+    # -- order -------------------------------------------------------------------------------
+    def _start_epoch(self, epoch: int, fragments: list[tuple[int, int]] | None = None, steps: int = 0) -> None:
+        self.epoch = epoch
+        if fragments is None:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.groups))
+            fragments = [(int(g), 0) for g in order]
+        self.fragments = fragments
+        self.streams = deal(fragments, self.sizes, self.world_size)
+        lengths = [sum(self.sizes[g] - s for g, s in stream) for stream in self.streams]
+        self.steps_in_epoch = min(lengths) // self.batch_size
+        self.steps = steps
+        self._reader = None
 
-    def next_indices(self) -> np.ndarray:
-        if self.position + self.global_batch > self.rows:
-            self.epoch, self.position = self.epoch + 1, 0
-        start = self.position + self.rank * self.batch_size
-        indices = self.order(self.epoch)[start : start + self.batch_size]
-        self.position += self.global_batch
-        return indices
+    def _stream_rows(self, skip: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(group, row indices within it) of this rank's stream, past the first `skip` rows."""
+        for group, start in self.streams[self.rank]:
+            rows = in_group_order(self.seed, self.epoch, group, self.sizes[group])[start:]
+            if skip >= len(rows):
+                skip -= len(rows)
+                continue
+            yield group, rows[skip:]
+            skip = 0
+
+    # -- reading -------------------------------------------------------------------------------
+    def _read(self, group: int) -> dict[str, np.ndarray]:
+        g = self.groups[group]
+        fs, path = storage.url_to_fs(g.file)
+        with fs.open(path, "rb") as f:
+            table = pq.ParquetFile(f).read_row_group(g.index, columns=self.columns)
+        return {c: column_numpy(table, c, self.shapes[c]) for c in self.columns}
+
+    def _produce(self, out: queue.Queue, stop: threading.Event, skip: int, target: int) -> None:
+        """Background thread: read this rank's row groups ahead and cut them into `target` batches."""
+        try:
+            pending: list[dict[str, np.ndarray]] = []
+            have = 0
+            made = 0
+            for group, rows in self._stream_rows(skip):
+                data = self._read(group)
+                pending.append({c: v[rows] for c, v in data.items()})
+                have += len(rows)
+                while have >= self.batch_size and made < target:
+                    merged = {c: np.concatenate([p[c] for p in pending]) for c in self.columns}
+                    batch = {c: v[: self.batch_size] for c, v in merged.items()}
+                    pending = [{c: v[self.batch_size :] for c, v in merged.items()}]
+                    have -= self.batch_size
+                    while not stop.is_set():
+                        try:
+                            out.put(batch, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                    made += 1
+                if made >= target:
+                    break
+            out.put(None)
+        except BaseException as err:  # surfaces in the training loop, not lost in a thread
+            out.put(err)
+
+    def _ensure_reader(self) -> None:
+        if self._reader is None:
+            out: queue.Queue = queue.Queue(maxsize=self.prefetch)
+            stop = threading.Event()
+            skip, target = self.steps * self.batch_size, self.steps_in_epoch - self.steps
+            thread = threading.Thread(target=self._produce, args=(out, stop, skip, target), daemon=True, name=f"loader-rank{self.rank}")
+            thread.start()
+            self._reader = (out, stop, thread)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            _, stop, thread = self._reader
+            stop.set()
+            thread.join(timeout=5)
+            self._reader = None
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        indices = np.sort(self.next_indices())
-        return {name: torch.from_numpy(np.ascontiguousarray(self.arrays[name][indices])) for name in self.columns}
+        if self.steps >= self.steps_in_epoch:
+            self.close()
+            self._start_epoch(self.epoch + 1)
+        self._ensure_reader()
+        item = self._reader[0].get()
+        if isinstance(item, BaseException):
+            raise item
+        if item is None:  # the stream ended early: cannot happen with consistent sizes
+            raise RuntimeError(f"loader rank {self.rank}: stream ended at step {self.steps} of {self.steps_in_epoch}")
+        self.steps += 1
+        return {c: torch.from_numpy(np.ascontiguousarray(v)) for c, v in item.items()}
 
+    # -- position ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "rows": self.rows}
+        return {
+            "seed": self.seed,
+            "rows": self.rows,
+            "epoch": self.epoch,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "fragments": [list(f) for f in self.fragments],
+            "steps": self.steps,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["rows"] != self.rows or state["seed"] != self.seed:
@@ -70,4 +212,19 @@ class StoreLoader:
                 f"loader state is for {state['rows']} rows with seed {state['seed']}; "
                 f"this store has {self.rows} rows and the seed is {self.seed}"
             )
-        self.epoch, self.position = state["epoch"], state["position"]
+        self.close()
+        fragments = [tuple(f) for f in state["fragments"]]
+        if state["world_size"] == self.world_size and state["batch_size"] == self.batch_size:
+            self._start_epoch(state["epoch"], fragments, state["steps"])
+            return
+        # Another world size or batch size: deal what is left of every group anew.
+        streams = deal(fragments, self.sizes, state["world_size"])
+        progress = consumed_rows(streams, self.sizes, state["steps"] * state["batch_size"])
+        remaining = [(g, progress.get(g, s)) for g, s in fragments if progress.get(g, s) < self.sizes[g]]
+        self._start_epoch(state["epoch"], remaining, 0)
+        if self.steps_in_epoch == 0:  # too little left for one global batch: next epoch
+            self._start_epoch(state["epoch"] + 1)
+
+    def consumed_in_epoch(self) -> int:
+        """Rows of the current epoch taken by all ranks together (for reports)."""
+        return self.steps * self.batch_size * self.world_size

@@ -1,4 +1,4 @@
-"""Exponential moving average of the trained weights, in fp32, with the usual warm-up."""
+"""Exponential moving average of the trained weights, in fp32, with a warm-up of its decay."""
 
 from __future__ import annotations
 
@@ -6,20 +6,20 @@ import torch
 
 
 class EMA:
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: int = 10):
+        self.decay, self.warmup = decay, warmup
         self.updates = 0
         self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
 
     def current_decay(self) -> float:
-        # Early averages would be dominated by the random init; (1+n)/(10+n) ramps the decay up.
-        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+        # Early averages would be dominated by the random init: (1 + n) / (warmup + n) ramps up.
+        return min(self.decay, (1 + self.updates) / (self.warmup + self.updates))
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         decay = self.current_decay()
         for name, param in model.named_parameters():
-            self.shadow[name].lerp_(param.detach().float(), 1 - decay)
+            self.shadow[name].lerp_(param.detach().float().to(self.shadow[name].device), 1 - decay)
         self.updates += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -1,69 +1,32 @@
 """The training engine under every stage: DeepSpeed ZeRO, deterministic data, checkpoints, EMA.
 
-`train` runs on every rank (torchrun, the deepspeed launcher, SLURM or Ray start the ranks);
-the whole loop is in that one function so a reader sees it at once.
+`train` runs on every rank (torchrun, the deepspeed launcher, SLURM or Ray start the ranks); the
+loop is in that one function so a reader sees it at once. A stage (training/stages/) supplies its
+network, its store columns, its loss and its previews; everything else is here.
 """
 
 from __future__ import annotations
 
-import json
-import math
+import datetime
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline import storage
 from data_pipeline.store import open_store
 from launch.config import Config
-from training.checkpoint import Checkpointer, read_latest
-from training.config import OptimConfig, TrainConfig
+from training.checkpoint import Checkpointer, CheckpointError, choose, load_ema_weights, read_trainer_state
 from training.data import StoreLoader
+from training.ds_config import deepspeed_config, lr_factor, make_optimizer
 from training.ema import EMA
+from training.failures import Preempted, Preemption, SkipTracker, inject, weights_are_finite
+from training.observe import RunLog, memory_stats
 from training.stages import get_stage
 
-METRICS = "metrics.jsonl"
 SUMMARY = "train_summary.json"
-
-
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def deepspeed_config(train: TrainConfig) -> dict[str, Any]:
-    """Our settings as a DeepSpeed config; `train.deepspeed` keys are merged over it verbatim."""
-    derived: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": train.batch_size,
-        "gradient_accumulation_steps": train.grad_accum,
-        "zero_optimization": {"stage": train.zero_stage},
-        "bf16": {"enabled": train.precision == "bf16"},
-        "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW, which ZeRO wraps
-        "steps_per_print": 1 << 30,
-    }
-    if train.grad_clip > 0:
-        derived["gradient_clipping"] = train.grad_clip
-    return deep_merge(derived, train.deepspeed)
-
-
-def lr_factor(optim: OptimConfig, total_steps: int):
-    """Linear warm-up, then constant or cosine decay to min_lr_ratio."""
-
-    def factor(step: int) -> float:
-        if step < optim.warmup_steps:
-            return (step + 1) / optim.warmup_steps
-        if optim.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
-        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
@@ -72,7 +35,7 @@ def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generat
     return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
+def init_distributed(timeout_s: int) -> tuple[int, int, int, torch.device]:
     import deepspeed
 
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
@@ -82,106 +45,212 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
         os.environ["MASTER_PORT"] = str(free_port())
     cuda = torch.cuda.is_available()
+    local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        torch.cuda.set_device(local_rank)
+    # A collective that waits longer than this raises on every rank instead of hanging forever. The
+    # groups DeepSpeed creates later (data parallel, ZeRO) take torch's default timeout, not the
+    # world group's, so the default itself is set first.
+    from torch.distributed import distributed_c10d
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout, verbose=False)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
+    return dist.get_rank(), dist.get_world_size(), local_rank, device
+
+
+def from_rank0(make: Callable[[], Any], rank: int) -> Any:
+    """Compute on rank 0, share with all (errors on rank 0 reach every rank as the same error)."""
+    box: list[Any] = [None]
+    if rank == 0:
+        try:
+            box[0] = ("ok", make())
+        except Exception as err:  # re-raised below on every rank, so none waits forever
+            box[0] = ("error", err)
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def _gathered(module: torch.nn.Module, zero_stage: int):
+    import contextlib
+
+    import deepspeed
+
+    if zero_stage == 3:
+        return deepspeed.zero.GatheredParameters(list(module.parameters()))
+    return contextlib.nullcontext()
+
+
+def weights_checksum(module: torch.nn.Module, zero_stage: int) -> float:
+    """A fingerprint of the full weights (reported on resume, so a load can be checked)."""
+    with _gathered(module, zero_stage):
+        return float(sum(p.detach().double().sum().item() for p in module.parameters()))
+
+
+def _ema_model(stage_info: dict[str, Any], ema: EMA) -> torch.nn.Module:
+    import diffusers
+
+    model = getattr(diffusers, stage_info["class"]).from_config(stage_info["config"])
+    model.load_state_dict(ema.state_dict())
+    return model.eval().requires_grad_(False)
+
+
+def train(
+    cfg: Config,
+    stage_name: str,
+    config_yaml: str,
+    resume_from: str | None = None,
+    init_from: str | None = None,
+    log=print,
+) -> dict[str, Any]:
+    import deepspeed
+
+    t = cfg.train
+    rank, world, local_rank, device = init_distributed(t.collective_timeout_s)
+    say = log if rank == 0 else (lambda *_: None)
+    preemption = Preemption()
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    store = open_store(cfg.store_url)
+    stage = get_stage(stage_name)(cfg, store)
+    model = stage.build_model()
+    run_url = cfg.run_url(stage_name)
+    checkpointer = Checkpointer(run_url, t.keep_last, rank, world, local_rank)
+    folder = from_rank0(lambda: choose(run_url, resume_from, t.verify_checkpoints, say), rank)
+    if init_from and not folder:
+        model.load_state_dict(load_ema_weights(init_from))
+        say(f"{stage_name}: weights from {init_from} (EMA); optimizer and data order start fresh")
+    elif init_from:
+        say(f"{stage_name}: the run already has checkpoints; resuming from {folder}, not initialising from {init_from}")
+    stage_info = stage.describe(model)
+    ema = EMA(model, t.ema.decay, t.ema.warmup)
+    loader = StoreLoader(store, stage.columns, t.batch_size, t.seed, rank, world, t.prefetch)
+
+    universal = False
+    if folder:
+        saved = read_trainer_state(folder)
+        local_folder = deepspeed_folder = checkpointer.local_copy(folder)
+        if (saved["world_size"], saved["zero_stage"]) != (world, t.zero_stage) and (saved["zero_stage"] or t.zero_stage):
+            deepspeed_folder, universal = checkpointer.universal_copy(local_folder), True
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(trainable, t)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(t.optim, t.steps))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(t, universal))
+
+    start_step, history, skipped_total, resume_info = 0, [], 0, None
+    if folder:
+        state, ema_state = checkpointer.load(engine, local_folder, deepspeed_folder)
+        loader.load_state_dict(state["loader"])
+        ema.load_state_dict(ema_state, state["ema_updates"])
+        start_step, history, skipped_total = state["step"], state.get("history", []), state.get("skipped_steps", 0)
+        resume_info = {"from": folder, "step": start_step, "world_size_before": state["world_size"], "world_size_after": world,
+                       "universal": universal, "weights_checksum": weights_checksum(engine.module, t.zero_stage)}  # fmt: skip
+        say(f"{stage_name}: resumed from {folder} at step {start_step} ({state['world_size']} -> {world} ranks"
+            f"{', via a universal checkpoint' if universal else ''})")  # fmt: skip
+    runlog = RunLog(run_url, os.path.join(checkpointer.staging_root, "logs"), rank == 0, t.steps, t.progress_bar, say)
+    runlog.start_at(start_step)
+    n_params = sum(p.numel() for p in trainable)
+    say(f"{stage_name}: {n_params / 1e6:.2f}M trainable parameters, {store.manifest['totals']['rows']} rows, {world} ranks x "
+        f"{t.batch_size} x {t.grad_accum} accum, ZeRO-{t.zero_stage}, {t.precision}")  # fmt: skip
+
+    skips = SkipTracker(t.max_skipped_steps, skipped_total)
+
+    def save(step: int, reason: str) -> str:
+        if not weights_are_finite(engine.module, t.zero_stage):
+            raise CheckpointError(f"refusing to checkpoint non-finite weights at step {step}")
+        state = {"loader": loader.state_dict(), "ema_updates": ema.updates, "history": history, "reason": reason,
+                 "skipped_steps": skips.total, "zero_stage": t.zero_stage}  # fmt: skip
+        path = checkpointer.save(engine, step, ema.state_dict(), stage_info, state, config_yaml,
+                                 crash_rank1=t.fault_injection.crash_in_checkpoint_step == step)  # fmt: skip
+        runlog.upload()
+        say(f"{stage_name}: checkpoint {path} ({reason})")
+        return path
+
+    last_checkpoint = folder
+    window: list[float] = []
+    data_wait = 0.0
+    tick = time.time()
+    skipped_seen = engine.skipped_steps
+    try:
+        for step in range(start_step, t.steps):
+            if preemption.agreed(device):
+                if last_checkpoint is None or read_trainer_state(last_checkpoint)["step"] != step:
+                    last_checkpoint = save(step, "preempted")
+                raise Preempted(f"{stage_name}: preempted at step {step}; checkpoint {last_checkpoint}")
+            for micro in range(t.grad_accum):
+                fetch = time.time()
+                batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
+                data_wait += time.time() - fetch
+                loss = stage.loss(engine, batch, step_generator(t.seed, rank, step, micro))
+                loss = inject(t.fault_injection, loss, step + 1, rank)
+                engine.backward(loss)
+                engine.step()
+                window.append(loss.item())
+            skipped = engine.skipped_steps > skipped_seen
+            skipped_seen = engine.skipped_steps
+            skips.record(skipped, step + 1, last_checkpoint)
+            if skipped:
+                say(f"{stage_name} step {step + 1}: non-finite loss or gradients, step skipped ({skips.total} so far)")
+            else:
+                with _gathered(engine.module, t.zero_stage):
+                    ema.update(engine.module)
+            done = step + 1
+            runlog.advance(f"loss {window[-1]:.4f}")
+            if done % t.log_every == 0 or done == t.steps:
+                elapsed = time.time() - tick
+                finite = [x for x in window if np.isfinite(x)]
+                grad_norm = engine.get_global_grad_norm()
+                record = {
+                    "step": done,
+                    "loss": _mean_across_ranks(float(np.mean(finite)) if finite else float("nan"), device),
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "samples_per_s": len(window) * t.batch_size * world / elapsed,
+                    "step_time_s": elapsed / (len(window) / t.grad_accum),
+                    "data_wait_s": data_wait,
+                    "skipped_steps": skips.total,
+                    "epoch": loader.epoch,
+                    **memory_stats(device),
+                }
+                if np.isfinite(record["loss"]):
+                    history.append({"step": done, "loss": record["loss"]})
+                runlog.scalars(record)
+                if runlog.bar is None:
+                    say(f"{stage_name} step {done}/{t.steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                        f"{record['samples_per_s']:.0f} samples/s  data wait {data_wait:.2f}s")  # fmt: skip
+                window, data_wait, tick = [], 0.0, time.time()
+            if t.preview_every and done % t.preview_every == 0 and rank == 0:
+                runlog.images(done, stage.preview(_ema_model(stage_info, ema)))
+            if done % t.checkpoint_every == 0 or done == t.steps:
+                last_checkpoint = save(done, "scheduled")
+    finally:
+        loader.close()
+        runlog.close()
+
+    summary = {
+        "stage": stage_name,
+        "steps": t.steps,
+        "resumed_from_step": start_step,
+        "resume": resume_info,
+        "first_loss": history[0]["loss"] if history else None,
+        "last_loss": history[-1]["loss"] if history else None,
+        "skipped_steps": skips.total,
+        "checkpoint": last_checkpoint,
+        "world_size": world,
+    }
+    if rank == 0:
+        from data_pipeline import storage
+
+        storage.write_json(storage.join(run_url, SUMMARY), summary)
+    dist.barrier()
+    return summary
 
 
 def _mean_across_ranks(value: float, device: torch.device) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.item() / dist.get_world_size()
-
-
-def train(cfg: Config, stage_name: str, config_yaml: str, log=print) -> dict[str, Any]:
-    import deepspeed
-
-    rank, world, device = init_distributed()
-    say = log if rank == 0 else (lambda *_: None)
-    t = cfg.train
-    torch.manual_seed(t.seed)  # identical initial weights on every rank
-    store = open_store(cfg.store_url)
-    stage = get_stage(stage_name)(cfg, store)
-    model = stage.build_model()
-    ema = EMA(model, t.ema_decay)
-    loader = StoreLoader(store, stage.columns, t.batch_size, t.seed, rank, world)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, lr=t.optim.lr, betas=tuple(t.optim.betas), eps=t.optim.eps, weight_decay=t.optim.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(t.optim, t.steps))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(t)
-    )
-    run_url = cfg.run_url(stage_name)
-    checkpointer = Checkpointer(run_url, t.keep_last, rank, world)
-    stage_info = stage.describe(model)
-
-    start_step, history = 0, []
-    latest = read_latest(run_url)
-    if latest:
-        state, ema_state = checkpointer.load(engine, latest)
-        loader.load_state_dict(state["loader"])
-        ema.load_state_dict(ema_state, state["ema_updates"])
-        start_step, history = state["step"], state.get("history", [])
-        say(f"{stage_name}: resumed from {latest} at step {start_step} ({state['world_size']} -> {world} ranks)")
-    if rank == 0:
-        storage.makedirs(run_url)
-        storage.write_text(storage.join(run_url, "config.yaml"), config_yaml)
-    n_params = sum(p.numel() for p in trainable)
-    say(f"{stage_name}: {n_params / 1e6:.2f}M trainable parameters, {store.manifest['totals']['rows']} rows, "
-        f"{world} ranks x {t.batch_size} x {t.grad_accum} accum, ZeRO-{t.zero_stage}, {t.precision}")  # fmt: skip
-
-    window: list[float] = []
-    data_wait = 0.0
-    tick = time.time()
-    last_checkpoint = latest
-    for step in range(start_step, t.steps):
-        for micro in range(t.grad_accum):
-            fetch = time.time()
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
-            data_wait += time.time() - fetch
-            loss = stage.loss(engine, batch, step_generator(t.seed, rank, step, micro))
-            engine.backward(loss)
-            engine.step()
-            window.append(loss.item())
-        ema.update(engine.module)
-        done = step + 1
-        if done % t.log_every == 0 or done == t.steps:
-            elapsed = time.time() - tick
-            record = {
-                "step": done,
-                "loss": _mean_across_ranks(float(np.mean(window)), device),
-                "lr": scheduler.get_last_lr()[0],
-                "samples_per_s": len(window) * t.batch_size * world / elapsed,
-                "step_time_s": elapsed / (len(window) / t.grad_accum),
-                "data_wait_s": data_wait,
-                "epoch": loader.epoch,
-            }
-            history.append({"step": done, "loss": record["loss"]})
-            if rank == 0:
-                with open(os.path.join(storage.local_path(run_url), METRICS), "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            say(f"{stage_name} step {done}/{t.steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                f"{record['samples_per_s']:.0f} samples/s")  # fmt: skip
-            window, data_wait, tick = [], 0.0, time.time()
-        if done % t.checkpoint_every == 0 or done == t.steps:
-            trainer_state = {"loader": loader.state_dict(), "ema_updates": ema.updates, "history": history}
-            last_checkpoint = checkpointer.save(engine, done, ema.state_dict(), stage_info, trainer_state, config_yaml)
-            say(f"{stage_name}: checkpoint {last_checkpoint}")
-
-    summary = {
-        "stage": stage_name,
-        "steps": t.steps,
-        "resumed_from_step": start_step,
-        "first_loss": history[0]["loss"] if history else None,
-        "last_loss": history[-1]["loss"] if history else None,
-        "checkpoint": last_checkpoint,
-        "world_size": world,
-    }
-    if rank == 0:
-        storage.write_json(storage.join(run_url, SUMMARY), summary)
-    dist.barrier()
-    return summary

@@ -36,5 +36,14 @@ class Stage:
         """What sampling needs besides the network (saved in stage.json)."""
         return {}
 
+    def preview(self, model: torch.nn.Module, count: int = 4) -> list[tuple[str, Any]]:
+        """(name, PIL image) previews of `model` (the EMA weights) on the store's first captions."""
+        return []
+
+    def preview_rows(self, columns: list[str], count: int) -> dict[str, Any]:
+        first = next(f for f, s in zip(self.store.files, self.store.manifest["shards"]) if s["rows"])
+        data = self.store.read(columns, [first])
+        return {k: v[:count] for k, v in data.items()}
+
     def describe(self, model: torch.nn.Module) -> dict[str, Any]:
         return {"stage": self.name, "class": type(model).__name__, "config": dict(model.config), "extras": self.extras()}

@@ -41,3 +41,27 @@ class LdmStage(Stage):
 
     def extras(self) -> dict[str, Any]:
         return {"latent_scale": self.latent_scale}
+
+    def preview(self, model: torch.nn.Module, count: int = 4) -> list[tuple[str, Any]]:
+        """Samples for the first captions of the store, decoded with the store's VAE."""
+        from models.encoders import FrozenVae, identity_mismatch
+        from models.imaging import grid, to_pil
+
+        if not hasattr(self, "_vae"):
+            differs = identity_mismatch(self.store.manifest["encoders"]["vae"], vae_identity_or_none(self.cfg))
+            self._vae = None if differs else FrozenVae(self.cfg.encoders.vae)
+        if self._vae is None:
+            return []  # the configured VAE is not the store's: latents would decode to nonsense
+        rows = self.preview_rows(["clip_text_tokens"], count)
+        tokens = torch.from_numpy(rows["clip_text_tokens"].astype("float32"))
+        latents = ldm.sample(model, self.diffusion, tokens, 25, self.cfg.sample.guidance, torch.Generator().manual_seed(0))
+        return [("ldm", grid([to_pil(self._vae.decode(latents / self.latent_scale))]))]
+
+
+def vae_identity_or_none(cfg) -> dict[str, Any]:
+    from models.encoders import vae_identity
+
+    try:
+        return vae_identity(cfg.encoders.vae)
+    except (OSError, ValueError):
+        return {}

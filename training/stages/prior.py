@@ -42,3 +42,29 @@ class PriorStage(Stage):
         noise = torch.randn(x0.shape, generator=generator)
         prediction = prior.predict(model, self.diffusion.q_sample(x0, t, noise), t, text)
         return self.diffusion.loss(prediction, x0, noise, t)
+
+    def preview(self, model: torch.nn.Module, count: int = 4) -> list[tuple[str, Any]]:
+        """Per caption: the true image, then the store image nearest to the predicted embedding."""
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        from models.imaging import grid
+
+        if "image_64" not in self.store.manifest["columns"]:
+            return []
+        if not hasattr(self, "_bank"):
+            data = self.store.read(["clip_image_emb", "image_64"], self.store.files[:4])
+            bank = torch.nn.functional.normalize(torch.from_numpy(data["clip_image_emb"].astype(np.float32)), dim=-1)
+            self._bank = (bank, data["image_64"])
+        bank, pictures = self._bank
+        rows = self.preview_rows(["clip_text_emb", "clip_text_tokens", "text_mask", "image_64"], count)
+        text = {"emb": torch.from_numpy(rows["clip_text_emb"].astype(np.float32)),
+                "tokens": torch.from_numpy(rows["clip_text_tokens"].astype(np.float32)),
+                "mask": torch.from_numpy(rows["text_mask"])}  # fmt: skip
+        predicted = prior.sample(model, self.diffusion, text, 25, self.cfg.sample.guidance, torch.Generator().manual_seed(0))
+        nearest = (torch.nn.functional.normalize(predicted, dim=-1) @ bank.T).argmax(1)
+        decode = lambda data: Image.open(io.BytesIO(data)).convert("RGB")  # noqa: E731
+        pairs = [[decode(rows["image_64"][i]), decode(pictures[int(j)])] for i, j in enumerate(nearest)]
+        return [("prior_true_vs_nearest", grid(pairs))]

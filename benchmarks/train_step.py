@@ -1,0 +1,131 @@
+"""The engine's step time versus a plain PyTorch loop on the same model and batch, one run.
+
+Engine: `training.engine.train` on one rank (DeepSpeed ZeRO-2, the store loader with its
+background prefetch, EMA, metrics). Plain: the same UNet, loss, AdamW, clipping and schedule, one
+batch held in memory, nothing else. Rounds alternate; prints the per-step time of each and their
+ratio (target <= 1.10). With a GPU it also prints samples/s and model FLOPs utilisation.
+
+    python benchmarks/train_step.py --steps 40 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Peak dense bf16 TFLOP/s for MFU, by device name (override with --peak-tflops).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+MODEL = ["ldm.block_channels=[64, 128]", "ldm.layers_per_block=1"]
+
+
+def plain_loop(cfg, steps: int, device) -> tuple[float, object]:
+    """Seconds per step of a bare loop; also returns the stage (for FLOP counting)."""
+    import torch
+
+    from data_pipeline.store import open_store
+    from training.ds_config import lr_factor
+    from training.engine import step_generator
+    from training.stages import get_stage
+
+    torch.manual_seed(0)
+    stage = get_stage("ldm")(cfg, open_store(cfg.store_url))
+    model = stage.build_model().to(device)
+    t = cfg.train
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.optim.lr, betas=tuple(t.optim.betas), eps=t.optim.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(t.optim, t.steps))
+    data = stage.store.read(list(stage.columns))
+    batch = {k: torch.from_numpy(v[: t.batch_size].copy()).to(device) for k, v in data.items()}
+    times = []
+    for step in range(steps):
+        started = time.time()
+        loss = stage.loss(model, batch, step_generator(0, 0, step, 0))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.time() - started)
+    return statistics.median(times[steps // 4 :]), (stage, model, batch)
+
+
+def engine_steps(cfg, steps: int, run: str) -> float:
+    from launch import config as config_mod
+    from launch.configlib import replace, to_yaml
+    from training.engine import train
+
+    cfg = replace(cfg, **{"train.steps": steps, "train.run": run, "train.checkpoint_every": steps + 1, "train.log_every": 1})
+    train(cfg, "ldm", to_yaml(cfg), log=lambda _: None)
+    records = [json.loads(line) for line in open(os.path.join(cfg.run_url("ldm"), "logs", "metrics.jsonl"))]
+    return statistics.median(r["step_time_s"] for r in records[steps // 4 :])
+
+
+def model_flops(stage_model_batch) -> float:
+    """FLOPs of one training step (forward and backward), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from training.engine import step_generator
+
+    stage, model, batch = stage_model_batch
+    with FlopCounterMode(display=False) as counter:
+        stage.loss(model, batch, step_generator(0, 0, 0, 0)).backward()
+    return float(counter.get_total_flops())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--peak-tflops", type=float, help="accelerator peak for MFU (default: by device name)")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+
+    import torch
+
+    from launch import config
+    from tests.storefactory import make_store
+
+    work = tempfile.mkdtemp(prefix="unclip-bench-step-")
+    make_store(os.path.join(work, "store"), (512, 512))
+    cfg = config.load(None, [f"root={work}", f"train.batch_size={args.batch_size}", "train.nproc=1",
+                             "train.progress_bar=never", *MODEL])  # fmt: skip
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    seconds: dict[str, list[float]] = {"engine": [], "plain PyTorch": []}
+    probe = None
+    for round_ in range(args.rounds):
+        seconds["engine"].append(engine_steps(cfg, args.steps, f"bench-{round_}"))
+        plain, probe = plain_loop(cfg, args.steps, device)
+        seconds["plain PyTorch"].append(plain)
+        print(f"round {round_ + 1}: engine {seconds['engine'][-1] * 1000:.1f} ms/step, plain {plain * 1000:.1f} ms/step", flush=True)
+    step = {name: statistics.median(v) for name, v in seconds.items()}
+    ratio = step["engine"] / step["plain PyTorch"]
+    result = {"device": str(device), "batch_size": args.batch_size, "ms_per_step": {k: v * 1000 for k, v in step.items()}, "ratio": ratio}
+    print(f"\nengine / plain step time: {ratio:.3f} (target <= 1.10)")
+    if device.type == "cuda":
+        flops = model_flops(probe)
+        name = torch.cuda.get_device_name()
+        peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        result["samples_per_s"] = args.batch_size / step["engine"]
+        result["tflops_per_step"] = flops / 1e12
+        print(f"{name}: {result['samples_per_s']:.0f} samples/s, {flops / 1e12:.3f} TFLOP per step")
+        if peak:
+            result["mfu"] = flops / step["engine"] / (peak * 1e12)
+            print(f"model FLOPs utilisation: {100 * result['mfu']:.1f}% of {peak:.0f} TFLOP/s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Per-rank optimizer-state memory of ZeRO-2 at world size 2 versus 1, one run.
+
+Starts the same DeepSpeed ZeRO-2 engine (the ldm UNet, our AdamW) with torchrun on 1 and on 2
+ranks, takes one step, and has each rank count the bytes of its optimizer state (fp32 master
+partition, exp_avg, exp_avg_sq). Prints both and the ratio (target about 0.5).
+
+    python benchmarks/zero_memory.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+MODEL = ["ldm.block_channels=[64, 128, 128]", "ldm.layers_per_block=1"]
+
+
+def rank_main(out: str) -> None:
+    """Runs inside each rank: build the engine, take a step, report optimizer-state bytes."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from data_pipeline.store import open_store
+    from launch import config
+    from training.ds_config import deepspeed_config, make_optimizer
+    from training.engine import init_distributed, step_generator
+    from training.stages import get_stage
+
+    rank, world, _, _ = init_distributed(600)
+    cfg = config.load(None, [f"root={out}", "train.zero_stage=2", "train.batch_size=4", *MODEL])
+    stage = get_stage("ldm")(cfg, open_store(cfg.store_url))
+    torch.manual_seed(0)
+    model = stage.build_model()
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(list(model.parameters()), cfg.train),
+                                           config=deepspeed_config(cfg.train))  # fmt: skip
+    data = stage.store.read(list(stage.columns))
+    batch = {k: torch.from_numpy(v[:4].copy()) for k, v in data.items()}
+    engine.backward(stage.loss(engine, batch, step_generator(0, rank, 0, 0)))
+    engine.step()
+    zero = engine.optimizer
+    state_bytes = sum(t.numel() * t.element_size() for s in zero.optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    master_bytes = sum(t.numel() * t.element_size() for t in zero.single_partition_of_fp32_groups)
+    params = sum(p.numel() for p in model.parameters())
+    report = {"rank": rank, "world_size": world, "optimizer_state_bytes": state_bytes + master_bytes, "parameters": params}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, report)
+    if rank == 0:
+        with open(os.path.join(out, f"memory-{world}.json"), "w") as f:
+            json.dump(gathered, f)
+    dist.barrier()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rank-main", help=argparse.SUPPRESS)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if args.rank_main:
+        return rank_main(args.rank_main)
+
+    from tests.storefactory import make_store
+
+    work = tempfile.mkdtemp(prefix="unclip-bench-zero-")
+    make_store(os.path.join(work, "store"), (64,))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "PYTHONPATH": ROOT}
+    per_rank = {}
+    for world in (1, 2):
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+                        os.path.abspath(__file__), "--rank-main", work], check=True, env=env, capture_output=True)  # fmt: skip
+        reports = json.load(open(os.path.join(work, f"memory-{world}.json")))
+        per_rank[world] = max(r["optimizer_state_bytes"] for r in reports)
+        print(f"world size {world}: {per_rank[world] / 2**20:.2f} MiB of optimizer state per rank "
+              f"({reports[0]['parameters'] / 1e6:.2f}M parameters)")  # fmt: skip
+    ratio = per_rank[2] / per_rank[1]
+    print(f"\nZeRO-2 per-rank optimizer state, world 2 / world 1: {ratio:.3f} (target about 0.5)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"bytes_per_rank": per_rank, "ratio": ratio}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

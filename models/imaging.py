@@ -1,0 +1,21 @@
+"""Tensors to pictures, and pictures to grids."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [-1, 1] -> PIL images."""
+    array = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in array]
+
+
+def grid(rows: list[list[Image.Image]]) -> Image.Image:
+    h, w = rows[0][0].height, rows[0][0].width
+    canvas = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), (255, 255, 255))
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            canvas.paste(image.resize((w, h)), (j * w, i * h))
+    return canvas

@@ -1,0 +1,61 @@
+"""Small embedding stores written through the store contract, for tests that need no Ray."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from data_pipeline import store
+
+DIM, TOKENS, LATENT = 16, 8, (4, 8, 8)
+
+
+def specs(columns=("clip_image_emb", "clip_text_emb", "clip_text_tokens", "text_mask", "vae_latent", "image_64")) -> dict[str, dict]:
+    every = {
+        "clip_image_emb": {"dtype": "float16", "shape": [DIM]},
+        "clip_text_emb": {"dtype": "float16", "shape": [DIM]},
+        "clip_text_tokens": {"dtype": "float16", "shape": [TOKENS, DIM]},
+        "text_mask": {"dtype": "bool", "shape": [TOKENS]},
+        "vae_latent": {"dtype": "float16", "shape": list(LATENT), "image_side": 32},
+        "image_64": {"dtype": "png", "shape": [64, 64, 3]},
+    }
+    return {c: every[c] for c in columns}
+
+
+def make_store(root: str, rows_per_part=(20, 17, 13), columns=None, seed: int = 0) -> store.Store:
+    """Rows numbered 0..N-1: `clip_image_emb[:, 0]` holds the row number, so tests can track order.
+    Text embeddings carry a signal the image embedding depends on, so the prior can learn."""
+    s = specs(columns) if columns else specs()
+    rng = np.random.default_rng(seed)
+    parts, index = {}, 0
+    for shard_id, n in enumerate(rows_per_part):
+        ids = np.arange(index, index + n)
+        index += n
+        text = rng.standard_normal((n, DIM)).astype(np.float32)
+        image = text * 0.8 + 0.2 * rng.standard_normal((n, DIM))
+        image[:, 0] = ids
+        rows = {
+            "key": [f"k{i:05d}" for i in ids], "caption": [f"caption {i}" for i in ids], "url": [f"u{i}" for i in ids],
+            "width": [32] * n, "height": [32] * n, "clip_score": np.zeros(n, np.float32),
+            "clip_image_emb": image, "clip_text_emb": text,
+            "clip_text_tokens": np.repeat(text[:, None, :], TOKENS, 1) * np.linspace(1, 0.5, TOKENS)[None, :, None],
+            "text_mask": np.arange(TOKENS)[None, :] < rng.integers(2, TOKENS, (n, 1)),
+            "vae_latent": (rng.standard_normal((n, *LATENT)) + text[:, :4, None, None]) * 5,
+            "image_64": [_png(rng) for _ in range(n)],
+        }  # fmt: skip
+        rows = {k: v for k, v in rows.items() if k in store.BASE_COLUMNS or k in s}
+        parts[shard_id] = store.write_part(root, shard_id, store.to_arrow(rows, s))
+    identity = {
+        "clip": {"embed_dim": DIM, "text_width": DIM, "context_length": TOKENS, "weights_sha256": "0" * 64},
+        "vae": {"scaling_factor": 0.18215, "latent_channels": LATENT[0], "downsample": 4, "weights_sha256": "1" * 64},
+    }
+    store.build_manifest(root, parts, identity, s, {"kept": index}, {"note": "made by tests/storefactory.py"})
+    return store.open_store(root)
+
+
+def _png(rng: np.random.Generator) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()

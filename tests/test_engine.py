@@ -1,0 +1,252 @@
+"""The training engine across real processes: DeepSpeed on 2 CPU ranks (torchrun, gloo).
+
+Runs share a small store and, where they can, each other's checkpoints: every launch costs ~10 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data_pipeline import storage
+from tests.storefactory import make_store
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["ldm.block_channels=[32, 64]", "prior.layers=2", "prior.heads=2", "train.batch_size=8",
+         "train.log_every=1", "train.optim.warmup_steps=2", "train.progress_bar=never"]  # fmt: skip
+
+
+def command(root, *overrides, stage="ldm", nproc=2, flags=()):
+    return [sys.executable, "-m", "launch.cli", "train", stage, f"root={root}", f"train.nproc={nproc}", *SMALL, *overrides, *flags]
+
+
+def launch(root, *overrides, stage="ldm", nproc=2, flags=(), check=True):
+    result = subprocess.run(command(root, *overrides, stage=stage, nproc=nproc, flags=flags), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def run_dir(root, run="main", stage="ldm"):
+    return os.path.join(root, "runs", stage, run)
+
+
+def metrics(root, run="main", stage="ldm") -> dict[int, dict]:
+    """The last record logged for each step (a resumed run logs some steps twice)."""
+    out = {}
+    with open(os.path.join(run_dir(root, run, stage), "logs", "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            out[record["step"]] = record
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun starts ranks in sessions of their own)."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    for process in [parent, *parent.children(recursive=True)]:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def trainer_state(folder) -> dict:
+    with open(os.path.join(folder, "trainer_state.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    make_store(str(root / "store"), (40, 30, 50, 24))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def straight(root):
+    """The uninterrupted reference run: 2 ranks, ZeRO-2, 24 steps, a checkpoint every 4."""
+    launch(root, "train.steps=24", "train.checkpoint_every=4", "train.keep_last=10")
+    return metrics(root)
+
+
+def test_uninterrupted_run_logs_everything(root, straight):
+    assert sorted(straight) == list(range(1, 25))
+    record = straight[24]
+    for key in ("loss", "lr", "grad_norm", "samples_per_s", "step_time_s", "data_wait_s", "rss_gb", "skipped_steps", "epoch"):
+        assert record[key] is not None, key
+    assert straight[24]["loss"] < straight[1]["loss"]
+    logs = os.path.join(run_dir(root), "logs", "tensorboard")
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(logs))
+    latest = os.path.join(run_dir(root), "step_0000024")
+    files = json.load(open(os.path.join(latest, "checksums.json")))
+    assert {"ema.safetensors", "stage.json", "trainer_state.json", "config.yaml", "rng-rank00000.pt", "rng-rank00001.pt",
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(files)  # fmt: skip
+    assert open(os.path.join(run_dir(root), "latest")).read().strip() == "step_0000024"
+
+
+def test_sigkill_then_resume_gives_the_same_losses(root, straight):
+    proc = subprocess.Popen(command(root, "train.steps=24", "train.checkpoint_every=4", "train.run=killed"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    metrics_file = os.path.join(run_dir(root, "killed"), "logs", "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics_file) and sum(1 for _ in open(metrics_file)) >= 10:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    kill_tree(proc.pid)  # every rank and the launchers at once, as when a node dies
+    proc.wait()
+    killed_at = max(metrics(root, "killed"))
+    assert killed_at < 24
+    launch(root, "train.steps=24", "train.checkpoint_every=4", "train.run=killed")
+    resumed = metrics(root, "killed")
+    summary = json.load(open(os.path.join(run_dir(root, "killed"), "train_summary.json")))
+    start = summary["resumed_from_step"]
+    assert 8 <= start <= killed_at
+    for step in range(start + 1, 25):
+        assert abs(resumed[step]["loss"] - straight[step]["loss"]) <= 1e-6, step
+
+
+def test_interrupted_checkpoint_write_leaves_the_previous_in_use(root):
+    failed = launch(root, "train.steps=12", "train.checkpoint_every=4", "train.run=crash",
+                    "train.fault_injection.crash_in_checkpoint_step=8", check=False)  # fmt: skip
+    assert failed.returncode != 0
+    names = os.listdir(run_dir(root, "crash"))
+    assert "step_0000008" not in names and open(os.path.join(run_dir(root, "crash"), "latest")).read().strip() == "step_0000004"
+    done = launch(root, "train.steps=12", "train.checkpoint_every=4", "train.run=crash")
+    assert "resumed from" in done.stdout and "step_0000004 at step 4" in done.stdout
+    assert not any(n.startswith(storage.TMP_PREFIX) for n in os.listdir(run_dir(root, "crash")))
+
+
+def _checksum(folder) -> float:
+    module = torch.load(os.path.join(folder, "mp_rank_00_model_states.pt"), weights_only=False)["module"]
+    return sum(v.double().sum().item() for v in module.values())
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_resume_on_another_world_size(root, straight, before, after):
+    run = f"ws{before}to{after}"
+    if before == 2:  # reuse the reference run's step 4
+        os.makedirs(run_dir(root, run))
+        shutil.copytree(os.path.join(run_dir(root), "step_0000004"), os.path.join(run_dir(root, run), "step_0000004"))
+    else:
+        launch(root, "train.steps=4", "train.checkpoint_every=4", f"train.run={run}", nproc=1)
+    before_losses = metrics(root, run) if before == 1 else straight
+    launch(root, "train.steps=8", "train.checkpoint_every=4", f"train.run={run}", nproc=after)
+    summary = json.load(open(os.path.join(run_dir(root, run), "train_summary.json")))
+    resume = summary["resume"]
+    assert (resume["world_size_before"], resume["world_size_after"], resume["universal"], resume["step"]) == (before, after, True, 4)
+    assert resume["weights_checksum"] == pytest.approx(_checksum(os.path.join(run_dir(root, run), "step_0000004")), abs=1e-9)
+    after_losses = metrics(root, run)
+    assert abs(after_losses[5]["loss"] - before_losses[4]["loss"]) < 0.3 * before_losses[1]["loss"]  # the curve continues
+    state = trainer_state(os.path.join(run_dir(root, run), "step_0000008"))
+    assert state["loader"]["world_size"] == after and state["loader"]["epoch"] == 0
+
+
+def test_nan_step_is_skipped_and_a_streak_stops_the_run(root):
+    result = launch(root, "train.steps=12", "train.checkpoint_every=2", "train.run=nan", "train.max_skipped_steps=3",
+                    "train.fault_injection.nan_loss_steps=[3, 6, 7, 8]", "train.preview_every=2", stage="prior", check=False)  # fmt: skip
+    assert result.returncode != 0
+    assert "3 steps in a row had a non-finite loss or gradients (the last at step 8)" in result.stderr
+    log = metrics(root, "nan", "prior")
+    assert log[3]["skipped_steps"] == 1 and log[5]["skipped_steps"] == 1 and max(log) == 7
+    folder = run_dir(root, "nan", "prior")
+    steps = sorted(n for n in os.listdir(folder) if n.startswith("step_"))
+    assert steps[-1] == "step_0000006"  # nothing saved once the streak began to break the run
+    for name in steps:
+        ema = load_file(os.path.join(folder, name, "ema.safetensors"))
+        assert all(torch.isfinite(v).all() for v in ema.values())
+    previews = os.listdir(os.path.join(folder, "logs", "previews"))
+    assert "step_0000002-prior_true_vs_nearest.png" in previews
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_zero(root):
+    proc = subprocess.Popen(command(root, "train.steps=500", "train.checkpoint_every=1000", "train.run=preempt"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    metrics_file = os.path.join(run_dir(root, "preempt"), "logs", "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(metrics_file) and sum(1 for _ in open(metrics_file)) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    folder = os.path.join(run_dir(root, "preempt"), open(os.path.join(run_dir(root, "preempt"), "latest")).read().strip())
+    state = trainer_state(folder)
+    assert state["reason"] == "preempted" and state["step"] == max(metrics(root, "preempt")) < 500
+    assert "preempted" in out
+
+
+def test_a_corrupt_checkpoint_is_named_and_the_previous_used(root, straight):
+    run = run_dir(root, "corrupt")
+    os.makedirs(run)
+    for step in ("step_0000004", "step_0000008"):
+        shutil.copytree(os.path.join(run_dir(root), step), os.path.join(run, step))
+    victim = os.path.join(run, "step_0000008", "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with open(victim, "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00" * 16)
+    result = launch(root, "train.steps=10", "train.run=corrupt")
+    assert "file 'zero_pp_rank_0_mp_rank_00_optim_states.pt' is corrupt" in result.stdout
+    assert "resumed from" in result.stdout and "step_0000004 at step 4" in result.stdout
+    explicit = launch(root, "train.steps=10", "train.run=corrupt", flags=["--resume-from", os.path.join(run, "step_0000008")], check=False)
+    assert explicit.returncode != 0 and "file 'zero_pp_rank_0_mp_rank_00_optim_states.pt' is corrupt" in explicit.stderr
+
+
+def test_a_hung_collective_fails_loudly(root):
+    started = time.time()
+    result = launch(root, "train.steps=10", "train.run=hang", "train.collective_timeout_s=5", "train.preemption_grace_s=5",
+                    "train.fault_injection.hang_rank=1", "train.fault_injection.hang_step=3", check=False)  # fmt: skip
+    assert result.returncode != 0 and time.time() - started < 150  # 5 s timeout, launch and teardown
+    assert "a collective timed out after train.collective_timeout_s=5s" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        ["train.zero_stage=0"],
+        ["train.zero_stage=1", "train.precision=bf16"],
+        ["train.zero_stage=3"],
+        ["train.zero_stage=3", "train.offload_params=cpu", "train.offload_optimizer=cpu", "train.grad_accum=2"],
+    ],
+    ids=["zero0", "zero1-bf16", "zero3", "zero3-offload-accum"],
+)
+def test_zero_stages_precisions_and_offload_train(root, settings):
+    run = "-".join(s.split("=")[1] for s in settings).replace("/", "")
+    launch(root, "train.steps=4", "train.checkpoint_every=2", f"train.run={run}", *settings)
+    log = metrics(root, run)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log.values())
+    assert os.path.exists(os.path.join(run_dir(root, run), "step_0000004", "_COMMITTED"))
+    ema = load_file(os.path.join(run_dir(root, run), "step_0000004", "ema.safetensors"))
+    assert all(torch.isfinite(v).all() for v in ema.values())
+
+
+def test_init_from_starts_a_new_run_from_trained_weights(root, straight):
+    result = launch(root, "train.steps=2", "train.run=finetune", flags=["--init-from", run_dir(root)])
+    assert "weights from" in result.stdout
+    log = metrics(root, "finetune")
+    assert log[1]["loss"] < straight[1]["loss"]
+
+
+def test_checkpoints_on_s3(tmp_path, s3_prefix):
+    make_store(storage.join(s3_prefix, "store"), (40, 30))
+    launch(s3_prefix, "train.steps=4", "train.checkpoint_every=2")
+    run = storage.join(s3_prefix, "runs", "ldm", "main")
+    assert storage.read_text(storage.join(run, "latest")).strip() == "step_0000004"
+    assert storage.is_committed(storage.join(run, "step_0000004"))
+    assert "metrics.jsonl" in storage.listdir(storage.join(run, "logs"))
+    result = launch(s3_prefix, "train.steps=6", "train.checkpoint_every=2")
+    assert "step_0000004 at step 4" in result.stdout
+    assert storage.read_text(storage.join(run, "latest")).strip() == "step_0000006"

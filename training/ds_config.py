@@ -1,0 +1,107 @@
+"""DeepSpeed from our configuration: the config dict, the optimizer and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+from training.config import OptimConfig, TrainConfig
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _offload(device: str, train: TrainConfig) -> dict[str, Any]:
+    return {"device": device, "nvme_path": train.nvme_path} if device == "nvme" else {"device": device}
+
+
+def deepspeed_config(train: TrainConfig, load_universal: bool = False) -> dict[str, Any]:
+    """Our settings as a DeepSpeed config; `train.deepspeed` keys are merged over it verbatim."""
+    zero: dict[str, Any] = {"stage": train.zero_stage}
+    if train.offload_optimizer != "none":
+        zero["offload_optimizer"] = _offload(train.offload_optimizer, train)
+    if train.offload_params != "none":
+        zero["offload_param"] = _offload(train.offload_params, train)
+    derived: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "zero_optimization": zero,
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {
+            "enabled": train.precision == "fp16",
+            "loss_scale": 0,  # dynamic: overflowing steps are skipped and the scale lowered
+            "initial_scale_power": train.fp16_initial_scale_power,
+        },
+        "zero_allow_untested_optimizer": True,  # our AdamW below, which ZeRO wraps
+        "steps_per_print": 1 << 30,
+        "checkpoint": {"load_universal": load_universal},
+    }
+    if train.grad_clip > 0:
+        derived["gradient_clipping"] = train.grad_clip
+    return deep_merge(derived, train.deepspeed)
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """torch AdamW that refuses a step with non-finite gradients.
+
+    ZeRO 1-3 and fp16 already skip such steps; without ZeRO, DeepSpeed steps whatever it gets.
+    Setting `overflow` is how DeepSpeed's own optimizers report a skip: the engine then counts it
+    in `skipped_steps` and holds the learning-rate schedule.
+    """
+
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        self.overflow = bool(grads) and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
+    o = train.optim
+    kwargs = {"lr": o.lr, "betas": tuple(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
+    if train.offload_optimizer != "none":
+        # ZeRO-Offload steps on the CPU with DeepSpeed's vectorised Adam (compiled once, then cached).
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
+    return GuardedAdamW(params, **kwargs)
+
+
+def lr_factor(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up, then constant or cosine decay to min_lr_ratio."""
+
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        if optim.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def check_runtime(train: TrainConfig) -> None:
+    """Refuse, before any rank starts, what this machine's accelerator cannot do."""
+    import deepspeed
+
+    from launch.configlib import ConfigError
+
+    accelerator = deepspeed.get_accelerator()
+    if train.precision == "fp16" and not accelerator.is_fp16_supported():
+        raise ConfigError(
+            f"config key 'train.precision': fp16 is not supported by DeepSpeed's {accelerator.device_name()} "
+            "accelerator here; use bf16 or fp32"
+        )
+    if train.precision == "bf16" and not accelerator.is_bf16_supported():
+        raise ConfigError(f"config key 'train.precision': bf16 is not supported by DeepSpeed's {accelerator.device_name()} accelerator here")

@@ -1,0 +1,76 @@
+"""What goes wrong in month-long runs, handled in one place: preemption, non-finite steps, and the
+faults the tests inject on purpose."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from training.config import FaultInjection
+
+
+class NonFiniteStreak(RuntimeError):
+    pass
+
+
+class Preempted(Exception):
+    """Raised after the preemption checkpoint is saved; the rank then exits 0."""
+
+
+class Preemption:
+    """SIGTERM sets a flag; ranks agree on it at the next step boundary (one tiny all-reduce)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self, device: torch.device) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class SkipTracker:
+    """Counts steps the optimizer refused (non-finite loss or gradients); too many in a row stop the run."""
+
+    def __init__(self, limit: int, total: int = 0):
+        self.limit, self.total, self.streak = limit, total, 0
+
+    def record(self, skipped: bool, step: int, last_checkpoint: str | None) -> None:
+        if not skipped:
+            self.streak = 0
+            return
+        self.total += 1
+        self.streak += 1
+        if self.streak >= self.limit:
+            raise NonFiniteStreak(
+                f"{self.streak} steps in a row had a non-finite loss or gradients (the last at step {step}); "
+                f"stopping. The newest checkpoint, {last_checkpoint or 'none yet'}, holds finite weights: "
+                "lower train.optim.lr, raise train.grad_clip, or use bf16 instead of fp16"
+            )
+
+
+def weights_are_finite(module: torch.nn.Module, zero_stage: int) -> bool:
+    """This rank's share of the weights: under ZeRO-3 the partition it owns, else the full module."""
+    for p in module.parameters():
+        data = p.ds_tensor if zero_stage == 3 and hasattr(p, "ds_tensor") else p.data
+        if data.numel() and not bool(torch.isfinite(data).all()):
+            return False
+    return True
+
+
+def inject(faults: FaultInjection, loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+    """Apply the configured deliberate faults at `step` (1-based, the step being taken)."""
+    if faults.hang_rank == rank and step == faults.hang_step:
+        while True:  # stops answering collectives, as a wedged node does
+            time.sleep(3600)
+    if step in faults.nan_loss_steps:
+        return loss * float("nan")
+    return loss
