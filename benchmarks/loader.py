@@ -62,6 +62,7 @@ def main() -> None:
 
     from data_pipeline.store import open_store
     from tests.storefactory import make_store
+    from training import data  # noqa: F401 - imports torch now, not inside the first timed epoch
 
     work = tempfile.mkdtemp(prefix="unclip-bench-loader-")
     make_store(os.path.join(work, "store"), [args.part_rows] * (args.rows // args.part_rows), columns=COLUMNS)

@@ -12,22 +12,22 @@ from data_pipeline import store
 DIM, TOKENS, LATENT = 16, 8, (4, 8, 8)
 
 
-def specs(columns=("clip_image_emb", "clip_text_emb", "clip_text_tokens", "text_mask", "vae_latent", "image_64")) -> dict[str, dict]:
+def specs(columns=("clip_image_emb", "clip_text_emb", "clip_text_tokens", "text_mask", "vae_latent", "image_64"), latent=LATENT) -> dict[str, dict]:
     every = {
         "clip_image_emb": {"dtype": "float16", "shape": [DIM]},
         "clip_text_emb": {"dtype": "float16", "shape": [DIM]},
         "clip_text_tokens": {"dtype": "float16", "shape": [TOKENS, DIM]},
         "text_mask": {"dtype": "bool", "shape": [TOKENS]},
-        "vae_latent": {"dtype": "float16", "shape": list(LATENT), "image_side": 32},
+        "vae_latent": {"dtype": "float16", "shape": list(latent), "image_side": latent[-1] * 4},
         "image_64": {"dtype": "png", "shape": [64, 64, 3]},
     }
     return {c: every[c] for c in columns}
 
 
-def make_store(root: str, rows_per_part=(20, 17, 13), columns=None, seed: int = 0) -> store.Store:
+def make_store(root: str, rows_per_part=(20, 17, 13), columns=None, seed: int = 0, latent=LATENT) -> store.Store:
     """Rows numbered 0..N-1: `clip_image_emb[:, 0]` holds the row number, so tests can track order.
     Text embeddings carry a signal the image embedding depends on, so the prior can learn."""
-    s = specs(columns) if columns else specs()
+    s = specs(columns, latent) if columns else specs(latent=latent)
     rng = np.random.default_rng(seed)
     parts, index = {}, 0
     for shard_id, n in enumerate(rows_per_part):
@@ -42,14 +42,14 @@ def make_store(root: str, rows_per_part=(20, 17, 13), columns=None, seed: int = 
             "clip_image_emb": image, "clip_text_emb": text,
             "clip_text_tokens": np.repeat(text[:, None, :], TOKENS, 1) * np.linspace(1, 0.5, TOKENS)[None, :, None],
             "text_mask": np.arange(TOKENS)[None, :] < rng.integers(2, TOKENS, (n, 1)),
-            "vae_latent": (rng.standard_normal((n, *LATENT)) + text[:, :4, None, None]) * 5,
+            "vae_latent": (rng.standard_normal((n, *latent)) + text[:, : latent[0], None, None]) * 5,
             "image_64": [_png(rng) for _ in range(n)],
         }  # fmt: skip
         rows = {k: v for k, v in rows.items() if k in store.BASE_COLUMNS or k in s}
         parts[shard_id] = store.write_part(root, shard_id, store.to_arrow(rows, s))
     identity = {
         "clip": {"embed_dim": DIM, "text_width": DIM, "context_length": TOKENS, "weights_sha256": "0" * 64},
-        "vae": {"scaling_factor": 0.18215, "latent_channels": LATENT[0], "downsample": 4, "weights_sha256": "1" * 64},
+        "vae": {"scaling_factor": 0.18215, "latent_channels": latent[0], "downsample": 4, "weights_sha256": "1" * 64},
     }
     store.build_manifest(root, parts, identity, s, {"kept": index}, {"note": "made by tests/storefactory.py"})
     return store.open_store(root)

@@ -86,6 +86,7 @@ class StoreLoader:
         rank: int = 0,
         world_size: int = 1,
         prefetch: int = 4,
+        readers: int = 2,
     ):
         self.store, self.columns = store, list(columns)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
@@ -98,7 +99,7 @@ class StoreLoader:
                 f"({batch_size} per rank x {world_size} ranks); lower train.batch_size"
             )
         self.shapes = {c: store.shape(c) for c in self.columns}
-        self.prefetch = prefetch
+        self.prefetch, self.readers = prefetch, readers
         self._start_epoch(0)
 
     # -- order -------------------------------------------------------------------------------
@@ -127,37 +128,68 @@ class StoreLoader:
     # -- reading -------------------------------------------------------------------------------
     def _read(self, group: int) -> dict[str, np.ndarray]:
         g = self.groups[group]
-        fs, path = storage.url_to_fs(g.file)
-        with fs.open(path, "rb") as f:
-            table = pq.ParquetFile(f).read_row_group(g.index, columns=self.columns)
+        if storage.is_local(g.file):  # pyarrow's own file reader: faster than a Python file object
+            table = pq.ParquetFile(storage.local_path(g.file)).read_row_group(g.index, columns=self.columns)
+        else:
+            fs, path = storage.url_to_fs(g.file)
+            with fs.open(path, "rb") as f:
+                table = pq.ParquetFile(f).read_row_group(g.index, columns=self.columns)
         return {c: column_numpy(table, c, self.shapes[c]) for c in self.columns}
+
+    def _read_ahead(self, stream: Iterator[tuple[int, np.ndarray]]) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """(rows, group data) in stream order, with the next few groups read in parallel:
+        one row group at a time would leave the reading (I/O and decoding) far from saturated."""
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.readers, thread_name_prefix=f"loader-read-rank{self.rank}") as pool:
+            ahead: deque = deque()
+            for group, rows in stream:
+                ahead.append((rows, pool.submit(self._read, group)))
+                if len(ahead) > self.readers:
+                    rows_done, future = ahead.popleft()
+                    yield rows_done, future.result()
+            while ahead:
+                rows_done, future = ahead.popleft()
+                yield rows_done, future.result()
 
     def _produce(self, out: queue.Queue, stop: threading.Event, skip: int, target: int) -> None:
         """Background thread: read this rank's row groups ahead and cut them into `target` batches."""
+
+        def put(batch: dict[str, np.ndarray]) -> bool:
+            while not stop.is_set():
+                try:
+                    out.put(batch, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         try:
-            pending: list[dict[str, np.ndarray]] = []
-            have = 0
             made = 0
-            for group, rows in self._stream_rows(skip):
-                data = self._read(group)
-                pending.append({c: v[rows] for c, v in data.items()})
-                have += len(rows)
-                while have >= self.batch_size and made < target:
-                    merged = {c: np.concatenate([p[c] for p in pending]) for c in self.columns}
-                    batch = {c: v[: self.batch_size] for c, v in merged.items()}
-                    pending = [{c: v[self.batch_size :] for c, v in merged.items()}]
-                    have -= self.batch_size
-                    while not stop.is_set():
-                        try:
-                            out.put(batch, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-                    made += 1
+            pieces: list[dict[str, np.ndarray]] = []  # the start of a batch that spans two groups
+            have = 0
+            for rows, group_data in self._read_ahead(self._stream_rows(skip)):
                 if made >= target:
                     break
+                data = {c: v[rows] for c, v in group_data.items()}  # this epoch's in-group order
+                at = 0
+                while at < len(rows) and made < target:
+                    take = min(self.batch_size - have, len(rows) - at)
+                    piece = {c: v[at : at + take] for c, v in data.items()}
+                    at += take
+                    if not pieces and take == self.batch_size:
+                        batch = piece  # the common case: a view, no copy
+                    else:
+                        pieces.append(piece)
+                        have += take
+                        if have < self.batch_size:
+                            continue
+                        batch = {c: np.concatenate([p[c] for p in pieces]) for c in self.columns}
+                        pieces, have = [], 0
+                    if not put(batch):
+                        return
+                    made += 1
             out.put(None)
         except BaseException as err:  # surfaces in the training loop, not lost in a thread
             out.put(err)

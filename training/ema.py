@@ -18,8 +18,9 @@ class EMA:
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         decay = self.current_decay()
-        for name, param in model.named_parameters():
-            self.shadow[name].lerp_(param.detach().float().to(self.shadow[name].device), 1 - decay)
+        names, params = zip(*model.named_parameters())
+        current = [p.detach().to(self.shadow[n].device, torch.float32) for n, p in zip(names, params)]
+        torch._foreach_lerp_([self.shadow[n] for n in names], current, 1 - decay)  # one fused pass
         self.updates += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:
