@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_pipeline import storage
 from data_pipeline.store import open_store
 from launch.config import Config
 from training.checkpoint import Checkpointer, CheckpointError, choose, load_ema_weights, read_trainer_state
@@ -151,6 +152,8 @@ def train(
                        "universal": universal, "weights_checksum": weights_checksum(engine.module, t.zero_stage)}  # fmt: skip
         say(f"{stage_name}: resumed from {folder} at step {start_step} ({state['world_size']} -> {world} ranks"
             f"{', via a universal checkpoint' if universal else ''})")  # fmt: skip
+    if rank == 0:
+        storage.write_text(storage.join(run_url, "config.yaml"), config_yaml)
     runlog = RunLog(run_url, os.path.join(checkpointer.staging_root, "logs"), rank == 0, t.steps, t.progress_bar, say)
     runlog.start_at(start_step)
     n_params = sum(p.numel() for p in trainable)
@@ -243,8 +246,6 @@ def train(
         "world_size": world,
     }
     if rank == 0:
-        from data_pipeline import storage
-
         storage.write_json(storage.join(run_url, SUMMARY), summary)
     dist.barrier()
     return summary
