@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 from launch.configlib import option
 
-# Columns `unclip embed` can write; DESIGN.md "The embedding store contract" defines each one.
+# Columns `unclip embed` can write (plus image_<side> for any side); DESIGN.md "The embedding
+# store contract" defines each one.
 STORE_COLUMNS = (
     "clip_image_emb",
     "clip_text_emb",
@@ -65,7 +67,7 @@ class IngestConfig:
     url_col: str | None = option(None, doc="null: the first of URL, url")
     caption_col: str | None = option(None, doc="null: the first of TEXT, caption, text")
     shard_size: int = option(256, ge=1, doc="URLs per shard; one shard is one Ray task")
-    image_size: int = option(64, ge=8, doc="side of the stored images (img2dataset resizes)")
+    image_size: int = option(256, ge=8, doc="side of the stored images (img2dataset resizes)")
     resize_mode: Literal["border", "keep_ratio", "center_crop", "no"] = "center_crop"
     encode_format: Literal["jpg", "png", "webp"] = "png"
     encode_quality: int = option(95, ge=1, le=100)
@@ -84,10 +86,11 @@ class EmbedConfig:
     input_format: Literal["auto", "webdataset", "parquet"] = "auto"
     image_col: str | None = option(None, doc="parquet input: image bytes column (null: jpg, png, webp, image, img)")
     caption_col: str | None = option(None, doc="parquet input: caption column (null: txt, caption, TEXT, text)")
-    columns: list[str] = option(factory=lambda: list(STORE_COLUMNS[:-1]))
+    columns: list[str] = option(factory=lambda: list(STORE_COLUMNS))
     vae_resolution: int = option(64, ge=8, doc="images are centre-cropped to this side for `vae_latent`")
     extra_vae_resolutions: list[int] = option(factory=list, doc="more latents, as columns vae_latent_<side>")
     min_clip_score: float | None = option(None, ge=-1, le=1, doc="drop rows whose image-caption cosine is lower")
+    holdout_fraction: float = option(0.05, ge=0, lt=1, doc="rows trainers never see; `unclip eval` scores on them")
     batch_size: int = option(64, ge=1, doc="rows per encoder forward pass (fixed per shard: outputs are reproducible)")
     encoder_actors: int = option(1, ge=1, doc="size of the encoder actor pool")
     actor_cpus: float = option(1.0, gt=0, doc="CPUs reserved by each encoder actor (its torch threads)")
@@ -97,7 +100,7 @@ class EmbedConfig:
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
 
     def validate(self) -> None:
-        unknown = [c for c in self.columns if c not in STORE_COLUMNS]
+        unknown = [c for c in self.columns if c not in STORE_COLUMNS and not re.fullmatch(r"image_\d+", c)]
         if unknown:
             raise ValueError(
                 f"config key 'embed.columns': unknown column {unknown[0]!r} (expected some of {', '.join(STORE_COLUMNS)})"
@@ -120,6 +123,6 @@ class EmbedConfig:
 @dataclass
 class SyntheticConfig:
     count: int = option(512, ge=1, doc="captioned images in the embedded default data set")
-    image_size: int = option(64, ge=16)
+    image_size: int = option(256, ge=16)
     broken: bool = option(True, doc="add a 404, a non-image and a truncated file")
     seed: int = 0

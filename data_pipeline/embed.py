@@ -156,7 +156,7 @@ def run(
     unfinished = [s for s in shard_ids if s not in parts]
     if unfinished:
         raise store.StoreError(f"store '{store_url}': shards {unfinished[:5]} did not complete; rerun `unclip embed`")
-    manifest = store.build_manifest(store_url, parts, identity, specs, dict(counts), config)
+    manifest = store.build_manifest(store_url, parts, identity, specs, dict(counts), config, cfg.holdout_fraction)
     log(f"embed: {manifest['totals']['rows']} rows in {len(parts)} parts, {time.time() - started:.1f}s")
     return manifest
 

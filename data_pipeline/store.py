@@ -162,6 +162,23 @@ def complete_parts(store_url: str) -> dict[int, dict]:
     return found
 
 
+HOLDOUT_SEED = 20221126  # fixed: the held-out rows of a part never change
+
+
+def heldout_mask(part_id: int, rows: int, fraction: float) -> np.ndarray:
+    """Which rows of part `part_id` are held out from training (for `unclip eval`).
+
+    A function of the part and row position only, so every trainer and the evaluator agree
+    without reading a single key."""
+    if fraction <= 0:
+        return np.zeros(rows, bool)
+    return np.random.default_rng([HOLDOUT_SEED, part_id]).random(rows) < fraction
+
+
+def part_id(file: str) -> int:
+    return int(re.search(r"part-(\d+)\.parquet$", file).group(1))
+
+
 def build_manifest(
     store_url: str,
     parts: dict[int, dict],
@@ -169,6 +186,7 @@ def build_manifest(
     specs: dict[str, dict],
     counts: dict[str, int],
     config: dict[str, Any],
+    holdout_fraction: float = 0.0,
 ) -> dict[str, Any]:
     rows = sum(p["rows"] for p in parts.values())
     manifest: dict[str, Any] = {
@@ -178,6 +196,7 @@ def build_manifest(
         "columns": {**{k: {"dtype": str(t)} for k, t in BASE_COLUMNS.items()}, **specs},
         "shards": [{k: v for k, v in p.items() if k not in ("sums", "counts")} for _, p in sorted(parts.items())],
         "totals": {"rows": rows, "bytes": sum(p["bytes"] for p in parts.values()), **counts},
+        "holdout": {"fraction": holdout_fraction, "seed": HOLDOUT_SEED},
         "config": config,
     }
     for name in [c for c in specs if _stat_axis(c) is not False]:
@@ -223,6 +242,13 @@ class Store:
     def shape(self, column: str) -> list[int]:
         return list(self.manifest["columns"][column].get("shape", []))
 
+    @property
+    def holdout_fraction(self) -> float:
+        return float(self.manifest.get("holdout", {}).get("fraction", 0.0))
+
+    def heldout(self, file: str, rows: int) -> np.ndarray:
+        return heldout_mask(part_id(file), rows, self.holdout_fraction)
+
     def require(self, columns: Iterable[str], expect: dict[str, Any] | None = None) -> None:
         """Refuse a store that lacks `columns` or whose manifest differs from `expect`.
 
@@ -241,13 +267,21 @@ class Store:
             if node != want:
                 raise StoreError(f"store '{self.url}': manifest field '{dotted}' is {node!r}, expected {want!r}")
 
-    def read(self, columns: Sequence[str], files: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Chosen columns of chosen parts as arrays ([N, *shape]; bytes and strings as object arrays)."""
+    def read(self, columns: Sequence[str], files: Sequence[str] | None = None, split: str = "all") -> dict[str, np.ndarray]:
+        """Chosen columns of chosen parts as arrays ([N, *shape]; bytes and strings as object arrays).
+
+        split: "all", "train" (without the held-out rows) or "heldout"."""
+        if split not in ("all", "train", "heldout"):
+            raise ValueError(f"split: expected 'all', 'train' or 'heldout', got {split!r}")
         tables = []
         for file in files or self.files:
             fs, path = storage.url_to_fs(file)
             with fs.open(path, "rb") as f:
-                tables.append(pq.read_table(f, columns=list(columns)))
+                table = pq.read_table(f, columns=list(columns))
+            if split != "all":
+                mask = self.heldout(file, len(table))
+                table = table.filter(pa.array(mask if split == "heldout" else ~mask))
+            tables.append(table)
         table = pa.concat_tables(tables) if tables else arrow_schema({}).empty_table()
         out = {}
         for name in columns:

@@ -15,7 +15,9 @@ COMMANDS = {
     "encoders": "`encoders init`: write the small random encoders the embedded default uses",
     "embed": "frozen CLIP/VAE over ROOT/raw/ into the embedding store ROOT/store/ (Ray Data)",
     "train": "`train STAGE`: train prior or ldm with DeepSpeed from the store",
-    "sample": "text -> images (ldm) and text -> CLIP image embeddings (prior)",
+    "sample": "prompts -> images by the ldm and unCLIP chains; variations; interpolations",
+    "eval": "score the trained stages on the store's held-out rows (eval.json + grid)",
+    "export": "`export --out DIR`: every trained stage as diffusers folders, with a model card",
     "inspect": "`inspect [URL]`: summarise an embedding store (default: ROOT/store)",
     "demo": "the whole pipeline on the embedded default data set",
 }
@@ -39,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--rows", type=int, default=3, help="sample rows to show")
         if name == "demo":
             p.add_argument("--workdir", default="demo-run", help="where data, runs and report.json go")
+        if name == "export":
+            p.add_argument("--out", required=True, help="folder (any fsspec URL) to write")
         p.add_argument("--config", help="YAML configuration (defaults: the embedded default)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.steps=100 root=s3://bucket/x")
     return parser
@@ -117,6 +121,14 @@ def _dispatch(args: argparse.Namespace, cfg, log) -> int:
         from launch import sample
 
         sample.run(cfg, log=log)
+    elif args.command == "eval":
+        from launch import evaluate
+
+        evaluate.run(cfg, log=log)
+    elif args.command == "export":
+        from launch import export
+
+        export.run(cfg, args.out, log=log)
     elif args.command == "inspect":
         from data_pipeline.store import describe, open_store
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from data_pipeline.config import EmbedConfig, IngestConfig, RayConfig, SyntheticConfig
 from launch import configlib
 from launch.configlib import option
-from models.config import EncodersConfig, LdmConfig, PriorConfig
+from models.config import DecoderConfig, EncodersConfig, LdmConfig, PriorConfig, UpsamplerConfig
 from training.config import TrainConfig
 
 
@@ -27,19 +27,47 @@ class SampleConfig:
             "a blue circle on a yellow background",
         ]
     )
+    chains: list[Literal["ldm", "unclip"]] = option(factory=lambda: ["ldm", "unclip"])
     images_per_prompt: int = option(4, ge=1)
-    steps: int = option(50, ge=1)
-    guidance: float = option(3.0, ge=0, doc="classifier-free guidance scale; 1 turns it off")
-    sampler: str = option("ddim")
+    steps: int = option(25, ge=1)
+    guidance: float = option(3.0, ge=0, doc="classifier-free guidance scale; 1 turns it off, 0 is unconditional")
+    sampler: Literal["ddim", "ddpm"] = "ddim"
     seed: int = 0
-    run: str = option("main", doc="which run of each stage to sample from")
+    run: str = option("main", doc="which run of prior, decoder and ldm to sample from")
+    upsampler_runs: list[str] = option(factory=lambda: ["main"], doc="upsampler runs applied in order (e.g. 64->256, 256->1024)")
+    variations: list[str] = option(factory=list, doc="images (paths or URLs) to make variations of, with the decoder")
+    interpolate: list[str] = option(factory=list, doc="two prompts: images along the slerp of their image embeddings")
+    interpolation_steps: int = option(5, ge=2)
     out: str = option("{root}/samples")
 
     def validate(self) -> None:
-        if self.sampler not in ("ddim", "ddpm"):
-            raise ValueError(f"config key 'sample.sampler': expected one of 'ddim', 'ddpm', got {self.sampler!r}")
         if not self.prompts:
             raise ValueError("config key 'sample.prompts': expected at least one prompt")
+        if self.interpolate and len(self.interpolate) != 2:
+            raise ValueError(f"config key 'sample.interpolate': expected two prompts, got {len(self.interpolate)}")
+
+
+@dataclass
+class DemoConfig:
+    stages: list[Literal["ldm", "prior", "decoder", "upsampler"]] = option(factory=lambda: ["ldm", "prior", "decoder", "upsampler"])
+    stage_train: dict[str, dict[str, Any]] = option(
+        factory=lambda: {"ldm": {"batch_size": 16}, "decoder": {"batch_size": 8, "steps": 200},
+                         "upsampler": {"batch_size": 8, "steps": 200}},  # fmt: skip
+        doc="train.* settings per stage, over the train section",
+    )
+
+    def validate(self) -> None:
+        for stage, settings in self.stage_train.items():
+            if stage not in ("ldm", "prior", "decoder", "upsampler"):
+                raise ValueError(f"config key 'demo.stage_train.{stage}': expected a stage (ldm, prior, decoder, upsampler)")
+            configlib.build(TrainConfig, dict(settings), prefix=f"demo.stage_train.{stage}")
+
+
+@dataclass
+class EvalConfig:
+    samples: int = option(16, ge=2, doc="held-out rows to generate from (all of them when fewer)")
+    batch_size: int = option(16, ge=1)
+    out: str = option("{root}/eval")
 
 
 @dataclass
@@ -52,8 +80,12 @@ class Config:
     embed: EmbedConfig = option(factory=EmbedConfig)
     train: TrainConfig = option(factory=TrainConfig)
     prior: PriorConfig = option(factory=PriorConfig)
+    decoder: DecoderConfig = option(factory=DecoderConfig)
+    upsampler: UpsamplerConfig = option(factory=UpsamplerConfig)
     ldm: LdmConfig = option(factory=LdmConfig)
     sample: SampleConfig = option(factory=SampleConfig)
+    eval: EvalConfig = option(factory=EvalConfig)
+    demo: DemoConfig = option(factory=DemoConfig)
 
     @property
     def raw_url(self) -> str:

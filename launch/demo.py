@@ -1,8 +1,9 @@
 """`unclip demo --workdir DIR`: the whole pipeline on the embedded default data set.
 
 generate captioned shapes -> serve them on 127.0.0.1 -> ingest (Ray + img2dataset) -> write the
-small random encoders -> embed (Ray Data) -> train ldm and prior (DeepSpeed, torchrun) ->
-sample -> DIR/report.json. Every step is the real component at small size.
+small random encoders -> embed (Ray Data) -> train ldm, prior, decoder and upsampler (DeepSpeed,
+torchrun) -> sample both chains -> eval on held-out rows -> DIR/report.json. Every step is the
+real component at small size.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from typing import Any, Iterator
 
 from data_pipeline import embed, ingest, storage, synthetic
 from data_pipeline.ray_runtime import ray_session
-from launch import sample
+from launch import evaluate, sample
 from launch.config import Config
-from launch.configlib import to_dict, to_yaml
+from launch.configlib import replace, to_dict, to_yaml
 from launch.train import train_local
 from models.encoders import write_tiny_encoders
 
@@ -71,20 +72,26 @@ def run(cfg: Config, workdir: str, log=print) -> dict[str, Any]:
             manifest = embed.run(cfg.encoders, cfg.embed, cfg.ray, cfg.raw_url, cfg.store_url, to_dict(cfg), log=log)
             entry.update(rows=manifest["totals"]["rows"], columns=list(manifest["columns"]), store=cfg.store_url)
 
-    for stage in ("ldm", "prior"):
+    for stage in cfg.demo.stages:
         with _phase(report, f"train_{stage}", log) as entry:
-            result = train_local(cfg, stage, log=log)
+            stage_cfg = replace(cfg, **{f"train.{k}": v for k, v in cfg.demo.stage_train.get(stage, {}).items()})
+            result = train_local(stage_cfg, stage, log=log)
             entry.update({k: result[k] for k in ("steps", "first_loss", "last_loss", "checkpoint")})
 
     with _phase(report, "sample", log) as entry:
-        result = sample.run(cfg, log=log)
-        entry["ldm_images"] = result["ldm"]["images"]
-        entry["ldm_grid"] = result["ldm"]["grid"]
-        entry["prior_images"] = [r.get("image") for r in result["prior"]["results"]]
-        entry["prior"] = result["prior"]["results"]
+        chains_ = [c for c in ("ldm", "unclip") if set(sample.CHAIN_STAGES[c]) <= set(cfg.demo.stages)]
+        result = sample.run(replace(cfg, **{"sample.chains": chains_}), log=log)
+        for chain in chains_:
+            entry[f"{chain}_images"] = result[chain]["images"]
+            entry[f"{chain}_grid"] = result[chain]["grid"]
+
+    with _phase(report, "eval", log) as entry:
+        entry.update(evaluate.run(cfg, log=log))
 
     report["total_wall_s"] = round(time.time() - started, 2)
     storage.write_json(os.path.join(workdir, "report.json"), report)
     log(f"demo: finished in {report['total_wall_s']:.0f}s; report {os.path.join(workdir, 'report.json')}")
-    log(f"demo: sample grid {report['phases']['sample']['ldm_grid']}")
+    for key in ("ldm_grid", "unclip_grid"):
+        if key in report["phases"]["sample"]:
+            log(f"demo: {key.replace('_', ' ')} {report['phases']['sample'][key]}")
     return report

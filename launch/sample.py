@@ -1,7 +1,9 @@
-"""`unclip sample`: text -> image with the ldm (VAE decode), text -> CLIP image embedding with the prior.
+"""`unclip sample`: prompts -> images, by the ldm chain (text -> UNet -> VAE decode) and the unCLIP
+chain (text -> CLIP text encoder -> prior -> decoder -> upsamplers), plus image variations and
+interpolations in CLIP image-embedding space, as in the unCLIP paper.
 
-The text encoder must be the one the store was built with: its identity in the store manifest
-is compared with the configured encoder before anything is sampled.
+The text encoder must be the one the store was embedded with; its identity in the manifest is
+compared with the configured encoder before anything is sampled.
 """
 
 from __future__ import annotations
@@ -15,113 +17,138 @@ import torch
 from PIL import Image
 
 from data_pipeline import storage
-from data_pipeline.store import StoreError, open_store
+from data_pipeline.store import open_store
 from launch.config import Config
 from launch.configlib import to_yaml
-from models import ldm, prior
-from models.diffusion import Diffusion
-from models.encoders import FrozenClip, FrozenVae, identity_mismatch
+from launch.trained import Trained, available_stages, load_trained
+from models import chains, prior
 from models.imaging import grid, to_pil
-from training.checkpoint import load_ema_model, read_latest
 
-def check_identity(section: str, recorded: dict[str, Any], loaded: dict[str, Any]) -> None:
-    differs = identity_mismatch(recorded, loaded)
-    if differs:
-        field, old, new = differs
-        raise StoreError(
-            f"encoders.{section}.{field} is {new!r}, but the store was embedded with {old!r}; "
-            "sample with the encoders the store was built with"
-        )
+CHAIN_STAGES = {"ldm": ["ldm"], "unclip": ["prior", "decoder", "upsampler"]}
 
 
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48]
 
 
-def _save(image: Image.Image, url: str) -> str:
+def save_png(image: Image.Image, url: str) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     storage.write_bytes(url, buf.getvalue())
     return url
 
 
-def run(cfg: Config, stages: list[str] | None = None, log=print) -> dict[str, Any]:
+def needed_stages(cfg: Config) -> list[str]:
+    stages = {s for chain in cfg.sample.chains for s in CHAIN_STAGES[chain]}
+    if cfg.sample.variations:
+        stages |= {"decoder", "upsampler"}
+    if cfg.sample.interpolate:
+        stages |= {"prior", "decoder", "upsampler"}
+    if not cfg.sample.upsampler_runs:
+        stages.discard("upsampler")
+    return sorted(stages)
+
+
+def run(cfg: Config, log=print) -> dict[str, Any]:
     s = cfg.sample
     store = open_store(cfg.store_url)
-    available = [st for st in ("ldm", "prior") if read_latest(cfg.run_url(st, s.run))]
-    stages = stages or available
-    missing = [st for st in stages if st not in available]
-    if missing or not stages:
-        raise FileNotFoundError(f"no checkpoint for stage {missing[0] if missing else 'ldm or prior'} under {cfg.run_url('<stage>', s.run)}")
-    clip = FrozenClip(cfg.encoders.clip)
-    check_identity("clip", store.manifest["encoders"]["clip"], clip.identity())
-    text = clip.encode_text(s.prompts)
+    stages = needed_stages(cfg)
+    missing = [st for st in stages if st not in available_stages(cfg)]
+    if missing:
+        raise FileNotFoundError(
+            f"sample: no checkpoint for stage {missing[0]} (runs: {s.run}, upsamplers: {s.upsampler_runs}); train it, "
+            "or leave it out with sample.chains / sample.upsampler_runs=[]"
+        )
+    trained = load_trained(cfg, store, stages)
     storage.makedirs(s.out)
     storage.write_text(storage.join(s.out, "config.yaml"), to_yaml(cfg))
-    result: dict[str, Any] = {"out": s.out}
-    if "ldm" in stages:
-        result["ldm"] = _sample_ldm(cfg, store, text, log)
-    if "prior" in stages:
-        result["prior"] = _sample_prior(cfg, store, text, log)
+    text = trained.encode_text(s.prompts)
+    result: dict[str, Any] = {"out": s.out, "checkpoints": trained.checkpoints}
+    for chain in s.chains:
+        result[chain] = _text_to_image(trained, chain, text, log)
+    if s.variations:
+        result["variations"] = _variations(trained, log)
+    if s.interpolate:
+        result["interpolation"] = _interpolation(trained, log)
     storage.write_json(storage.join(s.out, "samples.json"), result)
     return result
 
 
-def _sample_ldm(cfg: Config, store, text: dict[str, torch.Tensor], log) -> dict[str, Any]:
-    s = cfg.sample
-    per_prompt = s.images_per_prompt
-    folder = read_latest(cfg.run_url("ldm", s.run))
-    unet, info = load_ema_model(folder)
-    vae = FrozenVae(cfg.encoders.vae)
-    check_identity("vae", store.manifest["encoders"]["vae"], vae.identity())
-    diffusion = Diffusion(cfg.ldm.diffusion)
+def _repeat(text: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    return {k: v.repeat_interleave(n, 0) for k, v in text.items()}
+
+
+def _text_to_image(trained: Trained, chain: str, text: dict[str, torch.Tensor], log) -> dict[str, Any]:
+    s = trained.cfg.sample
+    n = s.images_per_prompt
     generator = torch.Generator().manual_seed(s.seed)
-    tokens = text["tokens"].repeat_interleave(per_prompt, 0)
-    latents = ldm.sample(unet, diffusion, tokens, s.steps, s.guidance, generator, s.sampler)
-    images = to_pil(vae.decode(latents / info["extras"]["latent_scale"]))
-    paths, rows = [], []
+    repeated = _repeat(text, n)
+    if chain == "ldm":
+        images = chains.latent_diffusion(trained.nets["ldm"], trained.vae, repeated["tokens"], s.steps, s.guidance, generator)
+        extra: dict[str, Any] = {}
+    else:
+        embeddings, levels = chains.unclip(trained.nets["prior"], trained.nets["decoder"], trained.upsamplers, repeated,
+                                           s.steps, s.guidance, generator)  # fmt: skip
+        images = levels[-1]
+        buf = io.BytesIO()
+        np.save(buf, embeddings.numpy())
+        storage.write_bytes(storage.join(s.out, "unclip_image_embeddings.npy"), buf.getvalue())
+        extra = {"resolutions": [lvl.shape[-1] for lvl in levels]}
+    pictures = to_pil(images)
+    rows, paths = [], []
     for i, prompt in enumerate(s.prompts):
-        row = images[i * per_prompt : (i + 1) * per_prompt]
+        row = pictures[i * n : (i + 1) * n]
         rows.append(row)
-        paths += [_save(im, storage.join(s.out, "ldm", f"{i:02d}-{j}-{slug(prompt)}.png")) for j, im in enumerate(row)]
-    grid_path = _save(grid(rows), storage.join(s.out, "ldm_grid.png"))
-    log(f"sample: ldm ({folder}) -> {len(paths)} images, grid {grid_path}")
-    return {"checkpoint": folder, "images": paths, "grid": grid_path}
+        paths += [save_png(im, storage.join(s.out, chain, f"{i:02d}-{j}-{slug(prompt)}.png")) for j, im in enumerate(row)]
+    grid_path = save_png(grid(rows), storage.join(s.out, f"{chain}_grid.png"))
+    log(f"sample: {chain} -> {len(paths)} images ({pictures[0].width} px), grid {grid_path}")
+    return {"images": paths, "grid": grid_path, **extra}
 
 
-def _sample_prior(cfg: Config, store, text: dict[str, torch.Tensor], log) -> dict[str, Any]:
-    """Predicted embeddings, each shown as the store image nearest to it in CLIP space."""
-    s = cfg.sample
-    folder = read_latest(cfg.run_url("prior", s.run))
-    model, _ = load_ema_model(folder)
-    diffusion = Diffusion(cfg.prior.diffusion)
-    generator = torch.Generator().manual_seed(s.seed)
-    predicted = prior.sample(model, diffusion, text, s.steps, s.guidance, generator, s.sampler)
-    columns = ["key", "caption", "clip_image_emb"] + (["image_64"] if "image_64" in store.manifest["columns"] else [])
-    data = store.read(columns)
-    bank = torch.nn.functional.normalize(torch.from_numpy(data["clip_image_emb"].astype(np.float32)), dim=-1)
-    unit = torch.nn.functional.normalize(predicted, dim=-1)
-    nearest = (unit @ bank.T).max(dim=1)
-    entries = []
-    for i, prompt in enumerate(s.prompts):
-        j = int(nearest.indices[i])
-        entry = {
-            "prompt": prompt,
-            "cosine_to_text_embedding": float(torch.cosine_similarity(predicted[i], text["emb"][i], dim=0)),
-            "nearest_key": data["key"][j],
-            "nearest_caption": data["caption"][j],
-            "cosine_to_nearest": float(nearest.values[i]),
-        }
-        if "image_64" in data:
-            image = Image.open(io.BytesIO(data["image_64"][j])).convert("RGB")
-            entry["image"] = _save(image, storage.join(s.out, "prior", f"{i:02d}-{slug(prompt)}.png"))
-        entries.append(entry)
-    storage.write_bytes(storage.join(s.out, "prior_embeddings.npy"), _npy(predicted.numpy()))
-    log(f"sample: prior ({folder}) -> {len(entries)} embeddings, nearest store images under {storage.join(s.out, 'prior')}")
-    return {"checkpoint": folder, "embeddings": storage.join(s.out, "prior_embeddings.npy"), "results": entries}
+def _load_image(url: str) -> Image.Image:
+    if url.startswith(("http://", "https://")):
+        import urllib.request
+
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return Image.open(io.BytesIO(r.read())).convert("RGB")
+    return Image.open(io.BytesIO(storage.read_bytes(url))).convert("RGB")
 
 
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array)
-    return buf.getvalue()
+def _variations(trained: Trained, log) -> dict[str, Any]:
+    """Image -> CLIP image embedding -> decoder (no caption): images that keep what CLIP saw."""
+    from data_pipeline.embed_stages import _resize_center_crop
+
+    s = trained.cfg.sample
+    clip = trained.clip
+    sources = [_load_image(u) for u in s.variations]
+    pixels = np.stack([np.asarray(_resize_center_crop(im, clip.image_size)) for im in sources])
+    embeddings = clip.encode_images(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0)
+    n = s.images_per_prompt
+    no_text = {"emb": torch.zeros_like(embeddings), "tokens": torch.zeros(len(sources), clip.context_length, clip.text_width)}
+    levels = chains.decode_embeddings(trained.nets["decoder"], trained.upsamplers, embeddings.repeat_interleave(n, 0),
+                                      _repeat(no_text, n), s.steps, s.guidance, torch.Generator().manual_seed(s.seed))  # fmt: skip
+    pictures = to_pil(levels[-1])
+    side = pictures[0].width
+    rows = [[src.resize((side, side))] + pictures[i * n : (i + 1) * n] for i, src in enumerate(sources)]
+    path = save_png(grid(rows), storage.join(s.out, "variations_grid.png"))
+    log(f"sample: variations of {len(sources)} images -> {path}")
+    return {"grid": path}
+
+
+def _interpolation(trained: Trained, log) -> dict[str, Any]:
+    """Two prompts -> prior -> slerp between their image embeddings -> decoder (no caption)."""
+    s = trained.cfg.sample
+    text = trained.encode_text(s.interpolate)
+    pri = trained.nets["prior"]
+    ends = prior.sample(pri.model, pri.diffusion, text, s.steps, s.guidance, torch.Generator().manual_seed(s.seed))
+    weights = np.linspace(0, 1, s.interpolation_steps)
+    no_text = {"emb": torch.zeros_like(ends[:1]), "tokens": torch.zeros(1, *text["tokens"].shape[1:])}
+    row = []
+    for w in weights:  # the same noise at every point, so only the embedding changes along the row
+        embedding = chains.slerp(ends[0], ends[1], float(w))[None]
+        levels = chains.decode_embeddings(trained.nets["decoder"], trained.upsamplers, embedding, no_text, s.steps,
+                                          s.guidance, torch.Generator().manual_seed(s.seed))  # fmt: skip
+        row += to_pil(levels[-1])
+    path = save_png(grid([row]), storage.join(s.out, "interpolation.png"))
+    log(f"sample: interpolation '{s.interpolate[0]}' -> '{s.interpolate[1]}' in {len(weights)} steps -> {path}")
+    return {"grid": path, "weights": weights.tolist()}

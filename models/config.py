@@ -81,3 +81,50 @@ class LdmConfig:
             raise ValueError(
                 f"config key 'ldm.block_channels': expected multiples of 8, at least one, got {self.block_channels}"
             )
+
+
+@dataclass
+class DecoderConfig:
+    """64 px decoder: a UNet conditioned on the CLIP image embedding (in its timestep embedding and
+    as extra context tokens) and on the text tokens, as in unCLIP."""
+
+    block_channels: list[int] = option(factory=lambda: [16, 32, 64])
+    layers_per_block: int = option(1, ge=1)
+    heads: int = option(4, ge=1)
+    context_tokens: int = option(4, ge=1, doc="extra context tokens projected from the image embedding")
+    image_drop: float = option(0.1, ge=0, le=1)
+    text_drop: float = option(0.5, ge=0, le=1)
+    diffusion: DiffusionConfig = option(factory=DiffusionConfig)
+
+    def validate(self) -> None:
+        if not self.block_channels or any(c < 8 or c % 8 for c in self.block_channels):
+            raise ValueError(
+                f"config key 'decoder.block_channels': expected multiples of 8, at least one, got {self.block_channels}"
+            )
+
+
+@dataclass
+class UpsamplerConfig:
+    """low -> high super-resolution on the store's image_<low> and image_<high> columns."""
+
+    low: int = option(64, ge=8)
+    high: int = option(256, ge=16)
+    block_channels: list[int] = option(factory=lambda: [16, 32])
+    layers_per_block: int = option(1, ge=1)
+    crop: int = option(32, ge=0, doc="train on random high-res crops of this side (0: whole images)")
+    blur_sigma: list[float] = option(factory=lambda: [0.4, 0.6], doc="Gaussian blur of the conditioning, sigma range")
+    noise_aug: float = option(0.1, ge=0, le=1, doc="Gaussian noise added to the conditioning, up to this std")
+    diffusion: DiffusionConfig = option(factory=DiffusionConfig)
+
+    def validate(self) -> None:
+        if self.high <= self.low or self.high % self.low:
+            raise ValueError(f"config key 'upsampler.high': expected a multiple of upsampler.low={self.low}, got {self.high}")
+        if self.crop and (self.crop > self.high or self.crop % (self.high // self.low)):
+            raise ValueError(
+                f"config key 'upsampler.crop': expected 0 or a side <= {self.high} divisible by {self.high // self.low}, got {self.crop}"
+            )
+        if len(self.blur_sigma) != 2 or not 0 <= self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError(f"config key 'upsampler.blur_sigma': expected [low, high] with 0 <= low <= high, got {self.blur_sigma}")
+        n = len(self.block_channels)
+        if self.crop and self.crop % (2 ** (n - 1)):
+            raise ValueError(f"config key 'upsampler.crop': must be divisible by 2**{n - 1} for {n} UNet blocks")

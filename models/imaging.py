@@ -19,3 +19,17 @@ def grid(rows: list[list[Image.Image]]) -> Image.Image:
         for j, image in enumerate(row):
             canvas.paste(image.resize((w, h)), (j * w, i * h))
     return canvas
+
+
+def decode(blobs) -> "np.ndarray":
+    """Encoded images -> uint8 [B, H, W, 3]."""
+    import io
+
+    import numpy as np
+
+    return np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs])
+
+
+def to_unit(pixels) -> torch.Tensor:
+    """uint8 [B, H, W, 3] (numpy or torch) -> float [B, 3, H, W] in [-1, 1]."""
+    return torch.as_tensor(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0

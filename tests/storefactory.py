@@ -12,7 +12,8 @@ from data_pipeline import store
 DIM, TOKENS, LATENT = 16, 8, (4, 8, 8)
 
 
-def specs(columns=("clip_image_emb", "clip_text_emb", "clip_text_tokens", "text_mask", "vae_latent", "image_64"), latent=LATENT) -> dict[str, dict]:
+def specs(columns=("clip_image_emb", "clip_text_emb", "clip_text_tokens", "text_mask", "vae_latent", "image_64", "image_256"),
+          latent=LATENT) -> dict[str, dict]:  # fmt: skip
     every = {
         "clip_image_emb": {"dtype": "float16", "shape": [DIM]},
         "clip_text_emb": {"dtype": "float16", "shape": [DIM]},
@@ -20,11 +21,12 @@ def specs(columns=("clip_image_emb", "clip_text_emb", "clip_text_tokens", "text_
         "text_mask": {"dtype": "bool", "shape": [TOKENS]},
         "vae_latent": {"dtype": "float16", "shape": list(latent), "image_side": latent[-1] * 4},
         "image_64": {"dtype": "png", "shape": [64, 64, 3]},
+        "image_256": {"dtype": "png", "shape": [256, 256, 3]},
     }
     return {c: every[c] for c in columns}
 
 
-def make_store(root: str, rows_per_part=(20, 17, 13), columns=None, seed: int = 0, latent=LATENT) -> store.Store:
+def make_store(root: str, rows_per_part=(20, 17, 13), columns=None, seed: int = 0, latent=LATENT, holdout: float = 0.0) -> store.Store:
     """Rows numbered 0..N-1: `clip_image_emb[:, 0]` holds the row number, so tests can track order.
     Text embeddings carry a signal the image embedding depends on, so the prior can learn."""
     s = specs(columns, latent) if columns else specs(latent=latent)
@@ -43,19 +45,25 @@ def make_store(root: str, rows_per_part=(20, 17, 13), columns=None, seed: int = 
             "clip_text_tokens": np.repeat(text[:, None, :], TOKENS, 1) * np.linspace(1, 0.5, TOKENS)[None, :, None],
             "text_mask": np.arange(TOKENS)[None, :] < rng.integers(2, TOKENS, (n, 1)),
             "vae_latent": (rng.standard_normal((n, *latent)) + text[:, : latent[0], None, None]) * 5,
-            "image_64": [_png(rng) for _ in range(n)],
         }  # fmt: skip
+        pictures = [_picture(rng) for _ in range(n)] if {"image_64", "image_256"} & set(s) else []
+        rows.update({f"image_{side}": [_png(p.resize((side, side))) for p in pictures] for side in (64, 256) if f"image_{side}" in s})
         rows = {k: v for k, v in rows.items() if k in store.BASE_COLUMNS or k in s}
         parts[shard_id] = store.write_part(root, shard_id, store.to_arrow(rows, s))
     identity = {
         "clip": {"embed_dim": DIM, "text_width": DIM, "context_length": TOKENS, "weights_sha256": "0" * 64},
         "vae": {"scaling_factor": 0.18215, "latent_channels": latent[0], "downsample": 4, "weights_sha256": "1" * 64},
     }
-    store.build_manifest(root, parts, identity, s, {"kept": index}, {"note": "made by tests/storefactory.py"})
+    store.build_manifest(root, parts, identity, s, {"kept": index}, {"note": "made by tests/storefactory.py"}, holdout)
     return store.open_store(root)
 
 
-def _png(rng: np.random.Generator) -> bytes:
+def _picture(rng: np.random.Generator) -> Image.Image:
+    """A smooth random picture (so downscaled copies are consistent views of it)."""
+    return Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((256, 256), Image.Resampling.BICUBIC)
+
+
+def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
+    image.save(buf, format="PNG")
     return buf.getvalue()

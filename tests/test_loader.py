@@ -6,10 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.storefactory import make_store
+from tests import storefactory
 from training.data import StoreLoader, deal
 
 PARTS = (20, 17, 13, 30, 9, 25, 11, 19)  # one row group each: 144 rows
+
+
+def make_store(root, parts, columns=("clip_image_emb", "clip_text_emb", "image_64"), **kw):
+    return storefactory.make_store(root, parts, columns=columns, **kw)
 
 
 def ids(batch) -> list[int]:
@@ -38,8 +42,8 @@ def test_manifest_and_reading(tmp_path):
     data = s.read(["key", "clip_image_emb"])
     assert data["clip_image_emb"].shape == (144, 16) and data["clip_image_emb"].dtype == np.float16
     assert m["clip_image_emb_mean"][0] == pytest.approx(71.5, rel=1e-3)
-    with pytest.raises(store.StoreError, match="manifest field 'columns' lacks 'image_256'"):
-        s.require(["image_256"])
+    with pytest.raises(store.StoreError, match="manifest field 'columns' lacks 'image_1024'"):
+        s.require(["image_1024"])
     with pytest.raises(store.StoreError, match=r"manifest field 'columns.clip_image_emb.shape' is \[16\], expected \[768\]"):
         s.require(["clip_image_emb"], {"columns.clip_image_emb.shape": [768]})
 
@@ -112,3 +116,33 @@ def test_state_is_refused_for_another_store(tmp_path):
     state = loaders(a, 1)[0].state_dict()
     with pytest.raises(ValueError, match="loader state is for 144 rows"):
         loaders(b, 1, state=state)
+
+
+def test_held_out_rows_never_reach_training(tmp_path):
+    s = make_store(str(tmp_path), PARTS, holdout=0.2)
+    heldout = set(s.read(["clip_image_emb"], split="heldout")["clip_image_emb"][:, 0].astype(int).tolist())
+    train = set(s.read(["clip_image_emb"], split="train")["clip_image_emb"][:, 0].astype(int).tolist())
+    assert 10 < len(heldout) < 50 and heldout.isdisjoint(train) and len(heldout | train) == 144
+    (loader,) = loaders(s, 1, batch=4)
+    seen = take([loader], loader.steps_in_epoch)
+    assert set(seen) <= train and len(seen) >= len(train) - 4
+    again = make_store(str(tmp_path / "again"), PARTS, holdout=0.2)  # the split is a function of position
+    assert set(again.read(["clip_image_emb"], split="heldout")["clip_image_emb"][:, 0].astype(int).tolist()) == heldout
+
+
+def test_transform_runs_per_batch_with_reproducible_randomness(tmp_path):
+    s = make_store(str(tmp_path), PARTS)
+
+    def transform(batch, rng):
+        return {**batch, "noise": rng.standard_normal(len(batch["clip_image_emb"])).astype(np.float32)}
+
+    def noises(state=None, steps=6):
+        loader = StoreLoader(s, ["clip_image_emb", "image_64"], 4, seed=1, transform=lambda b, r: transform({"clip_image_emb": b["clip_image_emb"]}, r))
+        if state:
+            loader.load_state_dict(state)
+        out = [next(loader)["noise"].tolist() for _ in range(steps)]
+        return out, loader.state_dict()
+
+    straight, _ = noises(steps=6)
+    first, state = noises(steps=2)
+    assert first + noises(state, steps=4)[0] == straight

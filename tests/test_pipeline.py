@@ -1,6 +1,7 @@
-"""The first real path end to end, on a smaller configuration than the demo:
-generate -> serve -> ingest -> encoders -> embed -> train ldm + prior (2 ranks, DeepSpeed) -> sample,
-then resume a training run from `latest` and check it continues exactly."""
+"""The whole system end to end, on a smaller configuration than the demo:
+generate -> serve -> ingest -> encoders -> embed -> train ldm, prior, decoder, upsampler (2 ranks,
+DeepSpeed) -> sample both chains -> eval; then resume, variations and interpolation, export to
+diffusers checked output for output against plain diffusers, and refusals."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from data_pipeline import storage
-from launch import config, demo
+from data_pipeline.store import StoreError
+from launch import config, demo, export, sample
+from launch.configlib import read_yaml, replace
 from launch.train import train_local
 
 pytestmark = pytest.mark.slow
@@ -23,15 +26,23 @@ SMALL = [
     "synthetic.count=48",
     "ingest.shard_size=20",
     "embed.batch_size=16",
+    "embed.holdout_fraction=0.2",
     "train.steps=8",
     "train.batch_size=8",
     "train.log_every=2",
     "train.checkpoint_every=4",
     "train.optim.warmup_steps=2",
+    "train.progress_bar=never",
+    "demo.stage_train={decoder: {batch_size: 4}, upsampler: {batch_size: 4}}",
     "ldm.block_channels=[32, 64]",
     "prior.layers=2",
+    "decoder.block_channels=[16, 32]",
+    "upsampler.block_channels=[16, 16]",
+    "upsampler.crop=32",
     "sample.steps=4",
+    "sample.images_per_prompt=2",
     "sample.prompts=[a red circle on a blue background, a green square on a white background]",
+    "eval.samples=4",
 ]
 
 
@@ -47,21 +58,29 @@ def test_report_describes_every_phase(pipeline):
     cfg, workdir, report = pipeline
     assert json.loads((workdir / "report.json").read_text()) == report
     phases = report["phases"]
-    assert list(phases) == ["generate", "ingest", "encoders", "embed", "train_ldm", "train_prior", "sample"]
+    assert list(phases) == ["generate", "ingest", "encoders", "embed", "train_ldm", "train_prior", "train_decoder",
+                            "train_upsampler", "sample", "eval"]  # fmt: skip
     assert all(p["wall_s"] > 0 for p in phases.values())
     assert phases["ingest"]["kept"] == 48 and phases["ingest"]["failed"] == 3
     assert phases["ingest"]["failed_by_reason"] == {"decode_error": 2, "http_4xx": 1}
-    assert phases["embed"]["rows"] == 48
-    for stage in ("ldm", "prior"):
+    assert phases["embed"]["rows"] == 48 and {"image_64", "image_256", "vae_latent"} <= set(phases["embed"]["columns"])
+    for stage in ("ldm", "prior", "decoder", "upsampler"):
         entry = phases[f"train_{stage}"]
         assert entry["steps"] == 8 and entry["checkpoint"].endswith("step_0000008")
-        assert entry["first_loss"] > 0 and entry["last_loss"] > 0
+        assert 0 < entry["last_loss"] < 10 and 0 < entry["first_loss"] < 10
     assert phases["train_ldm"]["last_loss"] < phases["train_ldm"]["first_loss"]
-    images = phases["sample"]["ldm_images"] + phases["sample"]["prior_images"]
-    assert len(images) == 2 * 4 + 2
-    for path in images + [phases["sample"]["ldm_grid"]]:
-        with Image.open(path) as im:
-            assert im.size[0] >= 64 and im.mode == "RGB"
+    for chain, side in (("ldm", 64), ("unclip", 256)):
+        assert len(phases["sample"][f"{chain}_images"]) == 4
+        for path in phases["sample"][f"{chain}_images"]:
+            with Image.open(path) as im:
+                assert im.size == (side, side) and im.mode == "RGB"
+        assert os.path.exists(phases["sample"][f"{chain}_grid"])
+    ev = phases["eval"]
+    assert ev["heldout_rows"] == 4 and os.path.exists(ev["grid"]) and ev["grid_columns"] == ["real", "ldm", "unclip"]
+    for value in (ev["prior"]["cosine_predicted_vs_true"], ev["prior"]["cosine_text_embedding_baseline"],
+                  ev["ldm"]["clip_score"], ev["unclip"]["clip_score"], ev["ldm"]["frechet_distance_clip"]):  # fmt: skip
+        assert value == value and abs(value) < 1e6  # finite
+    assert json.loads(open(os.path.join(cfg.eval.out, "eval.json")).read())["unclip"]["resolution"] == 256
 
 
 def test_store_manifest_follows_the_contract(pipeline):
@@ -70,50 +89,135 @@ def test_store_manifest_follows_the_contract(pipeline):
     clip, vae = manifest["encoders"]["clip"], manifest["encoders"]["vae"]
     assert clip["weights_sha256"] == storage.sha256_file(os.path.join(cfg.root, "encoders", "clip", "open_clip_model.safetensors"))
     assert vae["weights_sha256"] == storage.sha256_file(os.path.join(cfg.root, "encoders", "vae", "diffusion_pytorch_model.safetensors"))
-    assert vae["scaling_factor"] > 0
-    assert manifest["columns"]["clip_text_tokens"] == {"dtype": "float16", "shape": [32, 64]}
     assert manifest["columns"]["vae_latent"] == {"dtype": "float16", "shape": [4, 16, 16], "image_side": 64}
-    assert len(manifest["clip_image_emb_mean"]) == len(manifest["clip_image_emb_std"]) == 64
+    assert manifest["holdout"]["fraction"] == 0.2
     assert sum(s["rows"] for s in manifest["shards"]) == manifest["totals"]["rows"] == 48
-    for shard in manifest["shards"]:
-        assert storage.sha256_file(storage.join(cfg.store_url, shard["file"])) == shard["sha256"]
-    assert manifest["config"]["train"]["steps"] == 8  # the config that produced it
 
 
 def test_resolved_config_is_saved_beside_every_output(pipeline):
     cfg, workdir, _ = pipeline
-    saved = [
-        storage.join(cfg.raw_url, "_config.yaml"),
-        storage.join(cfg.run_url("ldm"), "config.yaml"),
-        storage.join(cfg.run_url("prior"), "step_0000008", "config.yaml"),
-        storage.join(cfg.sample.out, "config.yaml"),
-        str(workdir / "config.yaml"),
-    ]
-    from launch.configlib import read_yaml
-
-    for path in saved:
+    for path in (storage.join(cfg.raw_url, "_config.yaml"), storage.join(cfg.run_url("prior"), "step_0000008", "config.yaml"),
+                 storage.join(cfg.sample.out, "config.yaml"), storage.join(cfg.eval.out, "config.yaml"), str(workdir / "config.yaml")):  # fmt: skip
         assert config.from_dict(read_yaml(path)) == cfg, path
+    decoder_cfg = config.from_dict(read_yaml(storage.join(cfg.run_url("decoder"), "config.yaml")))
+    assert decoder_cfg.train.batch_size == 4  # the demo's per-stage setting, as the run used it
 
 
 def test_training_resumes_from_latest_exactly(pipeline):
     """A run stopped at step 4 and started again ends where the uninterrupted run ended."""
     cfg, _, _ = pipeline
-    straight = cfg.run_url("ldm")
-    resumed = cfg.run_url("ldm", "resumed")
+    straight, resumed = cfg.run_url("ldm"), cfg.run_url("ldm", "resumed")
     os.makedirs(resumed)
     shutil.copytree(os.path.join(straight, "step_0000004"), os.path.join(resumed, "step_0000004"))
-    storage.write_text(os.path.join(resumed, "latest"), "step_0000004\n")
-    resumed_cfg = config.load(None, [f"root={cfg.root}", "train.run=resumed", *SMALL])
-    summary = train_local(resumed_cfg, "ldm", log=print)
+    summary = train_local(replace(cfg, **{"train.run": "resumed"}), "ldm", log=print)
     assert summary["resumed_from_step"] == 4 and summary["checkpoint"].endswith("step_0000008")
-    assert storage.read_text(os.path.join(resumed, "latest")).strip() == "step_0000008"
-    for name in ("ema.safetensors",):
-        a = load_file(os.path.join(straight, "step_0000008", name))
-        b = load_file(os.path.join(resumed, "step_0000008", name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    a = torch.load(os.path.join(straight, "step_0000008", "mp_rank_00_model_states.pt"), weights_only=False)["module"]
-    b = torch.load(os.path.join(resumed, "step_0000008", "mp_rank_00_model_states.pt"), weights_only=False)["module"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    # keep_last=3 by default: step 4 and 8 are both still there; the loss history continued
-    state = json.loads(open(os.path.join(resumed, "step_0000008", "trainer_state.json")).read())
-    assert [h["step"] for h in state["history"]] == [2, 4, 6, 8]
+    a = load_file(os.path.join(straight, "step_0000008", "ema.safetensors"))
+    b = load_file(os.path.join(resumed, "step_0000008", "ema.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_variations_and_interpolation(pipeline):
+    cfg, workdir, _ = pipeline
+    source = str(workdir / "site" / "images" / "000000.png")
+    out = storage.join(cfg.root, "samples-extra")
+    result = sample.run(replace(cfg, **{"sample.chains": [], "sample.variations": [source], "sample.out": out,
+                                        "sample.interpolate": ["a red circle on a blue background", "a green square on a white background"],
+                                        "sample.interpolation_steps": 3}), log=print)  # fmt: skip
+    with Image.open(result["variations"]["grid"]) as im:
+        assert im.size == (256 * 3, 256)  # the source, then two variations
+    with Image.open(result["interpolation"]["grid"]) as im:
+        assert im.size == (256 * 3, 256)
+    assert result["interpolation"]["weights"] == [0.0, 0.5, 1.0]
+
+
+def test_sampling_with_other_encoders_is_refused(pipeline, tmp_path):
+    from models.encoders import write_tiny_encoders
+
+    cfg, _, _ = pipeline
+    other = replace(cfg, **{"encoders.clip.model": f"local-dir:{tmp_path}/clip", "encoders.vae.path": str(tmp_path / "vae"),
+                            "encoders.tiny.seed": 1})  # fmt: skip
+    write_tiny_encoders(other.encoders)
+    with pytest.raises(StoreError, match=r"encoders.clip.weights_sha256 is '[0-9a-f]{64}', but the store was embedded with"):
+        sample.run(other, log=print)
+
+
+def _plain_loop(scheduler_dir, shape, predict, guidance, seed, steps):
+    """A denoising loop written against diffusers alone: its scheduler and a model callable."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_pretrained(scheduler_dir)
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        tt = torch.full((shape[0],), int(t), dtype=torch.long)
+        out = predict(x, tt, True)
+        if guidance != 1.0:
+            uncond = predict(x, tt, False)
+            out = uncond + guidance * (out - uncond)
+        x = scheduler.step(out, t, x, generator=generator).prev_sample
+    return x
+
+
+def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_path):
+    from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel
+
+    from launch.trained import load_trained
+    from models import decoder, ldm, prior, upsampler
+    from models.decoder import text_proj_class
+
+    cfg, _, _ = pipeline
+    out = str(tmp_path / "export")
+    exported = export.run(cfg, out, log=print)
+    assert {"prior", "decoder", "ldm", "upsampler-main", "vae", "clip"} <= set(exported)
+    card = open(os.path.join(out, "README.md")).read()
+    assert "weights_sha256" in card and "## decoder" in card and "block_channels" in card
+
+    from data_pipeline.store import open_store
+
+    trained = load_trained(cfg, open_store(cfg.store_url), ["prior", "decoder", "upsampler", "ldm"])
+    text = trained.encode_text(["a red circle on a blue background", "a green square on a white background"])
+    steps, w, seed = 4, 3.0, 7
+
+    # ldm
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(out, "ldm", "model"))
+    ours = ldm.sample(trained.nets["ldm"].model, trained.nets["ldm"].diffusion, text["tokens"], steps, w, torch.Generator().manual_seed(seed))
+    theirs = _plain_loop(os.path.join(out, "ldm", "scheduler"), ours.shape,
+                         lambda x, t, c: unet(x, t, encoder_hidden_states=text["tokens"] if c else torch.zeros_like(text["tokens"])).sample, w, seed, steps)  # fmt: skip
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+    # prior
+    pri = PriorTransformer.from_pretrained(os.path.join(out, "prior", "model"))
+    ours = prior.sample(trained.nets["prior"].model, trained.nets["prior"].diffusion, text, steps, w, torch.Generator().manual_seed(seed))
+    null = prior.drop_text(text, torch.ones(2, dtype=torch.bool))
+    theirs = _plain_loop(os.path.join(out, "prior", "scheduler"), (2, pri.config.embedding_dim),
+                         lambda x, t, c: pri(x, t, proj_embedding=(text if c else null)["emb"], encoder_hidden_states=(text if c else null)["tokens"],
+                                             attention_mask=(text if c else null)["mask"]).predicted_image_embedding, w, seed, steps)  # fmt: skip
+    assert torch.allclose(ours, pri.post_process_latents(theirs), atol=1e-5)
+
+    # decoder
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(out, "decoder", "unet"))
+    proj = text_proj_class().from_pretrained(os.path.join(out, "decoder", "text_proj"))
+    image_emb = ours.detach()
+    cond = decoder.conditioning(image_emb, text["emb"], text["tokens"])
+    mine = decoder.sample(trained.nets["decoder"].model, trained.nets["decoder"].diffusion, cond, steps, w, torch.Generator().manual_seed(seed))
+
+    def decoder_fn(x, t, c):
+        emb = image_emb if c else proj.learned_classifier_free_guidance_embeddings.expand_as(image_emb)
+        keep = 1.0 if c else 0.0
+        context, extra = proj(image_embeddings=emb, prompt_embeds=text["emb"] * keep, text_encoder_hidden_states=text["tokens"] * keep,
+                              do_classifier_free_guidance=False)  # fmt: skip
+        return unet(x, t, encoder_hidden_states=context, class_labels=extra).sample
+
+    theirs = _plain_loop(os.path.join(out, "decoder", "scheduler"), mine.shape, decoder_fn, w, seed, steps).clamp(-1, 1)
+    assert torch.allclose(mine, theirs, atol=1e-5)
+
+    # upsampler
+    sr = UNet2DModel.from_pretrained(os.path.join(out, "upsampler-main", "model"))
+    factor = exported["upsampler-main"]["extras"]["high"] // exported["upsampler-main"]["extras"]["low"]
+    net = trained.upsamplers[0]
+    mine_sr = upsampler.sample(net.model, net.diffusion, mine, factor, steps, torch.Generator().manual_seed(seed))
+    low_up = torch.nn.functional.interpolate(mine, scale_factor=factor, mode="bicubic", align_corners=False).clamp(-1, 1)
+    theirs_sr = _plain_loop(os.path.join(out, "upsampler-main", "scheduler"), mine_sr.shape,
+                            lambda x, t, c: sr(torch.cat([x, low_up], 1), t).sample, 1.0, seed, steps).clamp(-1, 1)  # fmt: skip
+    assert torch.allclose(mine_sr, theirs_sr, atol=1e-5)

@@ -275,13 +275,14 @@ def read_latest(run_url: str) -> str | None:
 
 def load_ema_model(folder: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The network of a checkpoint with its EMA weights, without DeepSpeed (for sampling/export)."""
-    import diffusers
     from safetensors.torch import load_file
+
+    from models.assembly import rebuild
 
     local = storage.download_dir(folder, tempfile.mkdtemp(prefix="unclip-checkpoint-"))
     with open(os.path.join(local, "stage.json")) as f:
         info = json.load(f)
-    model = getattr(diffusers, info["class"]).from_config(info["config"])
+    model = rebuild(info)
     model.load_state_dict(load_file(os.path.join(local, "ema.safetensors")))
     return model.eval().requires_grad_(False), info
 

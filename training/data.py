@@ -17,7 +17,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -31,16 +31,26 @@ from data_pipeline.store import Store, column_numpy
 class RowGroup:
     file: str
     index: int  # row group within the file
-    rows: int
+    usable: np.ndarray  # rows within the group that training may use (not held out)
+
+    @property
+    def rows(self) -> int:
+        return len(self.usable)
 
 
 def row_groups(store: Store) -> list[RowGroup]:
+    """Every row group with the rows trainers may read (the store's held-out rows left out)."""
     groups = []
     for file in store.files:
         fs, path = storage.url_to_fs(file)
         with fs.open(path, "rb") as f:
             meta = pq.ParquetFile(f).metadata
-        groups += [RowGroup(file, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
+        heldout = store.heldout(file, meta.num_rows)
+        start = 0
+        for i in range(meta.num_row_groups):
+            n = meta.row_group(i).num_rows
+            groups.append(RowGroup(file, i, np.flatnonzero(~heldout[start : start + n])))
+            start += n
     return [g for g in groups if g.rows]
 
 
@@ -87,6 +97,7 @@ class StoreLoader:
         world_size: int = 1,
         prefetch: int = 4,
         readers: int = 2,
+        transform: Callable[[dict[str, np.ndarray], np.random.Generator], dict[str, np.ndarray]] | None = None,
     ):
         self.store, self.columns = store, list(columns)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
@@ -98,8 +109,8 @@ class StoreLoader:
                 f"store '{store.url}' has {self.rows} rows, fewer than one global batch "
                 f"({batch_size} per rank x {world_size} ranks); lower train.batch_size"
             )
-        self.shapes = {c: store.shape(c) for c in self.columns}
-        self.prefetch, self.readers = prefetch, readers
+        self.prefetch, self.readers, self.transform = prefetch, readers, transform
+        self.shapes = {c: store.shape(c) if store.manifest["columns"][c].get("dtype") != "png" else [] for c in self.columns}
         self._start_epoch(0)
 
     # -- order -------------------------------------------------------------------------------
@@ -118,7 +129,8 @@ class StoreLoader:
     def _stream_rows(self, skip: int) -> Iterator[tuple[int, np.ndarray]]:
         """(group, row indices within it) of this rank's stream, past the first `skip` rows."""
         for group, start in self.streams[self.rank]:
-            rows = in_group_order(self.seed, self.epoch, group, self.sizes[group])[start:]
+            order = in_group_order(self.seed, self.epoch, group, self.sizes[group])[start:]
+            rows = self.groups[group].usable[order]
             if skip >= len(rows):
                 skip -= len(rows)
                 continue
@@ -134,7 +146,14 @@ class StoreLoader:
             fs, path = storage.url_to_fs(g.file)
             with fs.open(path, "rb") as f:
                 table = pq.ParquetFile(f).read_row_group(g.index, columns=self.columns)
-        return {c: column_numpy(table, c, self.shapes[c]) for c in self.columns}
+        return {c: self._column(table, c) for c in self.columns}
+
+    def _column(self, table, name: str) -> np.ndarray:
+        if self.shapes[name]:  # a fixed-size array column
+            return column_numpy(table, name, self.shapes[name])
+        values = np.empty(len(table), dtype=object)  # encoded images: the stage's transform decodes them
+        values[:] = table[name].to_pylist()
+        return values
 
     def _read_ahead(self, stream: Iterator[tuple[int, np.ndarray]]) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """(rows, group data) in stream order, with the next few groups read in parallel:
@@ -187,6 +206,10 @@ class StoreLoader:
                             continue
                         batch = {c: np.concatenate([p[c] for p in pieces]) for c in self.columns}
                         pieces, have = [], 0
+                    if self.transform is not None:
+                        # decoding and augmentation run here, off the training thread; their
+                        # randomness is a function of the batch's place in the run
+                        batch = self.transform(batch, np.random.default_rng([self.seed, self.epoch, self.rank, skip // self.batch_size + made]))
                     if not put(batch):
                         return
                     made += 1

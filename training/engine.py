@@ -94,9 +94,9 @@ def weights_checksum(module: torch.nn.Module, zero_stage: int) -> float:
 
 
 def _ema_model(stage_info: dict[str, Any], ema: EMA) -> torch.nn.Module:
-    import diffusers
+    from models.assembly import rebuild
 
-    model = getattr(diffusers, stage_info["class"]).from_config(stage_info["config"])
+    model = rebuild(stage_info)
     model.load_state_dict(ema.state_dict())
     return model.eval().requires_grad_(False)
 
@@ -129,7 +129,7 @@ def train(
         say(f"{stage_name}: the run already has checkpoints; resuming from {folder}, not initialising from {init_from}")
     stage_info = stage.describe(model)
     ema = EMA(model, t.ema.decay, t.ema.warmup)
-    loader = StoreLoader(store, stage.columns, t.batch_size, t.seed, rank, world, t.prefetch)
+    loader = StoreLoader(store, stage.columns, t.batch_size, t.seed, rank, world, t.prefetch, transform=stage.prepare)
 
     universal = False
     if folder:

@@ -46,4 +46,10 @@ class Stage:
         return {k: v[:count] for k, v in data.items()}
 
     def describe(self, model: torch.nn.Module) -> dict[str, Any]:
-        return {"stage": self.name, "class": type(model).__name__, "config": dict(model.config), "extras": self.extras()}
+        from models.assembly import describe
+
+        return describe(self.name, model, self.extras())
+
+    # Called by the loader's thread on each batch of numpy columns (e.g. to decode images), with
+    # randomness that is a function of the batch's place in the run; None: batches pass as read.
+    prepare: Any = None

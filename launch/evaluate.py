@@ -1,0 +1,114 @@
+"""`unclip eval`: score what was trained on the store's held-out rows (never seen in training).
+
+- prior: cosine between predicted and true CLIP image embeddings, beside the baseline of using the
+  caption's text embedding itself;
+- each chain (ldm; unCLIP = prior -> decoder -> upsamplers): CLIP score of the generated images
+  (cosine of their CLIP image embedding with the caption's text embedding; the real images' score
+  beside it), and the Fréchet distance between generated and real images in CLIP image space.
+Writes eval.json and a grid (real image, then each chain's) to `eval.out`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data_pipeline import storage
+from data_pipeline.store import StoreError, open_store
+from launch.config import Config
+from launch.configlib import to_yaml
+from launch.sample import save_png
+from launch.trained import Trained, available_stages, load_trained
+from models import chains, prior
+from models.imaging import decode, grid, to_pil, to_unit
+from models.metrics import frechet_distance, mean_cosine
+
+TEXT_COLUMNS = ("clip_text_emb", "clip_text_tokens", "text_mask")
+
+
+def clip_embed(trained: Trained, images: torch.Tensor) -> np.ndarray:
+    """CLIP image embeddings of images in [-1, 1], resized to the encoder's input."""
+    size = trained.clip.image_size
+    pixels = torch.nn.functional.interpolate((images + 1) / 2, size=(size, size), mode="bicubic", align_corners=False)
+    return trained.clip.encode_images(pixels.clamp(0, 1)).numpy()
+
+
+def _batches(n: int, size: int):
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def run(cfg: Config, log=print) -> dict[str, Any]:
+    started = time.time()
+    store = open_store(cfg.store_url)
+    if store.holdout_fraction <= 0:
+        raise StoreError(f"store '{store.url}': manifest field 'holdout.fraction' is 0: no held-out rows to score on (set embed.holdout_fraction)")
+    stages = available_stages(cfg)
+    chains_ready = {"ldm": "ldm" in stages, "unclip": {"prior", "decoder"} <= set(stages)}
+    if not stages:
+        raise FileNotFoundError(f"eval: no trained stage under {cfg.root}/runs (run {cfg.sample.run})")
+    if not cfg.sample.upsampler_runs:
+        stages = [s for s in stages if s != "upsampler"]
+    trained = load_trained(cfg, store, stages)
+    columns = ["caption", "clip_image_emb", *TEXT_COLUMNS] + (["image_64"] if "image_64" in store.manifest["columns"] else [])
+    held = store.read(columns, split="heldout")
+    n = min(cfg.eval.samples, len(held["caption"]))
+    held = {k: v[:n] for k, v in held.items()}
+    text = {"emb": torch.from_numpy(held["clip_text_emb"].astype(np.float32)),
+            "tokens": torch.from_numpy(held["clip_text_tokens"].astype(np.float32)),
+            "mask": torch.from_numpy(held["text_mask"])}  # fmt: skip
+    real = held["clip_image_emb"].astype(np.float32)
+    s = cfg.sample
+    results: dict[str, Any] = {"heldout_rows": n, "steps": s.steps, "guidance": s.guidance, "checkpoints": trained.checkpoints}
+    results["real_images_clip_score"] = mean_cosine(real, held["clip_text_emb"].astype(np.float32))
+    generated: dict[str, torch.Tensor] = {}
+
+    if "prior" in trained.nets:
+        pri = trained.nets["prior"]
+        predicted = torch.cat([
+            prior.sample(pri.model, pri.diffusion, {k: v[b] for k, v in text.items()}, s.steps, s.guidance, torch.Generator().manual_seed(s.seed + i))
+            for i, b in enumerate(_batches(n, cfg.eval.batch_size))
+        ]).numpy()  # fmt: skip
+        results["prior"] = {"cosine_predicted_vs_true": mean_cosine(predicted, real),
+                            "cosine_text_embedding_baseline": mean_cosine(held["clip_text_emb"].astype(np.float32), real)}  # fmt: skip
+        log(f"eval: prior cosine {results['prior']['cosine_predicted_vs_true']:.3f} "
+            f"(text-embedding baseline {results['prior']['cosine_text_embedding_baseline']:.3f})")  # fmt: skip
+
+    for chain, ready in chains_ready.items():
+        if not ready:
+            continue
+        images = []
+        for i, b in enumerate(_batches(n, cfg.eval.batch_size)):
+            part = {k: v[b] for k, v in text.items()}
+            generator = torch.Generator().manual_seed(s.seed + i)
+            if chain == "ldm":
+                images.append(chains.latent_diffusion(trained.nets["ldm"], trained.vae, part["tokens"], s.steps, s.guidance, generator))
+            else:
+                images.append(chains.unclip(trained.nets["prior"], trained.nets["decoder"], trained.upsamplers, part, s.steps, s.guidance, generator)[1][-1])
+        generated[chain] = torch.cat(images)
+        embeddings = clip_embed(trained, generated[chain])
+        results[chain] = {"clip_score": mean_cosine(embeddings, held["clip_text_emb"].astype(np.float32)),
+                          "frechet_distance_clip": frechet_distance(embeddings, real),
+                          "resolution": int(generated[chain].shape[-1])}  # fmt: skip
+        log(f"eval: {chain} CLIP score {results[chain]['clip_score']:.3f} (real {results['real_images_clip_score']:.3f}), "
+            f"Fréchet distance in CLIP space {results[chain]['frechet_distance_clip']:.3f}")  # fmt: skip
+
+    storage.makedirs(cfg.eval.out)
+    storage.write_text(storage.join(cfg.eval.out, "config.yaml"), to_yaml(cfg))
+    if generated:
+        rows = min(n, 8)
+        side = max(g.shape[-1] for g in generated.values())
+        columns_ = [to_pil(to_unit(decode(held["image_64"][:rows])))] if "image_64" in held else []
+        columns_ += [to_pil(g[:rows]) for g in generated.values()]
+        picture = grid([[im.resize((side, side), Image.Resampling.NEAREST) for im in row] for row in zip(*columns_)])
+        results["grid"] = save_png(picture, storage.join(cfg.eval.out, "eval_grid.png"))
+        results["grid_columns"] = (["real"] if "image_64" in held else []) + list(generated)
+        results["grid_captions"] = [str(c) for c in held["caption"][:rows]]
+    results["wall_s"] = round(time.time() - started, 2)
+    storage.write_json(storage.join(cfg.eval.out, "eval.json"), results)
+    log(f"eval: {storage.join(cfg.eval.out, 'eval.json')}")
+    return results
+

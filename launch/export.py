@@ -1,0 +1,111 @@
+"""`unclip export --out DIR`: every trained stage's EMA weights as diffusers folders.
+
+DIR/<stage>/<module>/   save_pretrained of each network (prior: PriorTransformer with the store's
+                        CLIP mean/std inside; decoder: UNet2DConditionModel + UnCLIPTextProjModel;
+                        upsampler-<run>: UNet2DModel; ldm: UNet2DConditionModel)
+DIR/<stage>/scheduler/  the DDIMScheduler it samples with
+DIR/<stage>/unclip_stage.json  how to condition it (what stage.json says, and the diffusion settings)
+DIR/vae/, DIR/clip/     the frozen encoders, copied when they are local folders
+DIR/README.md           a model card: each stage's training config and the store's identity
+
+Plain diffusers loads each folder with `from_pretrained`; driven by its scheduler it gives the same
+outputs as `unclip sample` on the same seed (tests/test_pipeline.py checks every stage).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any
+
+import yaml
+
+from data_pipeline import storage
+from data_pipeline.store import open_store
+from launch import config as config_mod
+from launch.config import Config
+from launch.configlib import read_yaml
+from models.assembly import modules_of
+from models.diffusion import Diffusion
+from models.encoders import LOCAL_DIR
+from training.checkpoint import load_ema_model, read_latest
+
+
+def _stage_runs(cfg: Config) -> list[tuple[str, str, str]]:
+    """(stage, run, export folder name) of every trained stage the sample settings point at."""
+    found = [(s, cfg.sample.run, s) for s in ("prior", "decoder", "ldm") if read_latest(cfg.run_url(s, cfg.sample.run))]
+    found += [("upsampler", r, f"upsampler-{r}") for r in cfg.sample.upsampler_runs if read_latest(cfg.run_url("upsampler", r))]
+    return found
+
+
+def run(cfg: Config, out: str, log=print) -> dict[str, Any]:
+    from diffusers import DDIMScheduler
+
+    store = open_store(cfg.store_url)
+    runs = _stage_runs(cfg)
+    if not runs:
+        raise FileNotFoundError(f"export: no trained stage under {cfg.root}/runs (run {cfg.sample.run})")
+    exported: dict[str, Any] = {}
+    card_sections = []
+    with storage.atomic_dir(out) as staging:
+        for stage, run_name, name in runs:
+            folder = read_latest(cfg.run_url(stage, run_name))
+            model, info = load_ema_model(folder)
+            trained_with = config_mod.from_dict(read_yaml(storage.join(folder, "config.yaml")))
+            stage_cfg = getattr(trained_with, stage)
+            diffusion = Diffusion(stage_cfg.diffusion)
+            for module_name, module in modules_of(model).items():
+                module.save_pretrained(os.path.join(staging, name, module_name))
+            DDIMScheduler(**diffusion.scheduler_config, set_alpha_to_one=True).save_pretrained(os.path.join(staging, name, "scheduler"))
+            description = {"stage": stage, "run": run_name, "checkpoint": folder, "modules": list(info["modules"]),
+                           "extras": info["extras"], "diffusion": dataclasses.asdict(stage_cfg.diffusion),
+                           "null_condition": NULL_CONDITION[stage]}  # fmt: skip
+            with open(os.path.join(staging, name, "unclip_stage.json"), "w") as f:
+                json.dump(description, f, indent=2, default=str)
+            exported[name] = description
+            card_sections.append(f"## {name}\n\nFrom `{folder}`.\n\n```yaml\n{yaml.safe_dump({stage: dataclasses.asdict(stage_cfg), 'train': dataclasses.asdict(trained_with.train)}, sort_keys=False)}```\n")
+        _copy_encoders(cfg, staging, exported)
+        with open(os.path.join(staging, "README.md"), "w") as f:
+            f.write(model_card(store.manifest, card_sections))
+    log(f"export: {', '.join(exported)} -> {out}")
+    return exported
+
+
+NULL_CONDITION = {
+    "prior": "text dropped: zero text embedding and tokens, full attention mask",
+    "decoder": "image embedding dropped: text_proj.learned_classifier_free_guidance_embeddings; text dropped: zero text embedding and tokens",
+    "upsampler": "not conditioned on text; input is [noisy high-res, bicubic-upsampled low-res] on the channel axis",
+    "ldm": "text dropped: zero tokens",
+}
+
+
+def _copy_encoders(cfg: Config, staging: str, exported: dict[str, Any]) -> None:
+    vae = cfg.encoders.vae.path
+    if storage.is_local(vae) and os.path.isdir(vae):
+        shutil.copytree(os.path.join(vae, cfg.encoders.vae.subfolder or ""), os.path.join(staging, "vae"))
+        exported["vae"] = {"copied_from": vae}
+    clip = cfg.encoders.clip.model
+    if clip.startswith(LOCAL_DIR) and os.path.isdir(clip[len(LOCAL_DIR) :]):
+        shutil.copytree(clip[len(LOCAL_DIR) :], os.path.join(staging, "clip"))
+        exported["clip"] = {"copied_from": clip, "load_with": "open_clip.create_model('local-dir:<export>/clip')"}
+
+
+def model_card(manifest: dict[str, Any], sections: list[str]) -> str:
+    encoders = manifest["encoders"]
+    identity = {
+        "store_created": manifest["created"],
+        "rows": manifest["totals"]["rows"],
+        "clip": {k: encoders["clip"].get(k) for k in ("model", "pretrained", "weights_sha256", "embed_dim")},
+        "vae": {k: (encoders.get("vae") or {}).get(k) for k in ("path", "weights_sha256", "scaling_factor")},
+        "shards_sha256": [s["sha256"] for s in manifest["shards"]][:8],
+    }
+    return (
+        "# unclip export\n\nText-to-image stages trained with unclip (unCLIP prior, decoder and upsamplers; latent "
+        "diffusion), as diffusers folders. Load each with `from_pretrained` and drive it with the `scheduler` "
+        "folder beside it; `unclip_stage.json` says how each is conditioned.\n\n## Data\n\n```json\n"
+        + json.dumps(identity, indent=2)
+        + "\n```\n\n"
+        + "\n".join(sections)
+    )

@@ -1,0 +1,80 @@
+"""Load what was trained: every stage's newest checkpoint (EMA weights), with the diffusion it was
+trained with, and the frozen encoders the store was embedded with (identity checked)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from data_pipeline import storage
+from data_pipeline.store import Store, StoreError
+from launch import config as config_mod
+from launch.config import Config
+from launch.configlib import read_yaml
+from models.chains import Net
+from models.diffusion import Diffusion
+from models.encoders import FrozenClip, FrozenVae, identity_mismatch
+from training.checkpoint import load_ema_model, read_latest
+
+
+def check_identity(section: str, recorded: dict[str, Any], loaded: dict[str, Any]) -> None:
+    differs = identity_mismatch(recorded, loaded)
+    if differs:
+        field_name, old, new = differs
+        raise StoreError(
+            f"encoders.{section}.{field_name} is {new!r}, but the store was embedded with {old!r}; "
+            "use the encoders the store was built with"
+        )
+
+
+def load_net(cfg: Config, stage: str, run: str) -> tuple[Net, str]:
+    folder = read_latest(cfg.run_url(stage, run))
+    if folder is None:
+        raise FileNotFoundError(f"no checkpoint for stage {stage} under {cfg.run_url(stage, run)} (train it first)")
+    model, info = load_ema_model(folder)
+    trained_with = config_mod.from_dict(read_yaml(storage.join(folder, "config.yaml")))
+    diffusion = Diffusion(getattr(trained_with, stage).diffusion)  # sample as it was trained
+    return Net(model, diffusion, info["extras"]), folder
+
+
+@dataclass
+class Trained:
+    cfg: Config
+    store: Store
+    nets: dict[str, Net] = field(default_factory=dict)
+    upsamplers: list[Net] = field(default_factory=list)
+    checkpoints: dict[str, str] = field(default_factory=dict)
+    clip: FrozenClip | None = None
+    vae: FrozenVae | None = None
+
+    def has(self, *stages: str) -> bool:
+        return all(s in self.nets for s in stages) and ("upsampler" not in stages or bool(self.upsamplers))
+
+    def encode_text(self, captions: list[str]):
+        return self.clip.encode_text(captions)
+
+
+def load_trained(cfg: Config, store: Store, stages: list[str]) -> Trained:
+    """The named stages (ldm, prior, decoder, upsampler) of runs `sample.run` / `sample.upsampler_runs`."""
+    trained = Trained(cfg, store)
+    trained.clip = FrozenClip(cfg.encoders.clip)
+    check_identity("clip", store.manifest["encoders"]["clip"], trained.clip.identity())
+    for stage in stages:
+        if stage == "upsampler":
+            for run in cfg.sample.upsampler_runs:
+                net, folder = load_net(cfg, "upsampler", run)
+                trained.upsamplers.append(net)
+                trained.checkpoints[f"upsampler/{run}"] = folder
+            continue
+        trained.nets[stage], trained.checkpoints[stage] = load_net(cfg, stage, cfg.sample.run)
+    if "ldm" in stages:
+        trained.vae = FrozenVae(cfg.encoders.vae)
+        check_identity("vae", store.manifest["encoders"]["vae"], trained.vae.identity())
+    return trained
+
+
+def available_stages(cfg: Config) -> list[str]:
+    found = [s for s in ("prior", "decoder", "ldm") if read_latest(cfg.run_url(s, cfg.sample.run))]
+    if cfg.sample.upsampler_runs and all(read_latest(cfg.run_url("upsampler", r)) for r in cfg.sample.upsampler_runs):
+        found.append("upsampler")
+    return found

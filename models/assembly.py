@@ -1,0 +1,47 @@
+"""A stage's networks as `stage.json` describes them, rebuilt without DeepSpeed.
+
+A stage trains one diffusers model, or (the decoder) a small wrapper around several; either way
+each network is a diffusers `ModelMixin`, so it saves with `save_pretrained` and loads with
+`from_pretrained` on its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def module_class(name: str):
+    if name == "UnCLIPTextProjModel":
+        from models.decoder import text_proj_class
+
+        return text_proj_class()
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
+def modules_of(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    from diffusers import ModelMixin
+
+    return {"model": model} if isinstance(model, ModelMixin) else dict(model.named_children())
+
+
+def describe(stage: str, model: torch.nn.Module, extras: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "stage": stage,
+        "modules": {name: {"class": type(m).__name__, "config": dict(m.config)} for name, m in modules_of(model).items()},
+        "extras": extras,
+    }
+
+
+def rebuild(info: dict[str, Any]) -> torch.nn.Module:
+    modules = {name: module_class(d["class"]).from_config(d["config"]) for name, d in info["modules"].items()}
+    if list(modules) == ["model"]:
+        return modules["model"]
+    if info["stage"] == "decoder":
+        from models.decoder import UnclipDecoder
+
+        return UnclipDecoder(**modules)
+    raise ValueError(f"stage {info['stage']!r}: don't know how to assemble modules {sorted(modules)}")

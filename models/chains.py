@@ -1,0 +1,59 @@
+"""The two text-to-image chains, and what unCLIP's image-embedding space adds (variations,
+interpolation). Plain functions over networks already loaded; no I/O here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from models import decoder, ldm, prior, upsampler
+from models.diffusion import Diffusion
+
+
+@dataclass
+class Net:
+    """One trained stage: its EMA network, its diffusion, and what stage.json says besides."""
+
+    model: torch.nn.Module
+    diffusion: Diffusion
+    extras: dict[str, Any]
+
+
+def upsample_all(images: torch.Tensor, upsamplers: list[Net], steps: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Each upsampler in turn; returns every resolution, the input first."""
+    out = [images]
+    for net in upsamplers:
+        factor = net.extras["high"] // net.extras["low"]
+        out.append(upsampler.sample(net.model, net.diffusion, out[-1], factor, steps, generator))
+    return out
+
+
+def decode_embeddings(dec: Net, upsamplers: list[Net], image_emb: torch.Tensor, text: dict[str, torch.Tensor],
+                      steps: int, guidance: float, generator: torch.Generator) -> list[torch.Tensor]:  # fmt: skip
+    cond = decoder.conditioning(image_emb, text["emb"], text["tokens"])
+    images = decoder.sample(dec.model, dec.diffusion, cond, steps, guidance, generator)
+    return upsample_all(images, upsamplers, steps, generator)
+
+
+def unclip(pri: Net, dec: Net, upsamplers: list[Net], text: dict[str, torch.Tensor], steps: int, guidance: float,
+           generator: torch.Generator) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+    """text -> prior -> CLIP image embedding -> decoder -> upsamplers; (embeddings, images per resolution)."""
+    image_emb = prior.sample(pri.model, pri.diffusion, text, steps, guidance, generator)
+    return image_emb, decode_embeddings(dec, upsamplers, image_emb, text, steps, guidance, generator)
+
+
+def latent_diffusion(net: Net, vae, tokens: torch.Tensor, steps: int, guidance: float, generator: torch.Generator) -> torch.Tensor:
+    """text tokens -> latents -> VAE decode; images in [-1, 1]."""
+    latents = ldm.sample(net.model, net.diffusion, tokens, steps, guidance, generator)
+    return vae.decode(latents / net.extras["latent_scale"])
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation between embeddings (their norms interpolated linearly)."""
+    na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
+    ua, ub = a / na, b / nb
+    omega = torch.arccos((ua * ub).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7))
+    direction = (torch.sin((1 - t) * omega) * ua + torch.sin(t * omega) * ub) / torch.sin(omega)
+    return direction * ((1 - t) * na + t * nb)
