@@ -242,7 +242,7 @@ def test_a_rerun_with_another_list_or_settings_is_refused(tmp_path):
     with pytest.raises(url_list.UrlListError, match="holds shard 00000 of another URL list"):
         ingest.check_plan(raw_url, shards_of(["http://h/9", "http://h/2", "http://h/3"]), {0}, settings)
     other = ingest.plan_settings(IngestConfig(shard_size=2, image_size=128))
-    with pytest.raises(url_list.UrlListError, match="was ingested with ingest.image_size=64, now 128"):
+    with pytest.raises(url_list.UrlListError, match="was ingested with ingest.image_size=256, now 128"):
         ingest.check_plan(raw_url, shards_of(["http://h/1", "http://h/2", "http://h/3"]), {0}, other)
 
 
