@@ -6,6 +6,7 @@ batch held in memory, nothing else. Rounds alternate; prints the per-step time o
 ratio (target <= 1.10). With a GPU it also prints samples/s and model FLOPs utilisation.
 
     python benchmarks/train_step.py --steps 60 --rounds 3
+    python benchmarks/train_step.py --model sd --precision bf16 --batch-size 64   # on a GPU
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -23,7 +25,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Peak dense bf16 TFLOP/s for MFU, by device name (override with --peak-tflops).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
-MODEL = ["ldm.block_channels=[64, 128]", "ldm.layers_per_block=1"]
+MODELS = {
+    "small": ["ldm.block_channels=[64, 128]", "ldm.layers_per_block=1"],
+    # Stable Diffusion 1.x's UNet widths (about 0.86B parameters): a GPU-sized step
+    "sd": ["ldm.block_channels=[320, 640, 1280, 1280]", "ldm.layers_per_block=2", "ldm.heads=8"],
+}
 
 
 def plain_loop(cfg, steps: int, device) -> tuple[float, object]:
@@ -43,10 +49,13 @@ def plain_loop(cfg, steps: int, device) -> tuple[float, object]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(t.optim, t.steps))
     data = stage.store.read(list(stage.columns))
     batch = {k: torch.from_numpy(v[: t.batch_size].copy()).to(device) for k, v in data.items()}
+    # the plain recipe for bf16 is autocast around the forward pass, fp32 weights
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=t.precision == "bf16")
     times = []
     for step in range(steps):
         started = time.time()
-        loss = stage.loss(model, batch, step_generator(0, 0, step, 0))
+        with autocast:
+            loss = stage.loss(model, batch, step_generator(0, 0, step, 0))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
@@ -68,6 +77,7 @@ def engine_steps(cfg, steps: int, run: str) -> float:
     cfg = replace(cfg, **{"train.steps": steps, "train.run": run, "train.checkpoint_every": steps + 1, "train.log_every": 10})
     train(cfg, "ldm", to_yaml(cfg), log=lambda _: None)
     records = [json.loads(line) for line in open(os.path.join(cfg.run_url("ldm"), "logs", "metrics.jsonl"))]
+    shutil.rmtree(cfg.run_url("ldm"))  # the final checkpoint of a GPU-sized model is many GB
     return statistics.mean(r["step_time_s"] for r in records[1:])
 
 
@@ -88,6 +98,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--model", choices=sorted(MODELS), default="small")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--peak-tflops", type=float, help="accelerator peak for MFU (default: by device name)")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -101,7 +113,7 @@ def main() -> None:
     # SD-like proportions: latents 4x32x32 (256 px images), so compute, not bookkeeping, dominates
     make_store(os.path.join(work, "store"), (256, 256), latent=(4, 32, 32))
     cfg = config.load(None, [f"root={work}", f"train.batch_size={args.batch_size}", "train.nproc=1",
-                             "train.progress_bar=never", *MODEL])  # fmt: skip
+                             "train.progress_bar=never", f"train.precision={args.precision}", *MODELS[args.model]])  # fmt: skip
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seconds: dict[str, list[float]] = {"engine": [], "plain PyTorch": []}
     probe = None
@@ -112,7 +124,7 @@ def main() -> None:
         print(f"round {round_ + 1}: engine {seconds['engine'][-1] * 1000:.1f} ms/step, plain {plain * 1000:.1f} ms/step", flush=True)
     step = {name: statistics.median(v) for name, v in seconds.items()}
     ratio = step["engine"] / step["plain PyTorch"]
-    result = {"device": str(device), "batch_size": args.batch_size, "ms_per_step": {k: v * 1000 for k, v in step.items()}, "ratio": ratio}
+    result = {"device": str(device), "model": args.model, "precision": args.precision, "batch_size": args.batch_size, "ms_per_step": {k: v * 1000 for k, v in step.items()}, "ratio": ratio}
     print(f"\nengine / plain step time: {ratio:.3f} (target <= 1.10)")
     if device.type == "cuda":
         flops = model_flops(probe)

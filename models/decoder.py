@@ -90,7 +90,7 @@ def drop(cond: dict[str, torch.Tensor], drop_image: torch.Tensor, drop_text: tor
 
 
 def conditioning(image_emb: torch.Tensor, text_emb: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"image_emb": image_emb, "text_emb": text_emb, "tokens": tokens, "image_dropped": torch.zeros(len(image_emb), dtype=torch.bool)}
+    return {"image_emb": image_emb, "text_emb": text_emb, "tokens": tokens, "image_dropped": torch.zeros(len(image_emb), dtype=torch.bool, device=image_emb.device)}
 
 
 def sample(model, diffusion: Diffusion, cond: dict[str, torch.Tensor], steps: int, guidance: float,

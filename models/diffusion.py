@@ -21,6 +21,12 @@ PREDICTION_TYPES = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 ModelFn = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
 
 
+def row_mask(n: int, probability: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """True for each row with `probability` (condition dropout); drawn on the CPU like all training
+    randomness, so a run draws the same numbers on any device."""
+    return (torch.rand(n, generator=generator) < probability).to(device)
+
+
 def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1, *([1] * (like.dim() - 1))).to(like)
 
@@ -49,9 +55,15 @@ class Diffusion:
     def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randint(0, self.cfg.timesteps, (n,), generator=generator)
 
+    def draw(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps and noise for a training batch, drawn on the CPU, placed beside x0."""
+        t = self.sample_timesteps(len(x0), generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        return t.to(x0.device), noise.to(x0.device)
+
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
-        abar = _expand(self.alphas_cumprod[t], x0)
+        abar = _expand(self.alphas_cumprod[t.cpu()], x0)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -59,11 +71,11 @@ class Diffusion:
             return noise
         if self.cfg.prediction == "x0":
             return x0
-        abar = _expand(self.alphas_cumprod[t], x0)
+        abar = _expand(self.alphas_cumprod[t.cpu()], x0)
         return abar.sqrt() * noise - (1 - abar).sqrt() * x0  # v
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
-        abar = self.alphas_cumprod[t]
+        abar = self.alphas_cumprod[t.cpu()]
         return (abar / (1 - abar)).float()
 
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:

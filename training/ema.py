@@ -6,10 +6,13 @@ import torch
 
 
 class EMA:
-    def __init__(self, model: torch.nn.Module, decay: float, warmup: int = 10):
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: int = 10, device: torch.device | str = "cpu"):
         self.decay, self.warmup = decay, warmup
         self.updates = 0
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        # Beside the trained weights by default: an average kept across the PCIe bus costs a full
+        # copy of the model per step, which dominates the step of a large model on a GPU.
+        self.device = torch.device(device)
+        self.shadow = {n: p.detach().to(self.device, torch.float32, copy=True) for n, p in model.named_parameters()}
 
     def current_decay(self) -> float:
         # Early averages would be dominated by the random init: (1 + n) / (warmup + n) ramps up.
@@ -24,11 +27,11 @@ class EMA:
         self.updates += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.shadow)
+        return {n: v.cpu() for n, v in self.shadow.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor], updates: int) -> None:
         missing = set(self.shadow) - set(state)
         if missing:
             raise KeyError(f"EMA weights lack {sorted(missing)[0]!r}")
-        self.shadow = {n: state[n].float().clone() for n in self.shadow}
+        self.shadow = {n: state[n].to(self.device, torch.float32, copy=True) for n in self.shadow}
         self.updates = updates

@@ -128,7 +128,7 @@ def train(
     elif init_from:
         say(f"{stage_name}: the run already has checkpoints; resuming from {folder}, not initialising from {init_from}")
     stage_info = stage.describe(model)
-    ema = EMA(model, t.ema.decay, t.ema.warmup)
+    ema = EMA(model, t.ema.decay, t.ema.warmup, "cpu" if t.ema.on_cpu else device)
     loader = StoreLoader(store, stage.columns, t.batch_size, t.seed, rank, world, t.prefetch, transform=stage.prepare)
 
     universal = False

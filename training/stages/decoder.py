@@ -9,7 +9,7 @@ import torch
 
 from data_pipeline.store import StoreError
 from models import decoder
-from models.diffusion import Diffusion
+from models.diffusion import Diffusion, row_mask
 from models.imaging import decode, grid, to_pil, to_unit
 from training.stage import Stage
 
@@ -40,10 +40,9 @@ class DecoderStage(Stage):
         cond = decoder.conditioning(batch["clip_image_emb"].float(), batch["clip_text_emb"].float(), batch["clip_text_tokens"].float())
         n = len(x0)
         cfg = self.cfg.decoder
-        cond = decoder.drop(cond, torch.rand(n, generator=generator) < cfg.image_drop, torch.rand(n, generator=generator) < cfg.text_drop)
-        cond["image_dropped"] = cond["image_dropped"].to(x0.device)
-        t = self.diffusion.sample_timesteps(n, generator).to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        drop_image = row_mask(n, cfg.image_drop, generator, x0.device)
+        cond = decoder.drop(cond, drop_image, row_mask(n, cfg.text_drop, generator, x0.device))
+        t, noise = self.diffusion.draw(x0, generator)
         prediction = decoder.predict(model, self.diffusion.q_sample(x0, t, noise), t, cond)
         return self.diffusion.loss(prediction, x0, noise, t)
 

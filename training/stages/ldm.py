@@ -8,7 +8,7 @@ import torch
 
 from data_pipeline.store import StoreError
 from models import ldm
-from models.diffusion import Diffusion
+from models.diffusion import Diffusion, row_mask
 from training.stage import Stage
 
 
@@ -33,10 +33,9 @@ class LdmStage(Stage):
     def loss(self, model: Any, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         x0 = batch["vae_latent"].float() * self.latent_scale
         tokens = batch["clip_text_tokens"].float()
-        drop = torch.rand(len(x0), generator=generator) < self.cfg.ldm.text_drop
+        drop = row_mask(len(x0), self.cfg.ldm.text_drop, generator, x0.device)
         tokens = tokens * (~drop).float()[:, None, None]
-        t = self.diffusion.sample_timesteps(len(x0), generator)
-        noise = torch.randn(x0.shape, generator=generator)
+        t, noise = self.diffusion.draw(x0, generator)
         return self.diffusion.loss(ldm.predict(model, self.diffusion.q_sample(x0, t, noise), t, tokens), x0, noise, t)
 
     def extras(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import torch
 
 from data_pipeline.store import StoreError
 from models import prior
-from models.diffusion import Diffusion
+from models.diffusion import Diffusion, row_mask
 from training.stage import Stage
 
 
@@ -37,9 +37,8 @@ class PriorStage(Stage):
         module = getattr(model, "module", model)
         x0 = prior.normalize(module, batch["clip_image_emb"].float())
         text = {"emb": batch["clip_text_emb"].float(), "tokens": batch["clip_text_tokens"].float(), "mask": batch["text_mask"]}
-        text = prior.drop_text(text, torch.rand(len(x0), generator=generator) < self.cfg.prior.text_drop)
-        t = self.diffusion.sample_timesteps(len(x0), generator)
-        noise = torch.randn(x0.shape, generator=generator)
+        text = prior.drop_text(text, row_mask(len(x0), self.cfg.prior.text_drop, generator, x0.device))
+        t, noise = self.diffusion.draw(x0, generator)
         prediction = prior.predict(model, self.diffusion.q_sample(x0, t, noise), t, text)
         return self.diffusion.loss(prediction, x0, noise, t)
 

@@ -42,8 +42,7 @@ class UpsamplerStage(Stage):
         x0 = to_unit(batch["high"])
         low = upsampler.degrade(to_unit(batch["low"]).cpu(), self.cfg.upsampler, generator).to(device)
         low_up = upsampler.upsample(low, x0.shape[-1])
-        t = self.diffusion.sample_timesteps(len(x0), generator).to(device)
-        noise = torch.randn(x0.shape, generator=generator).to(device)
+        t, noise = self.diffusion.draw(x0, generator)
         return self.diffusion.loss(upsampler.predict(model, self.diffusion.q_sample(x0, t, noise), t, low_up), x0, noise, t)
 
     def extras(self) -> dict[str, Any]:
