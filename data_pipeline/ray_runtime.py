@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from typing import Iterator
 
@@ -26,8 +27,12 @@ def ray_session(cfg: RayConfig) -> Iterator[str | None]:
     forwarded = (*WORKER_ENV, "HF_HUB_OFFLINE", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                  "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS")  # fmt: skip
     env_vars = {k: os.environ[k] for k in forwarded if k in os.environ}
+    # Inside a Ray job (`unclip launch ingest`, a RayJob) Ray refuses a driver runtime env that
+    # sets a variable the job's own runtime env sets too: add only what the job lacks.
+    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+    env_vars = {k: v for k, v in env_vars.items() if k not in (job_env.get("env_vars") or {})}
     if cfg.address:
-        context = ray.init(address=cfg.address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
+        context = ray.init(address=cfg.address, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=False)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         context = ray.init(

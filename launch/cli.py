@@ -20,6 +20,17 @@ COMMANDS = {
     "export": "`export --out DIR`: every trained stage as diffusers folders, with a model card",
     "inspect": "`inspect [URL]`: summarise an embedding store (default: ROOT/store)",
     "demo": "the whole pipeline on the embedded default data set",
+    "launch": "`launch train STAGE --backend B`, `launch ingest|embed --address URL`, `launch status|stop JOB`: across nodes",
+}
+
+# `unclip launch` flags, each a shorthand for a config key
+LAUNCH_FLAGS = {
+    "--backend": ("launch.backend", "torchrun, deepspeed, slurm or ray"),
+    "--nodes": ("launch.nodes", "number of nodes"),
+    "--gpus-per-node": ("launch.gpus_per_node", "training processes per node"),
+    "--master-addr": ("launch.master_addr", "node 0's address (rendezvous)"),
+    "--master-port": ("launch.master_port", "node 0's port"),
+    "--address": ("launch.address", "Ray Jobs API, http://HEAD:8265 (with --backend ray: the Ray cluster, e.g. auto)"),
 }
 
 
@@ -43,6 +54,16 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--workdir", default="demo-run", help="where data, runs and report.json go")
         if name == "export":
             p.add_argument("--out", required=True, help="folder (any fsspec URL) to write")
+        if name == "launch":
+            p.add_argument("action", choices=["train", "ingest", "embed", "status", "stop"])
+            p.add_argument("target", nargs="?", help="train: the stage; status/stop: the job id")
+            for flag, (key, help_text) in LAUNCH_FLAGS.items():
+                p.add_argument(flag, help=f"{help_text} (= {key})")
+            p.add_argument("--dry-run", action="store_true", help="print what would run on each node, start nothing")
+            p.add_argument("--submit", action="store_true", help="slurm: run sbatch (= launch.slurm.submit=true)")
+            p.add_argument("--wait", action="store_true", help="data jobs: stream the job's log until it ends")
+            p.add_argument("--resume-from", help="train: resume from this step_NNNNNNN folder")
+            p.add_argument("--init-from", help="train: start from these EMA weights")
         p.add_argument("--config", help="YAML configuration (defaults: the embedded default)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.steps=100 root=s3://bucket/x")
     return parser
@@ -57,10 +78,27 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = list(args.overrides) + rest
-    if getattr(args, "url", None) and re.match(r"^[A-Za-z_][\w.]*=", args.url):
-        args.overrides.insert(0, args.url)  # `unclip inspect root=...`: an override, not a URL
-        args.url = None
+    for positional in ("url", "target"):  # `unclip inspect root=...`: an override, not a URL
+        if getattr(args, positional, None) and re.match(r"^[A-Za-z_][\w.]*=", getattr(args, positional)):
+            args.overrides.insert(0, getattr(args, positional))
+            setattr(args, positional, None)
+    if args.command == "launch":
+        args.overrides += _launch_overrides(args, parser)
     return args
+
+
+def _launch_overrides(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    from training.stages import STAGE_NAMES
+
+    if args.action == "train" and args.target not in STAGE_NAMES:
+        parser.error(f"launch train: expected a stage ({', '.join(STAGE_NAMES)}), got {args.target!r}")
+    if args.action in ("status", "stop") and not args.target:
+        parser.error(f"launch {args.action}: expected a job id")
+    overrides = [f"{key}={getattr(args, flag[2:].replace('-', '_'))}" for flag, (key, _) in LAUNCH_FLAGS.items()
+                 if getattr(args, flag[2:].replace("-", "_")) is not None]  # fmt: skip
+    if args.action == "train" and args.backend == "ray" and args.address:
+        overrides = [o.replace("launch.address=", "ray.address=") for o in overrides]
+    return overrides + (["launch.slurm.submit=true"] if args.submit else [])
 
 
 def _setup_environment() -> None:
@@ -137,6 +175,27 @@ def _dispatch(args: argparse.Namespace, cfg, log) -> int:
         from launch import demo
 
         demo.run(cfg, args.workdir, log=log)
+    elif args.command == "launch":
+        return _launch(args, cfg, log)
+    return 0
+
+
+def _launch(args: argparse.Namespace, cfg, log) -> int:
+    from launch import jobs
+
+    if args.action == "train":
+        from launch.multinode import launch_train
+
+        summary = launch_train(cfg, args.target, args.resume_from, args.init_from, args.dry_run, log)
+        if summary and "last_loss" in summary:
+            log(f"train {args.target}: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}; {summary['checkpoint']}")
+        return 0
+    if args.action in ("ingest", "embed"):
+        result = jobs.submit(cfg, args.action, args.wait, args.dry_run, log)
+        return 0 if result.get("status", "SUCCEEDED") == "SUCCEEDED" else 1
+    if args.action == "status":
+        return 0 if jobs.status(cfg, args.target, log) in ("SUCCEEDED", "RUNNING", "PENDING") else 1
+    jobs.stop(cfg, args.target, log)
     return 0
 
 

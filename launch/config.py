@@ -71,6 +71,54 @@ class EvalConfig:
 
 
 @dataclass
+class SlurmConfig:
+    partition: str | None = None
+    account: str | None = None
+    time: str = option("24:00:00", doc="wall-clock limit; the job is sent SIGTERM signal_grace_s before it")
+    cpus_per_task: int = option(16, ge=1, doc="CPUs of each node's task (loader threads, checkpoint hashing)")
+    signal_grace_s: int = option(180, ge=10, doc="SIGTERM this long before the limit: time to save a checkpoint")
+    requeue: bool = option(True, doc="a preempted or timed-out job goes back in the queue and resumes from latest")
+    template: str | None = option(None, doc="sbatch template (default: infra/slurm/train.sbatch)")
+    python: str | None = option(None, doc="the nodes' Python with unclip installed (default: the submitting one)")
+    submit: bool = option(False, doc="run sbatch; otherwise print the script")
+
+
+@dataclass
+class RayTrainConfig:
+    max_failures: int = option(3, ge=0, doc="worker-group restarts after a worker dies; each resumes from latest")
+    cpus_per_worker: float = option(1.0, gt=0)
+    storage_path: str | None = option(None, doc="Ray Train's own run state (default: the run folder's ray/)")
+
+
+@dataclass
+class LaunchConfig:
+    """How `unclip launch` starts a job across nodes (see infra/README.md)."""
+
+    backend: Literal["torchrun", "deepspeed", "slurm", "ray"] = "torchrun"
+    nodes: int = option(1, ge=1)
+    gpus_per_node: int = option(8, ge=1, doc="training processes per node, one per GPU")
+    master_addr: str = option("127.0.0.1", doc="node 0's address: the rendezvous (torchrun) or master (deepspeed)")
+    master_port: int = option(29500, ge=1, le=65535)
+    rdzv_id: str | None = option(None, doc="torchrun rendezvous id shared by the nodes (default: <stage>-<run>)")
+    rendezvous_timeout_s: int = option(900, ge=10, doc="how long nodes wait for each other to join")
+    max_restarts: int = option(0, ge=0, doc="torchrun: restarts of the whole worker group after a rank fails")
+    hosts: list[str] = option(factory=list, doc="deepspeed: node host names, node 0 first (or give hostfile)")
+    hostfile: str | None = option(None, doc="deepspeed: an existing hostfile ('host slots=N' lines)")
+    env: dict[str, str] = option(factory=dict, doc="extra environment for every rank, e.g. NCCL_SOCKET_IFNAME: eth0")
+    address: str | None = option(None, doc="Ray Jobs API of a cluster, http://HEAD:8265 (data jobs)")
+    working_dir: str | None = option(None, doc="data jobs: a local folder shipped as the job's working directory")
+    pip: list[str] = option(factory=list, doc="data jobs: extra pip packages installed for the job")
+    slurm: SlurmConfig = option(factory=SlurmConfig)
+    ray: RayTrainConfig = option(factory=RayTrainConfig)
+
+    def validate(self) -> None:
+        if self.backend == "deepspeed" and self.hosts and len(self.hosts) != self.nodes:
+            raise ValueError(f"config key 'launch.hosts': {len(self.hosts)} hosts for launch.nodes={self.nodes}")
+        if self.backend == "deepspeed" and self.nodes > 1 and not (self.hosts or self.hostfile):
+            raise ValueError("config key 'launch.hosts': the deepspeed backend needs the nodes' host names (or launch.hostfile)")
+
+
+@dataclass
 class Config:
     root: str = option("./unclip-data", doc="where raw/, store/ and runs/ live: a path or any fsspec URL")
     ray: RayConfig = option(factory=RayConfig)
@@ -86,6 +134,7 @@ class Config:
     sample: SampleConfig = option(factory=SampleConfig)
     eval: EvalConfig = option(factory=EvalConfig)
     demo: DemoConfig = option(factory=DemoConfig)
+    launch: LaunchConfig = option(factory=LaunchConfig)
 
     @property
     def raw_url(self) -> str:

@@ -18,22 +18,11 @@ from data_pipeline import storage
 from data_pipeline.store import open_store
 from launch.config import Config
 from launch.configlib import to_yaml
+from launch.environment import rank_environment
 
 
 class RanksFailed(RuntimeError):
     """The ranks exited with an error (they printed why)."""
-
-
-def rank_environment() -> dict[str, str]:
-    """Environment every rank gets; one place, so multi-node launchers reuse it."""
-    import torch
-
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")  # ranks share the cores; more threads only contend
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")
-    return env
 
 
 def check_before_launch(cfg: Config, stage: str) -> None:
@@ -46,7 +35,7 @@ def check_before_launch(cfg: Config, stage: str) -> None:
 
 
 def train_local(cfg: Config, stage: str, resume_from: str | None = None, init_from: str | None = None, log=print) -> dict[str, Any]:
-    from training.engine import SUMMARY, train
+    from training.engine import train
 
     check_before_launch(cfg, stage)
     run_url = cfg.run_url(stage)
@@ -58,14 +47,26 @@ def train_local(cfg: Config, stage: str, resume_from: str | None = None, init_fr
         f.flush()
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.train.nproc}",
-            f"--shutdown-timeout={cfg.train.preemption_grace_s}",
-            "-m", "training.main", "--stage", stage, "--config", f.name,
-            *(["--resume-from", resume_from] if resume_from else []), *(["--init-from", init_from] if init_from else []),
+            f"--shutdown-timeout={cfg.train.preemption_grace_s}", *rank_command(stage, f.name, resume_from, init_from),
         ]  # fmt: skip
         log(f"train {stage}: {cfg.train.nproc} ranks -> {run_url}")
-        returncode, preempted = _run_forwarding_sigterm(command)
+        returncode, preempted = run_forwarding_sigterm(command)
+    return outcome(cfg, stage, returncode, preempted, log)
+
+
+def rank_command(stage: str, config_url: str, resume_from: str | None = None, init_from: str | None = None) -> list[str]:
+    """What every launcher starts once per rank, after its own arguments."""
+    return ["-m", "training.main", "--stage", stage, "--config", config_url,
+            *(["--resume-from", resume_from] if resume_from else []), *(["--init-from", init_from] if init_from else [])]  # fmt: skip
+
+
+def outcome(cfg: Config, stage: str, returncode: int, preempted: bool, log=print) -> dict[str, Any]:
+    """The run's summary, or the preemption checkpoint; RanksFailed when the ranks failed."""
+    from training.engine import SUMMARY
+
+    run_url = cfg.run_url(stage)
     if preempted and returncode != 0:
-        # torchrun reports the signal it forwarded as a failure; what matters is the saved state
+        # a launcher reports the signal it forwarded as a failure; what matters is the saved state
         from training.checkpoint import read_latest, read_trainer_state
 
         latest = read_latest(run_url)
@@ -79,8 +80,9 @@ def train_local(cfg: Config, stage: str, resume_from: str | None = None, init_fr
     return storage.read_json(storage.join(run_url, SUMMARY))
 
 
-def _run_forwarding_sigterm(command: list[str]) -> tuple[int, bool]:
-    proc = subprocess.Popen(command, env=rank_environment())
+def run_forwarding_sigterm(command: list[str], env: dict[str, str] | None = None) -> tuple[int, bool]:
+    """Run a launcher (torchrun, deepspeed); SIGTERM to us goes to it, and is reported."""
+    proc = subprocess.Popen(command, env=env or rank_environment())
     got: list[int] = []
 
     def forward(signum, frame) -> None:

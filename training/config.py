@@ -47,6 +47,8 @@ class FaultInjection:
     nan_loss_steps: list[int] = option(factory=list, doc="steps whose loss is made NaN on every rank")
     hang_rank: int | None = option(None, ge=0, doc="this rank stops answering collectives at hang_step")
     hang_step: int = option(0, ge=0)
+    kill_rank: int | None = option(None, ge=0, doc="this rank SIGKILLs itself at kill_step, unless the run resumed (a node lost once)")
+    kill_step: int = option(0, ge=0)
     crash_in_checkpoint_step: int | None = option(None, ge=1, doc="rank 1 dies mid-save of this step's checkpoint")
 
 

@@ -189,7 +189,7 @@ def train(
                 batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
                 data_wait += time.time() - fetch
                 loss = stage.loss(engine, batch, step_generator(t.seed, rank, step, micro))
-                loss = inject(t.fault_injection, loss, step + 1, rank)
+                loss = inject(t.fault_injection, loss, step + 1, rank, resumed=start_step > 0)
                 engine.backward(loss)
                 engine.step()
                 window.append(loss.item())

@@ -3,7 +3,9 @@ faults the tests inject on purpose."""
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 import time
 
 import torch
@@ -25,7 +27,10 @@ class Preemption:
 
     def __init__(self) -> None:
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handle)
+        # else the engine runs inside a host (Ray Train runs it in a worker thread) that owns the
+        # signals and restarts the worker group after a preemption; the run resumes from `latest`
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
@@ -66,8 +71,10 @@ def weights_are_finite(module: torch.nn.Module, zero_stage: int) -> bool:
     return True
 
 
-def inject(faults: FaultInjection, loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+def inject(faults: FaultInjection, loss: torch.Tensor, step: int, rank: int, resumed: bool = False) -> torch.Tensor:
     """Apply the configured deliberate faults at `step` (1-based, the step being taken)."""
+    if faults.kill_rank == rank and step == faults.kill_step and not resumed:
+        os.kill(os.getpid(), signal.SIGKILL)
     if faults.hang_rank == rank and step == faults.hang_step:
         while True:  # stops answering collectives, as a wedged node does
             time.sleep(3600)

@@ -15,15 +15,20 @@ import warnings
 
 from launch import config as config_mod
 from launch.configlib import read_yaml, to_yaml
+from launch.environment import apply_in_rank
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.main")
     parser.add_argument("--stage", required=True)
     parser.add_argument("--config", required=True, help="resolved configuration (YAML)")
     parser.add_argument("--resume-from", help="a step_NNNNNNN folder (or a run folder: its newest checkpoint)")
     parser.add_argument("--init-from", help="start a new run from these EMA weights (fine-tuning)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     # DeepSpeed's ZeRO calls a collective torch has renamed; the notice repeats every step.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
@@ -32,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.failures import NonFiniteStreak, Preempted
 
     cfg = config_mod.from_dict(read_yaml(args.config))
+    apply_in_rank(cfg.launch.env)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     try:
         train(cfg, args.stage, to_yaml(cfg), resume_from=args.resume_from, init_from=args.init_from, log=log)

@@ -1,0 +1,59 @@
+"""The environment every training rank gets, on one machine or many: the one place it is set.
+
+| variable | value | why |
+|---|---|---|
+| `OMP_NUM_THREADS` | 1 (unless set) | ranks share the node's cores; more threads per rank only contend |
+| `PYTHONUNBUFFERED` | 1 | rank logs reach the launcher (and SLURM/Ray logs) as they are written |
+| `TORCH_NCCL_ASYNC_ERROR_HANDLING` | 1 | a rank whose collective failed or timed out tears its process down, so the launcher sees a failure instead of a job that hangs |
+| `TORCH_NCCL_DUMP_ON_TIMEOUT` | 1 | a timed-out collective leaves a flight-recorder trace of who waited on what |
+| `NCCL_DEBUG` | WARN | NCCL names the failing peer and transport without per-step noise |
+| `DS_ACCELERATOR` | cpu, on a node without CUDA (decided on the node) | DeepSpeed would otherwise probe for accelerators it cannot use |
+| `launch.env` | anything | site settings: `NCCL_SOCKET_IFNAME`, `NCCL_IB_HCA`, `FI_PROVIDER`, ... |
+
+The collective timeout itself is a training setting (`train.collective_timeout_s`) and the time nodes
+wait for each other to join is `launch.rendezvous_timeout_s`; the address and port of node 0 are
+`launch.master_addr` / `launch.master_port`.
+"""
+
+from __future__ import annotations
+
+import os
+
+MULTINODE_DEFAULTS = {
+    "OMP_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+    "NCCL_DEBUG": "WARN",
+}
+
+
+def rank_variables(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables above that a launch sets, the same on every node (what `--dry-run` prints and
+    rendered scripts export): defaults where the launching environment has none, then `launch.env`."""
+    chosen = {k: v for k, v in MULTINODE_DEFAULTS.items() if k not in os.environ}
+    chosen.update(extra or {})
+    return chosen
+
+
+def _node_variables() -> dict[str, str]:
+    import torch
+
+    return {} if torch.cuda.is_available() or "DS_ACCELERATOR" in os.environ else {"DS_ACCELERATOR": "cpu"}
+
+
+def rank_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The full environment for a launcher or rank process started on this node."""
+    return {**os.environ, **rank_variables(extra), **_node_variables()}
+
+
+def apply_in_rank(extra: dict[str, str] | None = None) -> None:
+    """Called first thing in every rank: launchers that do not pass our environment along
+    (DeepSpeed's pdsh runner exports only some prefixes, srun and Ray workers their own) still get it.
+    NCCL and torch read these when the process group starts, which is after this."""
+    threads_unset = "OMP_NUM_THREADS" not in os.environ
+    os.environ.update({**rank_variables(extra), **_node_variables()})
+    if threads_unset:
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

@@ -1,0 +1,87 @@
+"""The `ray` backend of `unclip launch train`: Ray Train's TorchTrainer runs the engine, one worker
+per GPU (per process on CPU clusters).
+
+Ray Train places the workers, sets up their process group and, when a worker or its node dies,
+restarts the whole group (up to `launch.ray.max_failures` times). It holds none of our state: each
+worker runs the same engine a torchrun rank runs, checkpoints go to the run folder, and a restarted
+group resumes from its `latest`, so a restart loses at most the steps since the last checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from data_pipeline import storage
+from launch.config import Config
+from launch.configlib import to_yaml
+
+
+def _settings(cfg: Config, stage: str) -> dict[str, Any]:
+    launch = cfg.launch
+    return {
+        "num_workers": launch.nodes * launch.gpus_per_node,
+        "cpus_per_worker": launch.ray.cpus_per_worker,
+        "max_failures": launch.ray.max_failures,
+        "name": f"unclip-{stage}-{cfg.train.run}",
+        "storage_path": launch.ray.storage_path or storage.join(cfg.run_url(stage), "ray"),
+        "timeout_s": cfg.train.collective_timeout_s,
+    }
+
+
+def describe(cfg: Config, stage: str, resume_from: str | None, init_from: str | None) -> list[str]:
+    """A readable rendering of the trainer `run` builds (for --dry-run)."""
+    s = _settings(cfg, stage)
+    return [
+        "ray.train.torch.TorchTrainer", f"workers={s['num_workers']}", f"cpus_per_worker={s['cpus_per_worker']}",
+        "use_gpu=<cluster has GPUs>", f"max_failures={s['max_failures']}", f"storage_path={s['storage_path']}",
+        f"each worker: training.engine.train(stage={stage}, config={storage.join(cfg.run_url(stage), 'launch.yaml')}"
+        f"{f', resume_from={resume_from}' if resume_from else ''}{f', init_from={init_from}' if init_from else ''})",
+    ]  # fmt: skip
+
+
+def _worker(loop_config: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker (Ray has set RANK, WORLD_SIZE and the process group)."""
+    from launch import config as config_mod
+    from launch.configlib import read_yaml
+    from launch.environment import apply_in_rank
+    from training.engine import train
+    from training.failures import Preempted
+
+    cfg = config_mod.from_dict(read_yaml(loop_config["config_url"]))
+    apply_in_rank(cfg.launch.env)
+    try:
+        train(cfg, loop_config["stage"], to_yaml(cfg), loop_config["resume_from"], loop_config["init_from"],
+              log=lambda msg: print(msg, flush=True))  # fmt: skip
+    except Preempted as done:
+        print(str(done), flush=True)
+
+
+def run(cfg: Config, stage: str, resume_from: str | None, init_from: str | None, log=print) -> dict[str, Any]:
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from data_pipeline.ray_runtime import ray_session
+    from launch.train import RanksFailed
+    from training.engine import SUMMARY
+
+    s = _settings(cfg, stage)
+    with ray_session(cfg.ray) as dashboard:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        log(f"train {stage}: Ray Train, {s['num_workers']} workers{' on GPUs' if use_gpu else ''}"
+            f"{f' (dashboard {dashboard})' if dashboard else ''}; up to {s['max_failures']} restarts from latest")  # fmt: skip
+        trainer = TorchTrainer(
+            _worker,
+            train_loop_config={"stage": stage, "config_url": storage.join(cfg.run_url(stage), "launch.yaml"),
+                               "resume_from": resume_from, "init_from": init_from},  # fmt: skip
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=s["timeout_s"]),
+            scaling_config=ScalingConfig(num_workers=s["num_workers"], use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": s["cpus_per_worker"]}),  # fmt: skip
+            run_config=RunConfig(name=s["name"], storage_path=s["storage_path"],
+                                 failure_config=FailureConfig(max_failures=s["max_failures"])),  # fmt: skip
+        )
+        try:
+            trainer.fit()
+        except Exception as err:  # Ray wraps the workers' error; its text names the cause
+            raise RanksFailed(f"Ray Train gave up after {s['max_failures']} restarts: {err}") from err
+    return storage.read_json(storage.join(cfg.run_url(stage), SUMMARY))
