@@ -64,14 +64,28 @@ def submit(cfg: Config, command: str, wait: bool = False, dry_run: bool = False,
         return {"job_id": job_id, "entrypoint": entrypoint}
     client = _client(cfg)
     storage.write_text(config_url, to_yaml(job_cfg))
-    client.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env(cfg),
-                      metadata={"unclip_command": command, "config": config_url})  # fmt: skip
+    _submit_when_ready(client, entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env(cfg),
+                       metadata={"unclip_command": command, "config": config_url})  # fmt: skip
     log(f"submitted {job_id}: {entrypoint}")
     log(f"follow it: unclip launch status {job_id} launch.address={jobs_address(cfg)}")
     result = {"job_id": job_id, "entrypoint": entrypoint, "config": config_url}
     if wait:
         result["status"] = follow(client, job_id, log)
     return result
+
+
+def _submit_when_ready(client, wait_s: float = 120.0, **job: Any) -> None:
+    """A head that just started answers 'No available agent to submit job, please try again later'
+    until its job agent is up; try again for a while before giving up."""
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            client.submit_job(**job)
+            return
+        except RuntimeError as err:
+            if "try again later" not in str(err) or time.time() > deadline:
+                raise
+            time.sleep(2)
 
 
 def follow(client, job_id: str, log=print, poll_s: float = 2.0) -> str:
