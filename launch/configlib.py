@@ -11,6 +11,7 @@ use `option(...)` for constraints; this module knows nothing about any component
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -107,6 +108,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", value.strip()):
+            return float(value)  # YAML 1.1 reads `1e-4` (no dot) as a string
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -76,6 +76,10 @@ def test_override_syntax():
         parse_override("train.steps")
     with pytest.raises(ConfigError, match="expected a dotted key"):
         parse_override("train..steps=3")
+    # YAML 1.1 reads 1e-4 as a string; a float setting still takes it
+    assert config.load(None, ["train.optim.lr=1e-4", "encoders.fit.vae_lr=2E+0"]).train.optim.lr == 1e-4
+    with pytest.raises(ConfigError, match="'train.optim.lr': expected a number, got '1e-4x'"):
+        config.load(None, ["train.optim.lr=1e-4x"])
 
 
 def test_saved_config_round_trips(tmp_path):
