@@ -81,6 +81,26 @@ def caption(attrs: ShapeAttributes, rng: random.Random) -> str:
     return rng.choice(CAPTION_TEMPLATES).format(color=attrs.color, shape=attrs.shape, background=attrs.background)
 
 
+def attributes_from_caption(text: str) -> tuple[str, str, str] | None:
+    """(shape, colour, background) named by a caption of the templates above, or None.
+    Every template names the shape's colour before the background's."""
+    words = text.replace(",", " ").split()
+    colors = [w for w in words if w in COLORS]
+    shapes = [w for w in words if w in SHAPES]
+    if len(colors) != 2 or len(shapes) != 1:
+        return None
+    return shapes[0], colors[0], colors[1]
+
+
+def one_attribute_away(shape: str, color: str, background: str) -> list[tuple[str, str, str]]:
+    """Every (shape, colour, background) that differs from the given one in exactly one attribute."""
+    return (
+        [(s, color, background) for s in SHAPES if s != shape]
+        + [(shape, c, background) for c in COLORS if c not in (color, background)]
+        + [(shape, color, b) for b in COLORS if b not in (color, background)]
+    )
+
+
 def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")

@@ -12,7 +12,7 @@ from launch.configlib import ConfigError
 
 COMMANDS = {
     "ingest": "download a URL list into ROOT/raw/ (Ray + img2dataset)",
-    "encoders": "`encoders init`: write the small random encoders the embedded default uses",
+    "encoders": "`encoders init`: small random encoders; `encoders fit`: train them on ROOT/raw/ (the embedded default)",
     "embed": "frozen CLIP/VAE over ROOT/raw/ into the embedding store ROOT/store/ (Ray Data)",
     "train": "`train STAGE`: train prior or ldm with DeepSpeed from the store",
     "sample": "prompts -> images by the ldm and unCLIP chains; variations; interpolations",
@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--resume-from", help="resume from this step_NNNNNNN folder (default: the run's newest)")
             p.add_argument("--init-from", help="start from these EMA weights (a step folder or run folder)")
         if name == "encoders":
-            p.add_argument("action", choices=["init"])
+            p.add_argument("action", choices=["init", "fit"])
         if name == "inspect":
             p.add_argument("url", nargs="?", help="store URL (default: ROOT/store)")
             p.add_argument("--rows", type=int, default=3, help="sample rows to show")
@@ -140,10 +140,14 @@ def _dispatch(args: argparse.Namespace, cfg, log) -> int:
         log(f"ingest: {cfg.ingest.url_list} -> {cfg.raw_url} (Ray: {cfg.ray.address or 'local'})")
         summary = ingest.run(cfg.ingest, cfg.ray, cfg.raw_url, to_yaml(cfg), log=log)
         log(f"ingest: kept {summary['kept']} of {summary['input_rows']}; failed by reason {summary['failed_by_reason']}")
-    elif args.command == "encoders":
+    elif args.command == "encoders" and args.action == "init":
         from models.encoders import write_tiny_encoders
 
         log(f"encoders init: {write_tiny_encoders(cfg.encoders)}")
+    elif args.command == "encoders":
+        from launch.demo import fit_encoders
+
+        fit_encoders(cfg, log)
     elif args.command == "embed":
         from data_pipeline import embed
 

@@ -49,6 +49,7 @@ class SampleConfig:
 
 @dataclass
 class DemoConfig:
+    fit_encoders: bool = option(True, doc="fit the small encoders on the ingested data (false: random ones, plumbing only)")
     stages: list[Literal["ldm", "prior", "decoder", "upsampler"]] = option(factory=lambda: ["ldm", "prior", "decoder", "upsampler"])
     stage_train: dict[str, dict[str, Any]] = option(
         factory=lambda: {"ldm": {"batch_size": 16}, "decoder": {"batch_size": 8, "steps": 200},

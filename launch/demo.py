@@ -22,6 +22,17 @@ from launch.train import train_local
 from models.encoders import write_tiny_encoders
 
 
+def fit_encoders(cfg: Config, log=print) -> dict[str, Any]:
+    """`unclip encoders fit`: the small encoders trained on what `unclip embed` will read."""
+    from data_pipeline.sources import open_source
+    from models.encoder_fit import fit
+
+    e = cfg.embed
+    report = fit(cfg.encoders, open_source(e.input, cfg.raw_url, e.input_format, e.image_col, e.caption_col), log)
+    storage.write_json(storage.join(cfg.root, "encoders", "fit_report.json"), report)
+    return report
+
+
 def demo_overrides(workdir: str) -> list[str]:
     """Defaults that place everything under `workdir` (the user's own overrides come after)."""
     workdir = os.path.abspath(workdir)
@@ -66,7 +77,7 @@ def run(cfg: Config, workdir: str, log=print) -> dict[str, Any]:
                 entry["raw"] = cfg.raw_url
 
         with _phase(report, "encoders", log) as entry:
-            entry.update(write_tiny_encoders(cfg.encoders))
+            entry.update(fit_encoders(cfg, log) if cfg.demo.fit_encoders else write_tiny_encoders(cfg.encoders))
 
         with _phase(report, "embed", log) as entry:
             manifest = embed.run(cfg.encoders, cfg.embed, cfg.ray, cfg.raw_url, cfg.store_url, to_dict(cfg), log=log)

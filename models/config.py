@@ -25,18 +25,40 @@ class VaeConfig:
 
 @dataclass
 class TinyEncodersConfig:
-    """Sizes of the small random encoders `unclip encoders init` writes for the embedded default."""
+    """Sizes of the embedded default's small encoders (`unclip encoders init` writes them random,
+    `unclip encoders fit` trains them)."""
 
     embed_dim: int = option(64, ge=8)
     image_size: int = option(64, ge=16)
+    vision_tower: Literal["resnet", "vit"] = option(
+        "resnet", doc="open_clip's ModifiedResNet learns shapes from a few hundred pictures; a ViT needs far more"
+    )
+    resnet_width: int = option(16, ge=8)
     patch_size: int = option(8, ge=1)
     vision_width: int = option(64, ge=8)
     vision_layers: int = option(2, ge=1)
     text_layers: int = option(2, ge=1)
     heads: int = option(4, ge=1)
     context_length: int = option(32, ge=8)
-    vae_channels: list[int] = option(factory=lambda: [32, 64, 64])
+    vae_channels: list[int] = option(factory=lambda: [16, 32, 32], doc="3 levels: latents at 1/4 of the side")
     latent_channels: int = option(4, ge=1)
+    seed: int = 0
+
+
+@dataclass
+class EncoderFitConfig:
+    """`unclip encoders fit`: train the small encoders on ROOT/raw/ (contrastive CLIP, KL VAE)."""
+
+    clip_steps: int = option(600, ge=0)
+    clip_lr: float = option(2e-3, gt=0)
+    vae_steps: int = option(600, ge=0)
+    vae_lr: float = option(2e-3, gt=0)
+    kl_weight: float = option(1e-6, ge=0, doc="KL term of the VAE loss, as in Stable Diffusion's autoencoder")
+    vae_resolution: int = option(64, ge=8, doc="side of the images the VAE is fitted on")
+    clip_batch_size: int = option(64, ge=2, doc="pairs per contrastive step (the other pairs of a batch are its negatives)")
+    hard_negatives: bool = option(True, doc="batch each caption with others a word or two away (small data sets)")
+    vae_batch_size: int = option(32, ge=1)
+    holdout_fraction: float = option(0.1, gt=0, lt=1, doc="pairs kept out of fitting, to report held-out metrics")
     seed: int = 0
 
 
@@ -45,6 +67,7 @@ class EncodersConfig:
     clip: ClipConfig = option(factory=ClipConfig)
     vae: VaeConfig = option(factory=VaeConfig)
     tiny: TinyEncodersConfig = option(factory=TinyEncodersConfig)
+    fit: EncoderFitConfig = option(factory=EncoderFitConfig)
 
 
 @dataclass

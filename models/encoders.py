@@ -221,9 +221,14 @@ class FrozenVae:
 
 
 def tiny_clip_config(t: TinyEncodersConfig) -> dict[str, Any]:
+    vision = (
+        {"image_size": t.image_size, "layers": [1, 1, 1, 1], "width": t.resnet_width}  # open_clip's ModifiedResNet
+        if t.vision_tower == "resnet"
+        else {"image_size": t.image_size, "layers": t.vision_layers, "width": t.vision_width, "patch_size": t.patch_size}
+    )
     return {
         "embed_dim": t.embed_dim,
-        "vision_cfg": {"image_size": t.image_size, "layers": t.vision_layers, "width": t.vision_width, "patch_size": t.patch_size},
+        "vision_cfg": vision,
         # text width == embed_dim keeps the per-token states in the embedding's space, as in ViT-L-14
         "text_cfg": {"context_length": t.context_length, "vocab_size": 49408, "width": t.embed_dim, "heads": t.heads, "layers": t.text_layers},
     }  # fmt: skip
