@@ -210,7 +210,7 @@ def _summary(root: Path, stage: str = "prior") -> dict:
 
 
 @pytest.mark.slow
-def test_two_torchrun_nodes_train_and_resume_then_deepspeed_goes_on(tmp_path):
+def test_two_torchrun_nodes_train_and_resume(tmp_path):
     make_store(str(tmp_path / "store"), (40, 30, 50, 24))
     port = free_port()
 
@@ -228,13 +228,8 @@ def test_two_torchrun_nodes_train_and_resume_then_deepspeed_goes_on(tmp_path):
     second = _summary(tmp_path)
     assert second["resume"]["step"] == 4 and second["world_size"] == 2 and second["steps"] == 6
     assert (tmp_path / "runs" / "prior" / "main" / "launch.yaml").exists()
-    # DeepSpeed's own launcher (one node, 2 processes) picks the same run up where torchrun left it
-    _finish(_unclip("launch", "train", "prior", "--backend", "deepspeed", "--nodes", "1", "--gpus-per-node", "2",
-                    f"root={tmp_path}", *SMALL, "train.steps=8"))  # fmt: skip
-    third = _summary(tmp_path)
-    assert third["resume"]["step"] == 6 and third["world_size"] == 2 and third["steps"] == 8
     steps = [json.loads(line)["step"] for line in (tmp_path / "runs" / "prior" / "main" / "logs" / "metrics.jsonl").open()]
-    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert steps == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.slow
@@ -262,6 +257,10 @@ def ray_head():
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+         # ports of their own: another Ray of the test session (the local_ray fixture) holds the defaults,
+         # and a job agent that cannot bind leaves the Jobs API answering "No available agent"
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
          "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO,
     )  # fmt: skip

@@ -44,7 +44,7 @@ SMALL = [
     "sample.images_per_prompt=2",
     "sample.prompts=[a red circle on a blue background, a green square on a white background]",
     "eval.samples=4",
-    "encoders.fit.clip_steps=20",
+    "encoders.fit.clip_steps=10",
     "encoders.fit.vae_steps=4",
     "encoders.fit.vae_batch_size=8",
 ]
@@ -68,9 +68,9 @@ def test_report_describes_every_phase(pipeline):
     assert phases["ingest"]["kept"] == 48 and phases["ingest"]["failed"] == 3
     assert phases["ingest"]["failed_by_reason"] == {"decode_error": 2, "http_4xx": 1}
     fitted = phases["encoders"]  # fitted on the ingested pairs, scored on held-out ones
-    assert fitted["clip"]["steps"] == 20 and fitted["vae"]["steps"] == 4 and fitted["pairs"] + fitted["heldout_pairs"] == 48
+    assert fitted["clip"]["steps"] == 10 and fitted["vae"]["steps"] == 4 and fitted["pairs"] + fitted["heldout_pairs"] == 48
     assert 0 <= fitted["clip"]["heldout_retrieval"]["top1"] <= 1 and fitted["vae"]["heldout_psnr_db"] > 0
-    assert json.loads((Path(cfg.root) / "encoders" / "fit_report.json").read_text()) == fitted
+    assert json.loads((Path(cfg.root) / "encoders" / "fit_report.json").read_text()) == {k: v for k, v in fitted.items() if k != "wall_s"}
     assert phases["embed"]["rows"] == 48 and {"image_64", "image_256", "vae_latent"} <= set(phases["embed"]["columns"])
     for stage in ("ldm", "prior", "decoder", "upsampler"):
         entry = phases[f"train_{stage}"]
