@@ -27,8 +27,11 @@ def build_upsampler(cfg: UpsamplerConfig):
         in_channels=6,
         out_channels=3,
         block_out_channels=tuple(cfg.block_channels),
-        down_block_types=("DownBlock2D",) * n,  # no attention: any input size works
+        # Convolutions only, as unCLIP's upsamplers: trained on crops, run on whole images, where
+        # attention (even diffusers' default one in the mid block) would cost (side/2^(n-1))^4.
+        down_block_types=("DownBlock2D",) * n,
         up_block_types=("UpBlock2D",) * n,
+        add_attention=False,
         layers_per_block=cfg.layers_per_block,
         norm_num_groups=min(32, math.gcd(*cfg.block_channels)),
     )
