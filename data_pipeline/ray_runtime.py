@@ -12,6 +12,14 @@ from data_pipeline.config import RayConfig
 # Environment every Ray worker needs: img2dataset's albumentations calls out at import without
 # the first; the second keeps open_clip/diffusers from trying a model hub the cluster may lack.
 WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+# credentials and endpoints workers (and submitted jobs) need to reach the same storage as this process
+FORWARDED = ("HF_HUB_OFFLINE", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+             "AWS_DEFAULT_REGION", "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS")  # fmt: skip
+
+
+def forwarded_env() -> dict[str, str]:
+    """WORKER_ENV (as set here, or its defaults) and whichever FORWARDED variables are set."""
+    return {**WORKER_ENV, **{k: os.environ[k] for k in (*WORKER_ENV, *FORWARDED) if k in os.environ}}
 
 
 @contextlib.contextmanager
@@ -24,9 +32,7 @@ def ray_session(cfg: RayConfig) -> Iterator[str | None]:
         return
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)
-    forwarded = (*WORKER_ENV, "HF_HUB_OFFLINE", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS")  # fmt: skip
-    env_vars = {k: os.environ[k] for k in forwarded if k in os.environ}
+    env_vars = forwarded_env()
     # Inside a Ray job (`unclip launch ingest`, a RayJob) Ray refuses a driver runtime env that
     # sets a variable the job's own runtime env sets too: add only what the job lacks.
     job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}

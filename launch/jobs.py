@@ -15,14 +15,11 @@ import time
 from typing import Any
 
 from data_pipeline import storage
-from data_pipeline.ray_runtime import WORKER_ENV
+from data_pipeline.ray_runtime import forwarded_env
 from launch.config import Config
 from launch.configlib import ConfigError, replace, to_yaml
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-# credentials and endpoints the job needs to reach the same storage as this machine
-FORWARDED = ("HF_HUB_OFFLINE", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-             "AWS_DEFAULT_REGION", "GOOGLE_APPLICATION_CREDENTIALS")  # fmt: skip
 
 
 def jobs_address(cfg: Config) -> str:
@@ -43,7 +40,7 @@ def _client(cfg: Config):
 
 
 def runtime_env(cfg: Config) -> dict[str, Any]:
-    env: dict[str, Any] = {"env_vars": {**WORKER_ENV, **{k: os.environ[k] for k in FORWARDED if k in os.environ}}}
+    env: dict[str, Any] = {"env_vars": forwarded_env()}
     if cfg.launch.working_dir:
         if not os.path.isdir(cfg.launch.working_dir):
             raise ConfigError(f"config key 'launch.working_dir': '{cfg.launch.working_dir}' is not a folder")

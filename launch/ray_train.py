@@ -14,6 +14,7 @@ from typing import Any
 from data_pipeline import storage
 from launch.config import Config
 from launch.configlib import to_yaml
+from launch.multinode import config_url
 
 
 def _settings(cfg: Config, stage: str) -> dict[str, Any]:
@@ -34,7 +35,7 @@ def describe(cfg: Config, stage: str, resume_from: str | None, init_from: str | 
     return [
         "ray.train.torch.TorchTrainer", f"workers={s['num_workers']}", f"cpus_per_worker={s['cpus_per_worker']}",
         "use_gpu=<cluster has GPUs>", f"max_failures={s['max_failures']}", f"storage_path={s['storage_path']}",
-        f"each worker: training.engine.train(stage={stage}, config={storage.join(cfg.run_url(stage), 'launch.yaml')}"
+        f"each worker: training.engine.train(stage={stage}, config={config_url(cfg, stage)}"
         f"{f', resume_from={resume_from}' if resume_from else ''}{f', init_from={init_from}' if init_from else ''})",
     ]  # fmt: skip
 
@@ -72,7 +73,7 @@ def run(cfg: Config, stage: str, resume_from: str | None, init_from: str | None,
             f"{f' (dashboard {dashboard})' if dashboard else ''}; up to {s['max_failures']} restarts from latest")  # fmt: skip
         trainer = TorchTrainer(
             _worker,
-            train_loop_config={"stage": stage, "config_url": storage.join(cfg.run_url(stage), "launch.yaml"),
+            train_loop_config={"stage": stage, "config_url": config_url(cfg, stage),
                                "resume_from": resume_from, "init_from": init_from},  # fmt: skip
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=s["timeout_s"]),
             scaling_config=ScalingConfig(num_workers=s["num_workers"], use_gpu=use_gpu,
