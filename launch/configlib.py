@@ -133,6 +133,21 @@ def _check_bounds(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:
             raise ConfigError(f"config key '{key}': expected a number {symbol} {bound}, got {value!r}")
 
 
+def _field_default(field: dataclasses.Field) -> dict[str, Any]:
+    if field.default_factory is not dataclasses.MISSING:
+        return dataclasses.asdict(field.default_factory())
+    if field.default is not dataclasses.MISSING and dataclasses.is_dataclass(field.default):
+        return dataclasses.asdict(field.default)
+    return {}
+
+
+def _merged(base: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in given.items():
+        out[k] = _merged(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
 def build(cls: type[T], data: dict[str, Any] | None = None, prefix: str = "") -> T:
     """Instantiate dataclass `cls` from a (nested) mapping, validating every key."""
     data = dict(data or {})
@@ -147,10 +162,15 @@ def build(cls: type[T], data: dict[str, Any] | None = None, prefix: str = "") ->
     kwargs = {}
     for name, field in fields.items():
         key = f"{prefix}.{name}" if prefix else name
-        if name in data:
+        if dataclasses.is_dataclass(hints[name]):
+            # A section's own default (e.g. a stage's DiffusionConfig(prediction="x0")) is the base
+            # that given keys are merged over, not the section class's bare defaults.
+            given = data.get(name, {})
+            if not isinstance(given, dict):
+                raise ConfigError(f"config key '{key}': expected a mapping, got {given!r}")
+            value = build(hints[name], _merged(_field_default(field), given), prefix=key)
+        elif name in data:
             value = _coerce(data[name], hints[name], key)
-        elif dataclasses.is_dataclass(hints[name]):
-            value = build(hints[name], {}, prefix=key)
         else:
             continue
         _check_bounds(value, field.metadata, key)

@@ -174,3 +174,13 @@ def test_lr_schedule():
     assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
     constant = lr_factor(config.load(None, ["train.optim.schedule=constant", "train.optim.warmup_steps=0"]).train.optim, 100)
     assert constant(0) == constant(99) == 1.0
+
+
+def test_a_sections_own_default_is_kept_and_overrides_merge_over_it():
+    """A stage's DiffusionConfig default (prior: x0 prediction) survives loading and a partial override."""
+    cfg = config.load(None, [])
+    assert cfg.prior.diffusion.prediction == "x0" and cfg.ldm.diffusion.schedule == "scaled_linear"
+    cfg = config.load(None, ["prior.diffusion.timesteps=500", "demo.stage_train.ldm.steps=7"])
+    assert (cfg.prior.diffusion.prediction, cfg.prior.diffusion.timesteps) == ("x0", 500)
+    assert cfg.demo.stage_train["ldm"] == {"batch_size": 16, "steps": 7}
+    assert "decoder" in cfg.demo.stage_train
