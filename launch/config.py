@@ -52,8 +52,9 @@ class DemoConfig:
     fit_encoders: bool = option(True, doc="fit the small encoders on the ingested data (false: random ones, plumbing only)")
     stages: list[Literal["ldm", "prior", "decoder", "upsampler"]] = option(factory=lambda: ["ldm", "prior", "decoder", "upsampler"])
     stage_train: dict[str, dict[str, Any]] = option(
-        factory=lambda: {"ldm": {"batch_size": 16}, "decoder": {"batch_size": 8, "steps": 200},
-                         "upsampler": {"batch_size": 8, "steps": 200}},  # fmt: skip
+        factory=lambda: {"ldm": {"batch_size": 16, "steps": 800, "optim": {"lr": 2e-3}},
+                         "decoder": {"batch_size": 16, "steps": 600},
+                         "upsampler": {"batch_size": 8, "steps": 800}},  # fmt: skip
         doc="train.* settings per stage, over the train section",
     )
 
@@ -68,6 +69,7 @@ class DemoConfig:
 class EvalConfig:
     samples: int = option(16, ge=2, doc="held-out rows to generate from (all of them when fewer)")
     batch_size: int = option(16, ge=1)
+    unguided_baseline: bool = option(True, doc="also generate with guidance 1 (off) and score it: what guidance adds")
     out: str = option("{root}/eval")
 
 

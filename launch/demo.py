@@ -33,6 +33,15 @@ def fit_encoders(cfg: Config, log=print) -> dict[str, Any]:
     return report
 
 
+def dotted(prefix: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """{'optim': {'lr': 2e-3}} -> {'PREFIX.optim.lr': 2e-3}: each setting replaces one value, the
+    rest of a section (train.optim.warmup_steps) stays as configured."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        out.update(dotted(f"{prefix}.{key}", value) if isinstance(value, dict) else {f"{prefix}.{key}": value})
+    return out
+
+
 def demo_overrides(workdir: str) -> list[str]:
     """Defaults that place everything under `workdir` (the user's own overrides come after)."""
     workdir = os.path.abspath(workdir)
@@ -85,7 +94,7 @@ def run(cfg: Config, workdir: str, log=print) -> dict[str, Any]:
 
     for stage in cfg.demo.stages:
         with _phase(report, f"train_{stage}", log) as entry:
-            stage_cfg = replace(cfg, **{f"train.{k}": v for k, v in cfg.demo.stage_train.get(stage, {}).items()})
+            stage_cfg = replace(cfg, **dotted("train", cfg.demo.stage_train.get(stage, {})))
             result = train_local(stage_cfg, stage, log=log)
             entry.update({k: result[k] for k in ("steps", "first_loss", "last_loss", "checkpoint")})
 

@@ -39,6 +39,7 @@ class Diffusion:
             "beta_schedule": BETA_SCHEDULES[cfg.schedule],
             "prediction_type": PREDICTION_TYPES[cfg.prediction],
             "clip_sample": False,
+            "timestep_spacing": "trailing",  # sampling starts at the last trained step (pure noise), Lin et al. 2024
             **({"beta_start": 0.00085, "beta_end": 0.012} if cfg.schedule == "scaled_linear" else {}),
         }
         self.alphas_cumprod = self.make_scheduler("ddpm").alphas_cumprod.double()

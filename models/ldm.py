@@ -28,6 +28,11 @@ def build_unet(cfg: LdmConfig, latent_channels: int, latent_size: int, text_widt
         layers_per_block=cfg.layers_per_block,
         cross_attention_dim=text_width,
         attention_head_dim=cfg.heads,  # diffusers' name; it is the number of heads here
+        # Cross-attention alone leaves the global attributes (colours) to a few attention layers;
+        # pooled text in the timestep embedding reaches every residual block. It reads only
+        # encoder_hidden_states, so the exported UNet still runs in a plain diffusers pipeline.
+        addition_embed_type="text" if cfg.pooled_text else None,
+        addition_embed_type_num_heads=cfg.heads,
         norm_num_groups=min(32, math.gcd(*cfg.block_channels)),
     )
 

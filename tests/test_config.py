@@ -179,8 +179,18 @@ def test_lr_schedule():
 def test_a_sections_own_default_is_kept_and_overrides_merge_over_it():
     """A stage's DiffusionConfig default (prior: x0 prediction) survives loading and a partial override."""
     cfg = config.load(None, [])
-    assert cfg.prior.diffusion.prediction == "x0" and cfg.ldm.diffusion.schedule == "scaled_linear"
+    assert cfg.prior.diffusion.prediction == "x0" and cfg.ldm.diffusion.loss_weighting == "min_snr"
     cfg = config.load(None, ["prior.diffusion.timesteps=500", "demo.stage_train.ldm.steps=7"])
     assert (cfg.prior.diffusion.prediction, cfg.prior.diffusion.timesteps) == ("x0", 500)
-    assert cfg.demo.stage_train["ldm"] == {"batch_size": 16, "steps": 7}
-    assert "decoder" in cfg.demo.stage_train
+    assert cfg.demo.stage_train == {"ldm": {"steps": 7}}  # a dict value replaces its default whole
+
+
+def test_demo_stage_settings_replace_single_values():
+    from launch.configlib import replace
+    from launch.demo import dotted
+
+    cfg = config.load(None, ["train.optim.warmup_steps=5"])
+    changes = dotted("train", {"steps": 9, "optim": {"lr": 2e-3}})
+    assert changes == {"train.steps": 9, "train.optim.lr": 2e-3}
+    staged = replace(cfg, **changes)
+    assert (staged.train.steps, staged.train.optim.lr, staged.train.optim.warmup_steps) == (9, 2e-3, 5)

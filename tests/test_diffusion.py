@@ -77,3 +77,13 @@ def test_classifier_free_guidance_extrapolates_from_unconditional():
     for w in (0.0, 1.0, 3.0):
         out = d.sample(fn, (2, 2), steps=10, guidance=w, generator=torch.Generator().manual_seed(0))
         assert torch.allclose(out, (uncond + w * (cond - uncond)).expand(2, 2), atol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_sampling_starts_at_the_last_trained_step(sampler):
+    """Trailing spacing: the first step is t = T-1 (pure noise under cosine), not the leading grid's
+    T - T/steps, where a model trained with leaked signal would meet none (Lin et al. 2024)."""
+    scheduler = Diffusion(DiffusionConfig()).make_scheduler(sampler)
+    scheduler.set_timesteps(25)
+    assert int(scheduler.timesteps[0]) == 999 and int(scheduler.timesteps[-1]) >= 0
+    assert len(scheduler.timesteps) == 25
