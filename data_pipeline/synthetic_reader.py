@@ -79,3 +79,16 @@ def _kind(region: np.ndarray, fill: float) -> str:
     if widens and fill < 0.7:
         return "triangle"
     return "square" if fill > 0.88 else "circle"
+
+
+def prompt_following(pictures: list[Image.Image], captions: list[str]) -> tuple[dict[str, float], list[Reading]] | None:
+    """Per attribute, the fraction of pictures whose reading is what their caption asked for, and
+    the readings; None when a caption is not the embedded generator's (no truth to score against)."""
+    from data_pipeline.synthetic import attributes_from_caption
+
+    truths = [attributes_from_caption(c) for c in captions]
+    if not truths or any(t is None for t in truths):
+        return None
+    readings = [read(p) for p in pictures]
+    keys = ("shape", "color", "background")
+    return {key: float(np.mean([getattr(r, key) == t[i] for r, t in zip(readings, truths)])) for i, key in enumerate(keys)}, readings

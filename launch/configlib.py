@@ -141,16 +141,15 @@ def _field_default(field: dataclasses.Field) -> dict[str, Any]:
     return {}
 
 
-def _merged(base: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in given.items():
-        out[k] = _merged(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
-    return out
+def build(cls: type[T], data: dict[str, Any] | None = None, prefix: str = "", defaults: dict[str, Any] | None = None) -> T:
+    """Instantiate dataclass `cls` from a (nested) mapping, validating every key.
 
-
-def build(cls: type[T], data: dict[str, Any] | None = None, prefix: str = "") -> T:
-    """Instantiate dataclass `cls` from a (nested) mapping, validating every key."""
+    Sections (nested dataclasses) merge what is given over their field's own default, so a
+    stage's DiffusionConfig(prediction="x0") keeps x0 when only its timesteps are given; every
+    other value, dicts included, replaces its default whole. `defaults` is that base for `cls`.
+    """
     data = dict(data or {})
+    defaults = defaults or {}
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
@@ -163,14 +162,14 @@ def build(cls: type[T], data: dict[str, Any] | None = None, prefix: str = "") ->
     for name, field in fields.items():
         key = f"{prefix}.{name}" if prefix else name
         if dataclasses.is_dataclass(hints[name]):
-            # A section's own default (e.g. a stage's DiffusionConfig(prediction="x0")) is the base
-            # that given keys are merged over, not the section class's bare defaults.
             given = data.get(name, {})
             if not isinstance(given, dict):
                 raise ConfigError(f"config key '{key}': expected a mapping, got {given!r}")
-            value = build(hints[name], _merged(_field_default(field), given), prefix=key)
+            value = build(hints[name], given, prefix=key, defaults=defaults.get(name) or _field_default(field))
         elif name in data:
             value = _coerce(data[name], hints[name], key)
+        elif name in defaults:
+            value = _coerce(defaults[name], hints[name], key)
         else:
             continue
         _check_bounds(value, field.metadata, key)

@@ -4,8 +4,11 @@
   caption's text embedding itself;
 - each chain (ldm; unCLIP = prior -> decoder -> upsamplers): CLIP score of the generated images
   (cosine of their CLIP image embedding with the caption's text embedding; the real images' score
-  beside it), and the Fréchet distance between generated and real images in CLIP image space.
-Writes eval.json and a grid (real image, then each chain's) to `eval.out`.
+  beside it), and the Fréchet distance between generated and real images in CLIP image space;
+  at the configured guidance and, with `eval.unguided_baseline`, at guidance 1 (off);
+- prompt following, when the captions are the embedded generator's: each image read back by
+  data_pipeline/synthetic_reader.py and scored per attribute (shape, colour, background).
+Writes eval.json, a grid (real image, then each chain's) and reading_grid.png to `eval.out`.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from PIL import Image
 
 from data_pipeline import storage
 from data_pipeline.store import StoreError, open_store
+from data_pipeline.synthetic_reader import prompt_following
 from launch.config import Config
 from launch.configlib import to_yaml
 from launch.sample import save_png
 from launch.trained import Trained, available_stages, load_trained
-from models import chains, prior
+from models import prior
 from models.imaging import decode, grid, to_pil, to_unit
 from models.metrics import frechet_distance, mean_cosine
 
@@ -35,6 +39,25 @@ def clip_embed(trained: Trained, images: torch.Tensor) -> np.ndarray:
     size = trained.clip.image_size
     pixels = torch.nn.functional.interpolate((images + 1) / 2, size=(size, size), mode="bicubic", align_corners=False)
     return trained.clip.encode_images(pixels.clamp(0, 1)).numpy()
+
+
+def reading_grid(captions: list[str], generated: dict[str, torch.Tensor], readings: dict[str, list], rows: int = 8) -> Image.Image:
+    """Prompts down the side; each chain's sample with what data_pipeline/synthetic_reader.py saw in it."""
+    from PIL import ImageDraw
+
+    cell, label, caption_w = 128, 14, 260
+    rows = min(rows, len(captions))
+    canvas = Image.new("RGB", (caption_w + len(generated) * cell, rows * (cell + label)), "white")
+    pen = ImageDraw.Draw(canvas)
+    for c, (chain, images) in enumerate(generated.items()):
+        pen.text((caption_w + c * cell + 2, 0), chain, fill="black")
+        for r, (picture, seen) in enumerate(zip(to_pil(images[:rows]), readings[chain])):
+            x, y = caption_w + c * cell, r * (cell + label) + label
+            canvas.paste(picture.resize((cell, cell)), (x, y))
+            pen.text((x + 2, y + cell - label), f"{seen.color} {seen.shape} / {seen.background}", fill="white", stroke_width=1, stroke_fill="black")
+    for r in range(rows):
+        pen.text((4, r * (cell + label) + label + cell // 2), captions[r][:42], fill="black")
+    return canvas
 
 
 def _batches(n: int, size: int):
@@ -77,24 +100,29 @@ def run(cfg: Config, log=print) -> dict[str, Any]:
         log(f"eval: prior cosine {results['prior']['cosine_predicted_vs_true']:.3f} "
             f"(text-embedding baseline {results['prior']['cosine_text_embedding_baseline']:.3f})")  # fmt: skip
 
+    guidances = [s.guidance] + ([1.0] if cfg.eval.unguided_baseline and s.guidance != 1.0 else [])
+    readings: dict[str, list] = {}
+    captions = [str(c) for c in held["caption"]]
     for chain, ready in chains_ready.items():
         if not ready:
             continue
-        images = []
-        for i, b in enumerate(_batches(n, cfg.eval.batch_size)):
-            part = {k: v[b] for k, v in text.items()}
-            generator = torch.Generator().manual_seed(s.seed + i)
-            if chain == "ldm":
-                images.append(chains.latent_diffusion(trained.nets["ldm"], trained.vae, part["tokens"], s.steps, s.guidance, generator))
+        for guidance in guidances:
+            images = trained.generate(chain, text, s.steps, guidance, s.seed, cfg.eval.batch_size)
+            embeddings = clip_embed(trained, images)
+            scores = {"clip_score": mean_cosine(embeddings, held["clip_text_emb"].astype(np.float32)),
+                      "frechet_distance_clip": frechet_distance(embeddings, real)}  # fmt: skip
+            following = prompt_following(to_pil(images), captions)
+            if following:
+                scores["prompt_following"] = following[0]
+            if guidance == s.guidance:
+                results[chain] = {**scores, "resolution": int(images.shape[-1])}
+                generated[chain] = images
+                readings[chain] = following[1] if following else []
             else:
-                images.append(chains.unclip(trained.nets["prior"], trained.nets["decoder"], trained.upsamplers, part, s.steps, s.guidance, generator)[1][-1])
-        generated[chain] = torch.cat(images)
-        embeddings = clip_embed(trained, generated[chain])
-        results[chain] = {"clip_score": mean_cosine(embeddings, held["clip_text_emb"].astype(np.float32)),
-                          "frechet_distance_clip": frechet_distance(embeddings, real),
-                          "resolution": int(generated[chain].shape[-1])}  # fmt: skip
-        log(f"eval: {chain} CLIP score {results[chain]['clip_score']:.3f} (real {results['real_images_clip_score']:.3f}), "
-            f"Fréchet distance in CLIP space {results[chain]['frechet_distance_clip']:.3f}")  # fmt: skip
+                results[chain]["guidance_1"] = scores
+            log(f"eval: {chain}, guidance {guidance:g}: CLIP score {scores['clip_score']:.3f} (real "
+                f"{results['real_images_clip_score']:.3f}), Fréchet distance in CLIP space {scores['frechet_distance_clip']:.3f}"
+                + (", prompt following " + " / ".join(f"{k} {v:.0%}" for k, v in following[0].items()) if following else ""))  # fmt: skip
 
     storage.makedirs(cfg.eval.out)
     storage.write_text(storage.join(cfg.eval.out, "config.yaml"), to_yaml(cfg))
@@ -106,7 +134,9 @@ def run(cfg: Config, log=print) -> dict[str, Any]:
         picture = grid([[im.resize((side, side), Image.Resampling.NEAREST) for im in row] for row in zip(*columns_)])
         results["grid"] = save_png(picture, storage.join(cfg.eval.out, "eval_grid.png"))
         results["grid_columns"] = (["real"] if "image_64" in held else []) + list(generated)
-        results["grid_captions"] = [str(c) for c in held["caption"][:rows]]
+        results["grid_captions"] = captions[:rows]
+        if all(readings.values()):
+            results["reading_grid"] = save_png(reading_grid(captions, generated, readings), storage.join(cfg.eval.out, "reading_grid.png"))
     results["wall_s"] = round(time.time() - started, 2)
     storage.write_json(storage.join(cfg.eval.out, "eval.json"), results)
     log(f"eval: {storage.join(cfg.eval.out, 'eval.json')}")

@@ -6,11 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from data_pipeline import storage
 from data_pipeline.store import Store, StoreError
 from launch import config as config_mod
 from launch.config import Config
 from launch.configlib import read_yaml
+from models import chains
 from models.chains import Net
 from models.diffusion import Diffusion
 from models.encoders import FrozenClip, FrozenVae, identity_mismatch
@@ -52,6 +55,20 @@ class Trained:
 
     def encode_text(self, captions: list[str]):
         return self.clip.encode_text(captions)
+
+    def generate(self, chain: str, text: dict[str, torch.Tensor], steps: int, guidance: float, seed: int,
+                 batch_size: int) -> torch.Tensor:  # fmt: skip
+        """Images in [-1, 1] from text conditioning (emb, tokens, mask) by the ldm or the unCLIP
+        chain (at its last resolution); batch i draws its noise from seed + i."""
+        images = []
+        for i, start in enumerate(range(0, len(text["emb"]), batch_size)):
+            part = {k: v[start : start + batch_size] for k, v in text.items()}
+            generator = torch.Generator().manual_seed(seed + i)
+            if chain == "ldm":
+                images.append(chains.latent_diffusion(self.nets["ldm"], self.vae, part["tokens"], steps, guidance, generator))
+            else:
+                images.append(chains.unclip(self.nets["prior"], self.nets["decoder"], self.upsamplers, part, steps, guidance, generator)[1][-1])
+        return torch.cat(images)
 
 
 def load_trained(cfg: Config, store: Store, stages: list[str]) -> Trained:

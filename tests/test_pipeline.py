@@ -89,6 +89,12 @@ def test_report_describes_every_phase(pipeline):
                   ev["ldm"]["clip_score"], ev["unclip"]["clip_score"], ev["ldm"]["frechet_distance_clip"]):  # fmt: skip
         assert value == value and abs(value) < 1e6  # finite
     assert json.loads(open(os.path.join(cfg.eval.out, "eval.json")).read())["unclip"]["resolution"] == 256
+    for chain in ("ldm", "unclip"):  # held-out captions are the generator's: the reader scores both guidances
+        for scores in (ev[chain], ev[chain]["guidance_1"]):
+            assert set(scores["prompt_following"]) == {"shape", "color", "background"}
+            assert all(0 <= v <= 1 for v in scores["prompt_following"].values())
+    with Image.open(ev["reading_grid"]) as im:
+        assert im.size[1] == 4 * (128 + 14)  # one row per held-out prompt
 
 
 def test_store_manifest_follows_the_contract(pipeline):

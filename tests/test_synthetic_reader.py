@@ -56,3 +56,18 @@ def test_an_empty_or_speckled_picture_shows_no_shape():
     speck = plain.copy()
     speck.putpixel((30, 30), synthetic.COLORS["red"])
     assert read(speck).shape is None
+
+
+def test_prompt_following_scores_each_attribute_against_its_caption():
+    from data_pipeline.synthetic_reader import prompt_following
+
+    red_circle = synthetic.ShapeAttributes("circle", "red", "blue", 0.5, 0.5, 0.3)
+    pictures = [synthetic.draw(red_circle, 64)] * 4
+    captions = ["a red circle on a blue background",  # all three right
+                "a red square on a blue background",  # shape wrong
+                "a green circle on a blue background",  # colour wrong
+                "a red circle on a white background"]  # background wrong  # fmt: skip
+    scores, readings = prompt_following(pictures, captions)
+    assert scores == {"shape": 0.75, "color": 0.75, "background": 0.75}
+    assert [r.shape for r in readings] == ["circle"] * 4
+    assert prompt_following(pictures, captions[:3] + ["a photo of a dog"]) is None  # no truth to score against
