@@ -18,7 +18,6 @@ Prints one table and writes quality.json.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -31,12 +30,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TARGETS = {"vae_psnr_db": 25.0, "clip_top1": 0.90, "color": 0.90, "background": 0.90, "shape": 0.70}
 
 
-def held_out_pairs(store, count: int) -> tuple[np.ndarray, list[str]]:
-    from PIL import Image
+def held_out_pairs(store) -> tuple[np.ndarray, list[str]]:
+    from models.imaging import decode
 
     held = store.read(["caption", "image_64"], split="heldout")
-    images = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in held["image_64"][:count]])
-    return images, [str(c) for c in held["caption"][:count]]
+    return decode(held["image_64"]), [str(c) for c in held["caption"]]
 
 
 def main() -> None:
@@ -63,7 +61,7 @@ def main() -> None:
     if args.reuse and args.rescore:
         report["phases"]["eval"]["wall_s"] = evaluate.run(cfg, log=log)["wall_s"]
     store = open_store(cfg.store_url)
-    images, captions = held_out_pairs(store, 10_000)
+    images, captions = held_out_pairs(store)
     result = {"workdir": workdir, "heldout_rows": len(captions), "phases_wall_s": {k: v["wall_s"] for k, v in report["phases"].items()}}
     result["vae_psnr_db"] = vae_psnr(cfg.encoders.vae, images, 64)
     result["clip_top1"] = clip_retrieval(cfg.encoders.clip, (images, captions))["top1"]
