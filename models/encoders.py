@@ -18,6 +18,7 @@ import torch
 
 from data_pipeline import storage
 from models.config import ClipConfig, EncodersConfig, TinyEncodersConfig, VaeConfig
+from models.normalization import norm_groups
 
 LOCAL_DIR = "local-dir:"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -244,7 +245,7 @@ def tiny_vae_config(t: TinyEncodersConfig) -> dict[str, Any]:
         "block_out_channels": list(t.vae_channels),
         "layers_per_block": 1,
         "latent_channels": t.latent_channels,
-        "norm_num_groups": min(32, min(t.vae_channels)),
+        "norm_num_groups": norm_groups(t.vae_channels),
         "sample_size": t.image_size,
     }
 

@@ -6,12 +6,11 @@ the exported UNet runs in a plain diffusers pipeline). Dropped text is all-zero 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from models.config import LdmConfig
 from models.diffusion import Diffusion
+from models.normalization import norm_groups
 
 
 def build_unet(cfg: LdmConfig, latent_channels: int, latent_size: int, text_width: int):
@@ -33,7 +32,7 @@ def build_unet(cfg: LdmConfig, latent_channels: int, latent_size: int, text_widt
         # encoder_hidden_states, so the exported UNet still runs in a plain diffusers pipeline.
         addition_embed_type="text" if cfg.pooled_text else None,
         addition_embed_type_num_heads=cfg.heads,
-        norm_num_groups=min(32, math.gcd(*cfg.block_channels)),
+        norm_num_groups=norm_groups(cfg.block_channels),
     )
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from models.config import UpsamplerConfig
 from models.diffusion import Diffusion
+from models.normalization import norm_groups
 
 
 def build_upsampler(cfg: UpsamplerConfig):
@@ -33,7 +34,7 @@ def build_upsampler(cfg: UpsamplerConfig):
         up_block_types=("UpBlock2D",) * n,
         add_attention=False,
         layers_per_block=cfg.layers_per_block,
-        norm_num_groups=min(32, math.gcd(*cfg.block_channels)),
+        norm_num_groups=norm_groups(cfg.block_channels),
     )
 
 
