@@ -5,6 +5,11 @@ image embedding into the UNet's timestep embedding and into extra context tokens
 the text tokens; the UNet is a diffusers `UNet2DConditionModel` whose class embedding is that
 additive timestep term. A dropped image embedding is the learned null embedding the projection
 model carries; a dropped caption is all-zero tokens and text embedding.
+
+With `patch` p > 1 the UNet sees the image with each p x p block of pixels folded into channels
+(`pixel_unshuffle`, as Hoogeboom et al. 2023 "simple diffusion" do for high-resolution pixel
+diffusion): it runs at 64/p px with 3 p^2 channels, so its convolutions and attention see the
+whole picture's layout at the cost of a latent model. The UNet's `in_channels` (3 p^2) records p.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 
 from models.config import DecoderConfig
 from models.diffusion import Diffusion
+from models.normalization import norm_groups
 
 
 def text_proj_class():
@@ -29,6 +35,11 @@ class UnclipDecoder(torch.nn.Module):
     def __init__(self, unet, text_proj):
         super().__init__()
         self.unet, self.text_proj = unet, text_proj
+        self.patch = math.isqrt(unet.config.in_channels // 3)
+
+    @property
+    def image_size(self) -> int:
+        return self.unet.config.sample_size * self.patch
 
     @property
     def dtype(self) -> torch.dtype:
@@ -40,27 +51,34 @@ class UnclipDecoder(torch.nn.Module):
         context, time_extra = self.text_proj(
             image_embeddings=image_emb, prompt_embeds=text_emb, text_encoder_hidden_states=tokens, do_classifier_free_guidance=False
         )
-        return self.unet(x_t, t, encoder_hidden_states=context, class_labels=time_extra).sample
+        folded = torch.nn.functional.pixel_unshuffle(x_t, self.patch)
+        out = self.unet(folded, t, encoder_hidden_states=context, class_labels=time_extra).sample
+        return torch.nn.functional.pixel_shuffle(out, self.patch)
 
 
 def build_decoder(cfg: DecoderConfig, embed_dim: int, text_width: int, image_size: int) -> UnclipDecoder:
     from diffusers import UNet2DConditionModel
 
     n = len(cfg.block_channels)
+    if image_size % (cfg.patch * 2 ** (n - 1)):
+        raise ValueError(f"config key 'decoder.patch': {image_size} px images need a patch that, times 2**{n - 1} "
+                         f"for {n} UNet levels, divides {image_size}; got {cfg.patch}")  # fmt: skip
+    side = image_size // cfg.patch
+    # attention where it is cheap: at 64 px (patch 1) it would cost more than everything else
+    attends = [side // 2**level <= cfg.attention_side or level == n - 1 for level in range(n)]
     time_embed_dim = cfg.block_channels[0] * 4
     unet = UNet2DConditionModel(
-        sample_size=image_size,
-        in_channels=3,
-        out_channels=3,
+        sample_size=side,
+        in_channels=3 * cfg.patch**2,
+        out_channels=3 * cfg.patch**2,
         block_out_channels=tuple(cfg.block_channels),
-        # attention only at the lowest resolution: at 64 px it would cost more than everything else
-        down_block_types=("DownBlock2D",) * (n - 1) + ("CrossAttnDownBlock2D",),
-        up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends)),
         layers_per_block=cfg.layers_per_block,
         cross_attention_dim=text_width,
         attention_head_dim=cfg.heads,  # diffusers' name; it is the number of heads here
         class_embed_type="identity",  # the image embedding's projection, added to the time embedding
-        norm_num_groups=min(32, math.gcd(*cfg.block_channels)),
+        norm_num_groups=norm_groups(cfg.block_channels),
     )
     text_proj = text_proj_class()(
         clip_extra_context_tokens=cfg.context_tokens,
@@ -104,5 +122,5 @@ def sample(model, diffusion: Diffusion, cond: dict[str, torch.Tensor], steps: in
     def model_fn(x, t, conditional):
         return predict(model, x, t, cond if conditional else null)
 
-    size = model.unet.config.sample_size
+    size = getattr(model, "module", model).image_size
     return diffusion.sample(model_fn, (n, 3, size, size), steps, guidance, generator, sampler).clamp(-1, 1)

@@ -6,6 +6,7 @@ diffusers checked output for output against plain diffusers, and refusals."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -221,7 +222,9 @@ def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_pat
         keep = 1.0 if c else 0.0
         context, extra = proj(image_embeddings=emb, prompt_embeds=text["emb"] * keep, text_encoder_hidden_states=text["tokens"] * keep,
                               do_classifier_free_guidance=False)  # fmt: skip
-        return unet(x, t, encoder_hidden_states=context, class_labels=extra).sample
+        patch = math.isqrt(unet.config.in_channels // 3)  # the export's stated pixel layout
+        out = unet(torch.nn.functional.pixel_unshuffle(x, patch), t, encoder_hidden_states=context, class_labels=extra).sample
+        return torch.nn.functional.pixel_shuffle(out, patch)
 
     theirs = _plain_loop(os.path.join(out, "decoder", "scheduler"), mine.shape, decoder_fn, w, seed, steps).clamp(-1, 1)
     assert torch.allclose(mine, theirs, atol=1e-5)
