@@ -122,5 +122,5 @@ def sample(model, diffusion: Diffusion, cond: dict[str, torch.Tensor], steps: in
     def model_fn(x, t, conditional):
         return predict(model, x, t, cond if conditional else null)
 
-    size = getattr(model, "module", model).image_size
+    size = model.image_size
     return diffusion.sample(model_fn, (n, 3, size, size), steps, guidance, generator, sampler).clamp(-1, 1)
