@@ -14,7 +14,7 @@ COMMANDS = {
     "ingest": "download a URL list into ROOT/raw/ (Ray + img2dataset)",
     "encoders": "`encoders init`: small random encoders; `encoders fit`: train them on ROOT/raw/ (the embedded default)",
     "embed": "frozen CLIP/VAE over ROOT/raw/ into the embedding store ROOT/store/ (Ray Data)",
-    "train": "`train STAGE`: train prior or ldm with DeepSpeed from the store",
+    "train": "`train STAGE`: train one stage (prior, decoder, upsampler, ldm) with DeepSpeed from the store",
     "sample": "prompts -> images by the ldm and unCLIP chains; variations; interpolations",
     "eval": "score the trained stages on the store's held-out rows (eval.json + grid)",
     "export": "`export --out DIR`: every trained stage as diffusers folders, with a model card",

@@ -30,6 +30,9 @@ class SampleConfig:
     chains: list[Literal["ldm", "unclip"]] = option(factory=lambda: ["ldm", "unclip"])
     images_per_prompt: int = option(4, ge=1)
     steps: int = option(25, ge=1)
+    upsampler_steps: int = option(
+        10, ge=1, doc="sampling steps of each upsampler: it starts from the low-resolution picture, so it needs fewer"
+    )
     guidance: float = option(3.0, ge=0, doc="classifier-free guidance scale; 1 turns it off, 0 is unconditional")
     sampler: Literal["ddim", "ddpm"] = "ddim"
     seed: int = 0

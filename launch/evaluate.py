@@ -85,7 +85,7 @@ def run(cfg: Config, log=print) -> dict[str, Any]:
             "mask": torch.from_numpy(held["text_mask"])}  # fmt: skip
     real = held["clip_image_emb"].astype(np.float32)
     s = cfg.sample
-    results: dict[str, Any] = {"heldout_rows": n, "steps": s.steps, "guidance": s.guidance, "checkpoints": trained.checkpoints}
+    results: dict[str, Any] = {"heldout_rows": n, "steps": s.steps, "upsampler_steps": s.upsampler_steps, "guidance": s.guidance, "checkpoints": trained.checkpoints}
     results["real_images_clip_score"] = mean_cosine(real, held["clip_text_emb"].astype(np.float32))
     generated: dict[str, torch.Tensor] = {}
 
@@ -107,7 +107,7 @@ def run(cfg: Config, log=print) -> dict[str, Any]:
         if not ready:
             continue
         for guidance in guidances:
-            images = trained.generate(chain, text, s.steps, guidance, s.seed, cfg.eval.batch_size)
+            images = trained.generate(chain, text, s.steps, guidance, s.seed, cfg.eval.batch_size, s.upsampler_steps)
             embeddings = clip_embed(trained, images)
             scores = {"clip_score": mean_cosine(embeddings, held["clip_text_emb"].astype(np.float32)),
                       "frechet_distance_clip": frechet_distance(embeddings, real)}  # fmt: skip

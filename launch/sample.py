@@ -88,7 +88,7 @@ def _text_to_image(trained: Trained, chain: str, text: dict[str, torch.Tensor], 
         extra: dict[str, Any] = {}
     else:
         embeddings, levels = chains.unclip(trained.nets["prior"], trained.nets["decoder"], trained.upsamplers, repeated,
-                                           s.steps, s.guidance, generator)  # fmt: skip
+                                           s.steps, s.guidance, generator, s.upsampler_steps)  # fmt: skip
         images = levels[-1]
         buf = io.BytesIO()
         np.save(buf, embeddings.numpy())
@@ -126,7 +126,8 @@ def _variations(trained: Trained, log) -> dict[str, Any]:
     n = s.images_per_prompt
     no_text = {"emb": torch.zeros_like(embeddings), "tokens": torch.zeros(len(sources), clip.context_length, clip.text_width)}
     levels = chains.decode_embeddings(trained.nets["decoder"], trained.upsamplers, embeddings.repeat_interleave(n, 0),
-                                      _repeat(no_text, n), s.steps, s.guidance, torch.Generator().manual_seed(s.seed))  # fmt: skip
+                                      _repeat(no_text, n), s.steps, s.guidance, torch.Generator().manual_seed(s.seed),
+                                      s.upsampler_steps)  # fmt: skip
     pictures = to_pil(levels[-1])
     side = pictures[0].width
     rows = [[src.resize((side, side))] + pictures[i * n : (i + 1) * n] for i, src in enumerate(sources)]
@@ -147,7 +148,7 @@ def _interpolation(trained: Trained, log) -> dict[str, Any]:
     for w in weights:  # the same noise at every point, so only the embedding changes along the row
         embedding = chains.slerp(ends[0], ends[1], float(w))[None]
         levels = chains.decode_embeddings(trained.nets["decoder"], trained.upsamplers, embedding, no_text, s.steps,
-                                          s.guidance, torch.Generator().manual_seed(s.seed))  # fmt: skip
+                                          s.guidance, torch.Generator().manual_seed(s.seed), s.upsampler_steps)  # fmt: skip
         row += to_pil(levels[-1])
     path = save_png(grid([row]), storage.join(s.out, "interpolation.png"))
     log(f"sample: interpolation '{s.interpolate[0]}' -> '{s.interpolate[1]}' in {len(weights)} steps -> {path}")

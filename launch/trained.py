@@ -57,7 +57,7 @@ class Trained:
         return self.clip.encode_text(captions)
 
     def generate(self, chain: str, text: dict[str, torch.Tensor], steps: int, guidance: float, seed: int,
-                 batch_size: int) -> torch.Tensor:  # fmt: skip
+                 batch_size: int, upsampler_steps: int | None = None) -> torch.Tensor:  # fmt: skip
         """Images in [-1, 1] from text conditioning (emb, tokens, mask) by the ldm or the unCLIP
         chain (at its last resolution); batch i draws its noise from seed + i."""
         images = []
@@ -67,7 +67,8 @@ class Trained:
             if chain == "ldm":
                 images.append(chains.latent_diffusion(self.nets["ldm"], self.vae, part["tokens"], steps, guidance, generator))
             else:
-                images.append(chains.unclip(self.nets["prior"], self.nets["decoder"], self.upsamplers, part, steps, guidance, generator)[1][-1])
+                images.append(chains.unclip(self.nets["prior"], self.nets["decoder"], self.upsamplers, part, steps, guidance, generator,
+                                           upsampler_steps)[1][-1])  # fmt: skip
         return torch.cat(images)
 
 

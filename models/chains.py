@@ -31,17 +31,19 @@ def upsample_all(images: torch.Tensor, upsamplers: list[Net], steps: int, genera
 
 
 def decode_embeddings(dec: Net, upsamplers: list[Net], image_emb: torch.Tensor, text: dict[str, torch.Tensor],
-                      steps: int, guidance: float, generator: torch.Generator) -> list[torch.Tensor]:  # fmt: skip
+                      steps: int, guidance: float, generator: torch.Generator,
+                      upsampler_steps: int | None = None) -> list[torch.Tensor]:  # fmt: skip
+    """`upsampler_steps` (default: `steps`) for the upsamplers, which start from a picture already there."""
     cond = decoder.conditioning(image_emb, text["emb"], text["tokens"])
     images = decoder.sample(dec.model, dec.diffusion, cond, steps, guidance, generator)
-    return upsample_all(images, upsamplers, steps, generator)
+    return upsample_all(images, upsamplers, upsampler_steps or steps, generator)
 
 
 def unclip(pri: Net, dec: Net, upsamplers: list[Net], text: dict[str, torch.Tensor], steps: int, guidance: float,
-           generator: torch.Generator) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+           generator: torch.Generator, upsampler_steps: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
     """text -> prior -> CLIP image embedding -> decoder -> upsamplers; (embeddings, images per resolution)."""
     image_emb = prior.sample(pri.model, pri.diffusion, text, steps, guidance, generator)
-    return image_emb, decode_embeddings(dec, upsamplers, image_emb, text, steps, guidance, generator)
+    return image_emb, decode_embeddings(dec, upsamplers, image_emb, text, steps, guidance, generator, upsampler_steps)
 
 
 def latent_diffusion(net: Net, vae, tokens: torch.Tensor, steps: int, guidance: float, generator: torch.Generator) -> torch.Tensor:

@@ -77,6 +77,11 @@ class DiffusionConfig:
     prediction: Literal["eps", "x0", "v"] = "eps"
     loss_weighting: Literal["uniform", "min_snr"] = "uniform"
     snr_gamma: float = option(5.0, gt=0)
+    snr_shift: float = option(
+        1.0, gt=0,
+        doc="divide the schedule's signal-to-noise ratio by shift**2 at every step (Hoogeboom et al. 2023, SD3): "
+            "more training and sampling at the noise levels where a picture's layout forms",
+    )  # fmt: skip
 
 
 @dataclass
@@ -131,8 +136,10 @@ class DecoderConfig:
     # x0 prediction, weighted uniformly: the folded UNet has no exact per-pixel path from its input
     # to its output, so eps or v targets (the noise itself, near the end) left visible noise in every
     # sample; x0 is smooth and the last step returns it. Uniform weighting keeps the noisiest steps,
-    # where the layout forms (min-SNR left scattered blobs).
-    diffusion: DiffusionConfig = option(factory=lambda: DiffusionConfig(prediction="x0"))
+    # where the layout forms (min-SNR left scattered blobs: colour 62% at 600 steps of 16). The SNR
+    # shift of 4 moves more of training there again: one coherent shape per picture, colour 100%
+    # vs 88% at guidance 1 after 600 steps of 16 from true embeddings (shift 2: 69%).
+    diffusion: DiffusionConfig = option(factory=lambda: DiffusionConfig(prediction="x0", snr_shift=4.0))
 
     def validate(self) -> None:
         if not self.block_channels or any(c < 8 or c % 8 for c in self.block_channels):

@@ -31,6 +31,14 @@ def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1, *([1] * (like.dim() - 1))).to(like)
 
 
+def shifted_betas(alphas_cumprod: torch.Tensor, shift: float) -> list[float]:
+    """Betas whose cumulative product has SNR(t) / shift**2 at every t."""
+    snr = alphas_cumprod / (1 - alphas_cumprod) / shift**2
+    shifted = snr / (1 + snr)
+    previous = torch.cat([torch.ones(1, dtype=shifted.dtype), shifted[:-1]])
+    return (1 - shifted / previous).clamp(max=0.999).tolist()  # the cap diffusers' cosine table has
+
+
 class Diffusion:
     def __init__(self, cfg: DiffusionConfig):
         self.cfg = cfg
@@ -42,6 +50,10 @@ class Diffusion:
             "timestep_spacing": "trailing",  # sampling starts at the last trained step (pure noise), Lin et al. 2024
             **({"beta_start": 0.00085, "beta_end": 0.012} if cfg.schedule == "scaled_linear" else {}),
         }
+        if cfg.snr_shift != 1.0:
+            # As explicit betas, so every diffusers scheduler built from (and exported with) this
+            # config runs the shifted schedule.
+            self.scheduler_config["trained_betas"] = shifted_betas(self.make_scheduler("ddpm").alphas_cumprod.double(), cfg.snr_shift)
         self.alphas_cumprod = self.make_scheduler("ddpm").alphas_cumprod.double()
 
     def make_scheduler(self, sampler: str):

@@ -24,6 +24,19 @@ def test_cosine_schedule_follows_nichol_dhariwal():
         assert d.alphas_cumprod[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-3)
 
 
+def test_snr_shift_divides_every_steps_snr_and_survives_a_saved_scheduler(tmp_path):
+    from diffusers import DDIMScheduler
+
+    base, shifted = Diffusion(DiffusionConfig()), Diffusion(DiffusionConfig(snr_shift=4.0))
+    ts = torch.tensor([0, 100, 500, 900, 998])
+    assert torch.allclose(shifted.snr(ts), base.snr(ts) / 16, rtol=1e-3)
+    # what an exported pipeline samples with: the scheduler saved from the config, loaded back
+    shifted.make_scheduler("ddim").save_pretrained(tmp_path)
+    loaded = DDIMScheduler.from_pretrained(tmp_path)
+    assert torch.allclose(loaded.alphas_cumprod.double(), shifted.alphas_cumprod, rtol=1e-6)
+    assert not torch.allclose(loaded.alphas_cumprod.double(), base.alphas_cumprod, rtol=1e-2)
+
+
 def test_q_sample_has_the_marginal_statistics():
     d = Diffusion(DiffusionConfig(schedule="linear"))
     g = torch.Generator().manual_seed(0)
