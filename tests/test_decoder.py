@@ -54,3 +54,24 @@ def test_a_saved_decoder_rebuilds_with_its_patch():
 def test_a_patch_that_does_not_divide_the_image_is_refused_by_name():
     with pytest.raises(ValueError, match="decoder.patch"):
         small(patch=3)
+
+
+def test_upsamplers_take_their_own_step_count_in_the_unclip_chain():
+    from models import chains, upsampler
+    from models.config import DiffusionConfig, UpsamplerConfig
+    from models.diffusion import Diffusion
+
+    dec = small(patch=4)
+    up_cfg = UpsamplerConfig(low=32, high=64, block_channels=[8, 16])
+    up = chains.Net(upsampler.build_upsampler(up_cfg), Diffusion(up_cfg.diffusion), {"low": 32, "high": 64})
+    calls = {"decoder": 0, "upsampler": 0}
+    dec.unet.register_forward_hook(lambda *_: calls.__setitem__("decoder", calls["decoder"] + 1))
+    up.model.register_forward_hook(lambda *_: calls.__setitem__("upsampler", calls["upsampler"] + 1))
+    text = {"emb": torch.randn(2, 8), "tokens": torch.randn(2, 5, 8)}
+    dec_net = chains.Net(dec, Diffusion(DiffusionConfig(prediction="x0")), {})
+    for upsampler_steps, expected in ((2, 2), (None, 3)):  # None: the chain's own steps
+        calls.update(decoder=0, upsampler=0)
+        levels = chains.decode_embeddings(dec_net, [up], torch.randn(2, 8), text, 3, 1.0, torch.Generator().manual_seed(0),
+                                          upsampler_steps)  # fmt: skip
+        assert [lvl.shape[-1] for lvl in levels] == [32, 64]
+        assert calls == {"decoder": 3, "upsampler": expected}
