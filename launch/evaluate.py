@@ -85,7 +85,8 @@ def run(cfg: Config, log=print) -> dict[str, Any]:
             "mask": torch.from_numpy(held["text_mask"])}  # fmt: skip
     real = held["clip_image_emb"].astype(np.float32)
     s = cfg.sample
-    results: dict[str, Any] = {"heldout_rows": n, "steps": s.steps, "upsampler_steps": s.upsampler_steps, "guidance": s.guidance, "checkpoints": trained.checkpoints}
+    results: dict[str, Any] = {"heldout_rows": n, "steps": s.steps, "upsampler_steps": s.upsampler_steps,
+                               "guidance": s.guidance, "checkpoints": trained.checkpoints}  # fmt: skip
     results["real_images_clip_score"] = mean_cosine(real, held["clip_text_emb"].astype(np.float32))
     generated: dict[str, torch.Tensor] = {}
 
