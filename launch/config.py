@@ -56,7 +56,7 @@ class DemoConfig:
     stages: list[Literal["ldm", "prior", "decoder", "upsampler"]] = option(factory=lambda: ["ldm", "prior", "decoder", "upsampler"])
     stage_train: dict[str, dict[str, Any]] = option(
         factory=lambda: {"ldm": {"batch_size": 16, "steps": 800, "optim": {"lr": 2e-3}},
-                         "decoder": {"batch_size": 16, "steps": 600, "optim": {"lr": 2e-3}},
+                         "decoder": {"batch_size": 16, "steps": 800, "optim": {"lr": 2e-3}},
                          "upsampler": {"batch_size": 8, "steps": 800}},  # fmt: skip
         doc="train.* settings per stage, over the train section",
     )

@@ -76,7 +76,8 @@ def run(cfg: Config, out: str, log=print) -> dict[str, Any]:
 NULL_CONDITION = {
     "prior": "text dropped: zero text embedding and tokens, full attention mask",
     "decoder": "image embedding dropped: text_proj.learned_classifier_free_guidance_embeddings; text dropped: zero text embedding and tokens; "
-               "the unet sees pixel_unshuffle(image, p) and its output goes through pixel_shuffle(., p), p = sqrt(unet.in_channels / 3)",
+               "the unet sees pixel_unshuffle(image, p) and its output goes through pixel_shuffle(., p), p = sqrt(unet.in_channels / 3); "
+               "with extras.latent_channels it draws VAE latents instead (p = 1): pictures are vae.decode(latents / extras.latent_scale)",
     "upsampler": "not conditioned on text; input is [noisy high-res, bicubic-upsampled low-res] on the channel axis",
     "ldm": "text dropped: zero tokens",
 }

@@ -85,9 +85,12 @@ def load_trained(cfg: Config, store: Store, stages: list[str]) -> Trained:
                 trained.checkpoints[f"upsampler/{run}"] = folder
             continue
         trained.nets[stage], trained.checkpoints[stage] = load_net(cfg, stage, cfg.sample.run)
-    if "ldm" in stages:
+    latent_decoder = "decoder" in trained.nets and trained.nets["decoder"].model.latent
+    if "ldm" in stages or latent_decoder:
         trained.vae = FrozenVae(cfg.encoders.vae)
         check_identity("vae", store.manifest["encoders"]["vae"], trained.vae.identity())
+    if latent_decoder:
+        trained.nets["decoder"].vae = trained.vae
     return trained
 
 

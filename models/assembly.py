@@ -43,5 +43,5 @@ def rebuild(info: dict[str, Any]) -> torch.nn.Module:
     if info["stage"] == "decoder":
         from models.decoder import UnclipDecoder
 
-        return UnclipDecoder(**modules)
+        return UnclipDecoder(**modules, latent_channels=info["extras"].get("latent_channels"))
     raise ValueError(f"stage {info['stage']!r}: don't know how to assemble modules {sorted(modules)}")

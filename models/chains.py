@@ -19,12 +19,26 @@ class Net:
     model: torch.nn.Module
     diffusion: Diffusion
     extras: dict[str, Any]
+    vae: Any = None  # a latent decoder's: the frozen VAE (models.encoders.FrozenVae) its latents decode with
+
+
+def decoder_images(dec: Net, cond: dict[str, torch.Tensor], steps: int, guidance: float, generator: torch.Generator) -> torch.Tensor:
+    """The decoder's pictures in [-1, 1]: its samples, or a latent decoder's samples decoded by its VAE."""
+    out = decoder.sample(dec.model, dec.diffusion, cond, steps, guidance, generator)
+    if not dec.model.latent:
+        return out
+    if dec.vae is None:
+        raise ValueError("this decoder draws VAE latents (decoder.space: latent): load it with the store's VAE")
+    return dec.vae.decode(out / dec.extras["latent_scale"])
 
 
 def upsample_all(images: torch.Tensor, upsamplers: list[Net], steps: int, generator: torch.Generator) -> list[torch.Tensor]:
     """Each upsampler in turn; returns every resolution, the input first."""
     out = [images]
     for net in upsamplers:
+        if out[-1].shape[-1] != net.extras["low"]:
+            raise ValueError(f"an upsampler trained from {net.extras['low']} px (upsampler.low) was given {out[-1].shape[-1]} px "
+                             "pictures: list sample.upsampler_runs in order from the decoder's resolution up")  # fmt: skip
         factor = net.extras["high"] // net.extras["low"]
         out.append(upsampler.sample(net.model, net.diffusion, out[-1], factor, steps, generator))
     return out
@@ -35,7 +49,7 @@ def decode_embeddings(dec: Net, upsamplers: list[Net], image_emb: torch.Tensor, 
                       upsampler_steps: int | None = None) -> list[torch.Tensor]:  # fmt: skip
     """`upsampler_steps` (default: `steps`) for the upsamplers, which start from a picture already there."""
     cond = decoder.conditioning(image_emb, text["emb"], text["tokens"])
-    images = decoder.sample(dec.model, dec.diffusion, cond, steps, guidance, generator)
+    images = decoder_images(dec, cond, steps, guidance, generator)
     return upsample_all(images, upsamplers, upsampler_steps or steps, generator)
 
 

@@ -120,28 +120,35 @@ class LdmConfig:
 
 @dataclass
 class DecoderConfig:
-    """64 px decoder: a UNet conditioned on the CLIP image embedding (in its timestep embedding and
-    as extra context tokens) and on the text tokens, as in unCLIP."""
+    """The unCLIP decoder: a UNet conditioned on the CLIP image embedding (in its timestep embedding
+    and as extra context tokens) and on the text tokens, as in unCLIP, drawing 64 px pictures."""
 
-    # 4x4 pixels folded into channels, the UNet at 16 px: on the embedded default it composes the
-    # right colours on the right background in half the steps of a 64 px UNet of [16, 32, 64, 64]
-    # (100%/100% against 81%/88% from true embeddings), at two thirds of the step time;
-    # patch 2 at [32, 64, 128] learned slower than either (benchmarks/quality.py).
-    block_channels: list[int] = option(factory=lambda: [64, 128], doc="one level per entry, the first at 64/patch px")
+    # The latent decoder draws the store's VAE latents, which the frozen VAE turns into pictures at
+    # its resolution (Kandinsky 2.2's decoder is unCLIP's done so): the VAE renders the outlines the
+    # UNet lays out. On the embedded default the 64 px pixel decoder drew every shape as a round
+    # blob: from true embeddings, 40% shape kind (only the circles) after the demo's 600 steps of
+    # 32; at 600 steps of 16, patch 1, twice the width, v or EDM-style targets were no better
+    # (33-47%). The unCLIP chain's shape kind went from 38/44% (guidance 1/3) to 50/56%.
+    space: Literal["pixel", "latent"] = option(
+        "latent", doc="pixel: DALL-E 2's decoder on image_64; latent: on vae_latent, pictures by the store's VAE",
+    )  # fmt: skip
+    block_channels: list[int] = option(factory=lambda: [64, 128], doc="one level per entry, the first at the input's side")
     layers_per_block: int = option(1, ge=1)
-    patch: int = option(4, ge=1, doc="fold each patch x patch pixels into channels: the UNet runs at 64/patch px")
+    # Pixel space only. 4x4 pixels folded into channels, the UNet at 16 px: it composes the right
+    # colours on the right background in half the steps of a 64 px UNet of [16, 32, 64, 64]
+    # (100%/100% against 81%/88% from true embeddings), at two thirds of the step time.
+    patch: int = option(4, ge=1, doc="pixel space: fold each patch x patch pixels into channels (the UNet runs at 64/patch px)")
     attention_side: int = option(16, ge=1, doc="cross-attention at the UNet levels this many px wide or less (and the last)")
     heads: int = option(4, ge=1)
     context_tokens: int = option(4, ge=1, doc="extra context tokens projected from the image embedding")
     image_drop: float = option(0.1, ge=0, le=1)
     text_drop: float = option(0.5, ge=0, le=1)
-    # x0 prediction, weighted uniformly: the folded UNet has no exact per-pixel path from its input
-    # to its output, so eps or v targets (the noise itself, near the end) left visible noise in every
-    # sample; x0 is smooth and the last step returns it. Uniform weighting keeps the noisiest steps,
-    # where the layout forms (min-SNR left scattered blobs: colour 62% at 600 steps of 16). The SNR
-    # shift of 4 moves more of training there again: one coherent shape per picture, colour 100%
-    # vs 88% at guidance 1 after 600 steps of 16 from true embeddings (shift 2: 69%).
-    diffusion: DiffusionConfig = option(factory=lambda: DiffusionConfig(prediction="x0", snr_shift=4.0))
+    latent_scale: Literal["store", "vae"] = option("store", doc="latent space: as ldm.latent_scale")
+    # The ldm's recipe, for the same latents. A pixel decoder wants x0 prediction, weighted
+    # uniformly, with snr_shift 4: the folded UNet has no exact per-pixel path from its input to its
+    # output, so eps or v targets left visible noise in every sample, and the shift gave one coherent
+    # shape per picture (colour 100% vs 88% unshifted).
+    diffusion: DiffusionConfig = option(factory=lambda: DiffusionConfig(prediction="v", loss_weighting="min_snr"))
 
     def validate(self) -> None:
         if not self.block_channels or any(c < 8 or c % 8 for c in self.block_channels):

@@ -1,4 +1,4 @@
-"""The unCLIP decoder: 64 px images from a CLIP image embedding (and the caption's tokens).
+"""The unCLIP decoder: pictures from a CLIP image embedding (and the caption's tokens).
 
 As in Ramesh et al. 2022 (and diffusers' UnCLIP pipeline), `UnCLIPTextProjModel` projects the
 image embedding into the UNet's timestep embedding and into extra context tokens placed before
@@ -10,6 +10,9 @@ With `patch` p > 1 the UNet sees the image with each p x p block of pixels folde
 (`pixel_unshuffle`, as Hoogeboom et al. 2023 "simple diffusion" do for high-resolution pixel
 diffusion): it runs at 64/p px with 3 p^2 channels, so its convolutions and attention see the
 whole picture's layout at the cost of a latent model. The UNet's `in_channels` (3 p^2) records p.
+
+A latent decoder (`space: latent`) is the same network over the store's VAE latents (C channels,
+no folding); its samples become pictures through the frozen VAE (models/chains.py).
 """
 
 from __future__ import annotations
@@ -32,13 +35,16 @@ def text_proj_class():
 class UnclipDecoder(torch.nn.Module):
     """The two networks trained together; `forward` predicts the diffusion target."""
 
-    def __init__(self, unet, text_proj):
+    def __init__(self, unet, text_proj, latent_channels: int | None = None):
         super().__init__()
         self.unet, self.text_proj = unet, text_proj
-        self.patch = math.isqrt(unet.config.in_channels // 3)
+        self.latent = latent_channels is not None  # draws VAE latents, not pixels
+        self.channels = latent_channels or 3
+        self.patch = math.isqrt(unet.config.in_channels // self.channels)
 
     @property
     def image_size(self) -> int:
+        """Side of what it draws (pixels, or latents)."""
         return self.unet.config.sample_size * self.patch
 
     @property
@@ -56,21 +62,28 @@ class UnclipDecoder(torch.nn.Module):
         return torch.nn.functional.pixel_shuffle(out, self.patch)
 
 
-def build_decoder(cfg: DecoderConfig, embed_dim: int, text_width: int, image_size: int) -> UnclipDecoder:
+def build_decoder(cfg: DecoderConfig, embed_dim: int, text_width: int, image_size: int,
+                  latent_channels: int | None = None) -> UnclipDecoder:  # fmt: skip
+    """`image_size`: of the pictures, or (space: latent) of the VAE latents of `latent_channels`."""
     from diffusers import UNet2DConditionModel
 
     n = len(cfg.block_channels)
-    if image_size % (cfg.patch * 2 ** (n - 1)):
-        raise ValueError(f"config key 'decoder.patch': {image_size} px images need a patch that, times 2**{n - 1} "
-                         f"for {n} UNet levels, divides {image_size}; got {cfg.patch}")  # fmt: skip
-    side = image_size // cfg.patch
+    if (cfg.space == "latent") != (latent_channels is not None):
+        raise ValueError(f"config key 'decoder.space' is {cfg.space!r}, but the decoder was built with latent_channels={latent_channels}")
+    patch = cfg.patch if cfg.space == "pixel" else 1
+    if image_size % (patch * 2 ** (n - 1)):
+        key = "decoder.patch" if cfg.space == "pixel" else "decoder.block_channels"
+        raise ValueError(f"config key '{key}': a {cfg.space} input {image_size} wide needs patch x 2**(levels - 1) to divide it; "
+                         f"got patch {patch} and {n} levels")  # fmt: skip
+    channels = latent_channels or 3
+    side = image_size // patch
     # attention where it is cheap: at 64 px (patch 1) it would cost more than everything else
     attends = [side // 2**level <= cfg.attention_side or level == n - 1 for level in range(n)]
     time_embed_dim = cfg.block_channels[0] * 4
     unet = UNet2DConditionModel(
         sample_size=side,
-        in_channels=3 * cfg.patch**2,
-        out_channels=3 * cfg.patch**2,
+        in_channels=channels * patch**2,
+        out_channels=channels * patch**2,
         block_out_channels=tuple(cfg.block_channels),
         down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends),
         up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends)),
@@ -86,7 +99,7 @@ def build_decoder(cfg: DecoderConfig, embed_dim: int, text_width: int, image_siz
         time_embed_dim=time_embed_dim,
         cross_attention_dim=text_width,
     )
-    return UnclipDecoder(unet, text_proj)
+    return UnclipDecoder(unet, text_proj, latent_channels)
 
 
 def predict(model, x_t, t, cond: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -113,8 +126,8 @@ def conditioning(image_emb: torch.Tensor, text_emb: torch.Tensor, tokens: torch.
 
 def sample(model, diffusion: Diffusion, cond: dict[str, torch.Tensor], steps: int, guidance: float,
            generator: torch.Generator, sampler: str = "ddim") -> torch.Tensor:  # fmt: skip
-    """CLIP image embeddings (+ caption) -> images in [-1, 1]; guidance against the fully
-    unconditional model (null image embedding, no caption), as in unCLIP."""
+    """CLIP image embeddings (+ caption) -> images in [-1, 1] (or latents, for a latent decoder);
+    guidance against the fully unconditional model (null image embedding, no caption), as in unCLIP."""
     n = len(cond["image_emb"])
     everything = torch.ones(n, dtype=torch.bool)
     null = drop(cond, everything, everything)
@@ -122,5 +135,6 @@ def sample(model, diffusion: Diffusion, cond: dict[str, torch.Tensor], steps: in
     def model_fn(x, t, conditional):
         return predict(model, x, t, cond if conditional else null)
 
-    size = model.image_size
-    return diffusion.sample(model_fn, (n, 3, size, size), steps, guidance, generator, sampler).clamp(-1, 1)
+    size, channels = model.image_size, model.channels
+    out = diffusion.sample(model_fn, (n, channels, size, size), steps, guidance, generator, sampler)
+    return out if model.latent else out.clamp(-1, 1)

@@ -1,6 +1,9 @@
-"""The unCLIP decoder's pixel folding: what the UNet sees, and what a saved decoder remembers."""
+"""The unCLIP decoder's pixel folding and its latent variant: what the UNet sees, what a saved
+decoder remembers, and how a latent decoder's samples become pictures."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -12,7 +15,14 @@ from models.config import DecoderConfig
 
 def small(patch: int, **kw) -> decoder.UnclipDecoder:
     torch.manual_seed(0)
-    return decoder.build_decoder(DecoderConfig(block_channels=[16, 32], patch=patch, **kw), embed_dim=8, text_width=8, image_size=32)
+    return decoder.build_decoder(DecoderConfig(space="pixel", block_channels=[16, 32], patch=patch, **kw), embed_dim=8, text_width=8,
+                                 image_size=32)  # fmt: skip
+
+
+def small_latent(channels: int) -> decoder.UnclipDecoder:
+    torch.manual_seed(0)
+    return decoder.build_decoder(DecoderConfig(space="latent", block_channels=[16, 32]), embed_dim=8, text_width=8, image_size=16,
+                                 latent_channels=channels)  # fmt: skip
 
 
 def test_folded_unet_runs_at_image_over_patch_and_returns_full_images():
@@ -56,6 +66,47 @@ def test_a_patch_that_does_not_divide_the_image_is_refused_by_name():
         small(patch=3)
 
 
+def test_a_latent_decoder_draws_latents_unfolded_even_with_three_channels():
+    """patch is a pixel-space setting; three latent channels must not read as pixels folded by 1."""
+    for channels in (3, 4, 12):
+        model = small_latent(channels)
+        assert model.latent and model.patch == 1 and model.channels == channels and model.image_size == 16
+        cond = decoder.conditioning(torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 5, 8))
+        assert decoder.predict(model, torch.randn(2, channels, 16, 16), torch.tensor([10, 500]), cond).shape == (2, channels, 16, 16)
+        again = rebuild(describe("decoder", model, {"latent_channels": channels, "latent_scale": 0.5}))
+        assert again.latent and again.patch == 1 and again.channels == channels
+    assert not rebuild(describe("decoder", small(patch=2), {})).latent
+
+
+def test_space_and_latent_channels_must_agree():
+    with pytest.raises(ValueError, match="decoder.space"):
+        decoder.build_decoder(DecoderConfig(space="latent", block_channels=[16, 32]), 8, 8, 16)
+    with pytest.raises(ValueError, match="decoder.space"):
+        decoder.build_decoder(DecoderConfig(space="pixel", block_channels=[16, 32]), 8, 8, 16, latent_channels=4)
+
+
+def test_a_latent_decoder_samples_through_its_vae(tmp_path):
+    """decoder_images decodes the latents with the VAE at extras.latent_scale; without a VAE it says so."""
+    from models import chains
+    from models.config import DiffusionConfig, EncodersConfig, VaeConfig
+    from models.diffusion import Diffusion
+    from models.encoders import FrozenVae, write_tiny_encoders
+
+    enc = EncodersConfig(vae=VaeConfig(path=str(tmp_path / "vae")))
+    enc.clip.model = f"local-dir:{tmp_path}/clip"
+    write_tiny_encoders(enc)
+    vae = FrozenVae(enc.vae)
+    model = small_latent(vae.latent_channels)
+    cond = decoder.conditioning(torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 5, 8))
+    net = chains.Net(model, Diffusion(DiffusionConfig(prediction="v")), {"latent_channels": vae.latent_channels, "latent_scale": 0.5}, vae)
+    pictures = chains.decoder_images(net, cond, 2, 1.0, torch.Generator().manual_seed(0))
+    latents = decoder.sample(model, net.diffusion, cond, 2, 1.0, torch.Generator().manual_seed(0))
+    assert pictures.shape == (2, 3, 16 * vae.downsample, 16 * vae.downsample)
+    assert torch.allclose(pictures, vae.decode(latents / 0.5))
+    with pytest.raises(ValueError, match="decoder.space: latent"):
+        chains.decoder_images(chains.Net(model, net.diffusion, net.extras), cond, 2, 1.0, torch.Generator())
+
+
 def test_upsamplers_take_their_own_step_count_in_the_unclip_chain():
     from models import chains, upsampler
     from models.config import DiffusionConfig, UpsamplerConfig
@@ -75,3 +126,33 @@ def test_upsamplers_take_their_own_step_count_in_the_unclip_chain():
                                           upsampler_steps)  # fmt: skip
         assert [lvl.shape[-1] for lvl in levels] == [32, 64]
         assert calls == {"decoder": 3, "upsampler": expected}
+
+
+def test_a_pixel_decoder_samples_the_same_in_plain_diffusers_by_the_exported_layout(tmp_path):
+    """What export writes for a pixel decoder (its modules, its scheduler, the folding NULL_CONDITION
+    states) gives our samples in a loop written against diffusers alone."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    from models.config import DiffusionConfig
+    from models.diffusion import Diffusion
+    from tests.test_pipeline import _plain_loop
+
+    model, diffusion = small(patch=4), Diffusion(DiffusionConfig(prediction="x0", snr_shift=4.0))
+    model.unet.save_pretrained(tmp_path / "unet")
+    DDIMScheduler(**diffusion.scheduler_config, set_alpha_to_one=True).save_pretrained(tmp_path / "scheduler")
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    image_emb, text_emb, tokens = torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 5, 8)
+    mine = decoder.sample(model, diffusion, decoder.conditioning(image_emb, text_emb, tokens), 3, 2.0, torch.Generator().manual_seed(3))
+
+    def decoder_fn(x, t, c):
+        emb = image_emb if c else model.text_proj.learned_classifier_free_guidance_embeddings.expand_as(image_emb)
+        keep = 1.0 if c else 0.0
+        context, extra = model.text_proj(image_embeddings=emb, prompt_embeds=text_emb * keep, text_encoder_hidden_states=tokens * keep,
+                                         do_classifier_free_guidance=False)  # fmt: skip
+        patch = math.isqrt(unet.config.in_channels // 3)
+        out = unet(torch.nn.functional.pixel_unshuffle(x, patch), t, encoder_hidden_states=context, class_labels=extra).sample
+        return torch.nn.functional.pixel_shuffle(out, patch)
+
+    with torch.no_grad():
+        theirs = _plain_loop(str(tmp_path / "scheduler"), mine.shape, decoder_fn, 2.0, 3, 3).clamp(-1, 1)
+    assert torch.allclose(mine, theirs, atol=1e-5)

@@ -6,7 +6,6 @@ diffusers checked output for output against plain diffusers, and refusals."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -175,10 +174,10 @@ def _plain_loop(scheduler_dir, shape, predict, guidance, seed, steps):
 
 
 def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_path):
-    from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel
+    from diffusers import AutoencoderKL, PriorTransformer, UNet2DConditionModel, UNet2DModel
 
     from launch.trained import load_trained
-    from models import decoder, ldm, prior, upsampler
+    from models import chains, decoder, ldm, prior, upsampler
     from models.decoder import text_proj_class
 
     cfg, _, _ = pipeline
@@ -210,24 +209,29 @@ def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_pat
                                              attention_mask=(text if c else null)["mask"]).predicted_image_embedding, w, seed, steps)  # fmt: skip
     assert torch.allclose(ours, pri.post_process_latents(theirs), atol=1e-5)
 
-    # decoder
+    # decoder (the embedded default's draws VAE latents: pictures come from the exported VAE)
     unet = UNet2DConditionModel.from_pretrained(os.path.join(out, "decoder", "unet"))
     proj = text_proj_class().from_pretrained(os.path.join(out, "decoder", "text_proj"))
+    extras = exported["decoder"]["extras"]
+    assert extras["latent_channels"] == unet.config.in_channels  # the embedded default's decoder space
     image_emb = ours.detach()
     cond = decoder.conditioning(image_emb, text["emb"], text["tokens"])
-    mine = decoder.sample(trained.nets["decoder"].model, trained.nets["decoder"].diffusion, cond, steps, w, torch.Generator().manual_seed(seed))
+    dec = trained.nets["decoder"]
+    mine_latents = decoder.sample(dec.model, dec.diffusion, cond, steps, w, torch.Generator().manual_seed(seed))
 
     def decoder_fn(x, t, c):
         emb = image_emb if c else proj.learned_classifier_free_guidance_embeddings.expand_as(image_emb)
         keep = 1.0 if c else 0.0
         context, extra = proj(image_embeddings=emb, prompt_embeds=text["emb"] * keep, text_encoder_hidden_states=text["tokens"] * keep,
                               do_classifier_free_guidance=False)  # fmt: skip
-        patch = math.isqrt(unet.config.in_channels // 3)  # the export's stated pixel layout
-        out = unet(torch.nn.functional.pixel_unshuffle(x, patch), t, encoder_hidden_states=context, class_labels=extra).sample
-        return torch.nn.functional.pixel_shuffle(out, patch)
+        return unet(x, t, encoder_hidden_states=context, class_labels=extra).sample
 
-    theirs = _plain_loop(os.path.join(out, "decoder", "scheduler"), mine.shape, decoder_fn, w, seed, steps).clamp(-1, 1)
-    assert torch.allclose(mine, theirs, atol=1e-5)
+    theirs_latents = _plain_loop(os.path.join(out, "decoder", "scheduler"), mine_latents.shape, decoder_fn, w, seed, steps)
+    assert torch.allclose(mine_latents, theirs_latents, atol=1e-5)
+    mine = chains.decoder_images(dec, cond, steps, w, torch.Generator().manual_seed(seed))
+    vae = AutoencoderKL.from_pretrained(os.path.join(out, "vae"))
+    theirs = vae.decode(theirs_latents / extras["latent_scale"]).sample.clamp(-1, 1)
+    assert mine.shape == (2, 3, 64, 64) and torch.allclose(mine, theirs, atol=1e-5)
 
     # upsampler
     sr = UNet2DModel.from_pretrained(os.path.join(out, "upsampler-main", "model"))

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from data_pipeline.store import Store
+from data_pipeline.store import Store, StoreError
 from launch.config import Config
 
 
@@ -45,6 +45,19 @@ class Stage:
         data = self.store.read(columns, [first])
         return {k: v[:count] for k, v in data.items()}
 
+    def store_vae(self):
+        """The frozen VAE the store's latents were made with, for previews; None when the configured
+        VAE is not the store's (its pictures would be nonsense) or cannot be loaded."""
+        if not hasattr(self, "_vae"):
+            from models.encoders import FrozenVae, identity_mismatch, vae_identity
+
+            try:
+                differs = identity_mismatch(self.store.manifest["encoders"]["vae"], vae_identity(self.cfg.encoders.vae))
+            except (OSError, ValueError):
+                differs = ("unloadable",)
+            self._vae = None if differs else FrozenVae(self.cfg.encoders.vae)
+        return self._vae
+
     def describe(self, model: torch.nn.Module) -> dict[str, Any]:
         from models.assembly import describe
 
@@ -53,3 +66,13 @@ class Stage:
     # Called by the loader's thread on each batch of numpy columns (e.g. to decode images), with
     # randomness that is a function of the batch's place in the run; None: batches pass as read.
     prepare: Any = None
+
+
+def latent_scale(store: Store, choice: str, key: str) -> float:
+    """What multiplies the store's VAE latents to unit scale: 1/std of the store's latents ('store',
+    how Stable Diffusion derived 0.18215) or the VAE config's scaling factor ('vae')."""
+    if choice == "vae":
+        return float(store.manifest["encoders"]["vae"]["scaling_factor"])
+    if "vae_latent_std" not in store.manifest:
+        raise StoreError(f"store '{store.url}': manifest lacks 'vae_latent_std', which {key}=store needs (rerun `unclip embed`)")
+    return 1.0 / float(store.manifest["vae_latent_std"])

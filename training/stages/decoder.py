@@ -1,4 +1,5 @@
-"""decoder: p(64 px image | CLIP image embedding, caption), trained on image_64 and the CLIP columns."""
+"""decoder: p(picture | CLIP image embedding, caption), trained on the CLIP columns and image_64
+(pixel space) or vae_latent (latent space)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,18 @@ from data_pipeline.store import StoreError
 from models import decoder
 from models.diffusion import Diffusion, row_mask
 from models.imaging import decode, grid, to_pil, to_unit
-from training.stage import Stage
+from training.stage import Stage, latent_scale
+
+CONDITIONS = ("clip_image_emb", "clip_text_emb", "clip_text_tokens")
 
 
 class DecoderStage(Stage):
     name = "decoder"
-    columns = ("image_64", "clip_image_emb", "clip_text_emb", "clip_text_tokens")
+
+    def __init__(self, cfg, store):
+        self.latent = cfg.decoder.space == "latent"
+        self.columns = ("vae_latent" if self.latent else "image_64",) + CONDITIONS
+        super().__init__(cfg, store)
 
     def check_store(self) -> None:
         dim = self.store.shape("clip_image_emb")[0]
@@ -27,17 +34,24 @@ class DecoderStage(Stage):
                 f"decoder's text projection needs it equal to the embedding size {dim}"
             )
         self.diffusion = Diffusion(self.cfg.decoder.diffusion)
+        if self.latent:
+            self.latent_scale = latent_scale(self.store, self.cfg.decoder.latent_scale, "decoder.latent_scale")
 
     def build_model(self) -> torch.nn.Module:
         dim, width = self.store.shape("clip_image_emb")[0], self.store.shape("clip_text_tokens")[1]
+        if self.latent:
+            channels, size, _ = self.store.shape("vae_latent")
+            return decoder.build_decoder(self.cfg.decoder, dim, width, size, latent_channels=channels)
         return decoder.build_decoder(self.cfg.decoder, dim, width, self.store.shape("image_64")[0])
 
     def prepare(self, batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        if self.latent:
+            return batch
         return {**{k: v for k, v in batch.items() if k != "image_64"}, "image": decode(batch["image_64"])}
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
-        x0 = to_unit(batch["image"])
-        cond = decoder.conditioning(batch["clip_image_emb"].float(), batch["clip_text_emb"].float(), batch["clip_text_tokens"].float())
+        x0 = batch["vae_latent"].float() * self.latent_scale if self.latent else to_unit(batch["image"])
+        cond = decoder.conditioning(*(batch[c].float() for c in CONDITIONS))
         n = len(x0)
         cfg = self.cfg.decoder
         drop_image = row_mask(n, cfg.image_drop, generator, x0.device)
@@ -46,10 +60,23 @@ class DecoderStage(Stage):
         prediction = decoder.predict(model, self.diffusion.q_sample(x0, t, noise), t, cond)
         return self.diffusion.loss(prediction, x0, noise, t)
 
+    def extras(self) -> dict[str, Any]:
+        if not self.latent:
+            return {}
+        return {"latent_channels": self.store.shape("vae_latent")[0], "latent_scale": self.latent_scale}
+
     def preview(self, model: torch.nn.Module, count: int = 4) -> list[tuple[str, Any]]:
-        """Per row: the true image, then the decoder's image from its CLIP embedding and caption."""
-        rows = self.preview_rows(list(self.columns), count)
-        cond = decoder.conditioning(*(torch.from_numpy(rows[c].astype(np.float32)) for c in self.columns[1:]))
-        images = decoder.sample(model, self.diffusion, cond, 25, self.cfg.sample.guidance, torch.Generator().manual_seed(0))
-        truth = to_pil(to_unit(decode(rows["image_64"])))
-        return [("decoder_true_vs_sampled", grid([[a, b] for a, b in zip(truth, to_pil(images))]))]
+        """Per row: the true image (where the store keeps image_64), then the decoder's from its CLIP
+        embedding and caption."""
+        from models import chains
+
+        vae = self.store_vae() if self.latent else None
+        if self.latent and vae is None:
+            return []
+        truth = ["image_64"] if "image_64" in self.store.manifest["columns"] else []
+        rows = self.preview_rows([*truth, *CONDITIONS], count)
+        cond = decoder.conditioning(*(torch.from_numpy(rows[c].astype(np.float32)) for c in CONDITIONS))
+        net = chains.Net(model, self.diffusion, self.extras(), vae)
+        sampled = to_pil(chains.decoder_images(net, cond, 25, self.cfg.sample.guidance, torch.Generator().manual_seed(0)))
+        true = to_pil(to_unit(decode(rows["image_64"]))) if truth else [None] * len(sampled)
+        return [("decoder_true_vs_sampled", grid([[a, b] if a else [b] for a, b in zip(true, sampled)]))]

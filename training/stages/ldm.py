@@ -6,10 +6,9 @@ from typing import Any
 
 import torch
 
-from data_pipeline.store import StoreError
 from models import ldm
 from models.diffusion import Diffusion, row_mask
-from training.stage import Stage
+from training.stage import Stage, latent_scale
 
 
 class LdmStage(Stage):
@@ -18,13 +17,7 @@ class LdmStage(Stage):
 
     def check_store(self) -> None:
         self.diffusion = Diffusion(self.cfg.ldm.diffusion)
-        manifest = self.store.manifest
-        if self.cfg.ldm.latent_scale == "store":
-            if "vae_latent_std" not in manifest:
-                raise StoreError(f"store '{self.store.url}': manifest lacks 'vae_latent_std' (rerun `unclip embed`)")
-            self.latent_scale = 1.0 / float(manifest["vae_latent_std"])
-        else:
-            self.latent_scale = float(manifest["encoders"]["vae"]["scaling_factor"])
+        self.latent_scale = latent_scale(self.store, self.cfg.ldm.latent_scale, "ldm.latent_scale")
 
     def build_model(self) -> torch.nn.Module:
         channels, size, _ = self.store.shape("vae_latent")
@@ -43,24 +36,12 @@ class LdmStage(Stage):
 
     def preview(self, model: torch.nn.Module, count: int = 4) -> list[tuple[str, Any]]:
         """Samples for the first captions of the store, decoded with the store's VAE."""
-        from models.encoders import FrozenVae, identity_mismatch
         from models.imaging import grid, to_pil
 
-        if not hasattr(self, "_vae"):
-            differs = identity_mismatch(self.store.manifest["encoders"]["vae"], vae_identity_or_none(self.cfg))
-            self._vae = None if differs else FrozenVae(self.cfg.encoders.vae)
-        if self._vae is None:
-            return []  # the configured VAE is not the store's: latents would decode to nonsense
+        vae = self.store_vae()
+        if vae is None:
+            return []
         rows = self.preview_rows(["clip_text_tokens"], count)
         tokens = torch.from_numpy(rows["clip_text_tokens"].astype("float32"))
         latents = ldm.sample(model, self.diffusion, tokens, 25, self.cfg.sample.guidance, torch.Generator().manual_seed(0))
-        return [("ldm", grid([to_pil(self._vae.decode(latents / self.latent_scale))]))]
-
-
-def vae_identity_or_none(cfg) -> dict[str, Any]:
-    from models.encoders import vae_identity
-
-    try:
-        return vae_identity(cfg.encoders.vae)
-    except (OSError, ValueError):
-        return {}
+        return [("ldm", grid([to_pil(vae.decode(latents / self.latent_scale))]))]
