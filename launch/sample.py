@@ -84,7 +84,7 @@ def _text_to_image(trained: Trained, chain: str, text: dict[str, torch.Tensor], 
     generator = torch.Generator().manual_seed(s.seed)
     repeated = _repeat(text, n)
     if chain == "ldm":
-        images = chains.latent_diffusion(trained.nets["ldm"], trained.vae, repeated["tokens"], s.steps, s.guidance, generator)
+        images = chains.latent_diffusion(trained.nets["ldm"], repeated["tokens"], s.steps, s.guidance, generator)
         extra: dict[str, Any] = {}
     else:
         embeddings, levels = chains.unclip(trained.nets["prior"], trained.nets["decoder"], trained.upsamplers, repeated,

@@ -48,7 +48,6 @@ class Trained:
     upsamplers: list[Net] = field(default_factory=list)
     checkpoints: dict[str, str] = field(default_factory=dict)
     clip: FrozenClip | None = None
-    vae: FrozenVae | None = None
 
     def has(self, *stages: str) -> bool:
         return all(s in self.nets for s in stages) and ("upsampler" not in stages or bool(self.upsamplers))
@@ -65,7 +64,7 @@ class Trained:
             part = {k: v[start : start + batch_size] for k, v in text.items()}
             generator = torch.Generator().manual_seed(seed + i)
             if chain == "ldm":
-                images.append(chains.latent_diffusion(self.nets["ldm"], self.vae, part["tokens"], steps, guidance, generator))
+                images.append(chains.latent_diffusion(self.nets["ldm"], part["tokens"], steps, guidance, generator))
             else:
                 images.append(chains.unclip(self.nets["prior"], self.nets["decoder"], self.upsamplers, part, steps, guidance, generator,
                                            upsampler_steps)[1][-1])  # fmt: skip
@@ -85,12 +84,12 @@ def load_trained(cfg: Config, store: Store, stages: list[str]) -> Trained:
                 trained.checkpoints[f"upsampler/{run}"] = folder
             continue
         trained.nets[stage], trained.checkpoints[stage] = load_net(cfg, stage, cfg.sample.run)
-    latent_decoder = "decoder" in trained.nets and trained.nets["decoder"].model.latent
-    if "ldm" in stages or latent_decoder:
-        trained.vae = FrozenVae(cfg.encoders.vae)
-        check_identity("vae", store.manifest["encoders"]["vae"], trained.vae.identity())
-    if latent_decoder:
-        trained.nets["decoder"].vae = trained.vae
+    drawing_latents = [net for stage, net in trained.nets.items() if stage == "ldm" or (stage == "decoder" and net.model.latent)]
+    if drawing_latents:
+        vae = FrozenVae(cfg.encoders.vae)
+        check_identity("vae", store.manifest["encoders"]["vae"], vae.identity())
+        for net in drawing_latents:
+            net.vae = vae
     return trained
 
 

@@ -19,17 +19,20 @@ class Net:
     model: torch.nn.Module
     diffusion: Diffusion
     extras: dict[str, Any]
-    vae: Any = None  # a latent decoder's: the frozen VAE (models.encoders.FrozenVae) its latents decode with
+    vae: Any = None  # of a stage that draws VAE latents: the frozen VAE (models.encoders.FrozenVae) they decode with
+
+
+def latent_pictures(net: Net, latents: torch.Tensor) -> torch.Tensor:
+    """A latent stage's samples as pictures in [-1, 1], by its VAE at the scale it trained with."""
+    if net.vae is None:
+        raise ValueError("this stage draws VAE latents (the ldm, or decoder.space: latent): load it with the store's VAE")
+    return net.vae.decode(latents / net.extras["latent_scale"])
 
 
 def decoder_images(dec: Net, cond: dict[str, torch.Tensor], steps: int, guidance: float, generator: torch.Generator) -> torch.Tensor:
     """The decoder's pictures in [-1, 1]: its samples, or a latent decoder's samples decoded by its VAE."""
     out = decoder.sample(dec.model, dec.diffusion, cond, steps, guidance, generator)
-    if not dec.model.latent:
-        return out
-    if dec.vae is None:
-        raise ValueError("this decoder draws VAE latents (decoder.space: latent): load it with the store's VAE")
-    return dec.vae.decode(out / dec.extras["latent_scale"])
+    return latent_pictures(dec, out) if dec.model.latent else out
 
 
 def upsample_all(images: torch.Tensor, upsamplers: list[Net], steps: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -60,10 +63,9 @@ def unclip(pri: Net, dec: Net, upsamplers: list[Net], text: dict[str, torch.Tens
     return image_emb, decode_embeddings(dec, upsamplers, image_emb, text, steps, guidance, generator, upsampler_steps)
 
 
-def latent_diffusion(net: Net, vae, tokens: torch.Tensor, steps: int, guidance: float, generator: torch.Generator) -> torch.Tensor:
+def latent_diffusion(net: Net, tokens: torch.Tensor, steps: int, guidance: float, generator: torch.Generator) -> torch.Tensor:
     """text tokens -> latents -> VAE decode; images in [-1, 1]."""
-    latents = ldm.sample(net.model, net.diffusion, tokens, steps, guidance, generator)
-    return vae.decode(latents / net.extras["latent_scale"])
+    return latent_pictures(net, ldm.sample(net.model, net.diffusion, tokens, steps, guidance, generator))
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:

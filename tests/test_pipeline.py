@@ -155,6 +155,20 @@ def test_sampling_with_other_encoders_is_refused(pipeline, tmp_path):
         sample.run(other, log=print)
 
 
+def _plain_decoder(unet, proj, image_emb, text_emb, tokens, patch: int):
+    """The unCLIP decoder as export's NULL_CONDITION describes it, from its diffusers modules alone."""
+
+    def predict(x, t, conditional):
+        emb = image_emb if conditional else proj.learned_classifier_free_guidance_embeddings.expand_as(image_emb)
+        keep = 1.0 if conditional else 0.0
+        context, extra = proj(image_embeddings=emb, prompt_embeds=text_emb * keep, text_encoder_hidden_states=tokens * keep,
+                              do_classifier_free_guidance=False)  # fmt: skip
+        out = unet(torch.nn.functional.pixel_unshuffle(x, patch), t, encoder_hidden_states=context, class_labels=extra).sample
+        return torch.nn.functional.pixel_shuffle(out, patch)
+
+    return predict
+
+
 def _plain_loop(scheduler_dir, shape, predict, guidance, seed, steps):
     """A denoising loop written against diffusers alone: its scheduler and a model callable."""
     from diffusers import DDIMScheduler
@@ -219,13 +233,7 @@ def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_pat
     dec = trained.nets["decoder"]
     mine_latents = decoder.sample(dec.model, dec.diffusion, cond, steps, w, torch.Generator().manual_seed(seed))
 
-    def decoder_fn(x, t, c):
-        emb = image_emb if c else proj.learned_classifier_free_guidance_embeddings.expand_as(image_emb)
-        keep = 1.0 if c else 0.0
-        context, extra = proj(image_embeddings=emb, prompt_embeds=text["emb"] * keep, text_encoder_hidden_states=text["tokens"] * keep,
-                              do_classifier_free_guidance=False)  # fmt: skip
-        return unet(x, t, encoder_hidden_states=context, class_labels=extra).sample
-
+    decoder_fn = _plain_decoder(unet, proj, image_emb, text["emb"], text["tokens"], patch=1)
     theirs_latents = _plain_loop(os.path.join(out, "decoder", "scheduler"), mine_latents.shape, decoder_fn, w, seed, steps)
     assert torch.allclose(mine_latents, theirs_latents, atol=1e-5)
     mine = chains.decoder_images(dec, cond, steps, w, torch.Generator().manual_seed(seed))
