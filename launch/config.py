@@ -55,8 +55,8 @@ class DemoConfig:
     fit_encoders: bool = option(True, doc="fit the small encoders on the ingested data (false: random ones, plumbing only)")
     stages: list[Literal["ldm", "prior", "decoder", "upsampler"]] = option(factory=lambda: ["ldm", "prior", "decoder", "upsampler"])
     stage_train: dict[str, dict[str, Any]] = option(
-        factory=lambda: {"ldm": {"batch_size": 16, "steps": 800, "optim": {"lr": 2e-3}},
-                         "decoder": {"batch_size": 16, "steps": 800, "optim": {"lr": 2e-3}},
+        factory=lambda: {"ldm": {"batch_size": 16, "steps": 1600, "optim": {"lr": 2e-3}},
+                         "decoder": {"batch_size": 16, "steps": 1600, "optim": {"lr": 2e-3}},
                          "upsampler": {"batch_size": 8, "steps": 800}},  # fmt: skip
         doc="train.* settings per stage, over the train section",
     )
