@@ -135,7 +135,7 @@ def test_a_pixel_decoder_samples_the_same_in_plain_diffusers_by_the_exported_lay
 
     from models.config import DiffusionConfig
     from models.diffusion import Diffusion
-    from tests.test_pipeline import _plain_decoder, _plain_loop
+    from tests.plain_diffusers import plain_decoder, plain_loop
 
     model, diffusion = small(patch=4), Diffusion(DiffusionConfig(prediction="x0", snr_shift=4.0))
     model.unet.save_pretrained(tmp_path / "unet")
@@ -144,7 +144,7 @@ def test_a_pixel_decoder_samples_the_same_in_plain_diffusers_by_the_exported_lay
     image_emb, text_emb, tokens = torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 5, 8)
     mine = decoder.sample(model, diffusion, decoder.conditioning(image_emb, text_emb, tokens), 3, 2.0, torch.Generator().manual_seed(3))
 
-    decoder_fn = _plain_decoder(unet, model.text_proj, image_emb, text_emb, tokens, patch=math.isqrt(unet.config.in_channels // 3))
+    decoder_fn = plain_decoder(unet, model.text_proj, image_emb, text_emb, tokens, patch=math.isqrt(unet.config.in_channels // 3))
     with torch.no_grad():
-        theirs = _plain_loop(str(tmp_path / "scheduler"), mine.shape, decoder_fn, 2.0, 3, 3).clamp(-1, 1)
+        theirs = plain_loop(str(tmp_path / "scheduler"), mine.shape, decoder_fn, 2.0, 3, 3).clamp(-1, 1)
     assert torch.allclose(mine, theirs, atol=1e-5)

@@ -20,6 +20,7 @@ from data_pipeline.store import StoreError
 from launch import config, demo, export, sample
 from launch.configlib import read_yaml, replace
 from launch.train import train_local
+from tests.plain_diffusers import plain_decoder, plain_loop
 
 pytestmark = pytest.mark.slow
 
@@ -155,38 +156,6 @@ def test_sampling_with_other_encoders_is_refused(pipeline, tmp_path):
         sample.run(other, log=print)
 
 
-def _plain_decoder(unet, proj, image_emb, text_emb, tokens, patch: int):
-    """The unCLIP decoder as export's NULL_CONDITION describes it, from its diffusers modules alone."""
-
-    def predict(x, t, conditional):
-        emb = image_emb if conditional else proj.learned_classifier_free_guidance_embeddings.expand_as(image_emb)
-        keep = 1.0 if conditional else 0.0
-        context, extra = proj(image_embeddings=emb, prompt_embeds=text_emb * keep, text_encoder_hidden_states=tokens * keep,
-                              do_classifier_free_guidance=False)  # fmt: skip
-        out = unet(torch.nn.functional.pixel_unshuffle(x, patch), t, encoder_hidden_states=context, class_labels=extra).sample
-        return torch.nn.functional.pixel_shuffle(out, patch)
-
-    return predict
-
-
-def _plain_loop(scheduler_dir, shape, predict, guidance, seed, steps):
-    """A denoising loop written against diffusers alone: its scheduler and a model callable."""
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_pretrained(scheduler_dir)
-    scheduler.set_timesteps(steps)
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        tt = torch.full((shape[0],), int(t), dtype=torch.long)
-        out = predict(x, tt, True)
-        if guidance != 1.0:
-            uncond = predict(x, tt, False)
-            out = uncond + guidance * (out - uncond)
-        x = scheduler.step(out, t, x, generator=generator).prev_sample
-    return x
-
-
 def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_path):
     from diffusers import AutoencoderKL, PriorTransformer, UNet2DConditionModel, UNet2DModel
 
@@ -210,7 +179,7 @@ def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_pat
     # ldm
     unet = UNet2DConditionModel.from_pretrained(os.path.join(out, "ldm", "model"))
     ours = ldm.sample(trained.nets["ldm"].model, trained.nets["ldm"].diffusion, text["tokens"], steps, w, torch.Generator().manual_seed(seed))
-    theirs = _plain_loop(os.path.join(out, "ldm", "scheduler"), ours.shape,
+    theirs = plain_loop(os.path.join(out, "ldm", "scheduler"), ours.shape,
                          lambda x, t, c: unet(x, t, encoder_hidden_states=text["tokens"] if c else torch.zeros_like(text["tokens"])).sample, w, seed, steps)  # fmt: skip
     assert torch.allclose(ours, theirs, atol=1e-5)
 
@@ -218,7 +187,7 @@ def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_pat
     pri = PriorTransformer.from_pretrained(os.path.join(out, "prior", "model"))
     ours = prior.sample(trained.nets["prior"].model, trained.nets["prior"].diffusion, text, steps, w, torch.Generator().manual_seed(seed))
     null = prior.drop_text(text, torch.ones(2, dtype=torch.bool))
-    theirs = _plain_loop(os.path.join(out, "prior", "scheduler"), (2, pri.config.embedding_dim),
+    theirs = plain_loop(os.path.join(out, "prior", "scheduler"), (2, pri.config.embedding_dim),
                          lambda x, t, c: pri(x, t, proj_embedding=(text if c else null)["emb"], encoder_hidden_states=(text if c else null)["tokens"],
                                              attention_mask=(text if c else null)["mask"]).predicted_image_embedding, w, seed, steps)  # fmt: skip
     assert torch.allclose(ours, pri.post_process_latents(theirs), atol=1e-5)
@@ -233,8 +202,8 @@ def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_pat
     dec = trained.nets["decoder"]
     mine_latents = decoder.sample(dec.model, dec.diffusion, cond, steps, w, torch.Generator().manual_seed(seed))
 
-    decoder_fn = _plain_decoder(unet, proj, image_emb, text["emb"], text["tokens"], patch=1)
-    theirs_latents = _plain_loop(os.path.join(out, "decoder", "scheduler"), mine_latents.shape, decoder_fn, w, seed, steps)
+    decoder_fn = plain_decoder(unet, proj, image_emb, text["emb"], text["tokens"], patch=1)
+    theirs_latents = plain_loop(os.path.join(out, "decoder", "scheduler"), mine_latents.shape, decoder_fn, w, seed, steps)
     assert torch.allclose(mine_latents, theirs_latents, atol=1e-5)
     mine = chains.decoder_images(dec, cond, steps, w, torch.Generator().manual_seed(seed))
     vae = AutoencoderKL.from_pretrained(os.path.join(out, "vae"))
@@ -247,6 +216,6 @@ def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_pat
     net = trained.upsamplers[0]
     mine_sr = upsampler.sample(net.model, net.diffusion, mine, factor, steps, torch.Generator().manual_seed(seed))
     low_up = torch.nn.functional.interpolate(mine, scale_factor=factor, mode="bicubic", align_corners=False).clamp(-1, 1)
-    theirs_sr = _plain_loop(os.path.join(out, "upsampler-main", "scheduler"), mine_sr.shape,
+    theirs_sr = plain_loop(os.path.join(out, "upsampler-main", "scheduler"), mine_sr.shape,
                             lambda x, t, c: sr(torch.cat([x, low_up], 1), t).sample, 1.0, seed, steps).clamp(-1, 1)  # fmt: skip
     assert torch.allclose(mine_sr, theirs_sr, atol=1e-5)
