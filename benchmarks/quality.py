@@ -6,8 +6,10 @@ held-out rows (never trained on):
   - CLIP top-1 retrieval of each image's caption among the captions one attribute away;
   - the prior's cosine to the true image embeddings beside the text-embedding baseline (`unclip eval`);
   - prompt following (`unclip eval`): images generated from the held-out prompts by the ldm and the
-    unCLIP chain, with guidance 1 (off) and the configured scale, read back by
+    unCLIP chain, with guidance off and at the configured scales, read back by
     data_pipeline/synthetic_reader.py, scored per attribute; its grid shows what the reader saw;
+  - what guidance adds: mean prompt following, CLIP score and Fréchet distance, off -> on
+    (it beats unguided when following does not fall, the CLIP score rises and the distance falls);
   - wall time of each phase.
 Prints one table and writes quality.json.
 
@@ -70,19 +72,34 @@ def main() -> None:
     result["prior_text_baseline"] = evaluation["prior"]["cosine_text_embedding_baseline"]
     result["prompts"], result["prompt_following"] = evaluation["heldout_rows"], {}
     result["phases_wall_s"]["eval (prompt following inside)"] = result["phases_wall_s"].pop("eval")
+    result["guidance_off_vs_on"] = {}
     for chain in ("ldm", "unclip"):
-        for key, scores in ((f"{chain}@{cfg.sample.guidance:g}", evaluation[chain]), (f"{chain}@1", evaluation[chain].get("guidance_1", {}))):
+        on, off = evaluation[chain], evaluation[chain].get("guidance_1", {})
+        scale = f"{cfg.sample.guidance:g}" if chain == "ldm" else f"{cfg.sample.decoder_guidance:g} (prior {cfg.sample.prior_guidance:g})"
+        for key, scores in ((f"{chain}@{scale}", on), (f"{chain}@1", off)):
             if "prompt_following" not in scores:
                 raise SystemExit(f"{workdir}: eval.json has no prompt following for {key} (eval.unguided_baseline off, or captions not the generator's)")
             result["prompt_following"][key] = scores["prompt_following"]
+        follow = [float(np.mean(list(scores["prompt_following"].values()))) for scores in (off, on)]
+        clip_score = [off["clip_score"], on["clip_score"]]
+        distance = [off["frechet_distance_clip"], on["frechet_distance_clip"]]
+        result["guidance_off_vs_on"][chain] = {
+            "prompt_following_mean": follow, "clip_score": clip_score, "frechet_distance_clip": distance,
+            "beats_unguided": follow[1] >= follow[0] and clip_score[1] > clip_score[0] and distance[1] < distance[0],
+        }  # fmt: skip
     result["grid"] = evaluation["reading_grid"]
 
-    print(f"\n{'figure':44s} {'result':>10s} {'target':>8s}")
-    print(f"{'VAE PSNR on held-out images (dB)':44s} {result['vae_psnr_db']:10.1f} {'>= 25':>8s}")
-    print(f"{'CLIP top-1 among one-attribute-away captions':44s} {result['clip_top1']:10.1%} {'>= 90%':>8s}")
-    print(f"{'prior cosine (text-embedding baseline)':44s} {result['prior_cosine']:6.3f} ({result['prior_text_baseline']:.3f})")
+    print(f"\n{'figure':50s} {'result':>10s} {'target':>8s}")
+    print(f"{'VAE PSNR on held-out images (dB)':50s} {result['vae_psnr_db']:10.1f} {'>= 25':>8s}")
+    print(f"{'CLIP top-1 among one-attribute-away captions':50s} {result['clip_top1']:10.1%} {'>= 90%':>8s}")
+    print(f"{'prior cosine (text-embedding baseline)':50s} {result['prior_cosine']:6.3f} ({result['prior_text_baseline']:.3f})")
     for key, hits in result["prompt_following"].items():
-        print(f"{'following ' + key + ': shape / colour / bg':44s} {hits['shape']:.0%} / {hits['color']:.0%} / {hits['background']:.0%}")
+        print(f"{'following ' + key + ': shape / colour / bg':50s} {hits['shape']:.0%} / {hits['color']:.0%} / {hits['background']:.0%}")
+    for chain, gain in result["guidance_off_vs_on"].items():
+        follow, clip_score, distance = gain["prompt_following_mean"], gain["clip_score"], gain["frechet_distance_clip"]
+        print(f"guidance off -> on, {chain}: following {follow[0]:.0%} -> {follow[1]:.0%}, CLIP score {clip_score[0]:.3f} -> "
+              f"{clip_score[1]:.3f}, Fréchet distance {distance[0]:.1f} -> {distance[1]:.1f}: "
+              + ("beats unguided" if gain["beats_unguided"] else "does NOT beat unguided"))  # fmt: skip
     print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result["phases_wall_s"].items()))
     with open(os.path.join(workdir, "quality.json"), "w") as f:
         json.dump(result, f, indent=2)

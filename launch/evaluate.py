@@ -5,7 +5,9 @@
 - each chain (ldm; unCLIP = prior -> decoder -> upsamplers): CLIP score of the generated images
   (cosine of their CLIP image embedding with the caption's text embedding; the real images' score
   beside it), and the Fréchet distance between generated and real images in CLIP image space;
-  at the configured guidance and, with `eval.unguided_baseline`, at guidance 1 (off);
+  at the configured guidance (`sample.guidance` for the ldm, `sample.decoder_guidance` and
+  `sample.prior_guidance` for the unCLIP chain) and, with `eval.unguided_baseline`, with all
+  guidance off (scales 1);
 - prompt following, when the captions are the embedded generator's: each image read back by
   data_pipeline/synthetic_reader.py and scored per attribute (shape, colour, background).
 Writes eval.json, a grid (real image, then each chain's) and reading_grid.png to `eval.out`.
@@ -86,14 +88,15 @@ def run(cfg: Config, log=print) -> dict[str, Any]:
     real = held["clip_image_emb"].astype(np.float32)
     s = cfg.sample
     results: dict[str, Any] = {"heldout_rows": n, "steps": s.steps, "upsampler_steps": s.upsampler_steps,
-                               "guidance": s.guidance, "checkpoints": trained.checkpoints}  # fmt: skip
+                               "guidance": s.guidance, "decoder_guidance": s.decoder_guidance,
+                               "prior_guidance": s.prior_guidance, "checkpoints": trained.checkpoints}  # fmt: skip
     results["real_images_clip_score"] = mean_cosine(real, held["clip_text_emb"].astype(np.float32))
     generated: dict[str, torch.Tensor] = {}
 
     if "prior" in trained.nets:
         pri = trained.nets["prior"]
         predicted = torch.cat([
-            prior.sample(pri.model, pri.diffusion, {k: v[b] for k, v in text.items()}, s.steps, s.guidance, torch.Generator().manual_seed(s.seed + i))
+            prior.sample(pri.model, pri.diffusion, {k: v[b] for k, v in text.items()}, s.steps, s.prior_guidance, torch.Generator().manual_seed(s.seed + i))
             for i, b in enumerate(_batches(n, cfg.eval.batch_size))
         ]).numpy()  # fmt: skip
         results["prior"] = {"cosine_predicted_vs_true": mean_cosine(predicted, real),
@@ -101,27 +104,29 @@ def run(cfg: Config, log=print) -> dict[str, Any]:
         log(f"eval: prior cosine {results['prior']['cosine_predicted_vs_true']:.3f} "
             f"(text-embedding baseline {results['prior']['cosine_text_embedding_baseline']:.3f})")  # fmt: skip
 
-    guidances = [s.guidance] + ([1.0] if cfg.eval.unguided_baseline and s.guidance != 1.0 else [])
     readings: dict[str, list] = {}
     captions = [str(c) for c in held["caption"]]
     for chain, ready in chains_ready.items():
         if not ready:
             continue
-        for guidance in guidances:
-            images = trained.generate(chain, text, s.steps, guidance, s.seed, cfg.eval.batch_size, s.upsampler_steps)
+        configured = (s.guidance, 1.0) if chain == "ldm" else (s.decoder_guidance, s.prior_guidance)
+        settings = [configured] + ([(1.0, 1.0)] if cfg.eval.unguided_baseline and configured != (1.0, 1.0) else [])
+        for guidance, prior_guidance in settings:
+            images = trained.generate(chain, text, s.steps, guidance, s.seed, cfg.eval.batch_size, s.upsampler_steps, prior_guidance)
             embeddings = clip_embed(trained, images)
             scores = {"clip_score": mean_cosine(embeddings, held["clip_text_emb"].astype(np.float32)),
                       "frechet_distance_clip": frechet_distance(embeddings, real)}  # fmt: skip
             following = prompt_following(to_pil(images), captions)
             if following:
                 scores["prompt_following"] = following[0]
-            if guidance == s.guidance:
+            if (guidance, prior_guidance) == configured:
                 results[chain] = {**scores, "resolution": int(images.shape[-1])}
                 generated[chain] = images
                 readings[chain] = following[1] if following else []
             else:
                 results[chain]["guidance_1"] = scores
-            log(f"eval: {chain}, guidance {guidance:g}: CLIP score {scores['clip_score']:.3f} (real "
+            scales = f"guidance {guidance:g}" if chain == "ldm" else f"decoder guidance {guidance:g}, prior {prior_guidance:g}"
+            log(f"eval: {chain}, {scales}: CLIP score {scores['clip_score']:.3f} (real "
                 f"{results['real_images_clip_score']:.3f}), Fréchet distance in CLIP space {scores['frechet_distance_clip']:.3f}"
                 + (", prompt following " + " / ".join(f"{k} {v:.0%}" for k, v in following[0].items()) if following else ""))  # fmt: skip
 

@@ -88,7 +88,7 @@ def _text_to_image(trained: Trained, chain: str, text: dict[str, torch.Tensor], 
         extra: dict[str, Any] = {}
     else:
         embeddings, levels = chains.unclip(trained.nets["prior"], trained.nets["decoder"], trained.upsamplers, repeated,
-                                           s.steps, s.guidance, generator, s.upsampler_steps)  # fmt: skip
+                                           s.steps, s.decoder_guidance, s.prior_guidance, generator, s.upsampler_steps)  # fmt: skip
         images = levels[-1]
         buf = io.BytesIO()
         np.save(buf, embeddings.numpy())
@@ -126,7 +126,7 @@ def _variations(trained: Trained, log) -> dict[str, Any]:
     n = s.images_per_prompt
     no_text = {"emb": torch.zeros_like(embeddings), "tokens": torch.zeros(len(sources), clip.context_length, clip.text_width)}
     levels = chains.decode_embeddings(trained.nets["decoder"], trained.upsamplers, embeddings.repeat_interleave(n, 0),
-                                      _repeat(no_text, n), s.steps, s.guidance, torch.Generator().manual_seed(s.seed),
+                                      _repeat(no_text, n), s.steps, s.decoder_guidance, torch.Generator().manual_seed(s.seed),
                                       s.upsampler_steps)  # fmt: skip
     pictures = to_pil(levels[-1])
     side = pictures[0].width
@@ -141,14 +141,14 @@ def _interpolation(trained: Trained, log) -> dict[str, Any]:
     s = trained.cfg.sample
     text = trained.encode_text(s.interpolate)
     pri = trained.nets["prior"]
-    ends = prior.sample(pri.model, pri.diffusion, text, s.steps, s.guidance, torch.Generator().manual_seed(s.seed))
+    ends = prior.sample(pri.model, pri.diffusion, text, s.steps, s.prior_guidance, torch.Generator().manual_seed(s.seed))
     weights = np.linspace(0, 1, s.interpolation_steps)
     no_text = {"emb": torch.zeros_like(ends[:1]), "tokens": torch.zeros(1, *text["tokens"].shape[1:])}
     row = []
     for w in weights:  # the same noise at every point, so only the embedding changes along the row
         embedding = chains.slerp(ends[0], ends[1], float(w))[None]
         levels = chains.decode_embeddings(trained.nets["decoder"], trained.upsamplers, embedding, no_text, s.steps,
-                                          s.guidance, torch.Generator().manual_seed(s.seed), s.upsampler_steps)  # fmt: skip
+                                          s.decoder_guidance, torch.Generator().manual_seed(s.seed), s.upsampler_steps)  # fmt: skip
         row += to_pil(levels[-1])
     path = save_png(grid([row]), storage.join(s.out, "interpolation.png"))
     log(f"sample: interpolation '{s.interpolate[0]}' -> '{s.interpolate[1]}' in {len(weights)} steps -> {path}")

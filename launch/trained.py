@@ -56,9 +56,10 @@ class Trained:
         return self.clip.encode_text(captions)
 
     def generate(self, chain: str, text: dict[str, torch.Tensor], steps: int, guidance: float, seed: int,
-                 batch_size: int, upsampler_steps: int | None = None) -> torch.Tensor:  # fmt: skip
+                 batch_size: int, upsampler_steps: int | None = None, prior_guidance: float = 1.0) -> torch.Tensor:  # fmt: skip
         """Images in [-1, 1] from text conditioning (emb, tokens, mask) by the ldm or the unCLIP
-        chain (at its last resolution); batch i draws its noise from seed + i."""
+        chain (at its last resolution); batch i draws its noise from seed + i. `guidance` is the
+        ldm's or decoder's scale, `prior_guidance` the prior's."""
         images = []
         for i, start in enumerate(range(0, len(text["emb"]), batch_size)):
             part = {k: v[start : start + batch_size] for k, v in text.items()}
@@ -66,8 +67,8 @@ class Trained:
             if chain == "ldm":
                 images.append(chains.latent_diffusion(self.nets["ldm"], part["tokens"], steps, guidance, generator))
             else:
-                images.append(chains.unclip(self.nets["prior"], self.nets["decoder"], self.upsamplers, part, steps, guidance, generator,
-                                           upsampler_steps)[1][-1])  # fmt: skip
+                images.append(chains.unclip(self.nets["prior"], self.nets["decoder"], self.upsamplers, part, steps, guidance, prior_guidance,
+                                           generator, upsampler_steps)[1][-1])  # fmt: skip
         return torch.cat(images)
 
 

@@ -57,9 +57,11 @@ def decode_embeddings(dec: Net, upsamplers: list[Net], image_emb: torch.Tensor, 
 
 
 def unclip(pri: Net, dec: Net, upsamplers: list[Net], text: dict[str, torch.Tensor], steps: int, guidance: float,
-           generator: torch.Generator, upsampler_steps: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
-    """text -> prior -> CLIP image embedding -> decoder -> upsamplers; (embeddings, images per resolution)."""
-    image_emb = prior.sample(pri.model, pri.diffusion, text, steps, guidance, generator)
+           prior_guidance: float, generator: torch.Generator,
+           upsampler_steps: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+    """text -> prior -> CLIP image embedding -> decoder -> upsamplers; (embeddings, images per resolution).
+    `prior_guidance` scales the prior's guidance, `guidance` the decoder's."""
+    image_emb = prior.sample(pri.model, pri.diffusion, text, steps, prior_guidance, generator)
     return image_emb, decode_embeddings(dec, upsamplers, image_emb, text, steps, guidance, generator, upsampler_steps)
 
 

@@ -128,6 +128,28 @@ def test_upsamplers_take_their_own_step_count_in_the_unclip_chain():
         assert calls == {"decoder": 3, "upsampler": expected}
 
 
+def test_the_unclip_chain_guides_its_prior_and_its_decoder_by_their_own_scales():
+    from models import chains, prior
+    from models.config import DiffusionConfig, PriorConfig
+    from models.diffusion import Diffusion
+
+    torch.manual_seed(0)
+    pri = prior.build_prior(PriorConfig(layers=1, heads=2, head_dim=4), embed_dim=8, context_length=5, mean=[0.0] * 8, std=[1.0] * 8)
+    dec = small(patch=4)
+    calls = {"prior": 0, "decoder": 0}
+    pri.register_forward_hook(lambda *_: calls.__setitem__("prior", calls["prior"] + 1))
+    dec.unet.register_forward_hook(lambda *_: calls.__setitem__("decoder", calls["decoder"] + 1))
+    pri_net = chains.Net(pri, Diffusion(DiffusionConfig(prediction="x0")), {})
+    dec_net = chains.Net(dec, Diffusion(DiffusionConfig(prediction="x0")), {})
+    text = {"emb": torch.randn(2, 8), "tokens": torch.randn(2, 5, 8), "mask": torch.ones(2, 5, dtype=torch.bool)}
+    for guidance, prior_guidance in ((1.0, 2.0), (2.0, 1.0)):  # a guided stage runs its unconditional pass too
+        calls.update(prior=0, decoder=0)
+        embeddings, _ = chains.unclip(pri_net, dec_net, [], text, 3, guidance, prior_guidance, torch.Generator().manual_seed(0))
+        assert calls == {"prior": 3 * (2 if prior_guidance != 1 else 1), "decoder": 3 * (2 if guidance != 1 else 1)}
+    unguided = prior.sample(pri, pri_net.diffusion, text, 3, 1.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(embeddings, unguided)  # the last call's prior ran at its own scale 1, not the decoder's 2
+
+
 def test_a_pixel_decoder_samples_the_same_in_plain_diffusers_by_the_exported_layout(tmp_path):
     """What export writes for a pixel decoder (its modules, its scheduler, the folding NULL_CONDITION
     states) gives our samples in a loop written against diffusers alone."""

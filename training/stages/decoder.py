@@ -77,6 +77,6 @@ class DecoderStage(Stage):
         rows = self.preview_rows([*truth, *CONDITIONS], count)
         cond = decoder.conditioning(*(torch.from_numpy(rows[c].astype(np.float32)) for c in CONDITIONS))
         net = chains.Net(model, self.diffusion, self.extras(), vae)
-        sampled = to_pil(chains.decoder_images(net, cond, 25, self.cfg.sample.guidance, torch.Generator().manual_seed(0)))
+        sampled = to_pil(chains.decoder_images(net, cond, 25, self.cfg.sample.decoder_guidance, torch.Generator().manual_seed(0)))
         pairs = zip(to_pil(to_unit(decode(rows["image_64"]))), sampled) if truth else ((s,) for s in sampled)
         return [("decoder_true_vs_sampled", grid([list(p) for p in pairs]))]

@@ -62,7 +62,7 @@ class PriorStage(Stage):
         text = {"emb": torch.from_numpy(rows["clip_text_emb"].astype(np.float32)),
                 "tokens": torch.from_numpy(rows["clip_text_tokens"].astype(np.float32)),
                 "mask": torch.from_numpy(rows["text_mask"])}  # fmt: skip
-        predicted = prior.sample(model, self.diffusion, text, 25, self.cfg.sample.guidance, torch.Generator().manual_seed(0))
+        predicted = prior.sample(model, self.diffusion, text, 25, self.cfg.sample.prior_guidance, torch.Generator().manual_seed(0))
         nearest = (torch.nn.functional.normalize(predicted, dim=-1) @ bank.T).argmax(1)
         decode = lambda data: Image.open(io.BytesIO(data)).convert("RGB")  # noqa: E731
         pairs = [[decode(rows["image_64"][i]), decode(pictures[int(j)])] for i, j in enumerate(nearest)]
