@@ -61,8 +61,11 @@ class SampleConfig:
 class DemoConfig:
     fit_encoders: bool = option(True, doc="fit the small encoders on the ingested data (false: random ones, plumbing only)")
     stages: list[Literal["ldm", "prior", "decoder", "upsampler"]] = option(factory=lambda: ["ldm", "prior", "decoder", "upsampler"])
+    # The ldm at a constant learning rate: retrained on two demo stores (same seed, same data order,
+    # only the schedule changed) it read 93/87/97% and 100/100/100% shape/colour/background at
+    # guidance 3, against 93/73/83% and 95/97/97% with the cosine decay.
     stage_train: dict[str, dict[str, Any]] = option(
-        factory=lambda: {"ldm": {"batch_size": 16, "steps": 1600, "optim": {"lr": 2e-3}},
+        factory=lambda: {"ldm": {"batch_size": 16, "steps": 1600, "optim": {"lr": 2e-3, "schedule": "constant"}},
                          "decoder": {"batch_size": 16, "steps": 1600, "optim": {"lr": 2e-3}},
                          "upsampler": {"batch_size": 8, "steps": 800}},  # fmt: skip
         doc="train.* settings per stage, over the train section",
