@@ -75,7 +75,8 @@ def main() -> None:
     result["guidance_off_vs_on"] = {}
     for chain in ("ldm", "unclip"):
         on, off = evaluation[chain], evaluation[chain].get("guidance_1", {})
-        scale = f"{cfg.sample.guidance:g}" if chain == "ldm" else f"{cfg.sample.decoder_guidance:g} (prior {cfg.sample.prior_guidance:g})"
+        guidance, prior_guidance = cfg.sample.scales(chain)
+        scale = f"{guidance:g}" if chain == "ldm" else f"{guidance:g} (prior {prior_guidance:g})"
         for key, scores in ((f"{chain}@{scale}", on), (f"{chain}@1", off)):
             if "prompt_following" not in scores:
                 raise SystemExit(f"{workdir}: eval.json has no prompt following for {key} (eval.unguided_baseline off, or captions not the generator's)")

@@ -50,6 +50,14 @@ class SampleConfig:
     interpolation_steps: int = option(5, ge=2)
     out: str = option("{root}/samples")
 
+    def scales(self, chain: str) -> tuple[float, float]:
+        """(image model's guidance, prior's guidance) that `chain` samples at: the ldm has no prior."""
+        if chain == "ldm":
+            return self.guidance, 1.0
+        if chain == "unclip":
+            return self.decoder_guidance, self.prior_guidance
+        raise ValueError(f"sample chain {chain!r}: expected ldm or unclip")
+
     def validate(self) -> None:
         if not self.prompts:
             raise ValueError("config key 'sample.prompts': expected at least one prompt")

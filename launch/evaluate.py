@@ -109,10 +109,10 @@ def run(cfg: Config, log=print) -> dict[str, Any]:
     for chain, ready in chains_ready.items():
         if not ready:
             continue
-        configured = (s.guidance, 1.0) if chain == "ldm" else (s.decoder_guidance, s.prior_guidance)
+        configured = s.scales(chain)
         settings = [configured] + ([(1.0, 1.0)] if cfg.eval.unguided_baseline and configured != (1.0, 1.0) else [])
         for guidance, prior_guidance in settings:
-            images = trained.generate(chain, text, s.steps, guidance, s.seed, cfg.eval.batch_size, s.upsampler_steps, prior_guidance)
+            images = trained.generate(chain, text, s.steps, (guidance, prior_guidance), s.seed, cfg.eval.batch_size, s.upsampler_steps)
             embeddings = clip_embed(trained, images)
             scores = {"clip_score": mean_cosine(embeddings, held["clip_text_emb"].astype(np.float32)),
                       "frechet_distance_clip": frechet_distance(embeddings, real)}  # fmt: skip

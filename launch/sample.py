@@ -83,12 +83,13 @@ def _text_to_image(trained: Trained, chain: str, text: dict[str, torch.Tensor], 
     n = s.images_per_prompt
     generator = torch.Generator().manual_seed(s.seed)
     repeated = _repeat(text, n)
+    guidance, prior_guidance = s.scales(chain)
     if chain == "ldm":
-        images = chains.latent_diffusion(trained.nets["ldm"], repeated["tokens"], s.steps, s.guidance, generator)
+        images = chains.latent_diffusion(trained.nets["ldm"], repeated["tokens"], s.steps, guidance, generator)
         extra: dict[str, Any] = {}
     else:
         embeddings, levels = chains.unclip(trained.nets["prior"], trained.nets["decoder"], trained.upsamplers, repeated,
-                                           s.steps, s.decoder_guidance, s.prior_guidance, generator, s.upsampler_steps)  # fmt: skip
+                                           s.steps, guidance, prior_guidance, generator, s.upsampler_steps)  # fmt: skip
         images = levels[-1]
         buf = io.BytesIO()
         np.save(buf, embeddings.numpy())

@@ -55,11 +55,12 @@ class Trained:
     def encode_text(self, captions: list[str]):
         return self.clip.encode_text(captions)
 
-    def generate(self, chain: str, text: dict[str, torch.Tensor], steps: int, guidance: float, seed: int,
-                 batch_size: int, upsampler_steps: int | None = None, prior_guidance: float = 1.0) -> torch.Tensor:  # fmt: skip
+    def generate(self, chain: str, text: dict[str, torch.Tensor], steps: int, scales: tuple[float, float], seed: int,
+                 batch_size: int, upsampler_steps: int | None = None) -> torch.Tensor:  # fmt: skip
         """Images in [-1, 1] from text conditioning (emb, tokens, mask) by the ldm or the unCLIP
-        chain (at its last resolution); batch i draws its noise from seed + i. `guidance` is the
-        ldm's or decoder's scale, `prior_guidance` the prior's."""
+        chain (at its last resolution); batch i draws its noise from seed + i. `scales` is
+        (ldm's or decoder's guidance, prior's guidance), as `SampleConfig.scales` gives them."""
+        guidance, prior_guidance = scales
         images = []
         for i, start in enumerate(range(0, len(text["emb"]), batch_size)):
             part = {k: v[start : start + batch_size] for k, v in text.items()}

@@ -194,3 +194,12 @@ def test_demo_stage_settings_replace_single_values():
     assert changes == {"train.steps": 9, "train.optim.lr": 2e-3}
     staged = replace(cfg, **changes)
     assert (staged.train.steps, staged.train.optim.lr, staged.train.optim.warmup_steps) == (9, 2e-3, 5)
+
+
+def test_each_chain_samples_at_its_own_models_scales():
+    """The ldm has no prior (its prior scale is 1); unCLIP guides its decoder and prior separately."""
+    cfg = config.load(None, ["sample.guidance=4", "sample.decoder_guidance=2.5", "sample.prior_guidance=1.5"])
+    assert cfg.sample.scales("ldm") == (4.0, 1.0)
+    assert cfg.sample.scales("unclip") == (2.5, 1.5)
+    with pytest.raises(ValueError, match="sample chain 'decoder': expected ldm or unclip"):
+        cfg.sample.scales("decoder")
