@@ -15,6 +15,7 @@ Writes eval.json, a grid (real image, then each chain's) and reading_grid.png to
 
 from __future__ import annotations
 
+import textwrap
 import time
 from typing import Any
 
@@ -57,8 +58,9 @@ def reading_grid(captions: list[str], generated: dict[str, torch.Tensor], readin
             x, y = caption_w + c * cell, r * (cell + label) + label
             canvas.paste(picture.resize((cell, cell)), (x, y))
             pen.text((x + 2, y + cell - label), f"{seen.color} {seen.shape} / {seen.background}", fill="white", stroke_width=1, stroke_fill="black")
-    for r in range(rows):
-        pen.text((4, r * (cell + label) + label + cell // 2), captions[r][:42], fill="black")
+    for r in range(rows):  # PIL's default font fits about 42 characters in caption_w
+        lines = "\n".join(textwrap.wrap(captions[r], 42)[:8])
+        pen.multiline_text((4, r * (cell + label) + label + cell // 2), lines, fill="black", anchor="lm")
     return canvas
 
 
