@@ -79,7 +79,8 @@ NULL_CONDITION = {
                "the unet sees pixel_unshuffle(image, p) and its output goes through pixel_shuffle(., p), p = sqrt(unet.in_channels / 3); "
                "with extras.latent_channels it draws VAE latents instead (p = 1): pictures are vae.decode(latents / extras.latent_scale)",
     "upsampler": "not conditioned on text; input is [noisy high-res, bicubic-upsampled low-res] on the channel axis",
-    "ldm": "text dropped: zero tokens",
+    "ldm": "encoder_hidden_states: clip_text_tokens, then clip_text_emb as one more token when extras.text_embedding_token; "
+           "text dropped: all zeros",
 }
 
 

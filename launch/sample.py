@@ -85,7 +85,7 @@ def _text_to_image(trained: Trained, chain: str, text: dict[str, torch.Tensor], 
     repeated = _repeat(text, n)
     guidance, prior_guidance = s.scales(chain)
     if chain == "ldm":
-        images = chains.latent_diffusion(trained.nets["ldm"], repeated["tokens"], s.steps, guidance, generator)
+        images = chains.latent_diffusion(trained.nets["ldm"], repeated, s.steps, guidance, generator)
         extra: dict[str, Any] = {}
     else:
         embeddings, levels = chains.unclip(trained.nets["prior"], trained.nets["decoder"], trained.upsamplers, repeated,

@@ -66,7 +66,7 @@ class Trained:
             part = {k: v[start : start + batch_size] for k, v in text.items()}
             generator = torch.Generator().manual_seed(seed + i)
             if chain == "ldm":
-                images.append(chains.latent_diffusion(self.nets["ldm"], part["tokens"], steps, guidance, generator))
+                images.append(chains.latent_diffusion(self.nets["ldm"], part, steps, guidance, generator))
             else:
                 images.append(chains.unclip(self.nets["prior"], self.nets["decoder"], self.upsamplers, part, steps, guidance, prior_guidance,
                                            generator, upsampler_steps)[1][-1])  # fmt: skip

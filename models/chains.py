@@ -65,9 +65,11 @@ def unclip(pri: Net, dec: Net, upsamplers: list[Net], text: dict[str, torch.Tens
     return image_emb, decode_embeddings(dec, upsamplers, image_emb, text, steps, guidance, generator, upsampler_steps)
 
 
-def latent_diffusion(net: Net, tokens: torch.Tensor, steps: int, guidance: float, generator: torch.Generator) -> torch.Tensor:
-    """text tokens -> latents -> VAE decode; images in [-1, 1]."""
-    return latent_pictures(net, ldm.sample(net.model, net.diffusion, tokens, steps, guidance, generator))
+def latent_diffusion(net: Net, text: dict[str, torch.Tensor], steps: int, guidance: float, generator: torch.Generator) -> torch.Tensor:
+    """text (tokens, emb) -> latents -> VAE decode; images in [-1, 1]."""
+    # An ldm trained before ldm.text_embedding_token existed has no such key: it saw tokens only.
+    context = ldm.context(text, net.extras.get("text_embedding_token", False))
+    return latent_pictures(net, ldm.sample(net.model, net.diffusion, context, steps, guidance, generator))
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:

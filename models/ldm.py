@@ -1,7 +1,8 @@
 """The latent-diffusion model: a diffusers UNet2DConditionModel over VAE latents.
 
-It cross-attends to CLIP's per-token text states, like Stable Diffusion (no attention mask, so
-the exported UNet runs in a plain diffusers pipeline). Dropped text is all-zero tokens.
+It cross-attends to CLIP's per-token text states, like Stable Diffusion, and (ldm.text_embedding_token)
+to CLIP's pooled text embedding as one more token; no attention mask, so the exported UNet runs in a
+plain diffusers pipeline given that sequence as `prompt_embeds`. Dropped text is all zeros.
 """
 
 from __future__ import annotations
@@ -36,26 +37,33 @@ def build_unet(cfg: LdmConfig, latent_channels: int, latent_size: int, text_widt
     )
 
 
-def predict(unet, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def context(text: dict[str, torch.Tensor], embedding_token: bool) -> torch.Tensor:
+    """The sequence the UNet attends to: tokens [B, L, W], then with `embedding_token` the pooled
+    embedding emb [B, W] as token L + 1."""
+    tokens = text["tokens"].float()
+    return torch.cat([tokens, text["emb"].float()[:, None]], 1) if embedding_token else tokens
+
+
+def predict(unet, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     """`unet` is the UNet or an engine wrapping it; inputs are cast to its dtype."""
     dtype = getattr(unet, "module", unet).dtype
-    return unet(x_t.to(dtype), t, encoder_hidden_states=tokens.to(dtype)).sample.float()
+    return unet(x_t.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample.float()
 
 
 def sample(
     unet,
     diffusion: Diffusion,
-    tokens: torch.Tensor,
+    context: torch.Tensor,
     steps: int,
     guidance: float,
     generator: torch.Generator,
     sampler: str = "ddim",
 ) -> torch.Tensor:
-    """Text tokens [B, L, W] -> scaled latents [B, C, h, w]."""
-    null = torch.zeros_like(tokens)
+    """Text context [B, L, W] (see `context`) -> scaled latents [B, C, h, w]."""
+    null = torch.zeros_like(context)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor, conditional: bool) -> torch.Tensor:
-        return predict(unet, x, t, tokens if conditional else null)
+        return predict(unet, x, t, context if conditional else null)
 
     c, size = unet.config.in_channels, unet.config.sample_size
-    return diffusion.sample(model_fn, (len(tokens), c, size, size), steps, guidance, generator, sampler)
+    return diffusion.sample(model_fn, (len(context), c, size, size), steps, guidance, generator, sampler)

@@ -178,10 +178,16 @@ def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_pat
 
     # ldm
     unet = UNet2DConditionModel.from_pretrained(os.path.join(out, "ldm", "model"))
-    ours = ldm.sample(trained.nets["ldm"].model, trained.nets["ldm"].diffusion, text["tokens"], steps, w, torch.Generator().manual_seed(seed))
+    assert exported["ldm"]["extras"]["text_embedding_token"]  # the default: as NULL_CONDITION says, emb after the tokens
+    hidden = torch.cat([text["tokens"], text["emb"][:, None]], 1)
+    ldm_net = trained.nets["ldm"]
+    ours = ldm.sample(ldm_net.model, ldm_net.diffusion, ldm.context(text, True), steps, w, torch.Generator().manual_seed(seed))
     theirs = plain_loop(os.path.join(out, "ldm", "scheduler"), ours.shape,
-                         lambda x, t, c: unet(x, t, encoder_hidden_states=text["tokens"] if c else torch.zeros_like(text["tokens"])).sample, w, seed, steps)  # fmt: skip
+                         lambda x, t, c: unet(x, t, encoder_hidden_states=hidden if c else torch.zeros_like(hidden)).sample, w, seed, steps)  # fmt: skip
     assert torch.allclose(ours, theirs, atol=1e-5)
+    # the chain reads text_embedding_token from the checkpoint's stage.json and samples the same
+    images = chains.latent_diffusion(ldm_net, text, steps, w, torch.Generator().manual_seed(seed))
+    assert torch.allclose(images, chains.latent_pictures(ldm_net, ours), atol=1e-5)
 
     # prior
     pri = PriorTransformer.from_pretrained(os.path.join(out, "prior", "model"))

@@ -1,4 +1,4 @@
-"""ldm: latent diffusion over vae_latent, cross-attending to clip_text_tokens."""
+"""ldm: latent diffusion over vae_latent, cross-attending to clip_text_tokens (and clip_text_emb)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from data_pipeline.store import StoreError
 from models import ldm
 from models.diffusion import Diffusion, row_mask
 from training.stage import Stage, latent_scale
@@ -13,11 +14,29 @@ from training.stage import Stage, latent_scale
 
 class LdmStage(Stage):
     name = "ldm"
-    columns = ("vae_latent", "clip_text_tokens")
+
+    def __init__(self, cfg, store):
+        self.embedding_token = cfg.ldm.text_embedding_token
+        self.text_columns = ("clip_text_tokens",) + (("clip_text_emb",) if self.embedding_token else ())
+        self.columns = ("vae_latent",) + self.text_columns
+        super().__init__(cfg, store)
 
     def check_store(self) -> None:
         self.diffusion = Diffusion(self.cfg.ldm.diffusion)
         self.latent_scale = latent_scale(self.store, self.cfg.ldm.latent_scale, "ldm.latent_scale")
+        if not self.embedding_token:
+            return
+        width, dim = self.store.shape("clip_text_tokens")[1], self.store.shape("clip_text_emb")[0]
+        if width != dim:
+            raise StoreError(
+                f"store '{self.store.url}': manifest field 'columns.clip_text_emb.shape' has size {dim}, but ldm.text_embedding_token "
+                f"appends it to tokens of width {width} (columns.clip_text_tokens.shape): set ldm.text_embedding_token=false"
+            )
+
+    def text(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The batch's text columns by the names models/ldm.py's `context` reads."""
+        names = {"clip_text_tokens": "tokens", "clip_text_emb": "emb"}
+        return {names[c]: torch.as_tensor(batch[c]) for c in self.text_columns}
 
     def build_model(self) -> torch.nn.Module:
         channels, size, _ = self.store.shape("vae_latent")
@@ -25,14 +44,13 @@ class LdmStage(Stage):
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         x0 = batch["vae_latent"].float() * self.latent_scale
-        tokens = batch["clip_text_tokens"].float()
         drop = row_mask(len(x0), self.cfg.ldm.text_drop, generator, x0.device)
-        tokens = tokens * (~drop).float()[:, None, None]
+        context = ldm.context(self.text(batch), self.embedding_token) * (~drop).float()[:, None, None]
         t, noise = self.diffusion.draw(x0, generator)
-        return self.diffusion.loss(ldm.predict(model, self.diffusion.q_sample(x0, t, noise), t, tokens), x0, noise, t)
+        return self.diffusion.loss(ldm.predict(model, self.diffusion.q_sample(x0, t, noise), t, context), x0, noise, t)
 
     def extras(self) -> dict[str, Any]:
-        return {"latent_scale": self.latent_scale}
+        return {"latent_scale": self.latent_scale, "text_embedding_token": self.embedding_token}
 
     def preview(self, model: torch.nn.Module, count: int = 4) -> list[tuple[str, Any]]:
         """Samples for the first captions of the store, decoded with the store's VAE."""
@@ -41,7 +59,7 @@ class LdmStage(Stage):
         vae = self.store_vae()
         if vae is None:
             return []
-        rows = self.preview_rows(["clip_text_tokens"], count)
-        tokens = torch.from_numpy(rows["clip_text_tokens"].astype("float32"))
-        latents = ldm.sample(model, self.diffusion, tokens, 25, self.cfg.sample.guidance, torch.Generator().manual_seed(0))
+        rows = self.preview_rows(list(self.text_columns), count)
+        context = ldm.context(self.text({k: v.astype("float32") for k, v in rows.items()}), self.embedding_token)
+        latents = ldm.sample(model, self.diffusion, context, 25, self.cfg.sample.guidance, torch.Generator().manual_seed(0))
         return [("ldm", grid([to_pil(vae.decode(latents / self.latent_scale))]))]
