@@ -60,6 +60,6 @@ class LdmStage(Stage):
         if vae is None:
             return []
         rows = self.preview_rows(list(self.text_columns), count)
-        context = ldm.context(self.text({k: v.astype("float32") for k, v in rows.items()}), self.embedding_token)
+        context = ldm.context(self.text(rows), self.embedding_token)  # context casts to float32
         latents = ldm.sample(model, self.diffusion, context, 25, self.cfg.sample.guidance, torch.Generator().manual_seed(0))
         return [("ldm", grid([to_pil(vae.decode(latents / self.latent_scale))]))]
