@@ -93,6 +93,9 @@ class EvalConfig:
     # moved by 10-20 points between two seeds of the same checkpoint; one prompt is 6% of 16.
     samples: int = option(32, ge=2, doc="held-out rows to generate from (all of them when fewer)")
     batch_size: int = option(16, ge=1)
+    # 2, not 1: with one image per prompt, whether guidance beat no guidance on the embedded default
+    # turned on a single prompt's sample (the same checkpoint won on one sampling seed, lost on another).
+    images_per_prompt: int = option(2, ge=1, doc="images generated per held-out prompt, each from its own noise; all are scored")
     unguided_baseline: bool = option(True, doc="also generate with guidance 1 (off) and score it: what guidance adds")
     out: str = option("{root}/eval")
 

@@ -2,7 +2,8 @@
 
 - prior: cosine between predicted and true CLIP image embeddings, beside the baseline of using the
   caption's text embedding itself;
-- each chain (ldm; unCLIP = prior -> decoder -> upsamplers): CLIP score of the generated images
+- each chain (ldm; unCLIP = prior -> decoder -> upsamplers), from `eval.images_per_prompt` images
+  of every held-out prompt (each its own noise): CLIP score of the generated images
   (cosine of their CLIP image embedding with the caption's text embedding; the real images' score
   beside it), and the Fréchet distance between generated and real images in CLIP image space;
   at the configured guidance (`sample.guidance` for the ldm, `sample.decoder_guidance` and
@@ -68,6 +69,14 @@ def _batches(n: int, size: int):
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def generate_per_prompt(trained: Trained, chain: str, text: dict[str, torch.Tensor], scales: tuple[float, float], cfg: Config) -> torch.Tensor:
+    """`eval.images_per_prompt` images of every prompt: copy j of prompt i at row j * n + i. Copy j's
+    batches draw from seeds after copy j - 1's, so copy 0 is what a one-image eval generates."""
+    s, batches = cfg.sample, len(_batches(len(text["emb"]), cfg.eval.batch_size))
+    return torch.cat([trained.generate(chain, text, s.steps, scales, s.seed + j * batches, cfg.eval.batch_size, s.upsampler_steps)
+                      for j in range(cfg.eval.images_per_prompt)])  # fmt: skip
+
+
 def run(cfg: Config, log=print) -> dict[str, Any]:
     started = time.time()
     store = open_store(cfg.store_url)
@@ -87,12 +96,14 @@ def run(cfg: Config, log=print) -> dict[str, Any]:
     text = {"emb": torch.from_numpy(held["clip_text_emb"].astype(np.float32)),
             "tokens": torch.from_numpy(held["clip_text_tokens"].astype(np.float32)),
             "mask": torch.from_numpy(held["text_mask"])}  # fmt: skip
-    real = held["clip_image_emb"].astype(np.float32)
+    real, text_emb = held["clip_image_emb"].astype(np.float32), held["clip_text_emb"].astype(np.float32)
+    copies = cfg.eval.images_per_prompt
     s = cfg.sample
     results: dict[str, Any] = {"heldout_rows": n, "steps": s.steps, "upsampler_steps": s.upsampler_steps,
                                "guidance": s.guidance, "decoder_guidance": s.decoder_guidance,
-                               "prior_guidance": s.prior_guidance, "checkpoints": trained.checkpoints}  # fmt: skip
-    results["real_images_clip_score"] = mean_cosine(real, held["clip_text_emb"].astype(np.float32))
+                               "prior_guidance": s.prior_guidance, "images_per_prompt": cfg.eval.images_per_prompt,
+                               "checkpoints": trained.checkpoints}  # fmt: skip
+    results["real_images_clip_score"] = mean_cosine(real, text_emb)
     generated: dict[str, torch.Tensor] = {}
 
     if "prior" in trained.nets:
@@ -102,7 +113,7 @@ def run(cfg: Config, log=print) -> dict[str, Any]:
             for i, b in enumerate(_batches(n, cfg.eval.batch_size))
         ]).numpy()  # fmt: skip
         results["prior"] = {"cosine_predicted_vs_true": mean_cosine(predicted, real),
-                            "cosine_text_embedding_baseline": mean_cosine(held["clip_text_emb"].astype(np.float32), real)}  # fmt: skip
+                            "cosine_text_embedding_baseline": mean_cosine(text_emb, real)}  # fmt: skip
         log(f"eval: prior cosine {results['prior']['cosine_predicted_vs_true']:.3f} "
             f"(text-embedding baseline {results['prior']['cosine_text_embedding_baseline']:.3f})")  # fmt: skip
 
@@ -114,17 +125,17 @@ def run(cfg: Config, log=print) -> dict[str, Any]:
         configured = s.scales(chain)
         settings = [configured] + ([(1.0, 1.0)] if cfg.eval.unguided_baseline and configured != (1.0, 1.0) else [])
         for guidance, prior_guidance in settings:
-            images = trained.generate(chain, text, s.steps, (guidance, prior_guidance), s.seed, cfg.eval.batch_size, s.upsampler_steps)
+            images = generate_per_prompt(trained, chain, text, (guidance, prior_guidance), cfg)
             embeddings = clip_embed(trained, images)
-            scores = {"clip_score": mean_cosine(embeddings, held["clip_text_emb"].astype(np.float32)),
+            scores = {"images": len(images), "clip_score": mean_cosine(embeddings, np.tile(text_emb, (copies, 1))),
                       "frechet_distance_clip": frechet_distance(embeddings, real)}  # fmt: skip
-            following = prompt_following(to_pil(images), captions)
+            following = prompt_following(to_pil(images), captions * copies)
             if following:
                 scores["prompt_following"] = following[0]
             if (guidance, prior_guidance) == configured:
                 results[chain] = {**scores, "resolution": int(images.shape[-1])}
-                generated[chain] = images
-                readings[chain] = following[1] if following else []
+                generated[chain] = images[:n]  # the grids show each prompt's first image
+                readings[chain] = following[1][:n] if following else []
             else:
                 results[chain]["guidance_1"] = scores
             scales = f"guidance {guidance:g}" if chain == "ldm" else f"decoder guidance {guidance:g}, prior {prior_guidance:g}"

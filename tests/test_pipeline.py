@@ -45,6 +45,7 @@ SMALL = [
     "sample.images_per_prompt=2",
     "sample.prompts=[a red circle on a blue background, a green square on a white background]",
     "eval.samples=4",
+    "eval.images_per_prompt=2",
     "encoders.fit.clip_steps=10",
     "encoders.fit.vae_steps=4",
     "encoders.fit.vae_batch_size=8",
@@ -92,6 +93,7 @@ def test_report_describes_every_phase(pipeline):
     assert json.loads(open(os.path.join(cfg.eval.out, "eval.json")).read())["unclip"]["resolution"] == 256
     for chain in ("ldm", "unclip"):  # held-out captions are the generator's: the reader scores both guidances
         for scores in (ev[chain], ev[chain]["guidance_1"]):
+            assert scores["images"] == 8  # two of each of the 4 held-out prompts
             assert set(scores["prompt_following"]) == {"shape", "color", "background"}
             assert all(0 <= v <= 1 for v in scores["prompt_following"].values())
     with Image.open(ev["reading_grid"]) as im:
