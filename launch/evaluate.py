@@ -32,11 +32,9 @@ from launch.configlib import to_yaml
 from launch.sample import save_png
 from launch.trained import Trained, available_stages, load_trained
 from models import prior
+from models.encoders import TEXT_COLUMNS, text_conditioning
 from models.imaging import decode, grid, to_pil, to_unit
 from models.metrics import frechet_distance, mean_cosine
-
-TEXT_COLUMNS = ("clip_text_emb", "clip_text_tokens", "text_mask")
-
 
 def clip_embed(trained: Trained, images: torch.Tensor) -> np.ndarray:
     """CLIP image embeddings of images in [-1, 1], resized to the encoder's input."""
@@ -93,9 +91,7 @@ def run(cfg: Config, log=print) -> dict[str, Any]:
     held = store.read(columns, split="heldout")
     n = min(cfg.eval.samples, len(held["caption"]))
     held = {k: v[:n] for k, v in held.items()}
-    text = {"emb": torch.from_numpy(held["clip_text_emb"].astype(np.float32)),
-            "tokens": torch.from_numpy(held["clip_text_tokens"].astype(np.float32)),
-            "mask": torch.from_numpy(held["text_mask"])}  # fmt: skip
+    text = text_conditioning(held)
     real, text_emb = held["clip_image_emb"].astype(np.float32), held["clip_text_emb"].astype(np.float32)
     copies = cfg.eval.images_per_prompt
     s = cfg.sample

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,15 @@ from models.normalization import norm_groups
 
 LOCAL_DIR = "local-dir:"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The store's columns holding FrozenClip.encode_text's outputs, and the names encode_text gives them.
+TEXT_COLUMNS = {"clip_text_emb": "emb", "clip_text_tokens": "tokens", "text_mask": "mask"}
+
+
+def text_conditioning(rows: dict[str, Any], columns: Iterable[str] = tuple(TEXT_COLUMNS)) -> dict[str, torch.Tensor]:
+    """Store rows' text columns (numpy arrays or tensors) as encode_text returns them: emb and
+    tokens as float32 (the store keeps float16), mask as bool; on the rows' device."""
+    text = {TEXT_COLUMNS[column]: torch.as_tensor(rows[column]) for column in columns}
+    return {name: value if name == "mask" else value.float() for name, value in text.items()}
 
 
 @dataclass(frozen=True)

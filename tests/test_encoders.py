@@ -46,6 +46,17 @@ def test_text_outputs(tiny):
     assert torch.equal(out["emb"], clip.model.encode_text(clip.tokenizer(["a red circle on a blue background", "hi"])))
 
 
+def test_text_conditioning_reads_stored_text_back_as_encode_text_gave_it(tiny):
+    _, cfg = tiny
+    out = encoders.FrozenClip(cfg.clip).encode_text(["a red circle on a blue background", "hi"])
+    stored = {column: out[name].numpy().astype(bool if name == "mask" else "float16") for column, name in encoders.TEXT_COLUMNS.items()}
+    text = encoders.text_conditioning(stored)
+    assert set(text) == {"emb", "tokens", "mask"} and text["mask"].dtype == torch.bool and torch.equal(text["mask"], out["mask"])
+    for name in ("emb", "tokens"):
+        assert text[name].dtype == torch.float32 and torch.allclose(text[name], out[name], atol=1e-2, rtol=1e-3)
+    assert set(encoders.text_conditioning(stored, ["clip_text_tokens"])) == {"tokens"}  # only the columns asked for
+
+
 def test_identities_without_loading_match_the_loaded_models(tiny):
     _, cfg = tiny
     assert encoders.clip_identity(cfg.clip) == encoders.FrozenClip(cfg.clip).identity()

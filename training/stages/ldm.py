@@ -9,6 +9,7 @@ import torch
 from data_pipeline.store import StoreError
 from models import ldm
 from models.diffusion import Diffusion, row_mask
+from models.encoders import text_conditioning
 from training.stage import Stage, latent_scale
 
 
@@ -33,11 +34,6 @@ class LdmStage(Stage):
                 f"appends it to tokens of width {width} (columns.clip_text_tokens.shape): set ldm.text_embedding_token=false"
             )
 
-    def text(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The batch's text columns by the names models/ldm.py's `context` reads."""
-        names = {"clip_text_tokens": "tokens", "clip_text_emb": "emb"}
-        return {names[c]: torch.as_tensor(batch[c]) for c in self.text_columns}
-
     def build_model(self) -> torch.nn.Module:
         channels, size, _ = self.store.shape("vae_latent")
         return ldm.build_unet(self.cfg.ldm, channels, size, self.store.shape("clip_text_tokens")[1])
@@ -45,7 +41,7 @@ class LdmStage(Stage):
     def loss(self, model: Any, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         x0 = batch["vae_latent"].float() * self.latent_scale
         drop = row_mask(len(x0), self.cfg.ldm.text_drop, generator, x0.device)
-        context = ldm.context(self.text(batch), self.embedding_token) * (~drop).float()[:, None, None]
+        context = ldm.context(text_conditioning(batch, self.text_columns), self.embedding_token) * (~drop).float()[:, None, None]
         t, noise = self.diffusion.draw(x0, generator)
         return self.diffusion.loss(ldm.predict(model, self.diffusion.q_sample(x0, t, noise), t, context), x0, noise, t)
 
@@ -60,6 +56,6 @@ class LdmStage(Stage):
         if vae is None:
             return []
         rows = self.preview_rows(list(self.text_columns), count)
-        context = ldm.context(self.text(rows), self.embedding_token)  # context casts to float32
+        context = ldm.context(text_conditioning(rows, self.text_columns), self.embedding_token)
         latents = ldm.sample(model, self.diffusion, context, 25, self.cfg.sample.guidance, torch.Generator().manual_seed(0))
         return [("ldm", grid([to_pil(vae.decode(latents / self.latent_scale))]))]

@@ -9,12 +9,13 @@ import torch
 from data_pipeline.store import StoreError
 from models import prior
 from models.diffusion import Diffusion, row_mask
+from models.encoders import TEXT_COLUMNS, text_conditioning
 from training.stage import Stage
 
 
 class PriorStage(Stage):
     name = "prior"
-    columns = ("clip_text_emb", "clip_text_tokens", "text_mask", "clip_image_emb")
+    columns = (*TEXT_COLUMNS, "clip_image_emb")
 
     def check_store(self) -> None:
         dim = self.store.shape("clip_image_emb")[0]
@@ -36,8 +37,7 @@ class PriorStage(Stage):
     def loss(self, model: Any, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         module = getattr(model, "module", model)
         x0 = prior.normalize(module, batch["clip_image_emb"].float())
-        text = {"emb": batch["clip_text_emb"].float(), "tokens": batch["clip_text_tokens"].float(), "mask": batch["text_mask"]}
-        text = prior.drop_text(text, row_mask(len(x0), self.cfg.prior.text_drop, generator, x0.device))
+        text = prior.drop_text(text_conditioning(batch), row_mask(len(x0), self.cfg.prior.text_drop, generator, x0.device))
         t, noise = self.diffusion.draw(x0, generator)
         prediction = prior.predict(model, self.diffusion.q_sample(x0, t, noise), t, text)
         return self.diffusion.loss(prediction, x0, noise, t)
@@ -58,11 +58,8 @@ class PriorStage(Stage):
             bank = torch.nn.functional.normalize(torch.from_numpy(data["clip_image_emb"].astype(np.float32)), dim=-1)
             self._bank = (bank, data["image_64"])
         bank, pictures = self._bank
-        rows = self.preview_rows(["clip_text_emb", "clip_text_tokens", "text_mask", "image_64"], count)
-        text = {"emb": torch.from_numpy(rows["clip_text_emb"].astype(np.float32)),
-                "tokens": torch.from_numpy(rows["clip_text_tokens"].astype(np.float32)),
-                "mask": torch.from_numpy(rows["text_mask"])}  # fmt: skip
-        predicted = prior.sample(model, self.diffusion, text, 25, self.cfg.sample.prior_guidance, torch.Generator().manual_seed(0))
+        rows = self.preview_rows([*TEXT_COLUMNS, "image_64"], count)
+        predicted = prior.sample(model, self.diffusion, text_conditioning(rows), 25, self.cfg.sample.prior_guidance, torch.Generator().manual_seed(0))
         nearest = (torch.nn.functional.normalize(predicted, dim=-1) @ bank.T).argmax(1)
         decode = lambda data: Image.open(io.BytesIO(data)).convert("RGB")  # noqa: E731
         pairs = [[decode(rows["image_64"][i]), decode(pictures[int(j)])] for i, j in enumerate(nearest)]
