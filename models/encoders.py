@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from data_pipeline import storage
@@ -27,10 +28,15 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TEXT_COLUMNS = {"clip_text_emb": "emb", "clip_text_tokens": "tokens", "text_mask": "mask"}
 
 
+def _tensor(value: Any) -> torch.Tensor:
+    # a copy of a numpy array: the store's arrays are read-only views of arrow buffers
+    return value if torch.is_tensor(value) else torch.from_numpy(np.array(value))
+
+
 def text_conditioning(rows: dict[str, Any], columns: Iterable[str] = tuple(TEXT_COLUMNS)) -> dict[str, torch.Tensor]:
     """Store rows' text columns (numpy arrays or tensors) as encode_text returns them: emb and
     tokens as float32 (the store keeps float16), mask as bool; on the rows' device."""
-    text = {TEXT_COLUMNS[column]: torch.as_tensor(rows[column]) for column in columns}
+    text = {TEXT_COLUMNS[column]: _tensor(rows[column]) for column in columns}
     return {name: value if name == "mask" else value.float() for name, value in text.items()}
 
 
