@@ -82,6 +82,10 @@ def load_trained(cfg: Config, store: Store, stages: list[str]) -> Trained:
         if stage == "upsampler":
             for run in cfg.sample.upsampler_runs:
                 net, folder = load_net(cfg, "upsampler", run)
+                # Its UNet runs small channel counts at the full output side, where the CPU's convolutions
+                # are 1.5x faster on channels-last tensors (the unCLIP chain 1.43x end to end, the same
+                # pictures to 3e-5). Only here: training keeps DeepSpeed's flat contiguous parameters.
+                net.model.to(memory_format=torch.channels_last)
                 trained.upsamplers.append(net)
                 trained.checkpoints[f"upsampler/{run}"] = folder
             continue
