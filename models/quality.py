@@ -63,3 +63,14 @@ def vae_psnr(vae_cfg: VaeConfig, images: np.ndarray, side: int) -> float:
         back = vae.decode(vae.encode(batch))
         scores += [psnr(((a + 1) / 2).numpy(), ((b + 1) / 2).numpy()) for a, b in zip(batch, back)]
     return float(np.mean(scores))
+
+
+def guidance_gain(off: dict[str, Any], on: dict[str, Any]) -> dict[str, Any]:
+    """Off -> on of one chain's eval.json scores (guidance 1, then the configured scales): mean prompt
+    following, CLIP score and Fréchet distance. Guidance beats unguided when following and the CLIP
+    score both rise; the distance is reported, not judged (see benchmarks/quality.py)."""
+    follow = [float(np.mean(list(scores["prompt_following"].values()))) for scores in (off, on)]
+    clip_score = [off["clip_score"], on["clip_score"]]
+    distance = [off["frechet_distance_clip"], on["frechet_distance_clip"]]
+    return {"prompt_following_mean": follow, "clip_score": clip_score, "frechet_distance_clip": distance,
+            "beats_unguided": follow[1] > follow[0] and clip_score[1] > clip_score[0]}  # fmt: skip

@@ -8,6 +8,7 @@ import torch
 
 from models.chains import slerp
 from models.metrics import frechet_distance, frechet_from_stats, mean_cosine
+from models.quality import guidance_gain
 
 
 def test_frechet_closed_forms():
@@ -38,3 +39,16 @@ def test_slerp_follows_the_great_circle():
     mid = slerp(a, b, 0.5)
     assert torch.allclose(mid / mid.norm(), torch.tensor([2**-0.5, 2**-0.5]), atol=1e-6)
     assert mid.norm().item() == pytest.approx(1.5)
+
+
+def test_guidance_beats_unguided_only_when_following_and_clip_score_both_rise():
+    def scores(shape, color, background, clip_score, distance):
+        return {"prompt_following": {"shape": shape, "color": color, "background": background},
+                "clip_score": clip_score, "frechet_distance_clip": distance}  # fmt: skip
+
+    off = scores(0.8, 0.9, 1.0, 0.80, 30.0)
+    gain = guidance_gain(off, scores(0.9, 0.9, 1.0, 0.85, 33.0))  # the distance may rise
+    assert gain["beats_unguided"] and gain["prompt_following_mean"] == pytest.approx([0.9, 2.8 / 3])
+    assert gain["clip_score"] == [0.80, 0.85] and gain["frechet_distance_clip"] == [30.0, 33.0]
+    assert not guidance_gain(off, scores(0.8, 0.9, 1.0, 0.85, 20.0))["beats_unguided"]  # following only level
+    assert not guidance_gain(off, scores(1.0, 1.0, 1.0, 0.79, 20.0))["beats_unguided"]  # CLIP score fell
