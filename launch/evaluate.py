@@ -36,6 +36,7 @@ from models.encoders import TEXT_COLUMNS, text_conditioning
 from models.imaging import decode, grid, to_pil, to_unit
 from models.metrics import frechet_distance, mean_cosine
 
+
 def clip_embed(trained: Trained, images: torch.Tensor) -> np.ndarray:
     """CLIP image embeddings of images in [-1, 1], resized to the encoder's input."""
     size = trained.clip.image_size
