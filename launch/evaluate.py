@@ -31,7 +31,6 @@ from launch.config import Config
 from launch.configlib import to_yaml
 from launch.sample import save_png
 from launch.trained import Trained, available_stages, load_trained
-from models import prior
 from models.encoders import TEXT_COLUMNS, text_conditioning
 from models.imaging import decode, grid, to_pil, to_unit
 from models.metrics import frechet_distance, mean_cosine
@@ -64,14 +63,10 @@ def reading_grid(captions: list[str], generated: dict[str, torch.Tensor], readin
     return canvas
 
 
-def _batches(n: int, size: int):
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
 def generate_per_prompt(trained: Trained, chain: str, text: dict[str, torch.Tensor], scales: tuple[float, float], cfg: Config) -> torch.Tensor:
     """`eval.images_per_prompt` images of every prompt: copy j of prompt i at row j * n + i. Copy j's
     batches draw from seeds after copy j - 1's, so copy 0 is what a one-image eval generates."""
-    s, batches = cfg.sample, len(_batches(len(text["emb"]), cfg.eval.batch_size))
+    s, batches = cfg.sample, -(-len(text["emb"]) // cfg.eval.batch_size)
     return torch.cat([trained.generate(chain, text, s.steps, scales, s.seed + j * batches, cfg.eval.batch_size, s.upsampler_steps)
                       for j in range(cfg.eval.images_per_prompt)])  # fmt: skip
 
@@ -93,7 +88,7 @@ def run(cfg: Config, log=print) -> dict[str, Any]:
     n = min(cfg.eval.samples, len(held["caption"]))
     held = {k: v[:n] for k, v in held.items()}
     text = text_conditioning(held)
-    real, text_emb = held["clip_image_emb"].astype(np.float32), held["clip_text_emb"].astype(np.float32)
+    real, text_emb = held["clip_image_emb"].astype(np.float32), text["emb"].numpy()
     copies = cfg.eval.images_per_prompt
     s = cfg.sample
     results: dict[str, Any] = {"heldout_rows": n, "steps": s.steps, "upsampler_steps": s.upsampler_steps,
@@ -104,11 +99,7 @@ def run(cfg: Config, log=print) -> dict[str, Any]:
     generated: dict[str, torch.Tensor] = {}
 
     if "prior" in trained.nets:
-        pri = trained.nets["prior"]
-        predicted = torch.cat([
-            prior.sample(pri.model, pri.diffusion, {k: v[b] for k, v in text.items()}, s.steps, s.prior_guidance, torch.Generator().manual_seed(s.seed + i))
-            for i, b in enumerate(_batches(n, cfg.eval.batch_size))
-        ]).numpy()  # fmt: skip
+        predicted = trained.image_embeddings(text, s.steps, s.prior_guidance, s.seed, cfg.eval.batch_size).numpy()
         results["prior"] = {"cosine_predicted_vs_true": mean_cosine(predicted, real),
                             "cosine_text_embedding_baseline": mean_cosine(text_emb, real)}  # fmt: skip
         log(f"eval: prior cosine {results['prior']['cosine_predicted_vs_true']:.3f} "

@@ -21,7 +21,7 @@ from data_pipeline.store import open_store
 from launch.config import Config
 from launch.configlib import to_yaml
 from launch.trained import Trained, available_stages, load_trained
-from models import chains, prior
+from models import chains
 from models.imaging import grid, to_pil
 
 CHAIN_STAGES = {"ldm": ["ldm"], "unclip": ["prior", "decoder", "upsampler"]}
@@ -141,8 +141,7 @@ def _interpolation(trained: Trained, log) -> dict[str, Any]:
     """Two prompts -> prior -> slerp between their image embeddings -> decoder (no caption)."""
     s = trained.cfg.sample
     text = trained.encode_text(s.interpolate)
-    pri = trained.nets["prior"]
-    ends = prior.sample(pri.model, pri.diffusion, text, s.steps, s.prior_guidance, torch.Generator().manual_seed(s.seed))
+    ends = trained.image_embeddings(text, s.steps, s.prior_guidance, s.seed, batch_size=len(s.interpolate))
     weights = np.linspace(0, 1, s.interpolation_steps)
     no_text = {"emb": torch.zeros_like(ends[:1]), "tokens": torch.zeros(1, *text["tokens"].shape[1:])}
     row = []

@@ -13,7 +13,7 @@ from data_pipeline.store import Store, StoreError
 from launch import config as config_mod
 from launch.config import Config
 from launch.configlib import read_yaml
-from models import chains
+from models import chains, prior
 from models.chains import Net
 from models.diffusion import Diffusion
 from models.encoders import FrozenClip, FrozenVae, identity_mismatch
@@ -58,19 +58,27 @@ class Trained:
     def generate(self, chain: str, text: dict[str, torch.Tensor], steps: int, scales: tuple[float, float], seed: int,
                  batch_size: int, upsampler_steps: int | None = None) -> torch.Tensor:  # fmt: skip
         """Images in [-1, 1] from text conditioning (emb, tokens, mask) by the ldm or the unCLIP
-        chain (at its last resolution); batch i draws its noise from seed + i. `scales` is
-        (ldm's or decoder's guidance, prior's guidance), as `SampleConfig.scales` gives them."""
+        chain (at its last resolution). `scales` is (ldm's or decoder's guidance, prior's guidance),
+        as `SampleConfig.scales` gives them."""
         guidance, prior_guidance = scales
-        images = []
-        for i, start in enumerate(range(0, len(text["emb"]), batch_size)):
-            part = {k: v[start : start + batch_size] for k, v in text.items()}
-            generator = torch.Generator().manual_seed(seed + i)
-            if chain == "ldm":
-                images.append(chains.latent_diffusion(self.nets["ldm"], part, steps, guidance, generator))
-            else:
-                images.append(chains.unclip(self.nets["prior"], self.nets["decoder"], self.upsamplers, part, steps, guidance, prior_guidance,
-                                           generator, upsampler_steps)[1][-1])  # fmt: skip
-        return torch.cat(images)
+        if chain == "ldm":
+            return self._batched(text, seed, batch_size, lambda part, g: chains.latent_diffusion(self.nets["ldm"], part, steps, guidance, g))
+        return self._batched(text, seed, batch_size, lambda part, g: chains.unclip(
+            self.nets["prior"], self.nets["decoder"], self.upsamplers, part, steps, guidance, prior_guidance, g, upsampler_steps)[1][-1])  # fmt: skip
+
+    def image_embeddings(self, text: dict[str, torch.Tensor], steps: int, prior_guidance: float, seed: int, batch_size: int) -> torch.Tensor:
+        """The prior's CLIP image embeddings for text conditioning: what the unCLIP chain decodes
+        (the same noise as `generate` at the same seed and batch size)."""
+        pri = self.nets["prior"]
+        return self._batched(text, seed, batch_size, lambda part, g: prior.sample(pri.model, pri.diffusion, part, steps, prior_guidance, g))
+
+    @staticmethod
+    def _batched(text: dict[str, torch.Tensor], seed: int, batch_size: int, draw) -> torch.Tensor:
+        """`draw(part, generator)` over batches of `text`; batch i draws its noise from seed + i, so a
+        row's picture depends on the seed, the batch size and its position, not on other calls."""
+        n = len(text["emb"])
+        return torch.cat([draw({k: v[start : start + batch_size] for k, v in text.items()}, torch.Generator().manual_seed(seed + i))
+                          for i, start in enumerate(range(0, n, batch_size))])  # fmt: skip
 
 
 def load_trained(cfg: Config, store: Store, stages: list[str]) -> Trained:

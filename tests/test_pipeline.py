@@ -193,7 +193,10 @@ def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_pat
 
     # prior
     pri = PriorTransformer.from_pretrained(os.path.join(out, "prior", "model"))
-    ours = prior.sample(trained.nets["prior"].model, trained.nets["prior"].diffusion, text, steps, w, torch.Generator().manual_seed(seed))
+    ours = trained.image_embeddings(text, steps, w, seed, batch_size=2)  # one batch: its noise from `seed`
+    # batch i draws from seed + i: the second prompt alone at seed + 1 gets the same embedding
+    second = trained.image_embeddings({k: v[1:] for k, v in text.items()}, steps, w, seed + 1, batch_size=1)
+    assert torch.allclose(trained.image_embeddings(text, steps, w, seed, batch_size=1)[1:], second)
     null = prior.drop_text(text, torch.ones(2, dtype=torch.bool))
     theirs = plain_loop(os.path.join(out, "prior", "scheduler"), (2, pri.config.embedding_dim),
                          lambda x, t, c: pri(x, t, proj_embedding=(text if c else null)["emb"], encoder_hidden_states=(text if c else null)["tokens"],
