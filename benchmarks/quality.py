@@ -86,6 +86,9 @@ def main() -> None:
             result["prompt_following"][key] = scores["prompt_following"]
         result["guidance_off_vs_on"][chain] = guidance_gain(off, on)
     result["grid"] = evaluation["reading_grid"]
+    # against eval.reference_rows training images; eval.json from before reference_rows measured against the held-out rows
+    result["frechet_reference"] = evaluation.get("frechet_reference", {"split": "heldout", "rows": evaluation["heldout_rows"]})
+    real_distance = result["real_images_frechet_distance_clip"] = evaluation.get("real_images_frechet_distance_clip")
 
     print(f"\n{'figure':50s} {'result':>10s} {'target':>8s}")
     print(f"{'VAE PSNR on held-out images (dB)':50s} {result['vae_psnr_db']:10.1f} {'>= 25':>8s}")
@@ -98,6 +101,9 @@ def main() -> None:
         print(f"guidance off -> on, {chain}: following {follow[0]:.0%} -> {follow[1]:.0%}, CLIP score {clip_score[0]:.3f} -> "
               f"{clip_score[1]:.3f}, Fréchet distance {distance[0]:.1f} -> {distance[1]:.1f}: "
               + ("beats unguided" if gain["beats_unguided"] else "does NOT beat unguided"))  # fmt: skip
+    reference = result["frechet_reference"]
+    print(f"Fréchet distances against {reference['rows']} {reference['split']} rows"
+          + (f"; the real held-out images read {real_distance:.1f}" if real_distance is not None else ""))  # fmt: skip
     print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result["phases_wall_s"].items()))
     with open(os.path.join(workdir, "quality.json"), "w") as f:
         json.dump(result, f, indent=2)

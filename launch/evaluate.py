@@ -5,7 +5,8 @@
 - each chain (ldm; unCLIP = prior -> decoder -> upsamplers), from `eval.images_per_prompt` images
   of every held-out prompt (each its own noise): CLIP score of the generated images
   (cosine of their CLIP image embedding with the caption's text embedding; the real images' score
-  beside it), and the Fréchet distance between generated and real images in CLIP image space;
+  beside it), and the Fréchet distance in CLIP image space to `eval.reference_rows` training
+  images (beside it the held-out real images' own: about what a perfect chain would read);
   at the configured guidance (`sample.guidance` for the ldm, `sample.decoder_guidance` and
   `sample.prior_guidance` for the unCLIP chain) and, with `eval.unguided_baseline`, with all
   guidance off (scales 1);
@@ -25,7 +26,7 @@ import torch
 from PIL import Image
 
 from data_pipeline import storage
-from data_pipeline.store import StoreError, open_store
+from data_pipeline.store import Store, StoreError, open_store
 from data_pipeline.synthetic_reader import prompt_following
 from launch.config import Config
 from launch.configlib import to_yaml
@@ -63,6 +64,26 @@ def reading_grid(captions: list[str], generated: dict[str, torch.Tensor], readin
     return canvas
 
 
+def reference_embeddings(store: Store, rows: int) -> np.ndarray:
+    """CLIP image embeddings of `rows` training rows (never the held-out ones; all of them when
+    fewer), from parts spread evenly over the store and rows spread evenly over those: the real
+    distribution the Fréchet distance measures against, without reading every part of a large store."""
+    shards = store.manifest["shards"]
+    train_rows_per_part = max(1.0, sum(s["rows"] for s in shards) * (1 - store.holdout_fraction) / len(shards))
+    stride = max(1, int(len(shards) * train_rows_per_part // rows))
+    found: list[np.ndarray] = []
+    for i in [i for offset in range(stride) for i in range(offset, len(shards), stride)]:  # every stride-th part first
+        if sum(map(len, found)) >= rows:
+            break
+        file = storage.join(store.url, shards[i]["file"])
+        found.append(store.read(["clip_image_emb"], files=[file], split="train")["clip_image_emb"].astype(np.float32))
+    embeddings = np.concatenate(found) if found else np.zeros((0, 0), np.float32)
+    if len(embeddings) < 2:
+        raise StoreError(f"store '{store.url}': {len(embeddings)} training rows to measure the Fréchet distance against; "
+                         "set eval.reference_rows=0 to measure against the held-out rows")  # fmt: skip
+    return embeddings[np.linspace(0, len(embeddings) - 1, min(rows, len(embeddings))).astype(int)]
+
+
 def generate_per_prompt(trained: Trained, chain: str, text: dict[str, torch.Tensor], scales: tuple[float, float], cfg: Config) -> torch.Tensor:
     """`eval.images_per_prompt` images of every prompt: copy j of prompt i at row j * n + i. Copy j's
     batches draw from seeds after copy j - 1's, so copy 0 is what a one-image eval generates."""
@@ -96,6 +117,13 @@ def run(cfg: Config, log=print) -> dict[str, Any]:
                                "prior_guidance": s.prior_guidance, "images_per_prompt": cfg.eval.images_per_prompt,
                                "checkpoints": trained.checkpoints}  # fmt: skip
     results["real_images_clip_score"] = mean_cosine(real, text_emb)
+    if cfg.eval.reference_rows:
+        reference = reference_embeddings(store, cfg.eval.reference_rows)
+        # what real images of these prompts read against the reference: the floor a chain can reach
+        results["real_images_frechet_distance_clip"] = frechet_distance(real, reference)
+    else:
+        reference = real
+    results["frechet_reference"] = {"split": "train" if cfg.eval.reference_rows else "heldout", "rows": len(reference)}
     generated: dict[str, torch.Tensor] = {}
 
     if "prior" in trained.nets:
@@ -116,7 +144,7 @@ def run(cfg: Config, log=print) -> dict[str, Any]:
             images = generate_per_prompt(trained, chain, text, (guidance, prior_guidance), cfg)
             embeddings = clip_embed(trained, images)
             scores = {"images": len(images), "clip_score": mean_cosine(embeddings, np.tile(text_emb, (copies, 1))),
-                      "frechet_distance_clip": frechet_distance(embeddings, real)}  # fmt: skip
+                      "frechet_distance_clip": frechet_distance(embeddings, reference)}  # fmt: skip
             following = prompt_following(to_pil(images), captions * copies)
             if following:
                 scores["prompt_following"] = following[0]
@@ -129,6 +157,7 @@ def run(cfg: Config, log=print) -> dict[str, Any]:
             scales = f"guidance {guidance:g}" if chain == "ldm" else f"decoder guidance {guidance:g}, prior {prior_guidance:g}"
             log(f"eval: {chain}, {scales}: CLIP score {scores['clip_score']:.3f} (real "
                 f"{results['real_images_clip_score']:.3f}), Fréchet distance in CLIP space {scores['frechet_distance_clip']:.3f}"
+                + (f" (real {results['real_images_frechet_distance_clip']:.3f})" if cfg.eval.reference_rows else "")
                 + (", prompt following " + " / ".join(f"{k} {v:.0%}" for k, v in following[0].items()) if following else ""))  # fmt: skip
 
     storage.makedirs(cfg.eval.out)

@@ -52,3 +52,26 @@ def test_guidance_beats_unguided_only_when_following_and_clip_score_both_rise():
     assert gain["clip_score"] == [0.80, 0.85] and gain["frechet_distance_clip"] == [30.0, 33.0]
     assert not guidance_gain(off, scores(0.8, 0.9, 1.0, 0.85, 20.0))["beats_unguided"]  # following only level
     assert not guidance_gain(off, scores(1.0, 1.0, 1.0, 0.79, 20.0))["beats_unguided"]  # CLIP score fell
+
+
+def test_reference_embeddings_are_training_rows_spread_over_the_store(tmp_path):
+    from data_pipeline.store import StoreError
+    from launch.evaluate import reference_embeddings
+    from tests.storefactory import make_store
+
+    store = make_store(str(tmp_path / "store"), rows_per_part=(10,) * 12, holdout=0.2)
+    row_id = lambda embeddings: embeddings[:, 0].astype(int)  # noqa: E731 - the factory writes the row number there
+    heldout = set(row_id(store.read(["clip_image_emb"], split="heldout")["clip_image_emb"]))
+    assert heldout  # the test means something only if some rows are held out
+
+    reference = reference_embeddings(store, 30)
+    ids = row_id(reference)
+    assert len(ids) == 30 and len(set(ids)) == 30 and not heldout & set(ids)
+    # ~8 training rows a part: every third part first (0, 3, 6, 9 hold 29 here), then part 1
+    assert set(ids // 10) == {0, 3, 6, 9, 1}
+    # asking for more than the store has: every training row
+    everything = row_id(store.read(["clip_image_emb"], split="train")["clip_image_emb"])
+    assert sorted(row_id(reference_embeddings(store, 1000))) == sorted(everything)
+
+    with pytest.raises(StoreError, match="training rows to measure the Fréchet distance against.*eval.reference_rows=0"):
+        reference_embeddings(make_store(str(tmp_path / "all-held-out"), rows_per_part=(5,), holdout=1.0), 10)

@@ -88,8 +88,11 @@ def test_report_describes_every_phase(pipeline):
     ev = phases["eval"]
     assert ev["heldout_rows"] == 4 and os.path.exists(ev["grid"]) and ev["grid_columns"] == ["real", "ldm", "unclip"]
     for value in (ev["prior"]["cosine_predicted_vs_true"], ev["prior"]["cosine_text_embedding_baseline"],
-                  ev["ldm"]["clip_score"], ev["unclip"]["clip_score"], ev["ldm"]["frechet_distance_clip"]):  # fmt: skip
+                  ev["ldm"]["clip_score"], ev["unclip"]["clip_score"], ev["ldm"]["frechet_distance_clip"],
+                  ev["real_images_frechet_distance_clip"]):  # fmt: skip
         assert value == value and abs(value) < 1e6  # finite
+    # the distance is measured against training rows (the default eval.reference_rows exceeds the store)
+    assert ev["frechet_reference"]["split"] == "train" and ev["frechet_reference"]["rows"] > ev["heldout_rows"]
     assert json.loads(open(os.path.join(cfg.eval.out, "eval.json")).read())["unclip"]["resolution"] == 256
     for chain in ("ldm", "unclip"):  # held-out captions are the generator's: the reader scores both guidances
         for scores in (ev[chain], ev[chain]["guidance_1"]):
