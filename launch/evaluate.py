@@ -6,7 +6,8 @@
   of every held-out prompt (each its own noise): CLIP score of the generated images
   (cosine of their CLIP image embedding with the caption's text embedding; the real images' score
   beside it), and the Fréchet distance in CLIP image space to `eval.reference_rows` training
-  images (beside it the held-out real images' own: about what a perfect chain would read);
+  images, of one image per prompt (the mean over the copies), beside the held-out real images'
+  own: about what a perfect chain would read at this sample size;
   at the configured guidance (`sample.guidance` for the ldm, `sample.decoder_guidance` and
   `sample.prior_guidance` for the unCLIP chain) and, with `eval.unguided_baseline`, with all
   guidance off (scales 1);
@@ -144,7 +145,10 @@ def run(cfg: Config, log=print) -> dict[str, Any]:
             images = generate_per_prompt(trained, chain, text, (guidance, prior_guidance), cfg)
             embeddings = clip_embed(trained, images)
             scores = {"images": len(images), "clip_score": mean_cosine(embeddings, np.tile(text_emb, (copies, 1))),
-                      "frechet_distance_clip": frechet_distance(embeddings, reference)}  # fmt: skip
+                      # per copy (one image per prompt), so the set is as large as the real one it is compared with:
+                      # the estimate's bias grows as the set shrinks
+                      "frechet_distance_clip": float(np.mean([frechet_distance(embeddings[j * n : (j + 1) * n], reference)
+                                                              for j in range(copies)]))}  # fmt: skip
             following = prompt_following(to_pil(images), captions * copies)
             if following:
                 scores["prompt_following"] = following[0]
