@@ -3,7 +3,7 @@
 DIR/<stage>/<module>/   save_pretrained of each network (prior: PriorTransformer with the store's
                         CLIP mean/std inside; decoder: UNet2DConditionModel + UnCLIPTextProjModel;
                         upsampler-<run>: UNet2DModel; ldm: UNet2DConditionModel)
-DIR/<stage>/scheduler/  the DDIMScheduler it samples with
+DIR/<stage>/scheduler/  the scheduler it samples with (`sample.sampler`: DDIM or DDPM)
 DIR/<stage>/unclip_stage.json  how to condition it (what stage.json says, and the diffusion settings)
 DIR/vae/, DIR/clip/     the frozen encoders, copied when they are local folders
 DIR/README.md           a model card: each stage's training config and the store's identity
@@ -41,8 +41,6 @@ def _stage_runs(cfg: Config) -> list[tuple[str, str, str]]:
 
 
 def run(cfg: Config, out: str, log=print) -> dict[str, Any]:
-    from diffusers import DDIMScheduler
-
     store = open_store(cfg.store_url)
     runs = _stage_runs(cfg)
     if not runs:
@@ -55,10 +53,10 @@ def run(cfg: Config, out: str, log=print) -> dict[str, Any]:
             model, info = load_ema_model(folder)
             trained_with = config_mod.from_dict(read_yaml(storage.join(folder, "config.yaml")))
             stage_cfg = getattr(trained_with, stage)
-            diffusion = Diffusion(stage_cfg.diffusion)
+            diffusion = Diffusion(stage_cfg.diffusion, cfg.sample.sampler)
             for module_name, module in modules_of(model).items():
                 module.save_pretrained(os.path.join(staging, name, module_name))
-            DDIMScheduler(**diffusion.scheduler_config, set_alpha_to_one=True).save_pretrained(os.path.join(staging, name, "scheduler"))
+            diffusion.make_scheduler().save_pretrained(os.path.join(staging, name, "scheduler"))
             description = {"stage": stage, "run": run_name, "checkpoint": folder, "modules": list(info["modules"]),
                            "extras": info["extras"], "diffusion": dataclasses.asdict(stage_cfg.diffusion),
                            "null_condition": NULL_CONDITION[stage]}  # fmt: skip

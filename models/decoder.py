@@ -125,7 +125,7 @@ def conditioning(image_emb: torch.Tensor, text_emb: torch.Tensor, tokens: torch.
 
 
 def sample(model, diffusion: Diffusion, cond: dict[str, torch.Tensor], steps: int, guidance: float,
-           generator: torch.Generator, sampler: str = "ddim") -> torch.Tensor:  # fmt: skip
+           generator: torch.Generator, sampler: str | None = None) -> torch.Tensor:  # fmt: skip
     """CLIP image embeddings (+ caption) -> images in [-1, 1] (or latents, for a latent decoder);
     guidance against the fully unconditional model (null image embedding, no caption), as in unCLIP."""
     n = len(cond["image_emb"])

@@ -40,8 +40,10 @@ def shifted_betas(alphas_cumprod: torch.Tensor, shift: float) -> list[float]:
 
 
 class Diffusion:
-    def __init__(self, cfg: DiffusionConfig):
+    def __init__(self, cfg: DiffusionConfig, sampler: str = "ddim"):
+        """`sampler` ("ddim" or "ddpm"): the reverse process `sample` and `make_scheduler` use unless told."""
         self.cfg = cfg
+        self.sampler = sampler
         self.scheduler_config = {
             "num_train_timesteps": cfg.timesteps,
             "beta_schedule": BETA_SCHEDULES[cfg.schedule],
@@ -56,9 +58,10 @@ class Diffusion:
             self.scheduler_config["trained_betas"] = shifted_betas(self.make_scheduler("ddpm").alphas_cumprod.double(), cfg.snr_shift)
         self.alphas_cumprod = self.make_scheduler("ddpm").alphas_cumprod.double()
 
-    def make_scheduler(self, sampler: str):
+    def make_scheduler(self, sampler: str | None = None):
         from diffusers import DDIMScheduler, DDPMScheduler
 
+        sampler = sampler or self.sampler
         if sampler == "ddim":
             return DDIMScheduler(**self.scheduler_config, set_alpha_to_one=True)  # the last step lands on x_0
         if sampler == "ddpm":
@@ -112,7 +115,7 @@ class Diffusion:
         steps: int,
         guidance: float,
         generator: torch.Generator,
-        sampler: str = "ddim",
+        sampler: str | None = None,
         device: torch.device | str = "cpu",
     ) -> torch.Tensor:
         """Draw x_0 by the scheduler's reverse process with classifier-free guidance.

@@ -57,7 +57,7 @@ def sample(
     steps: int,
     guidance: float,
     generator: torch.Generator,
-    sampler: str = "ddim",
+    sampler: str | None = None,
 ) -> torch.Tensor:
     """Text context [B, L, W] (see `context`) -> scaled latents [B, C, h, w]."""
     null = torch.zeros_like(context)

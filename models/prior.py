@@ -70,7 +70,7 @@ def sample(
     steps: int,
     guidance: float,
     generator: torch.Generator,
-    sampler: str = "ddim",
+    sampler: str | None = None,
 ) -> torch.Tensor:
     """Text conditioning -> CLIP image embeddings (un-normalised, in the store's space)."""
     n = len(text["emb"])

@@ -86,7 +86,7 @@ def predict(model, x_t: torch.Tensor, t: torch.Tensor, low_up: torch.Tensor) -> 
 
 
 def sample(model, diffusion: Diffusion, low: torch.Tensor, factor: int, steps: int, generator: torch.Generator,
-           sampler: str = "ddim") -> torch.Tensor:  # fmt: skip
+           sampler: str | None = None) -> torch.Tensor:  # fmt: skip
     """Low-res images in [-1, 1] -> `factor` times larger images in [-1, 1] (no guidance: nothing
     is dropped in training)."""
     size = low.shape[-1] * factor

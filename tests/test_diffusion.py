@@ -100,3 +100,15 @@ def test_sampling_starts_at_the_last_trained_step(sampler):
     scheduler.set_timesteps(25)
     assert int(scheduler.timesteps[0]) == 999 and int(scheduler.timesteps[-1]) >= 0
     assert len(scheduler.timesteps) == 25
+
+
+def test_the_sampler_given_at_construction_is_the_default():
+    """A Diffusion built with sampler="ddpm" samples (and makes schedulers) as DDPM unless told
+    otherwise: how `sample.sampler` reaches every stage without threading it through the chains."""
+    model_fn = lambda x, t, c: 0.5 * x  # noqa: E731 - an eps-predictor that leaves room for the sampler to matter
+    draw = lambda d, **kw: d.sample(model_fn, (2, 3), 5, 1.0, torch.Generator().manual_seed(0), **kw)  # noqa: E731
+    ddpm, ddim = Diffusion(DiffusionConfig(), "ddpm"), Diffusion(DiffusionConfig())
+    assert torch.equal(draw(ddpm), draw(ddim, sampler="ddpm"))
+    assert torch.equal(draw(ddpm, sampler="ddim"), draw(ddim))
+    assert not torch.allclose(draw(ddpm), draw(ddim))
+    assert type(ddpm.make_scheduler()).__name__ == "DDPMScheduler" and type(ddim.make_scheduler()).__name__ == "DDIMScheduler"
