@@ -29,6 +29,7 @@ class SampleConfig:
     )
     chains: list[Literal["ldm", "unclip"]] = option(factory=lambda: ["ldm", "unclip"])
     images_per_prompt: int = option(4, ge=1)
+    batch_size: int = option(16, ge=1, doc="images sampled at once; batch i draws its noise from seed + i")
     steps: int = option(25, ge=1)
     upsampler_steps: int = option(
         10, ge=1, doc="sampling steps of each upsampler: it starts from the low-resolution picture, so it needs fewer"

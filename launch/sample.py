@@ -20,7 +20,7 @@ from data_pipeline import storage
 from data_pipeline.store import open_store
 from launch.config import Config
 from launch.configlib import to_yaml
-from launch.trained import Trained, available_stages, load_trained
+from launch.trained import Trained, available_stages, in_batches, load_trained
 from models import chains
 from models.imaging import grid, to_pil
 
@@ -81,15 +81,12 @@ def _repeat(text: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
 def _text_to_image(trained: Trained, chain: str, text: dict[str, torch.Tensor], log) -> dict[str, Any]:
     s = trained.cfg.sample
     n = s.images_per_prompt
-    generator = torch.Generator().manual_seed(s.seed)
     repeated = _repeat(text, n)
-    guidance, prior_guidance = s.scales(chain)
     if chain == "ldm":
-        images = chains.latent_diffusion(trained.nets["ldm"], repeated, s.steps, guidance, generator)
+        images = trained.generate(chain, repeated, s.steps, s.scales(chain), s.seed, s.batch_size)
         extra: dict[str, Any] = {}
     else:
-        embeddings, levels = chains.unclip(trained.nets["prior"], trained.nets["decoder"], trained.upsamplers, repeated,
-                                           s.steps, guidance, prior_guidance, generator, s.upsampler_steps)  # fmt: skip
+        embeddings, levels = trained.unclip(repeated, s.steps, s.scales(chain), s.seed, s.batch_size, s.upsampler_steps)
         images = levels[-1]
         buf = io.BytesIO()
         np.save(buf, embeddings.numpy())
@@ -126,9 +123,9 @@ def _variations(trained: Trained, log) -> dict[str, Any]:
     embeddings = clip.encode_images(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0)
     n = s.images_per_prompt
     no_text = {"emb": torch.zeros_like(embeddings), "tokens": torch.zeros(len(sources), clip.context_length, clip.text_width)}
-    levels = chains.decode_embeddings(trained.nets["decoder"], trained.upsamplers, embeddings.repeat_interleave(n, 0),
-                                      _repeat(no_text, n), s.steps, s.decoder_guidance, torch.Generator().manual_seed(s.seed),
-                                      s.upsampler_steps)  # fmt: skip
+    conditioning = {"image_emb": embeddings, **no_text}
+    levels = in_batches(_repeat(conditioning, n), s.seed, s.batch_size, lambda part, g: chains.decode_embeddings(
+        trained.nets["decoder"], trained.upsamplers, part["image_emb"], part, s.steps, s.decoder_guidance, g, s.upsampler_steps))  # fmt: skip
     pictures = to_pil(levels[-1])
     side = pictures[0].width
     rows = [[src.resize((side, side))] + pictures[i * n : (i + 1) * n] for i, src in enumerate(sources)]

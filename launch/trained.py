@@ -4,7 +4,7 @@ trained with, and the frozen encoders the store was embedded with (identity chec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -36,7 +36,7 @@ def load_net(cfg: Config, stage: str, run: str) -> tuple[Net, str]:
         raise FileNotFoundError(f"no checkpoint for stage {stage} under {cfg.run_url(stage, run)} (train it first)")
     model, info = load_ema_model(folder)
     trained_with = config_mod.from_dict(read_yaml(storage.join(folder, "config.yaml")))
-    diffusion = Diffusion(getattr(trained_with, stage).diffusion)  # sample as it was trained
+    diffusion = Diffusion(getattr(trained_with, stage).diffusion, cfg.sample.sampler)  # the schedule it was trained with
     return Net(model, diffusion, info["extras"]), folder
 
 
@@ -60,25 +60,43 @@ class Trained:
         """Images in [-1, 1] from text conditioning (emb, tokens, mask) by the ldm or the unCLIP
         chain (at its last resolution). `scales` is (ldm's or decoder's guidance, prior's guidance),
         as `SampleConfig.scales` gives them."""
-        guidance, prior_guidance = scales
         if chain == "ldm":
-            return self._batched(text, seed, batch_size, lambda part, g: chains.latent_diffusion(self.nets["ldm"], part, steps, guidance, g))
-        return self._batched(text, seed, batch_size, lambda part, g: chains.unclip(
-            self.nets["prior"], self.nets["decoder"], self.upsamplers, part, steps, guidance, prior_guidance, g, upsampler_steps)[1][-1])  # fmt: skip
+            ldm = self.nets["ldm"]
+            return in_batches(text, seed, batch_size, lambda part, g: chains.latent_diffusion(ldm, part, steps, scales[0], g))
+        return self.unclip(text, steps, scales, seed, batch_size, upsampler_steps)[1][-1]
+
+    def unclip(self, text: dict[str, torch.Tensor], steps: int, scales: tuple[float, float], seed: int, batch_size: int,
+               upsampler_steps: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+        """The unCLIP chain: (the prior's CLIP image embeddings, the pictures at every resolution)."""
+        guidance, prior_guidance = scales
+        return in_batches(text, seed, batch_size, lambda part, g: chains.unclip(
+            self.nets["prior"], self.nets["decoder"], self.upsamplers, part, steps, guidance, prior_guidance, g, upsampler_steps))  # fmt: skip
 
     def image_embeddings(self, text: dict[str, torch.Tensor], steps: int, prior_guidance: float, seed: int, batch_size: int) -> torch.Tensor:
         """The prior's CLIP image embeddings for text conditioning: what the unCLIP chain decodes
-        (the same noise as `generate` at the same seed and batch size)."""
+        (the same noise as `unclip` at the same seed and batch size)."""
         pri = self.nets["prior"]
-        return self._batched(text, seed, batch_size, lambda part, g: prior.sample(pri.model, pri.diffusion, part, steps, prior_guidance, g))
+        return in_batches(text, seed, batch_size, lambda part, g: prior.sample(pri.model, pri.diffusion, part, steps, prior_guidance, g))
 
-    @staticmethod
-    def _batched(text: dict[str, torch.Tensor], seed: int, batch_size: int, draw) -> torch.Tensor:
-        """`draw(part, generator)` over batches of `text`; batch i draws its noise from seed + i, so a
-        row's picture depends on the seed, the batch size and its position, not on other calls."""
-        n = len(text["emb"])
-        return torch.cat([draw({k: v[start : start + batch_size] for k, v in text.items()}, torch.Generator().manual_seed(seed + i))
-                          for i, start in enumerate(range(0, n, batch_size))])  # fmt: skip
+
+Drawn = TypeVar("Drawn")
+
+
+def in_batches(rows: dict[str, torch.Tensor], seed: int, batch_size: int, draw: Callable[[dict[str, torch.Tensor], torch.Generator], Drawn]) -> Drawn:
+    """`draw(part, generator)` over batches of `rows`, joined along the batch axis (a tensor, or
+    tuples and lists of them, as the chains return). Batch i draws its noise from seed + i, so a
+    row's picture depends on the seed, the batch size and its position, not on what else was asked
+    for; and a batch, not the whole request, is what must fit in memory."""
+    n = len(next(iter(rows.values())))
+    parts = [draw({k: v[start : start + batch_size] for k, v in rows.items()}, torch.Generator().manual_seed(seed + i))
+             for i, start in enumerate(range(0, n, batch_size))]  # fmt: skip
+    return _join(parts)
+
+
+def _join(parts: list) -> Any:
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    return type(parts[0])(_join(list(same)) for same in zip(*parts))
 
 
 def load_trained(cfg: Config, store: Store, stages: list[str]) -> Trained:

@@ -43,6 +43,7 @@ SMALL = [
     "upsampler.crop=32",
     "sample.steps=4",
     "sample.images_per_prompt=2",
+    "sample.batch_size=3",  # 4 images per chain: two batches, the second of one
     "sample.prompts=[a red circle on a blue background, a green square on a white background]",
     "eval.samples=4",
     "eval.images_per_prompt=2",
@@ -235,3 +236,33 @@ def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_pat
     theirs_sr = plain_loop(os.path.join(out, "upsampler-main", "scheduler"), mine_sr.shape,
                             lambda x, t, c: sr(torch.cat([x, low_up], 1), t).sample, 1.0, seed, steps).clamp(-1, 1)  # fmt: skip
     assert torch.allclose(mine_sr, theirs_sr, atol=1e-5)
+
+
+def test_sample_sampler_reaches_every_stage_and_the_export(pipeline, tmp_path):
+    from data_pipeline.store import open_store
+    from launch.trained import load_trained
+
+    cfg, _, _ = pipeline
+    ddpm = replace(cfg, **{"sample.sampler": "ddpm"})
+    trained = load_trained(ddpm, open_store(cfg.store_url), ["prior", "decoder", "upsampler", "ldm"])
+    assert {net.diffusion.sampler for net in [*trained.nets.values(), *trained.upsamplers]} == {"ddpm"}
+    out = tmp_path / "export"
+    export.run(ddpm, str(out), log=print)
+    for name in ("prior", "decoder", "ldm", "upsampler-main"):
+        assert json.loads((out / name / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "DDPMScheduler"
+
+
+def test_in_batches_draws_batch_i_from_seed_plus_i_and_joins_nested_outputs():
+    from launch.trained import in_batches
+
+    rows = {"x": torch.arange(5.0)[:, None]}
+
+    def draw(part, generator):  # shaped like chains.unclip's (embeddings, [pictures per resolution])
+        return part["x"] + torch.randn(len(part["x"]), 1, generator=generator), [part["x"] * 2, part["x"] * 4]
+
+    noisy, (double, quadruple) = in_batches(rows, 7, 2, draw)
+    assert noisy.shape == (5, 1) and torch.equal(double, rows["x"] * 2) and torch.equal(quadruple, rows["x"] * 4)
+    assert torch.equal(noisy[4:], 4 + torch.randn(1, 1, generator=torch.Generator().manual_seed(9)))  # row 4: batch 2
+    # a row's draw does not depend on what else was asked for
+    assert torch.equal(in_batches({"x": rows["x"][:2]}, 7, 2, draw)[0], noisy[:2])
+    assert not torch.equal(in_batches(rows, 7, 5, draw)[0][2:4], noisy[2:4])  # but on the batch size
