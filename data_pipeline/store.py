@@ -267,14 +267,19 @@ class Store:
             if node != want:
                 raise StoreError(f"store '{self.url}': manifest field '{dotted}' is {node!r}, expected {want!r}")
 
-    def read(self, columns: Sequence[str], files: Sequence[str] | None = None, split: str = "all") -> dict[str, np.ndarray]:
+    def read(self, columns: Sequence[str], files: Sequence[str] | None = None, split: str = "all",
+             limit: int | None = None) -> dict[str, np.ndarray]:  # fmt: skip
         """Chosen columns of chosen parts as arrays ([N, *shape]; bytes and strings as object arrays).
 
-        split: "all", "train" (without the held-out rows) or "heldout"."""
+        split: "all", "train" (without the held-out rows) or "heldout". limit: the first `limit`
+        rows, reading parts in order only until there are that many (a store's held-out rows can
+        be read without reading every part)."""
         if split not in ("all", "train", "heldout"):
             raise ValueError(f"split: expected 'all', 'train' or 'heldout', got {split!r}")
-        tables = []
+        tables: list[pa.Table] = []
         for file in files or self.files:
+            if tables and limit is not None and sum(map(len, tables)) >= limit:
+                break
             fs, path = storage.url_to_fs(file)
             with fs.open(path, "rb") as f:
                 table = pq.read_table(f, columns=list(columns))
@@ -283,6 +288,8 @@ class Store:
                 table = table.filter(pa.array(mask if split == "heldout" else ~mask))
             tables.append(table)
         table = pa.concat_tables(tables) if tables else arrow_schema({}).empty_table()
+        if limit is not None:
+            table = table.slice(0, limit)
         out = {}
         for name in columns:
             if pa.types.is_fixed_size_list(table.schema.field(name).type):

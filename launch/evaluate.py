@@ -67,22 +67,17 @@ def reading_grid(captions: list[str], generated: dict[str, torch.Tensor], readin
 
 def reference_embeddings(store: Store, rows: int) -> np.ndarray:
     """CLIP image embeddings of `rows` training rows (never the held-out ones; all of them when
-    fewer), from parts spread evenly over the store and rows spread evenly over those: the real
-    distribution the Fréchet distance measures against, without reading every part of a large store."""
+    fewer), from every stride-th part first, so that they spread over a large store without
+    reading all of it: the real distribution the Fréchet distance measures against."""
     shards = store.manifest["shards"]
     train_rows_per_part = max(1.0, sum(s["rows"] for s in shards) * (1 - store.holdout_fraction) / len(shards))
     stride = max(1, int(len(shards) * train_rows_per_part // rows))
-    found: list[np.ndarray] = []
-    for i in [i for offset in range(stride) for i in range(offset, len(shards), stride)]:  # every stride-th part first
-        if sum(map(len, found)) >= rows:
-            break
-        file = storage.join(store.url, shards[i]["file"])
-        found.append(store.read(["clip_image_emb"], files=[file], split="train")["clip_image_emb"].astype(np.float32))
-    embeddings = np.concatenate(found) if found else np.zeros((0, 0), np.float32)
-    if len(embeddings) < 2:
-        raise StoreError(f"store '{store.url}': {len(embeddings)} training rows to measure the Fréchet distance against; "
+    files = [storage.join(store.url, shards[i]["file"]) for offset in range(stride) for i in range(offset, len(shards), stride)]
+    found = store.read(["clip_image_emb"], files=files, split="train", limit=rows)["clip_image_emb"].astype(np.float32)
+    if len(found) < 2:
+        raise StoreError(f"store '{store.url}': {len(found)} training rows to measure the Fréchet distance against; "
                          "set eval.reference_rows=0 to measure against the held-out rows")  # fmt: skip
-    return embeddings[np.linspace(0, len(embeddings) - 1, min(rows, len(embeddings))).astype(int)]
+    return found
 
 
 def generate_per_prompt(trained: Trained, chain: str, text: dict[str, torch.Tensor], scales: tuple[float, float], cfg: Config) -> torch.Tensor:
@@ -106,9 +101,10 @@ def run(cfg: Config, log=print) -> dict[str, Any]:
         stages = [s for s in stages if s != "upsampler"]
     trained = load_trained(cfg, store, stages)
     columns = ["caption", "clip_image_emb", *TEXT_COLUMNS] + (["image_64"] if "image_64" in store.manifest["columns"] else [])
-    held = store.read(columns, split="heldout")
-    n = min(cfg.eval.samples, len(held["caption"]))
-    held = {k: v[:n] for k, v in held.items()}
+    held = store.read(columns, split="heldout", limit=cfg.eval.samples)
+    n = len(held["caption"])
+    if n < 2:
+        raise StoreError(f"store '{store.url}': {n} held-out rows; eval needs at least 2 (embed.holdout_fraction)")
     text = text_conditioning(held)
     real, text_emb = held["clip_image_emb"].astype(np.float32), text["emb"].numpy()
     copies = cfg.eval.images_per_prompt

@@ -3,6 +3,8 @@ across resume and across world sizes."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -128,6 +130,19 @@ def test_held_out_rows_never_reach_training(tmp_path):
     assert set(seen) <= train and len(seen) >= len(train) - 4
     again = make_store(str(tmp_path / "again"), PARTS, holdout=0.2)  # the split is a function of position
     assert set(again.read(["clip_image_emb"], split="heldout")["clip_image_emb"][:, 0].astype(int).tolist()) == heldout
+
+
+def test_read_with_a_limit_opens_only_the_parts_it_needs(tmp_path):
+    s = make_store(str(tmp_path), PARTS, holdout=0.2)
+    row_ids = lambda rows: rows["clip_image_emb"][:, 0].astype(int).tolist()  # noqa: E731
+    heldout = row_ids(s.read(["clip_image_emb"], split="heldout"))
+    first_part = len(row_ids(s.read(["clip_image_emb"], files=s.files[:1], split="heldout")))
+    assert 0 < first_part < len(heldout)
+    os.remove(s.files[-1])  # a read that opened every part would fail now
+    assert row_ids(s.read(["clip_image_emb"], split="heldout", limit=first_part + 1)) == heldout[: first_part + 1]
+    assert row_ids(s.read(["clip_image_emb"], split="heldout", limit=first_part)) == heldout[:first_part]
+    with pytest.raises(FileNotFoundError):
+        s.read(["clip_image_emb"], split="heldout")
 
 
 def test_transform_runs_per_batch_with_reproducible_randomness(tmp_path):
