@@ -99,12 +99,12 @@ def run(cfg: Config, log=print) -> dict[str, Any]:
         raise FileNotFoundError(f"eval: no trained stage under {cfg.root}/runs (run {cfg.sample.run})")
     if not cfg.sample.upsampler_runs:
         stages = [s for s in stages if s != "upsampler"]
-    trained = load_trained(cfg, store, stages)
     columns = ["caption", "clip_image_emb", *TEXT_COLUMNS] + (["image_64"] if "image_64" in store.manifest["columns"] else [])
     held = store.read(columns, split="heldout", limit=cfg.eval.samples)
     n = len(held["caption"])
     if n < 2:
         raise StoreError(f"store '{store.url}': {n} held-out rows; eval needs at least 2 (embed.holdout_fraction)")
+    trained = load_trained(cfg, store, stages)
     text = text_conditioning(held)
     real, text_emb = held["clip_image_emb"].astype(np.float32), text["emb"].numpy()
     copies = cfg.eval.images_per_prompt

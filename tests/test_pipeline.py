@@ -238,6 +238,17 @@ def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_pat
     assert torch.allclose(mine_sr, theirs_sr, atol=1e-5)
 
 
+def test_eval_refuses_a_store_with_too_few_held_out_rows(pipeline, tmp_path):
+    from launch import evaluate
+    from tests.storefactory import make_store
+
+    cfg, _, _ = pipeline
+    make_store(str(tmp_path / "store"), rows_per_part=(6,), holdout=0.01)  # a fraction, but no row falls in it
+    os.symlink(storage.join(cfg.root, "runs"), tmp_path / "runs")  # the trained stages are there
+    with pytest.raises(StoreError, match=r"store '.*store': 0 held-out rows; eval needs at least 2"):
+        evaluate.run(replace(cfg, root=str(tmp_path)), log=print)
+
+
 def test_sample_sampler_reaches_every_stage_and_the_export(pipeline, tmp_path):
     from data_pipeline.store import open_store
     from launch.trained import load_trained
