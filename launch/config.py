@@ -44,6 +44,7 @@ class SampleConfig:
     decoder_guidance: float = option(1.5, ge=0, doc="the unCLIP decoder's guidance scale (also for variations and interpolation)")
     prior_guidance: float = option(1.0, ge=0, doc="the unCLIP prior's guidance scale")
     sampler: Literal["ddim", "ddpm"] = "ddim"
+    device: Literal["auto", "cpu", "cuda"] = option("auto", doc="where sample and eval run the networks; auto: the GPU when torch sees one")
     seed: int = 0
     run: str = option("main", doc="which run of prior, decoder and ldm to sample from")
     upsampler_runs: list[str] = option(factory=lambda: ["main"], doc="upsampler runs applied in order (e.g. 64->256, 256->1024)")

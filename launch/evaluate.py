@@ -42,7 +42,7 @@ def clip_embed(trained: Trained, images: torch.Tensor) -> np.ndarray:
     """CLIP image embeddings of images in [-1, 1], resized to the encoder's input."""
     size = trained.clip.image_size
     pixels = torch.nn.functional.interpolate((images + 1) / 2, size=(size, size), mode="bicubic", align_corners=False)
-    return trained.clip.encode_images(pixels.clamp(0, 1)).numpy()
+    return trained.clip.encode_images(pixels.clamp(0, 1)).cpu().numpy()
 
 
 def reading_grid(captions: list[str], generated: dict[str, torch.Tensor], readings: dict[str, list], rows: int = 8) -> Image.Image:

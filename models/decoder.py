@@ -22,7 +22,7 @@ import math
 import torch
 
 from models.config import DecoderConfig
-from models.diffusion import Diffusion
+from models.diffusion import Diffusion, device_of
 from models.normalization import norm_groups
 
 
@@ -129,12 +129,14 @@ def sample(model, diffusion: Diffusion, cond: dict[str, torch.Tensor], steps: in
     """CLIP image embeddings (+ caption) -> images in [-1, 1] (or latents, for a latent decoder);
     guidance against the fully unconditional model (null image embedding, no caption), as in unCLIP."""
     n = len(cond["image_emb"])
-    everything = torch.ones(n, dtype=torch.bool)
+    device = device_of(model)
+    cond = {k: v.to(device) for k, v in cond.items()}
+    everything = torch.ones(n, dtype=torch.bool, device=device)
     null = drop(cond, everything, everything)
 
     def model_fn(x, t, conditional):
         return predict(model, x, t, cond if conditional else null)
 
     size, channels = model.image_size, model.channels
-    out = diffusion.sample(model_fn, (n, channels, size, size), steps, guidance, generator, sampler)
+    out = diffusion.sample(model_fn, (n, channels, size, size), steps, guidance, generator, sampler, device)
     return out if model.latent else out.clamp(-1, 1)

@@ -27,6 +27,12 @@ def row_mask(n: int, probability: float, generator: torch.Generator, device: tor
     return (torch.rand(n, generator=generator) < probability).to(device)
 
 
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where `model`'s weights are: sampling runs there (load_trained puts them on `sample.device`),
+    whatever device the conditioning came from."""
+    return next(model.parameters()).device
+
+
 def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1, *([1] * (like.dim() - 1))).to(like)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from models.config import LdmConfig
-from models.diffusion import Diffusion
+from models.diffusion import Diffusion, device_of
 from models.normalization import norm_groups
 
 
@@ -60,10 +60,12 @@ def sample(
     sampler: str | None = None,
 ) -> torch.Tensor:
     """Text context [B, L, W] (see `context`) -> scaled latents [B, C, h, w]."""
+    device = device_of(unet)
+    context = context.to(device)
     null = torch.zeros_like(context)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor, conditional: bool) -> torch.Tensor:
         return predict(unet, x, t, context if conditional else null)
 
     c, size = unet.config.in_channels, unet.config.sample_size
-    return diffusion.sample(model_fn, (len(context), c, size, size), steps, guidance, generator, sampler)
+    return diffusion.sample(model_fn, (len(context), c, size, size), steps, guidance, generator, sampler, device)

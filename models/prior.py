@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from models.config import PriorConfig
-from models.diffusion import Diffusion
+from models.diffusion import Diffusion, device_of
 
 
 def build_prior(cfg: PriorConfig, embed_dim: int, context_length: int, mean: list[float], std: list[float]):
@@ -74,13 +74,15 @@ def sample(
 ) -> torch.Tensor:
     """Text conditioning -> CLIP image embeddings (un-normalised, in the store's space)."""
     n = len(text["emb"])
-    null = drop_text(text, torch.ones(n, dtype=torch.bool))
+    device = device_of(model)
+    text = {k: v.to(device) for k, v in text.items()}
+    null = drop_text(text, torch.ones(n, dtype=torch.bool, device=device))
 
     def model_fn(x: torch.Tensor, t: torch.Tensor, conditional: bool) -> torch.Tensor:
         return predict(model, x, t, text if conditional else null)
 
     dim = model.clip_mean.shape[-1]
-    x0 = diffusion.sample(model_fn, (n, dim), steps, guidance, generator, sampler)
+    x0 = diffusion.sample(model_fn, (n, dim), steps, guidance, generator, sampler, device)
     return model.post_process_latents(x0)
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from models.config import UpsamplerConfig
-from models.diffusion import Diffusion
+from models.diffusion import Diffusion, device_of
 from models.normalization import norm_groups
 
 
@@ -90,10 +90,11 @@ def sample(model, diffusion: Diffusion, low: torch.Tensor, factor: int, steps: i
     """Low-res images in [-1, 1] -> `factor` times larger images in [-1, 1] (no guidance: nothing
     is dropped in training)."""
     size = low.shape[-1] * factor
-    low_up = upsample(low, size)
+    device = device_of(model)
+    low_up = upsample(low.to(device), size)
 
     def model_fn(x, t, conditional):
         return predict(model, x, t, low_up)
 
-    return diffusion.sample(model_fn, (len(low), 3, size, size), steps, 1.0, generator, sampler).clamp(-1, 1)
+    return diffusion.sample(model_fn, (len(low_up), 3, size, size), steps, 1.0, generator, sampler, device).clamp(-1, 1)
 

@@ -170,3 +170,28 @@ def test_a_pixel_decoder_samples_the_same_in_plain_diffusers_by_the_exported_lay
     with torch.no_grad():
         theirs = plain_loop(str(tmp_path / "scheduler"), mine.shape, decoder_fn, 2.0, 3, 3).clamp(-1, 1)
     assert torch.allclose(mine, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_every_stage_samples_where_its_network_is(sampler):
+    """Conditioning made on the CPU, networks elsewhere (as `sample.device: cuda` places them): every
+    sampler moves what it is given to its network. "meta" stands in for the GPU: a CPU tensor meeting
+    meta weights raises, as it would on cuda."""
+    from models import chains, ldm, prior, upsampler
+    from models.config import DiffusionConfig, LdmConfig, PriorConfig, UpsamplerConfig
+    from models.diffusion import Diffusion
+
+    meta = torch.device("meta")
+    with pytest.raises(RuntimeError):  # the premise
+        torch.nn.Linear(2, 2).to(meta)(torch.ones(1, 2))
+    pri = prior.build_prior(PriorConfig(layers=1, heads=2, head_dim=4), embed_dim=8, context_length=5, mean=[0.0] * 8, std=[1.0] * 8)
+    up_cfg = UpsamplerConfig(low=32, high=64, block_channels=[8, 16])
+    diffusion = Diffusion(DiffusionConfig(prediction="x0"), sampler)
+    nets = [chains.Net(pri.to(meta), diffusion, {}), chains.Net(small(patch=4).to(meta), diffusion, {}),
+            chains.Net(upsampler.build_upsampler(up_cfg).to(meta), diffusion, {"low": 32, "high": 64})]  # fmt: skip
+    text = {"emb": torch.randn(2, 8), "tokens": torch.randn(2, 5, 8), "mask": torch.ones(2, 5, dtype=torch.bool)}
+    embeddings, levels = chains.unclip(*nets[:2], nets[2:], text, 2, 2.0, 2.0, torch.Generator().manual_seed(0))
+    assert embeddings.device == meta and [(lvl.device, lvl.shape[-1]) for lvl in levels] == [(meta, 32), (meta, 64)]
+    unet = ldm.build_unet(LdmConfig(block_channels=[16, 32]), 4, 8, text_width=8).to(meta)
+    latents = ldm.sample(unet, diffusion, ldm.context(text, True), 2, 2.0, torch.Generator().manual_seed(0))
+    assert latents.device == meta and latents.shape == (2, 4, 8, 8)

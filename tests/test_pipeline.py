@@ -277,3 +277,13 @@ def test_in_batches_draws_batch_i_from_seed_plus_i_and_joins_nested_outputs():
     # a row's draw does not depend on what else was asked for
     assert torch.equal(in_batches({"x": rows["x"][:2]}, 7, 2, draw)[0], noisy[:2])
     assert not torch.equal(in_batches(rows, 7, 5, draw)[0][2:4], noisy[2:4])  # but on the batch size
+
+
+def test_sample_device_auto_takes_the_gpu_only_when_there_is_one():
+    from launch.trained import sampling_device
+
+    gpu = torch.cuda.is_available()
+    assert sampling_device("auto").type == ("cuda" if gpu else "cpu") and sampling_device("cpu").type == "cpu"
+    if not gpu:
+        with pytest.raises(RuntimeError, match="'sample.device' is 'cuda', but torch sees no GPU"):
+            sampling_device("cuda")
