@@ -172,26 +172,34 @@ def test_a_pixel_decoder_samples_the_same_in_plain_diffusers_by_the_exported_lay
     assert torch.allclose(mine, theirs, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))])
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
-def test_every_stage_samples_where_its_network_is(sampler):
+def test_every_stage_samples_where_its_network_is(sampler, device):
     """Conditioning made on the CPU, networks elsewhere (as `sample.device: cuda` places them): every
-    sampler moves what it is given to its network. "meta" stands in for the GPU: a CPU tensor meeting
-    meta weights raises, as it would on cuda."""
+    sampler moves what it is given to its network. Without a GPU "meta" stands in for it (a CPU
+    tensor meeting meta weights raises, as on cuda); on a GPU the samples must match the CPU's."""
     from models import chains, ldm, prior, upsampler
     from models.config import DiffusionConfig, LdmConfig, PriorConfig, UpsamplerConfig
     from models.diffusion import Diffusion
 
-    meta = torch.device("meta")
-    with pytest.raises(RuntimeError):  # the premise
-        torch.nn.Linear(2, 2).to(meta)(torch.ones(1, 2))
+    if device == "meta":
+        with pytest.raises(RuntimeError):  # the premise
+            torch.nn.Linear(2, 2).to(device)(torch.ones(1, 2))
+    torch.manual_seed(0)
     pri = prior.build_prior(PriorConfig(layers=1, heads=2, head_dim=4), embed_dim=8, context_length=5, mean=[0.0] * 8, std=[1.0] * 8)
-    up_cfg = UpsamplerConfig(low=32, high=64, block_channels=[8, 16])
+    dec, up = small(patch=4), upsampler.build_upsampler(UpsamplerConfig(low=32, high=64, block_channels=[8, 16]))
+    unet = ldm.build_unet(LdmConfig(block_channels=[16, 32]), 4, 8, text_width=8)
     diffusion = Diffusion(DiffusionConfig(prediction="x0"), sampler)
-    nets = [chains.Net(pri.to(meta), diffusion, {}), chains.Net(small(patch=4).to(meta), diffusion, {}),
-            chains.Net(upsampler.build_upsampler(up_cfg).to(meta), diffusion, {"low": 32, "high": 64})]  # fmt: skip
     text = {"emb": torch.randn(2, 8), "tokens": torch.randn(2, 5, 8), "mask": torch.ones(2, 5, dtype=torch.bool)}
-    embeddings, levels = chains.unclip(*nets[:2], nets[2:], text, 2, 2.0, 2.0, torch.Generator().manual_seed(0))
-    assert embeddings.device == meta and [(lvl.device, lvl.shape[-1]) for lvl in levels] == [(meta, 32), (meta, 64)]
-    unet = ldm.build_unet(LdmConfig(block_channels=[16, 32]), 4, 8, text_width=8).to(meta)
-    latents = ldm.sample(unet, diffusion, ldm.context(text, True), 2, 2.0, torch.Generator().manual_seed(0))
-    assert latents.device == meta and latents.shape == (2, 4, 8, 8)
+
+    def draw(where: str):
+        nets = [chains.Net(m.to(where), diffusion, {}) for m in (pri, dec)]
+        embeddings, levels = chains.unclip(*nets, [chains.Net(up.to(where), diffusion, {"low": 32, "high": 64})], text, 2, 2.0, 2.0,
+                                           torch.Generator().manual_seed(0))  # fmt: skip
+        return [embeddings, *levels, ldm.sample(unet.to(where), diffusion, ldm.context(text, True), 2, 2.0, torch.Generator().manual_seed(0))]
+
+    elsewhere = draw(device)
+    assert [(x.device.type, tuple(x.shape)) for x in elsewhere] == [(device, s) for s in ((2, 8), (2, 3, 32, 32), (2, 3, 64, 64), (2, 4, 8, 8))]
+    if device == "cuda":
+        for theirs, ours in zip(elsewhere, draw("cpu")):
+            torch.testing.assert_close(theirs.cpu(), ours, atol=1e-3, rtol=1e-3)
