@@ -104,9 +104,11 @@ def run(cfg: Config, log=print) -> dict[str, Any]:
     n = len(held["caption"])
     if n < 2:
         raise StoreError(f"store '{store.url}': {n} held-out rows; eval needs at least 2 (embed.holdout_fraction)")
+    real = held["clip_image_emb"].astype(np.float32)
+    reference = reference_embeddings(store, cfg.eval.reference_rows) if cfg.eval.reference_rows else real
     trained = load_trained(cfg, store, stages)
     text = text_conditioning(held)
-    real, text_emb = held["clip_image_emb"].astype(np.float32), text["emb"].numpy()
+    text_emb = text["emb"].numpy()
     copies = cfg.eval.images_per_prompt
     s = cfg.sample
     results: dict[str, Any] = {"heldout_rows": n, "steps": s.steps, "upsampler_steps": s.upsampler_steps,
@@ -114,12 +116,8 @@ def run(cfg: Config, log=print) -> dict[str, Any]:
                                "prior_guidance": s.prior_guidance, "images_per_prompt": cfg.eval.images_per_prompt,
                                "checkpoints": trained.checkpoints}  # fmt: skip
     results["real_images_clip_score"] = mean_cosine(real, text_emb)
-    if cfg.eval.reference_rows:
-        reference = reference_embeddings(store, cfg.eval.reference_rows)
-        # what real images of these prompts read against the reference: the floor a chain can reach
+    if cfg.eval.reference_rows:  # what real images of these prompts read against the reference: the floor a chain can reach
         results["real_images_frechet_distance_clip"] = frechet_distance(real, reference)
-    else:
-        reference = real
     results["frechet_reference"] = {"split": "train" if cfg.eval.reference_rows else "heldout", "rows": len(reference)}
     generated: dict[str, torch.Tensor] = {}
 
