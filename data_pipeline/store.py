@@ -277,8 +277,9 @@ class Store:
         if split not in ("all", "train", "heldout"):
             raise ValueError(f"split: expected 'all', 'train' or 'heldout', got {split!r}")
         tables: list[pa.Table] = []
+        rows = 0
         for file in files or self.files:
-            if tables and limit is not None and sum(map(len, tables)) >= limit:
+            if tables and limit is not None and rows >= limit:
                 break
             fs, path = storage.url_to_fs(file)
             with fs.open(path, "rb") as f:
@@ -287,6 +288,7 @@ class Store:
                 mask = self.heldout(file, len(table))
                 table = table.filter(pa.array(mask if split == "heldout" else ~mask))
             tables.append(table)
+            rows += len(table)
         table = pa.concat_tables(tables) if tables else arrow_schema({}).empty_table()
         if limit is not None:
             table = table.slice(0, limit)

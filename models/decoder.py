@@ -125,7 +125,7 @@ def conditioning(image_emb: torch.Tensor, text_emb: torch.Tensor, tokens: torch.
 
 
 def sample(model, diffusion: Diffusion, cond: dict[str, torch.Tensor], steps: int, guidance: float,
-           generator: torch.Generator, sampler: str | None = None) -> torch.Tensor:  # fmt: skip
+           generator: torch.Generator) -> torch.Tensor:  # fmt: skip
     """CLIP image embeddings (+ caption) -> images in [-1, 1] (or latents, for a latent decoder);
     guidance against the fully unconditional model (null image embedding, no caption), as in unCLIP."""
     n = len(cond["image_emb"])
@@ -138,5 +138,5 @@ def sample(model, diffusion: Diffusion, cond: dict[str, torch.Tensor], steps: in
         return predict(model, x, t, cond if conditional else null)
 
     size, channels = model.image_size, model.channels
-    out = diffusion.sample(model_fn, (n, channels, size, size), steps, guidance, generator, sampler, device)
+    out = diffusion.sample(model_fn, (n, channels, size, size), steps, guidance, generator, device=device)
     return out if model.latent else out.clamp(-1, 1)

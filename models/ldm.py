@@ -57,7 +57,6 @@ def sample(
     steps: int,
     guidance: float,
     generator: torch.Generator,
-    sampler: str | None = None,
 ) -> torch.Tensor:
     """Text context [B, L, W] (see `context`) -> scaled latents [B, C, h, w]."""
     device = device_of(unet)
@@ -68,4 +67,4 @@ def sample(
         return predict(unet, x, t, context if conditional else null)
 
     c, size = unet.config.in_channels, unet.config.sample_size
-    return diffusion.sample(model_fn, (len(context), c, size, size), steps, guidance, generator, sampler, device)
+    return diffusion.sample(model_fn, (len(context), c, size, size), steps, guidance, generator, device=device)

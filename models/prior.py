@@ -70,7 +70,6 @@ def sample(
     steps: int,
     guidance: float,
     generator: torch.Generator,
-    sampler: str | None = None,
 ) -> torch.Tensor:
     """Text conditioning -> CLIP image embeddings (un-normalised, in the store's space)."""
     n = len(text["emb"])
@@ -82,7 +81,7 @@ def sample(
         return predict(model, x, t, text if conditional else null)
 
     dim = model.clip_mean.shape[-1]
-    x0 = diffusion.sample(model_fn, (n, dim), steps, guidance, generator, sampler, device)
+    x0 = diffusion.sample(model_fn, (n, dim), steps, guidance, generator, device=device)
     return model.post_process_latents(x0)
 
 

@@ -85,8 +85,7 @@ def predict(model, x_t: torch.Tensor, t: torch.Tensor, low_up: torch.Tensor) -> 
     return model(torch.cat([x_t, low_up], 1).to(dtype), t).sample.float()
 
 
-def sample(model, diffusion: Diffusion, low: torch.Tensor, factor: int, steps: int, generator: torch.Generator,
-           sampler: str | None = None) -> torch.Tensor:  # fmt: skip
+def sample(model, diffusion: Diffusion, low: torch.Tensor, factor: int, steps: int, generator: torch.Generator) -> torch.Tensor:
     """Low-res images in [-1, 1] -> `factor` times larger images in [-1, 1] (no guidance: nothing
     is dropped in training)."""
     size = low.shape[-1] * factor
@@ -96,5 +95,5 @@ def sample(model, diffusion: Diffusion, low: torch.Tensor, factor: int, steps: i
     def model_fn(x, t, conditional):
         return predict(model, x, t, low_up)
 
-    return diffusion.sample(model_fn, (len(low_up), 3, size, size), steps, 1.0, generator, sampler, device).clamp(-1, 1)
+    return diffusion.sample(model_fn, (len(low_up), 3, size, size), steps, 1.0, generator, device=device).clamp(-1, 1)
 
