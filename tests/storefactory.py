@@ -26,9 +26,11 @@ def specs(columns=("clip_image_emb", "clip_text_emb", "clip_text_tokens", "text_
     return {c: every[c] for c in columns}
 
 
-def make_store(root: str, rows_per_part=(20, 17, 13), columns=None, seed: int = 0, latent=LATENT, holdout: float = 0.0) -> store.Store:
+def make_store(root: str, rows_per_part=(20, 17, 13), columns=None, seed: int = 0, latent=LATENT, holdout: float = 0.0,
+               vae: dict | None = None) -> store.Store:  # fmt: skip
     """Rows numbered 0..N-1: `clip_image_emb[:, 0]` holds the row number, so tests can track order.
-    Text embeddings carry a signal the image embedding depends on, so the prior can learn."""
+    Text embeddings carry a signal the image embedding depends on, so the prior can learn. `vae`: the
+    identity of a real VAE (models.encoders.vae_identity) to record, so its latents' pictures can be drawn."""
     s = specs(columns, latent) if columns else specs(latent=latent)
     rng = np.random.default_rng(seed)
     parts, index = {}, 0
@@ -52,7 +54,7 @@ def make_store(root: str, rows_per_part=(20, 17, 13), columns=None, seed: int = 
         parts[shard_id] = store.write_part(root, shard_id, store.to_arrow(rows, s))
     identity = {
         "clip": {"embed_dim": DIM, "text_width": DIM, "context_length": TOKENS, "weights_sha256": "0" * 64},
-        "vae": {"scaling_factor": 0.18215, "latent_channels": latent[0], "downsample": 4, "weights_sha256": "1" * 64},
+        "vae": vae or {"scaling_factor": 0.18215, "latent_channels": latent[0], "downsample": 4, "weights_sha256": "1" * 64},
     }
     store.build_manifest(root, parts, identity, s, {"kept": index}, {"note": "made by tests/storefactory.py"}, holdout)
     return store.open_store(root)

@@ -37,7 +37,7 @@ class OptimConfig:
 class EmaConfig:
     decay: float = option(0.999, ge=0, lt=1)
     warmup: int = option(10, ge=1, doc="decay at update n is min(decay, (1 + n) / (warmup + n))")
-    on_cpu: bool = option(False, doc="keep the fp32 average in host memory (saves 4 bytes/parameter of accelerator memory, costs a copy per step)")
+    on_cpu: bool = option(False, doc="keep the fp32 average in host memory (saves 4 bytes/parameter of accelerator memory, costs a copy per step; previews then run on the CPU)")
 
 
 @dataclass

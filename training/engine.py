@@ -93,11 +93,14 @@ def weights_checksum(module: torch.nn.Module, zero_stage: int) -> float:
         return float(sum(p.detach().double().sum().item() for p in module.parameters()))
 
 
-def _ema_model(stage_info: dict[str, Any], ema: EMA) -> torch.nn.Module:
+def ema_model(stage_info: dict[str, Any], ema: EMA) -> torch.nn.Module:
+    """The averaged weights as a network of their own, for previews, where the average lives: on a
+    GPU run, previewing a full-size network on the CPU would take minutes while the other ranks
+    wait for rank 0 at the next collective."""
     from models.assembly import rebuild
 
-    model = rebuild(stage_info)
-    model.load_state_dict(ema.state_dict())
+    model = rebuild(stage_info).to(ema.device)
+    model.load_state_dict(ema.shadow)
     return model.eval().requires_grad_(False)
 
 
@@ -227,7 +230,7 @@ def train(
                         f"{record['samples_per_s']:.0f} samples/s  data wait {data_wait:.2f}s")  # fmt: skip
                 window, data_wait, tick = [], 0.0, time.time()
             if t.preview_every and done % t.preview_every == 0 and rank == 0:
-                runlog.images(done, stage.preview(_ema_model(stage_info, ema)))
+                runlog.images(done, stage.preview(ema_model(stage_info, ema)))
             if done % t.checkpoint_every == 0 or done == t.steps:
                 last_checkpoint = save(done, "scheduled")
     finally:

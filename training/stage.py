@@ -45,9 +45,10 @@ class Stage:
         data = self.store.read(columns, [first])
         return {k: v[:count] for k, v in data.items()}
 
-    def store_vae(self):
-        """The frozen VAE the store's latents were made with, for previews; None when the configured
-        VAE is not the store's (its pictures would be nonsense) or cannot be loaded."""
+    def store_vae(self, device: torch.device):
+        """The frozen VAE the store's latents were made with, on `device` (the previewed network's;
+        a run previews on one device), for previews; None when the configured VAE is not the
+        store's (its pictures would be nonsense) or cannot be loaded."""
         if not hasattr(self, "_vae"):
             from models.encoders import FrozenVae, identity_mismatch, vae_identity
 
@@ -55,7 +56,7 @@ class Stage:
                 differs = identity_mismatch(self.store.manifest["encoders"]["vae"], vae_identity(self.cfg.encoders.vae))
             except (OSError, ValueError):
                 differs = ("unloadable",)
-            self._vae = None if differs else FrozenVae(self.cfg.encoders.vae)
+            self._vae = None if differs else FrozenVae(self.cfg.encoders.vae, str(device))
         return self._vae
 
     def describe(self, model: torch.nn.Module) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import torch
 
 from data_pipeline.store import StoreError
 from models import decoder
-from models.diffusion import Diffusion, row_mask
+from models.diffusion import Diffusion, device_of, row_mask
 from models.imaging import decode, grid, to_pil, to_unit
 from training.stage import Stage, latent_scale
 
@@ -70,7 +70,7 @@ class DecoderStage(Stage):
         embedding and caption."""
         from models import chains
 
-        vae = self.store_vae() if self.latent else None
+        vae = self.store_vae(device_of(model)) if self.latent else None
         if self.latent and vae is None:
             return []
         truth = ["image_64"] if "image_64" in self.store.manifest["columns"] else []

@@ -8,7 +8,7 @@ import torch
 
 from data_pipeline.store import StoreError
 from models import ldm
-from models.diffusion import Diffusion, row_mask
+from models.diffusion import Diffusion, device_of, row_mask
 from models.encoders import text_conditioning
 from training.stage import Stage, latent_scale
 
@@ -52,7 +52,7 @@ class LdmStage(Stage):
         """Samples for the first captions of the store, decoded with the store's VAE."""
         from models.imaging import grid, to_pil
 
-        vae = self.store_vae()
+        vae = self.store_vae(device_of(model))
         if vae is None:
             return []
         rows = self.preview_rows(list(self.text_columns), count)

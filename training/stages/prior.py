@@ -60,7 +60,7 @@ class PriorStage(Stage):
         bank, pictures = self._bank
         rows = self.preview_rows([*TEXT_COLUMNS, "image_64"], count)
         predicted = prior.sample(model, self.diffusion, text_conditioning(rows), 25, self.cfg.sample.prior_guidance, torch.Generator().manual_seed(0))
-        nearest = (torch.nn.functional.normalize(predicted, dim=-1) @ bank.T).argmax(1)
+        nearest = (torch.nn.functional.normalize(predicted.cpu(), dim=-1) @ bank.T).argmax(1)
         decode = lambda data: Image.open(io.BytesIO(data)).convert("RGB")  # noqa: E731
         pairs = [[decode(rows["image_64"][i]), decode(pictures[int(j)])] for i, j in enumerate(nearest)]
         return [("prior_true_vs_nearest", grid(pairs))]

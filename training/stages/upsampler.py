@@ -53,6 +53,7 @@ class UpsamplerStage(Stage):
         rows = self.preview_rows([self.low_col, self.high_col], count)
         low = to_unit(decode(rows[self.low_col]))
         factor = self.cfg.upsampler.high // self.cfg.upsampler.low
-        sampled = upsampler.sample(model, self.diffusion, low, factor, 25, torch.Generator().manual_seed(0))
+        steps = self.cfg.sample.upsampler_steps  # as `unclip sample` draws it
+        sampled = upsampler.sample(model, self.diffusion, low, factor, steps, torch.Generator().manual_seed(0))
         columns = [to_pil(upsampler.upsample(low, sampled.shape[-1])), to_pil(sampled), to_pil(to_unit(decode(rows[self.high_col])))]
         return [("upsampler_bicubic_sampled_true", grid([list(row) for row in zip(*columns)]))]
