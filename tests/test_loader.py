@@ -161,3 +161,15 @@ def test_transform_runs_per_batch_with_reproducible_randomness(tmp_path):
     straight, _ = noises(steps=6)
     first, state = noises(steps=2)
     assert first + noises(state, steps=4)[0] == straight
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="page-locked memory needs a GPU")
+def test_batches_for_a_gpu_come_page_locked_in_the_same_order(tmp_path):
+    s = make_store(str(tmp_path), PARTS)
+    pinned = StoreLoader(s, ["clip_image_emb"], 4, seed=3, pin_memory=True)
+    plain = StoreLoader(s, ["clip_image_emb"], 4, seed=3)
+    for _ in range(5):
+        batch = next(pinned)
+        assert batch["clip_image_emb"].is_pinned()
+        assert ids(batch) == ids(next(plain))
+    pinned.close(), plain.close()

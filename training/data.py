@@ -98,6 +98,7 @@ class StoreLoader:
         prefetch: int = 4,
         readers: int = 2,
         transform: Callable[[dict[str, np.ndarray], np.random.Generator], dict[str, np.ndarray]] | None = None,
+        pin_memory: bool = False,
     ):
         self.store, self.columns = store, list(columns)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
@@ -109,7 +110,7 @@ class StoreLoader:
                 f"store '{store.url}' has {self.rows} rows, fewer than one global batch "
                 f"({batch_size} per rank x {world_size} ranks); lower train.batch_size"
             )
-        self.prefetch, self.readers, self.transform = prefetch, readers, transform
+        self.prefetch, self.readers, self.transform, self.pin_memory = prefetch, readers, transform, pin_memory
         self.shapes = {c: store.shape(c) if store.manifest["columns"][c].get("dtype") != "png" else [] for c in self.columns}
         self._start_epoch(0)
 
@@ -210,12 +211,20 @@ class StoreLoader:
                         # decoding and augmentation run here, off the training thread; their
                         # randomness is a function of the batch's place in the run
                         batch = self.transform(batch, np.random.default_rng([self.seed, self.epoch, self.rank, skip // self.batch_size + made]))
-                    if not put(batch):
+                    if not put(self._tensors(batch)):
                         return
                     made += 1
             out.put(None)
         except BaseException as err:  # surfaces in the training loop, not lost in a thread
             out.put(err)
+
+    def _tensors(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        tensors = {c: torch.from_numpy(np.ascontiguousarray(v)) for c, v in batch.items()}
+        if self.pin_memory:
+            # page-locked here, off the training thread, so its copy to the GPU (non_blocking)
+            # runs beside the compute instead of staging through pageable memory first
+            tensors = {c: t.pin_memory() for c, t in tensors.items()}
+        return tensors
 
     def _ensure_reader(self) -> None:
         if self._reader is None:
@@ -247,7 +256,7 @@ class StoreLoader:
         if item is None:  # the stream ended early: cannot happen with consistent sizes
             raise RuntimeError(f"loader rank {self.rank}: stream ended at step {self.steps} of {self.steps_in_epoch}")
         self.steps += 1
-        return {c: torch.from_numpy(np.ascontiguousarray(v)) for c, v in item.items()}
+        return item
 
     # -- position ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

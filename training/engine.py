@@ -132,7 +132,8 @@ def train(
         say(f"{stage_name}: the run already has checkpoints; resuming from {folder}, not initialising from {init_from}")
     stage_info = stage.describe(model)
     ema = EMA(model, t.ema.decay, t.ema.warmup, "cpu" if t.ema.on_cpu else device)
-    loader = StoreLoader(store, stage.columns, t.batch_size, t.seed, rank, world, t.prefetch, transform=stage.prepare)
+    loader = StoreLoader(store, stage.columns, t.batch_size, t.seed, rank, world, t.prefetch, transform=stage.prepare,
+                         pin_memory=device.type == "cuda")  # fmt: skip
 
     universal = False
     if folder:
