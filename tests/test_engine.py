@@ -236,6 +236,22 @@ def test_zero_stages_precisions_and_offload_train(root, settings):
     assert all(torch.isfinite(v).all() for v in ema.values())
 
 
+def test_zero3_resumes_on_more_ranks_with_its_average(root):
+    """Each ZeRO-3 rank keeps the average of its own partitions: saved whole from 1 rank, cut into
+    2 ranks' partitions on resume, it goes on averaging (decay 0.999 from the start, so 2 more
+    steps move it by about 0.2% of its distance to the weights; a misplaced partition moves it far)."""
+    settings = ["train.zero_stage=3", "train.ema.decay=0.999", "train.ema.warmup=1", "train.run=z3", "train.checkpoint_every=4"]
+    launch(root, "train.steps=4", *settings, nproc=1)
+    launch(root, "train.steps=6", *settings, nproc=2)
+    resume = json.load(open(os.path.join(run_dir(root, "z3"), "train_summary.json")))["resume"]
+    assert (resume["world_size_before"], resume["world_size_after"], resume["universal"]) == (1, 2, True)
+    before, after = (load_file(os.path.join(run_dir(root, "z3"), step, "ema.safetensors")) for step in ("step_0000004", "step_0000006"))
+    assert before.keys() == after.keys()
+    norm = lambda tensors: torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)).item()  # noqa: E731
+    moved = norm(after[n] - before[n] for n in before) / norm(before.values())
+    assert 0 < moved < 0.01, moved
+
+
 def test_init_from_starts_a_new_run_from_trained_weights(root, straight):
     result = launch(root, "train.steps=2", "train.run=finetune", flags=["--init-from", run_dir(root)])
     assert "weights from" in result.stdout

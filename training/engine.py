@@ -93,14 +93,14 @@ def weights_checksum(module: torch.nn.Module, zero_stage: int) -> float:
         return float(sum(p.detach().double().sum().item() for p in module.parameters()))
 
 
-def ema_model(stage_info: dict[str, Any], ema: EMA) -> torch.nn.Module:
-    """The averaged weights as a network of their own, for previews, where the average lives: on a
-    GPU run, previewing a full-size network on the CPU would take minutes while the other ranks
-    wait for rank 0 at the next collective."""
+def ema_model(stage_info: dict[str, Any], weights: dict[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
+    """The averaged weights as a network of their own, for previews, on the device where the average
+    lives: on a GPU run, previewing a full-size network on the CPU would take minutes while the other
+    ranks wait for rank 0 at the next collective."""
     from models.assembly import rebuild
 
-    model = rebuild(stage_info).to(ema.device)
-    model.load_state_dict(ema.shadow)
+    model = rebuild(stage_info).to(device)
+    model.load_state_dict(weights)
     return model.eval().requires_grad_(False)
 
 
@@ -131,7 +131,6 @@ def train(
     elif init_from:
         say(f"{stage_name}: the run already has checkpoints; resuming from {folder}, not initialising from {init_from}")
     stage_info = stage.describe(model)
-    ema = EMA(model, t.ema.decay, t.ema.warmup, "cpu" if t.ema.on_cpu else device)
     loader = StoreLoader(store, stage.columns, t.batch_size, t.seed, rank, world, t.prefetch, transform=stage.prepare,
                          pin_memory=device.type == "cuda")  # fmt: skip
 
@@ -145,6 +144,11 @@ def train(
     optimizer = make_optimizer(trainable, t)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(t.optim, t.steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(t, universal))
+    # Under ZeRO-3 each rank averages its own partitions (training/ema.py), except with parameters
+    # on NVMe, where a partition may be swapped out between steps: those are gathered to average.
+    partitioned_ema = t.zero_stage == 3 and t.offload_params != "nvme"
+    with _gathered(engine.module, 0 if partitioned_ema else t.zero_stage):
+        ema = EMA(engine.module, t.ema.decay, t.ema.warmup, "cpu" if t.ema.on_cpu else device, partitioned_ema, comm_device=device)
 
     start_step, history, skipped_total, resume_info = 0, [], 0, None
     if folder:
@@ -203,7 +207,7 @@ def train(
             if skipped:
                 say(f"{stage_name} step {step + 1}: non-finite loss or gradients, step skipped ({skips.total} so far)")
             else:
-                with _gathered(engine.module, t.zero_stage):
+                with _gathered(engine.module, 0 if partitioned_ema else t.zero_stage):
                     ema.update(engine.module)
             done = step + 1
             runlog.advance(f"loss {window[-1]:.4f}")
@@ -230,8 +234,10 @@ def train(
                     say(f"{stage_name} step {done}/{t.steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
                         f"{record['samples_per_s']:.0f} samples/s  data wait {data_wait:.2f}s")  # fmt: skip
                 window, data_wait, tick = [], 0.0, time.time()
-            if t.preview_every and done % t.preview_every == 0 and rank == 0:
-                runlog.images(done, stage.preview(ema_model(stage_info, ema)))
+            if t.preview_every and done % t.preview_every == 0:
+                weights = ema.state_dict()  # every rank: a partitioned average is gathered
+                if rank == 0:
+                    runlog.images(done, stage.preview(ema_model(stage_info, weights, ema.device)))
             if done % t.checkpoint_every == 0 or done == t.steps:
                 last_checkpoint = save(done, "scheduled")
     finally:
