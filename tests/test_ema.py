@@ -45,7 +45,8 @@ def test_under_zero3_each_rank_averages_its_partition_and_the_whole_is_exact(tmp
     import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo, **({} if torch.cuda.is_available() else {"DS_ACCELERATOR": "cpu"})}
+    # on the CPU with gloo everywhere: two ranks on a one-GPU machine could not each have a GPU
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
     report_file = tmp_path / "report.json"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "-m", "tests.zero3_ema_ranks", str(report_file)], env=env, capture_output=True, text=True, cwd=repo)  # fmt: skip
