@@ -38,7 +38,8 @@ def test_average_follows_the_weights():
 @pytest.mark.slow
 def test_under_zero3_each_rank_averages_its_partition_and_the_whole_is_exact(tmp_path):
     """Two ranks (torchrun, gloo): the average kept per ZeRO-3 partition, gathered, equals the full
-    weights' average to the bit; and a saved average cut back into partitions gathers to itself."""
+    weights' average to the bit; a saved average cut back into partitions gathers to itself; the
+    checksum and the finite-weights check, read per partition, agree with the gathered weights."""
     import json
     import os
     import subprocess
@@ -56,3 +57,5 @@ def test_under_zero3_each_rank_averages_its_partition_and_the_whole_is_exact(tmp
     assert report["shapes_equal"] and report["moved_from_start"] > 1e-3
     assert report["max_difference"] == 0.0 and report["round_trip_difference"] == 0.0
     assert report["partition_sizes"] == {"0.weight": 18, "0.bias": 4, "2.weight": 11, "2.bias": 2}  # half of 35, 7, 21, 3, padded
+    assert report["checksum_difference"] < 1e-9
+    assert report["finite"] and not report["finite_after_nan_on_rank1"]  # rank 0 hears of rank 1's NaN

@@ -245,6 +245,10 @@ def test_zero3_resumes_on_more_ranks_with_its_average(root):
     launch(root, "train.steps=6", *settings, nproc=2)
     resume = json.load(open(os.path.join(run_dir(root, "z3"), "train_summary.json")))["resume"]
     assert (resume["world_size_before"], resume["world_size_after"], resume["universal"]) == (1, 2, True)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    saved = get_fp32_state_dict_from_zero_checkpoint(run_dir(root, "z3"), tag="step_0000004")  # DeepSpeed's own reading
+    assert resume["weights_checksum"] == pytest.approx(sum(v.double().sum().item() for v in saved.values()), abs=1e-6)
     before, after = (load_file(os.path.join(run_dir(root, "z3"), step, "ema.safetensors")) for step in ("step_0000004", "step_0000006"))
     assert before.keys() == after.keys()
     norm = lambda tensors: torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)).item()  # noqa: E731

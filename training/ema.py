@@ -14,6 +14,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from training.partitions import partition_start
+
 
 class EMA:
     def __init__(self, model: torch.nn.Module, decay: float, warmup: int = 10, device: torch.device | str = "cpu",
@@ -25,9 +27,8 @@ class EMA:
         self.device = torch.device(device)
         self.partitioned = partitioned
         self.comm_device = torch.device(comm_device)  # where the collective backend takes tensors (cuda for NCCL)
-        # name -> (full shape, this rank's first element in the flattened parameter); DeepSpeed
-        # partitions over the data-parallel group, which is the world here
-        self.layout = {n: (tuple(p.ds_shape), len(p.ds_tensor) * dist.get_rank()) for n, p in model.named_parameters()} if partitioned else {}
+        # name -> (full shape, this rank's first element in the flattened parameter)
+        self.layout = {n: (tuple(p.ds_shape), partition_start(p)) for n, p in model.named_parameters()} if partitioned else {}
         self.shadow = {n: self._local(p).detach().to(self.device, torch.float32, copy=True) for n, p in model.named_parameters()}
 
     def _local(self, p: torch.nn.Parameter) -> torch.Tensor:

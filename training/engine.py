@@ -23,7 +23,8 @@ from training.checkpoint import Checkpointer, CheckpointError, choose, load_ema_
 from training.data import StoreLoader
 from training.ds_config import deepspeed_config, lr_factor, make_optimizer
 from training.ema import EMA
-from training.failures import Preempted, Preemption, SkipTracker, inject, weights_are_finite
+from training.failures import Preempted, Preemption, SkipTracker, inject
+from training.partitions import gathered, weights_are_finite, weights_checksum
 from training.observe import RunLog, memory_stats
 from training.stages import get_stage
 
@@ -75,22 +76,6 @@ def from_rank0(make: Callable[[], Any], rank: int) -> Any:
     if kind == "error":
         raise value
     return value
-
-
-def _gathered(module: torch.nn.Module, zero_stage: int):
-    import contextlib
-
-    import deepspeed
-
-    if zero_stage == 3:
-        return deepspeed.zero.GatheredParameters(list(module.parameters()))
-    return contextlib.nullcontext()
-
-
-def weights_checksum(module: torch.nn.Module, zero_stage: int) -> float:
-    """A fingerprint of the full weights (reported on resume, so a load can be checked)."""
-    with _gathered(module, zero_stage):
-        return float(sum(p.detach().double().sum().item() for p in module.parameters()))
 
 
 def ema_model(stage_info: dict[str, Any], weights: dict[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
@@ -147,7 +132,7 @@ def train(
     # Under ZeRO-3 each rank averages its own partitions (training/ema.py), except with parameters
     # on NVMe, where a partition may be swapped out between steps: those are gathered to average.
     partitioned_ema = t.zero_stage == 3 and t.offload_params != "nvme"
-    with _gathered(engine.module, 0 if partitioned_ema else t.zero_stage):
+    with gathered(engine.module, 0 if partitioned_ema else t.zero_stage):
         ema = EMA(engine.module, t.ema.decay, t.ema.warmup, "cpu" if t.ema.on_cpu else device, partitioned_ema, comm_device=device)
 
     start_step, history, skipped_total, resume_info = 0, [], 0, None
@@ -157,7 +142,7 @@ def train(
         ema.load_state_dict(ema_state, state["ema_updates"])
         start_step, history, skipped_total = state["step"], state.get("history", []), state.get("skipped_steps", 0)
         resume_info = {"from": folder, "step": start_step, "world_size_before": state["world_size"], "world_size_after": world,
-                       "universal": universal, "weights_checksum": weights_checksum(engine.module, t.zero_stage)}  # fmt: skip
+                       "universal": universal, "weights_checksum": weights_checksum(engine.module, device)}  # fmt: skip
         say(f"{stage_name}: resumed from {folder} at step {start_step} ({state['world_size']} -> {world} ranks"
             f"{', via a universal checkpoint' if universal else ''})")  # fmt: skip
     if rank == 0:
@@ -171,7 +156,7 @@ def train(
     skips = SkipTracker(t.max_skipped_steps, skipped_total)
 
     def save(step: int, reason: str) -> str:
-        if not weights_are_finite(engine.module, t.zero_stage):
+        if not weights_are_finite(engine.module, device):
             raise CheckpointError(f"refusing to checkpoint non-finite weights at step {step}")
         state = {"loader": loader.state_dict(), "ema_updates": ema.updates, "history": history, "reason": reason,
                  "skipped_steps": skips.total, "zero_stage": t.zero_stage}  # fmt: skip
@@ -207,7 +192,7 @@ def train(
             if skipped:
                 say(f"{stage_name} step {step + 1}: non-finite loss or gradients, step skipped ({skips.total} so far)")
             else:
-                with _gathered(engine.module, 0 if partitioned_ema else t.zero_stage):
+                with gathered(engine.module, 0 if partitioned_ema else t.zero_stage):
                     ema.update(engine.module)
             done = step + 1
             runlog.advance(f"loss {window[-1]:.4f}")

@@ -62,15 +62,6 @@ class SkipTracker:
             )
 
 
-def weights_are_finite(module: torch.nn.Module, zero_stage: int) -> bool:
-    """This rank's share of the weights: under ZeRO-3 the partition it owns, else the full module."""
-    for p in module.parameters():
-        data = p.ds_tensor if zero_stage == 3 and hasattr(p, "ds_tensor") else p.data
-        if data.numel() and not bool(torch.isfinite(data).all()):
-            return False
-    return True
-
-
 def inject(faults: FaultInjection, loss: torch.Tensor, step: int, rank: int, resumed: bool = False) -> torch.Tensor:
     """Apply the configured deliberate faults at `step` (1-based, the step being taken)."""
     if faults.kill_rank == rank and step == faults.kill_step and not resumed:

@@ -1,0 +1,63 @@
+"""Which elements of a ZeRO-3 parameter this rank holds, and the checks that read only those.
+
+ZeRO-3 keeps each parameter flattened and cut into equal partitions, one per rank of the
+data-parallel group (the world here): `param.ds_tensor`, the last one padded with memory DeepSpeed
+never initialises. The EMA, the finite-weights check and the resume checksum read a rank's own
+elements through here and combine ranks with one small all-reduce, so none of them gathers the
+whole model (which would need its full memory on every rank, what ZeRO-3 exists to avoid).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+
+def is_partitioned(p: torch.Tensor) -> bool:
+    return getattr(p, "ds_tensor", None) is not None
+
+
+def partition_start(p: torch.Tensor) -> int:
+    """The first element of the flattened parameter in this rank's partition."""
+    return len(p.ds_tensor) * dist.get_rank()
+
+
+def own_elements(p: torch.Tensor) -> torch.Tensor:
+    """This rank's elements of parameter `p` (the padding left out; the full tensor if not partitioned)."""
+    if not is_partitioned(p):
+        return p.detach().reshape(-1)
+    start = partition_start(p)
+    return p.ds_tensor.detach()[: max(0, min(len(p.ds_tensor), p.ds_numel - start))]
+
+
+def gathered(module: torch.nn.Module, zero_stage: int):
+    """Every parameter whole inside the block (a collective under ZeRO-3: every rank enters it)."""
+    import deepspeed
+
+    if zero_stage == 3:
+        return deepspeed.zero.GatheredParameters(list(module.parameters()))
+    return contextlib.nullcontext()
+
+
+def _across_ranks(value: float, op, device: torch.device) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=op)
+    return tensor.item()
+
+
+def weights_are_finite(module: torch.nn.Module, device: torch.device) -> bool:
+    """Whether every weight on every rank is finite; every rank gets the same answer (under ZeRO-3
+    a rank sees only its partitions, and a rank deciding alone would leave the others waiting)."""
+    finite = all(bool(torch.isfinite(own_elements(p)).all()) for p in module.parameters())
+    return _across_ranks(1.0 if finite else 0.0, dist.ReduceOp.MIN, device) == 1.0
+
+
+def weights_checksum(module: torch.nn.Module, device: torch.device) -> float:
+    """A fingerprint of the full weights, their sum (reported on resume, so a load can be checked)."""
+    local = sum(own_elements(p).double().sum().item() for p in module.parameters())
+    if not any(is_partitioned(p) for p in module.parameters()):
+        return float(local)  # every rank holds the full weights
+    return _across_ranks(local, dist.ReduceOp.SUM, device)
