@@ -2,7 +2,7 @@
 
 Starts the same DeepSpeed ZeRO-2 engine (the ldm UNet, our AdamW) with torchrun on 1 and on 2
 ranks, takes one step, and has each rank count the bytes of its optimizer state (fp32 master
-partition, exp_avg, exp_avg_sq). Prints both and the ratio (target about 0.5).
+partition, exp_avg, exp_avg_sq) and of its EMA share. Prints both and the ratios (target about 0.5).
 
     python benchmarks/zero_memory.py
 """
@@ -30,6 +30,7 @@ def rank_main(out: str) -> None:
     from data_pipeline.store import open_store
     from launch import config
     from training.ds_config import deepspeed_config, make_optimizer
+    from training.ema import EMA
     from training.engine import init_distributed, step_generator
     from training.stages import get_stage
 
@@ -48,7 +49,9 @@ def rank_main(out: str) -> None:
     state_bytes = sum(t.numel() * t.element_size() for s in zero.optimizer.state.values() for t in s.values() if torch.is_tensor(t))
     master_bytes = sum(t.numel() * t.element_size() for t in zero.single_partition_of_fp32_groups)
     params = sum(p.numel() for p in model.parameters())
-    report = {"rank": rank, "world_size": world, "optimizer_state_bytes": state_bytes + master_bytes, "parameters": params}
+    ema = EMA(engine.module, cfg.train.ema.decay)  # as the engine keeps it: this rank's share of every weight
+    ema_bytes = sum(v.numel() * v.element_size() for v in ema.shadow.values())
+    report = {"rank": rank, "world_size": world, "optimizer_state_bytes": state_bytes + master_bytes, "ema_bytes": ema_bytes, "parameters": params}
     gathered = [None] * world
     dist.all_gather_object(gathered, report)
     if rank == 0:
@@ -70,19 +73,21 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="unclip-bench-zero-")
     make_store(os.path.join(work, "store"), (64,))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "PYTHONPATH": ROOT}
-    per_rank = {}
+    per_rank, ema_per_rank = {}, {}
     for world in (1, 2):
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
                         os.path.abspath(__file__), "--rank-main", work], check=True, env=env, capture_output=True)  # fmt: skip
         reports = json.load(open(os.path.join(work, f"memory-{world}.json")))
         per_rank[world] = max(r["optimizer_state_bytes"] for r in reports)
+        ema_per_rank[world] = max(r["ema_bytes"] for r in reports)
         print(f"world size {world}: {per_rank[world] / 2**20:.2f} MiB of optimizer state per rank "
               f"({reports[0]['parameters'] / 1e6:.2f}M parameters)")  # fmt: skip
-    ratio = per_rank[2] / per_rank[1]
+    ratio, ema_ratio = per_rank[2] / per_rank[1], ema_per_rank[2] / ema_per_rank[1]
     print(f"\nZeRO-2 per-rank optimizer state, world 2 / world 1: {ratio:.3f} (target about 0.5)")
+    print(f"per-rank EMA ({ema_per_rank[1] / 2**20:.2f} vs {ema_per_rank[2] / 2**20:.2f} MiB), world 2 / world 1: {ema_ratio:.3f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"bytes_per_rank": per_rank, "ratio": ratio}, f, indent=2)
+            json.dump({"bytes_per_rank": per_rank, "ratio": ratio, "ema_bytes_per_rank": ema_per_rank, "ema_ratio": ema_ratio}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""The ranks of tests/test_ema.py's ZeRO-3 test, started by torchrun: an average kept per partition
-against one of the full weights gathered every step (what the engine did before), and the checks
-that read only a rank's partitions (checksum, finite weights) against the gathered weights."""
+"""The ranks of tests/test_ema.py's sharded-average test, started by torchrun: on a ZeRO-3 engine, an
+average kept per partition and one kept per share of the full (gathered) weights, against a plain
+average of the full weights; and the checks that read only a rank's partitions (checksum, finite
+weights) against the gathered weights."""
 
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ from training.engine import init_distributed
 from training.partitions import gathered, weights_are_finite, weights_checksum
 
 
+def full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    with gathered(module, 3):
+        return {n: p.detach().float().cpu().clone() for n, p in module.named_parameters()}
+
+
 def main(out: str) -> None:
     rank, world, _, device = init_distributed(120)
     cfg = config.load(None, ["train.zero_stage=3", "train.batch_size=2", "train.optim.lr=0.01"])
@@ -25,48 +31,50 @@ def main(out: str) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.GELU(), torch.nn.Linear(7, 3))  # odd sizes: padded partitions
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(list(model.parameters()), cfg.train),
                                            config=deepspeed_config(cfg.train))  # fmt: skip
-    partitioned = EMA(engine.module, 0.9, 1, device, partitioned=True, comm_device=device)
+    partitions = EMA(engine.module, 0.9, 1, device, read_partitions=True, comm_device=device)
     with gathered(engine.module, 3):
-        full = EMA(engine.module, 0.9, 1, device)
-    start = {n: v.clone() for n, v in full.state_dict().items()}  # on the CPU state_dict holds the live tensors
+        shares = EMA(engine.module, 0.9, 1, device, read_partitions=False, comm_device=device)  # as under ZeRO 0-2
+    start = full_weights(engine.module)
+    reference = {n: v.clone() for n, v in start.items()}
     inputs = torch.Generator().manual_seed(rank)
     for _ in range(4):
         engine.backward(engine(torch.randn(2, 5, generator=inputs).to(device)).pow(2).mean())
         engine.step()
-        partitioned.update(engine.module)
+        partitions.update(engine.module)
         with gathered(engine.module, 3):
-            full.update(engine.module)
-    average, reference = partitioned.state_dict(), full.state_dict()
-    # a resume: every rank reads the full average (ema.safetensors) and keeps its partitions
-    shared = [average]
+            shares.update(engine.module)
+        for n, w in full_weights(engine.module).items():
+            reference[n].lerp_(w, 1 - 0.9)
+    by_partition, by_share = partitions.state_dict(), shares.state_dict()
+    # a resume: every rank reads the full average (ema.safetensors) and keeps its share
+    shared = [by_partition]
     dist.broadcast_object_list(shared, src=0)
-    restored = EMA(engine.module, 0.9, 1, device, partitioned=True, comm_device=device)
-    restored.load_state_dict(shared[0], partitioned.updates)
+    restored = EMA(engine.module, 0.9, 1, device, read_partitions=True, comm_device=device)
+    restored.load_state_dict(shared[0], partitions.updates)
     round_trip = restored.state_dict()
-    with gathered(engine.module, 3):
-        full_sum = sum(p.detach().double().sum().item() for p in engine.module.parameters())
+    weights = full_weights(engine.module)
     checksum, finite = weights_checksum(engine.module, device), weights_are_finite(engine.module, device)
     if rank == 1:  # a non-finite weight in one rank's partition only
         engine.module[2].weight.ds_tensor.data[0] = float("nan")
     finite_after_nan = weights_are_finite(engine.module, device)
     if rank == 0:
+        difference = lambda a, b: max((a[n] - b[n]).abs().max().item() for n in b)  # noqa: E731
         report = {
-            "world_size": world,
-            "names": sorted(average),
-            "reference_names": sorted(reference),
-            "shapes_equal": all(average[n].shape == reference[n].shape for n in reference),
-            "max_difference": max((average[n] - reference[n]).abs().max().item() for n in reference),
-            "moved_from_start": max((average[n] - start[n]).abs().max().item() for n in reference),
-            "round_trip_difference": max((round_trip[n] - average[n]).abs().max().item() for n in reference),
-            "partition_sizes": {n: len(v) for n, v in partitioned.shadow.items()},
-            "checksum_difference": abs(checksum - full_sum),
+            "names": [sorted(by_partition), sorted(by_share)],
+            "shapes_equal": all(by_partition[n].shape == by_share[n].shape == reference[n].shape for n in reference),
+            "partitions_vs_reference": difference(by_partition, reference),
+            "shares_vs_reference": difference(by_share, reference),
+            "moved_from_start": difference(reference, start),
+            "round_trip_difference": difference(round_trip, by_partition),
+            "share_sizes": {n: len(v) for n, v in partitions.shadow.items()},
+            "checksum_difference": abs(checksum - sum(w.double().sum().item() for w in weights.values())),
             "finite": finite,
             "finite_after_nan_on_rank1": finite_after_nan,
         }
         with open(out, "w") as f:
             json.dump(report, f)
     else:
-        assert average == {} and round_trip == {}
+        assert by_partition == by_share == round_trip == {}
     dist.barrier()
 
 

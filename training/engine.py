@@ -131,9 +131,10 @@ def train(
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(t, universal))
     # Under ZeRO-3 each rank averages its own partitions (training/ema.py), except with parameters
     # on NVMe, where a partition may be swapped out between steps: those are gathered to average.
-    partitioned_ema = t.zero_stage == 3 and t.offload_params != "nvme"
-    with gathered(engine.module, 0 if partitioned_ema else t.zero_stage):
-        ema = EMA(engine.module, t.ema.decay, t.ema.warmup, "cpu" if t.ema.on_cpu else device, partitioned_ema, comm_device=device)
+    ema_reads_partitions = t.zero_stage == 3 and t.offload_params != "nvme"
+    ema_gathers = t.zero_stage == 3 and not ema_reads_partitions
+    with gathered(engine.module, 3 if ema_gathers else 0):
+        ema = EMA(engine.module, t.ema.decay, t.ema.warmup, "cpu" if t.ema.on_cpu else device, ema_reads_partitions, device)
 
     start_step, history, skipped_total, resume_info = 0, [], 0, None
     if folder:
@@ -192,7 +193,7 @@ def train(
             if skipped:
                 say(f"{stage_name} step {step + 1}: non-finite loss or gradients, step skipped ({skips.total} so far)")
             else:
-                with gathered(engine.module, 0 if partitioned_ema else t.zero_stage):
+                with gathered(engine.module, 3 if ema_gathers else 0):
                     ema.update(engine.module)
             done = step + 1
             runlog.advance(f"loss {window[-1]:.4f}")
@@ -220,7 +221,7 @@ def train(
                         f"{record['samples_per_s']:.0f} samples/s  data wait {data_wait:.2f}s")  # fmt: skip
                 window, data_wait, tick = [], 0.0, time.time()
             if t.preview_every and done % t.preview_every == 0:
-                weights = ema.state_dict()  # every rank: a partitioned average is gathered
+                weights = ema.state_dict()  # every rank: the ranks' shares are gathered
                 if rank == 0:
                     runlog.images(done, stage.preview(ema_model(stage_info, weights, ema.device)))
             if done % t.checkpoint_every == 0 or done == t.steps:

@@ -15,21 +15,41 @@ import torch
 import torch.distributed as dist
 
 
+def world_and_rank() -> tuple[int, int]:
+    return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+
+
 def is_partitioned(p: torch.Tensor) -> bool:
     return getattr(p, "ds_tensor", None) is not None
 
 
-def partition_start(p: torch.Tensor) -> int:
-    """The first element of the flattened parameter in this rank's partition."""
-    return len(p.ds_tensor) * dist.get_rank()
+def full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    return tuple(p.ds_shape) if is_partitioned(p) else tuple(p.shape)
+
+
+def span(numel: int) -> tuple[int, int]:
+    """(first element, partition size) of this rank's share of a flattened parameter of `numel`
+    elements, as ZeRO-3 deals them: equal parts of ceil(numel / world), the last one padded."""
+    world, rank = world_and_rank()
+    size = -(-numel // world)
+    return size * rank, size
 
 
 def own_elements(p: torch.Tensor) -> torch.Tensor:
     """This rank's elements of parameter `p` (the padding left out; the full tensor if not partitioned)."""
     if not is_partitioned(p):
         return p.detach().reshape(-1)
-    start = partition_start(p)
+    start, _ = span(p.ds_numel)
     return p.ds_tensor.detach()[: max(0, min(len(p.ds_tensor), p.ds_numel - start))]
+
+
+def share(p: torch.Tensor, read_partition: bool) -> torch.Tensor:
+    """This rank's share of `p`'s elements: its ZeRO-3 partition (`read_partition`), or the same
+    elements of the full parameter (replicated under ZeRO 0-2, or gathered)."""
+    if read_partition:
+        return own_elements(p)
+    start, size = span(p.numel())
+    return p.detach().reshape(-1)[start : start + size]
 
 
 def gathered(module: torch.nn.Module, zero_stage: int):
