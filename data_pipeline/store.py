@@ -117,7 +117,10 @@ def write_part(store_url: str, shard_id: int, table: pa.Table, counts: dict[str,
     data = buf.getvalue()
     name = part_name(shard_id)
     storage.write_bytes(storage.join(store_url, name + ".parquet"), data)
-    entry: dict[str, Any] = {"file": name + ".parquet", "rows": len(table), "bytes": len(data), "sha256": _sha256(data)}
+    meta = pq.read_metadata(io.BytesIO(data))
+    entry: dict[str, Any] = {"file": name + ".parquet", "rows": len(table), "bytes": len(data), "sha256": _sha256(data),
+                             # so trainers lay out the row groups from the manifest, not from every file's footer
+                             "row_groups": [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]}  # fmt: skip
     entry["sums"] = _sums(table)
     entry["counts"] = dict(counts or {"kept": len(table)})
     storage.write_json(storage.join(store_url, name + ".json"), entry)

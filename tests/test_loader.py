@@ -173,3 +173,24 @@ def test_batches_for_a_gpu_come_page_locked_in_the_same_order(tmp_path):
         assert batch["clip_image_emb"].is_pinned()
         assert ids(batch) == ids(next(plain))
     pinned.close(), plain.close()
+
+
+def test_row_groups_are_laid_out_from_the_manifest_without_opening_a_part(tmp_path, monkeypatch):
+    import copy
+
+    from training import data
+
+    s = make_store(str(tmp_path), (2500, 700), columns=("clip_image_emb",), holdout=0.1)
+    assert [shard["row_groups"] for shard in s.manifest["shards"]] == [[1024, 1024, 452], [700]]
+    older = copy.deepcopy(s)  # a store from before the manifest kept row groups: its footers are read
+    for shard in older.manifest["shards"]:
+        del shard["row_groups"]
+    from_footers = data.row_groups(older)
+
+    def no_opening(*args, **kwargs):
+        raise AssertionError("a part was opened")
+
+    monkeypatch.setattr(data.pq, "ParquetFile", no_opening)
+    from_manifest = data.row_groups(s)
+    assert [(g.file, g.index, g.usable.tolist()) for g in from_manifest] == [(g.file, g.index, g.usable.tolist()) for g in from_footers]
+    assert len(from_manifest) == 4 and sum(g.rows for g in from_manifest) < 3200  # held-out rows left out
