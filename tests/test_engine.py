@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -244,8 +245,9 @@ def test_zero3_resumes_on_more_ranks_with_its_average(root):
     2 ranks' partitions on resume, it goes on averaging (decay 0.999 from the start, so 2 more
     steps move it by about 0.2% of its distance to the weights; a misplaced partition moves it far)."""
     settings = ["train.zero_stage=3", "train.ema.decay=0.999", "train.ema.warmup=1", "train.run=z3", "train.checkpoint_every=4"]
-    launch(root, "train.steps=4", *settings, nproc=1)
+    first = launch(root, "train.steps=4", *settings, nproc=1)
     launch(root, "train.steps=6", *settings, nproc=2)
+    assert float(re.search(r"ldm: ([\d.]+)M trainable parameters", first.stdout).group(1)) > 0.1  # counted whole under ZeRO-3
     resume = json.load(open(os.path.join(run_dir(root, "z3"), "train_summary.json")))["resume"]
     assert (resume["world_size_before"], resume["world_size_after"], resume["universal"]) == (1, 2, True)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -24,7 +24,7 @@ from training.data import StoreLoader
 from training.ds_config import deepspeed_config, lr_factor, make_optimizer
 from training.ema import EMA
 from training.failures import Preempted, Preemption, SkipTracker, inject
-from training.partitions import gathered, weights_are_finite, weights_checksum
+from training.partitions import full_numel, gathered, weights_are_finite, weights_checksum
 from training.observe import RunLog, memory_stats
 from training.stages import get_stage
 
@@ -150,7 +150,7 @@ def train(
         storage.write_text(storage.join(run_url, "config.yaml"), config_yaml)
     runlog = RunLog(run_url, os.path.join(checkpointer.staging_root, "logs"), rank == 0, t.steps, t.progress_bar, say)
     runlog.start_at(start_step)
-    n_params = sum(p.numel() for p in trainable)
+    n_params = sum(full_numel(p) for p in trainable)  # under ZeRO-3 a partitioned parameter's numel() is 0
     say(f"{stage_name}: {n_params / 1e6:.2f}M trainable parameters, {store.manifest['totals']['rows']} rows, {world} ranks x "
         f"{t.batch_size} x {t.grad_accum} accum, ZeRO-{t.zero_stage}, {t.precision}")  # fmt: skip
 

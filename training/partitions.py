@@ -1,10 +1,11 @@
-"""Which elements of a ZeRO-3 parameter this rank holds, and the checks that read only those.
+"""Which elements of a parameter a rank holds or looks after, and the checks that read only those.
 
 ZeRO-3 keeps each parameter flattened and cut into equal partitions, one per rank of the
 data-parallel group (the world here): `param.ds_tensor`, the last one padded with memory DeepSpeed
-never initialises. The EMA, the finite-weights check and the resume checksum read a rank's own
-elements through here and combine ranks with one small all-reduce, so none of them gathers the
-whole model (which would need its full memory on every rank, what ZeRO-3 exists to avoid).
+never initialises. The finite-weights check and the resume checksum read a rank's own elements
+through here and combine ranks with one small all-reduce, so neither gathers the whole model
+(which would need its full memory on every rank, what ZeRO-3 exists to avoid); the EMA keeps the
+same share of every parameter at every ZeRO stage.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ def is_partitioned(p: torch.Tensor) -> bool:
 
 def full_shape(p: torch.Tensor) -> tuple[int, ...]:
     return tuple(p.ds_shape) if is_partitioned(p) else tuple(p.shape)
+
+
+def full_numel(p: torch.Tensor) -> int:
+    return p.ds_numel if is_partitioned(p) else p.numel()
 
 
 def span(numel: int) -> tuple[int, int]:
