@@ -203,3 +203,38 @@ def test_each_chain_samples_at_its_own_models_scales():
     assert cfg.sample.scales("unclip") == (2.5, 1.5)
     with pytest.raises(ValueError, match="sample chain 'decoder': expected ldm or unclip"):
         cfg.sample.scales("decoder")
+
+
+def test_the_docs_name_only_real_config_keys():
+    """Every `section.key` the READMEs and config comments name exists, so a renamed or mistyped
+    option leaves no stale advice (keys under a free-form mapping, launch.env.*, are any)."""
+    import dataclasses
+    import re
+    import typing
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    keys, free = set(), set()
+
+    def walk(cls, prefix: str) -> None:
+        for field in dataclasses.fields(cls):
+            path, tp = f"{prefix}{field.name}", typing.get_type_hints(cls)[field.name]
+            keys.add(path)
+            if dataclasses.is_dataclass(tp):
+                walk(tp, path + ".")
+            elif typing.get_origin(tp) is dict:
+                free.add(path + ".")
+
+    walk(config.Config, "")
+    sections = sorted(f.name for f in dataclasses.fields(config.Config) if dataclasses.is_dataclass(typing.get_type_hints(config.Config)[f.name]))
+    named = re.compile(r"(?<![\w/.-])((?:%s)\.[A-Za-z_][A-Za-z0-9_.]*)" % "|".join(sections))  # not inside a path
+    documents = [repo / "README.md", repo / "infra" / "README.md", *sorted((repo / "configs").glob("*.yaml"))]
+    stale = []
+    for document in documents:
+        for match in named.finditer(document.read_text()):
+            key = match.group(1).rstrip(".")
+            if key.endswith((".py", ".json", ".yaml", ".md", ".png")) or key in keys or key.startswith(tuple(free)):
+                continue
+            stale.append(f"{document.relative_to(repo)}: {key}")
+    assert not stale, stale
+    assert "train.ema.on_cpu" in keys and "launch.env." in free  # the walk itself
