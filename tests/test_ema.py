@@ -31,15 +31,32 @@ def test_average_follows_the_weights():
     restored = EMA(model, 0.5, 1)
     restored.load_state_dict(ema.state_dict(), ema.updates)
     assert restored.updates == 2 and torch.equal(restored.state_dict()["weight"], ema.state_dict()["weight"])
-    with pytest.raises(KeyError, match="EMA weights lack 'weight'"):
+    with pytest.raises(KeyError, match="the EMA state lacks 'weight'"):
         restored.load_state_dict({}, 0)
+
+
+def test_a_saved_average_loads_from_its_file_and_names_the_file_when_it_does_not_fit(tmp_path):
+    from safetensors.torch import save_file
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    saved = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    save_file(saved, str(tmp_path / "ema.safetensors"))
+    ema = EMA(model, 0.9)
+    ema.load_file(str(tmp_path / "ema.safetensors"), 7)
+    assert ema.updates == 7 and all(torch.equal(ema.state_dict()[n], saved[n]) for n in saved)
+    save_file({**saved, "1.weight": torch.zeros(2, 5)}, str(tmp_path / "wide.safetensors"))
+    with pytest.raises(ValueError, match=r"wide.safetensors': '1.weight' has shape \(2, 5\), the network's is \(2, 4\)"):
+        ema.load_file(str(tmp_path / "wide.safetensors"), 0)
+    save_file({n: v for n, v in saved.items() if n != "0.bias"}, str(tmp_path / "short.safetensors"))
+    with pytest.raises(KeyError, match="short.safetensors' lacks '0.bias'"):
+        ema.load_file(str(tmp_path / "short.safetensors"), 0)
 
 
 @pytest.mark.slow
 def test_each_rank_averages_its_share_and_the_whole_is_exact(tmp_path):
     """Two ranks (torchrun, gloo) on a ZeRO-3 engine: the averages kept per partition and per share
     of the full weights, gathered, equal a plain average of the full weights (to float rounding);
-    a saved average cut back into shares gathers to itself; the checksum and the finite-weights
+    a saved average read back from its file (each rank only its rows) gathers to itself; the checksum and the finite-weights
     check, read per partition, agree with the gathered weights."""
     import json
     import os

@@ -6,11 +6,13 @@ weights) against the gathered weights."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import deepspeed
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 from launch import config
 from training.ds_config import deepspeed_config, make_optimizer
@@ -46,11 +48,13 @@ def main(out: str) -> None:
         for n, w in full_weights(engine.module).items():
             reference[n].lerp_(w, 1 - 0.9)
     by_partition, by_share = partitions.state_dict(), shares.state_dict()
-    # a resume: every rank reads the full average (ema.safetensors) and keeps its share
-    shared = [by_partition]
-    dist.broadcast_object_list(shared, src=0)
+    # a resume: rank 0 saved the full average, every rank reads only its share of it
+    saved = os.path.join(os.path.dirname(out), "ema.safetensors")
+    if rank == 0:
+        save_file(by_partition, saved)
+    dist.barrier()
     restored = EMA(engine.module, 0.9, 1, device, read_partitions=True, comm_device=device)
-    restored.load_state_dict(shared[0], partitions.updates)
+    restored.load_file(saved, partitions.updates)
     round_trip = restored.state_dict()
     weights = full_weights(engine.module)
     checksum, finite = weights_checksum(engine.module, device), weights_are_finite(engine.module, device)

@@ -246,11 +246,9 @@ class Checkpointer:
         _barrier()
         return target
 
-    def load(self, engine, local_folder: str, deepspeed_folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """Restore DeepSpeed state (from `deepspeed_folder`) and this rank's RNG; returns
-        (trainer state, EMA weights) from `local_folder`."""
-        from safetensors.torch import load_file
-
+    def load(self, engine, local_folder: str, deepspeed_folder: str) -> tuple[dict[str, Any], str]:
+        """Restore DeepSpeed state (from `deepspeed_folder`) and this rank's RNG; returns the trainer
+        state and the path of the EMA weights (each rank reads its own share) in `local_folder`."""
         parent, tag = os.path.split(deepspeed_folder.rstrip("/"))
         path, _ = engine.load_checkpoint(parent, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
@@ -260,7 +258,7 @@ class Checkpointer:
         rng_file = os.path.join(local_folder, f"rng-rank{self.rank:05d}.pt")
         if os.path.exists(rng_file) and state["world_size"] == self.world_size:
             _set_rng_state(torch.load(rng_file, weights_only=False))
-        return state, load_file(os.path.join(local_folder, "ema.safetensors"))
+        return state, os.path.join(local_folder, "ema.safetensors")
 
 
 def read_trainer_state(folder_url: str) -> dict[str, Any]:

@@ -64,14 +64,34 @@ class EMA:
         return full
 
     def load_state_dict(self, state: dict[str, torch.Tensor], updates: int) -> None:
-        """`state`: the full average (as saved), on every rank; each rank keeps its share."""
-        missing = set(self.shadow) - set(state)
+        """`state`: the full average (as saved); each rank keeps its share."""
+        self._load({n: tuple(state[n].shape) for n in state}, lambda n, first, last: state[n][first:last], lambda n: state[n], updates)
+
+    def load_file(self, path: str, updates: int) -> None:
+        """The saved full average (ema.safetensors), each rank reading only the rows that hold its
+        share: the ranks of a node resuming a large model never hold the whole average each."""
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            shapes = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+            self._load(shapes, lambda n, first, last: f.get_slice(n)[first:last], f.get_tensor, updates, f"'{path}'")
+
+    def _load(self, shapes: dict[str, tuple[int, ...]], rows, whole, updates: int, source: str = "the EMA state") -> None:
+        """`rows(name, first, last)`: rows first..last-1 of a saved weight; `whole(name)`: all of it."""
+        missing = set(self.shadow) - set(shapes)
         if missing:
-            raise KeyError(f"EMA weights lack {sorted(missing)[0]!r}")
+            raise KeyError(f"{source} lacks {sorted(missing)[0]!r}")
         shadow = {}
         for n, shape in self.shapes.items():
-            if tuple(state[n].shape) != shape:
-                raise ValueError(f"EMA weights: {n!r} has shape {tuple(state[n].shape)}, the network's is {shape}")
-            start, size = span(math.prod(shape))
-            shadow[n] = state[n].reshape(-1)[start : start + size].to(self.device, torch.float32, copy=True)
+            if shapes[n] != shape:
+                raise ValueError(f"{source}: {n!r} has shape {tuple(shapes[n])}, the network's is {shape}")
+            numel = math.prod(shape)
+            start, size = span(numel)
+            stop = min(start + size, numel)
+            if not shape or stop <= start:
+                flat, offset = whole(n).reshape(-1), 0
+            else:
+                row = numel // shape[0]
+                flat, offset = rows(n, start // row, -(-stop // row)).reshape(-1), (start // row) * row
+            shadow[n] = flat[max(0, start - offset) : max(0, stop - offset)].to(self.device, torch.float32, copy=True)
         self.shadow, self.updates = shadow, updates

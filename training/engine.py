@@ -138,9 +138,9 @@ def train(
 
     start_step, history, skipped_total, resume_info = 0, [], 0, None
     if folder:
-        state, ema_state = checkpointer.load(engine, local_folder, deepspeed_folder)
+        state, ema_file = checkpointer.load(engine, local_folder, deepspeed_folder)
         loader.load_state_dict(state["loader"])
-        ema.load_state_dict(ema_state, state["ema_updates"])
+        ema.load_file(ema_file, state["ema_updates"])
         start_step, history, skipped_total = state["step"], state.get("history", []), state.get("skipped_steps", 0)
         resume_info = {"from": folder, "step": start_step, "world_size_before": state["world_size"], "world_size_after": world,
                        "universal": universal, "weights_checksum": weights_checksum(engine.module, device)}  # fmt: skip
