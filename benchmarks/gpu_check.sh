@@ -3,7 +3,7 @@
 # network (its image has torch, pyarrow, fsspec, pytest, but not DeepSpeed, diffusers or open_clip).
 #
 #   benchmarks/gpu_check.sh fetch   here, with a package index: wheels of what such an image lacks,
-#                                   at constraints.txt's versions, into .whl/ (about 13 MiB)
+#                                   at constraints.txt's versions, into .whl/ (about 14 MiB)
 #   benchmarks/gpu_check.sh run     there: installs .whl/ (if present) beside the image's torch, then
 #                                   the step benchmark (small fp32; Stable Diffusion-sized bf16, with
 #                                   samples/s and MFU) and the tests that compare GPU with CPU results;

@@ -131,10 +131,10 @@ def train(
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(t, universal))
     # Under ZeRO-3 each rank averages its own partitions (training/ema.py), except with parameters
     # on NVMe, where a partition may be swapped out between steps: those are gathered to average.
-    ema_reads_partitions = t.zero_stage == 3 and t.offload_params != "nvme"
-    ema_gathers = t.zero_stage == 3 and not ema_reads_partitions
+    ema_gathers = t.zero_stage == 3 and t.offload_params == "nvme"
     with gathered(engine.module, 3 if ema_gathers else 0):
-        ema = EMA(engine.module, t.ema.decay, t.ema.warmup, "cpu" if t.ema.on_cpu else device, ema_reads_partitions, device)
+        ema = EMA(engine.module, t.ema.decay, t.ema.warmup, "cpu" if t.ema.on_cpu else device,
+                  read_partitions=t.zero_stage == 3 and not ema_gathers, comm_device=device)  # fmt: skip
 
     start_step, history, skipped_total, resume_info = 0, [], 0, None
     if folder:
