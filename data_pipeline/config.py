@@ -77,6 +77,10 @@ class IngestConfig:
     retries: int = option(0, ge=0)
     max_in_flight: int | None = option(None, ge=1, doc="Ray tasks at once; null: as many as the CPUs allow")
     progress_every_s: float = option(5.0, gt=0, doc="seconds between progress lines")
+    plan_task_rows: int = option(
+        1_000_000, ge=1, doc="list rows one planning task reads (parquet files split by row group); content dedup groups shards alike"
+    )
+    dedup_bucket_rows: int = option(4_000_000, ge=1, doc="keys per dedup task (URL and content dedup): buckets = rows / this")
     filters: IngestFilters = option(factory=IngestFilters)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline import raw, sources, storage, store
+from data_pipeline import sources, storage, store
 from data_pipeline.config import EmbedConfig, RayConfig
 from data_pipeline.embed_stages import EncodeChunks, load_chunks
 from models.config import EncodersConfig
@@ -112,7 +112,6 @@ def run(
 
     started = time.time()
     source = sources.open_source(cfg.input, raw_url, cfg.input_format, cfg.image_col, cfg.caption_col)
-    dropped = raw.read_duplicates(raw_url) if source.kind == "raw" else {}
     identity, specs = encoder_identity(encoders, cfg)
     storage.makedirs(store_url)
     check_same_encoders(store_url, identity, specs, cfg)
@@ -137,7 +136,7 @@ def run(
                 "image_columns": [c for c in specs if c.startswith("image_")],
             }
             ds = (
-                ray.data.from_items([{"shard": s, "dropped": sorted(dropped.get(s, ()))} for s in todo], override_num_blocks=len(todo))
+                ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
                 # Declaring the memory a decode task holds also keeps Ray Data from fusing decoding
                 # into the encoder actors, which it does whenever both stages ask for identical
                 # resources (as on a CPU-only node).

@@ -64,7 +64,7 @@ def load_chunks(item: dict[str, Any], source: sources.Source, chunk_size: int, c
 
     A generator: decoded pixels are large, so chunks leave the task as they are made."""
     shard = int(item["shard"])
-    samples = list(sources.iter_samples(source, shard, set(item["dropped"])))
+    samples = list(sources.iter_samples(source, shard))
     starts = range(0, max(len(samples), 1), chunk_size)
     for index, start in enumerate(starts):
         part = samples[start : start + chunk_size]

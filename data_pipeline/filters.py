@@ -1,15 +1,17 @@
-"""Ingest filters: metadata rules before download, image guards and content dedup after.
+"""Ingest filters: metadata rules before download, image guards after.
 
-Before download every rule is a vectorised pass over the whole list (pyarrow compute), and a row
-is counted under the first rule it fails, so the counts add up to the rows dropped. After
-download, img2dataset's resizer checks size and aspect ratio; `GuardedResizer` adds a header
-check so a decompression bomb is refused before it is decoded, and `find_duplicates` drops
-repeated image bytes across the whole data set with a rule that does not depend on which shard
-finished first: the earliest sample in list order is kept.
+Before download every rule is a vectorised pass over a batch of the list (pyarrow compute), and
+a row is counted under the first rule it fails, so the counts add up to the rows dropped. Every
+rule but `duplicate_url` is decided by the row alone; that one needs the whole list, and the
+planner (data_pipeline/plan.py) decides it in buckets. After download, img2dataset's resizer
+checks size and aspect ratio; `GuardedResizer` adds a header check so a decompression bomb is
+refused before it is decoded. Repeated image bytes are dropped by data_pipeline/content_dedup.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import io
 import re
 from typing import Any, Callable
@@ -18,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from data_pipeline import dedup, url_list
 from data_pipeline.config import IngestFilters
 from data_pipeline.url_list import NON_UTF8, UrlListError
 
@@ -33,12 +36,33 @@ IMAGE_RULES = {
 }
 
 
-def _column(table: pa.Table, wanted: str | None, candidates: tuple[str, ...], key: str, needed: bool) -> str | None:
+def resolve(f: IngestFilters, schema: pa.Schema) -> IngestFilters:
+    """The filters with their columns named for this list (the union of its files' columns);
+    a filter on a column the list lacks, or holds no numbers in, is refused here, before any work."""
+    need_size = bool(f.min_width or f.min_height or f.max_aspect_ratio)
+    width = _column(schema.names, f.width_col, WIDTH_COLUMNS, "width_col", need_size)
+    height = _column(schema.names, f.height_col, HEIGHT_COLUMNS, "height_col", need_size)
+    if need_size:
+        _require_numeric(schema, width, "ingest.filters.width_col")
+        _require_numeric(schema, height, "ingest.filters.height_col")
+    for name in f.thresholds:
+        if name not in schema.names:
+            raise UrlListError(f"config key 'ingest.filters.thresholds.{name}': the URL list has no column '{name}'")
+        _require_numeric(schema, name, f"ingest.filters.thresholds.{name}")
+    return dataclasses.replace(f, width_col=width if need_size else None, height_col=height if need_size else None)
+
+
+def columns_read(f: IngestFilters) -> list[str]:
+    """Columns (stored names) the metadata rules of resolved filters read, besides url and caption."""
+    return [c for c in (f.width_col, f.height_col, *f.thresholds) if c]
+
+
+def _column(names: list[str], wanted: str | None, candidates: tuple[str, ...], key: str, needed: bool) -> str | None:
     if wanted is not None:
-        if wanted not in table.column_names:
+        if wanted not in names:
             raise UrlListError(f"config key 'ingest.filters.{key}': the URL list has no column '{wanted}'")
         return wanted
-    found = next((c for c in candidates if c in table.column_names), None)
+    found = next((c for c in candidates if c in names), None)
     if found is None and needed:
         raise UrlListError(
             f"config key 'ingest.filters.{key}': the URL list has no such column (looked for "
@@ -47,11 +71,18 @@ def _column(table: pa.Table, wanted: str | None, candidates: tuple[str, ...], ke
     return found
 
 
-def _numeric(table: pa.Table, name: str, key: str) -> pa.ChunkedArray:
-    column = table[name]
-    if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_null(column.type)):
-        raise UrlListError(f"config key '{key}': column '{name}' is {column.type}, expected numbers")
-    return pc.cast(column, pa.float64())
+def _require_numeric(schema: pa.Schema, name: str, key: str) -> None:
+    kind = schema.field(name).type
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind)):
+        raise UrlListError(f"config key '{key}': column '{name}' is {kind}, expected numbers")
+
+
+def _numeric(table: pa.Table, name: str) -> pa.ChunkedArray:
+    """A resolved column as float64; all missing where this part of the list lacks it."""
+    if name not in table.column_names:
+        return pa.chunked_array([pa.nulls(len(table), pa.float64())])
+    _require_numeric(table.schema, name, name)
+    return pc.cast(table[name], pa.float64())
 
 
 def _fill_false(mask: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -71,14 +102,14 @@ def _blocked(urls: pa.ChunkedArray, domains: list[str]) -> np.ndarray:
     return _fill_false(pc.is_in(hosts, value_set=hits))
 
 
-def metadata_rules(table: pa.Table, f: IngestFilters) -> list[tuple[str, Callable[[], np.ndarray]]]:
-    """(rule name, mask of rows failing it), in the order rows are counted."""
+def _local_rules(table: pa.Table, f: IngestFilters) -> list[tuple[str, Callable[[], np.ndarray]]]:
+    """(rule name, mask of rows failing it) of every rule a row decides alone, in counting order;
+    `duplicate_url` sits between `malformed_url` and the rest (see `rule_names`)."""
     url = table["url"]
     caption = pc.fill_null(table["caption"], "")
     rules: list[tuple[str, Callable[[], np.ndarray]]] = [
         ("missing_url", lambda: ~_fill_false(pc.greater(pc.utf8_length(pc.fill_null(url, "")), 0))),
         ("malformed_url", lambda: ~_fill_false(pc.match_substring_regex(pc.fill_null(url, ""), _URL))),
-        ("duplicate_url", lambda: _repeats(url)),
     ]
     if f.blocked_domains:
         rules.append(("blocked_domain", lambda: _blocked(url, f.blocked_domains)))
@@ -86,22 +117,18 @@ def metadata_rules(table: pa.Table, f: IngestFilters) -> list[tuple[str, Callabl
         rules.append(("non_utf8_caption", lambda: _fill_false(table[NON_UTF8])))
     if f.drop_empty_caption:
         rules.append(("empty_caption", lambda: ~_fill_false(pc.match_substring_regex(caption, r"\S"))))
-    chars = pc.utf8_length(caption)
-    words = pc.count_substring_regex(caption, r"\S+")
+    chars = functools.cache(lambda: pc.utf8_length(caption))
+    words = functools.cache(lambda: pc.count_substring_regex(caption, r"\S+"))
     if f.min_caption_chars:
-        rules.append(("caption_too_short", lambda: _fill_false(pc.less(chars, f.min_caption_chars))))
+        rules.append(("caption_too_short", lambda: _fill_false(pc.less(chars(), f.min_caption_chars))))
     if f.max_caption_chars:
-        rules.append(("caption_too_long", lambda: _fill_false(pc.greater(chars, f.max_caption_chars))))
+        rules.append(("caption_too_long", lambda: _fill_false(pc.greater(chars(), f.max_caption_chars))))
     if f.min_caption_words:
-        rules.append(("caption_too_few_words", lambda: _fill_false(pc.less(words, f.min_caption_words))))
+        rules.append(("caption_too_few_words", lambda: _fill_false(pc.less(words(), f.min_caption_words))))
     if f.max_caption_words:
-        rules.append(("caption_too_many_words", lambda: _fill_false(pc.greater(words, f.max_caption_words))))
-    need_size = bool(f.min_width or f.min_height or f.max_aspect_ratio)
-    width_col = _column(table, f.width_col, WIDTH_COLUMNS, "width_col", need_size)
-    height_col = _column(table, f.height_col, HEIGHT_COLUMNS, "height_col", need_size)
-    if need_size:
-        width = _numeric(table, width_col, "ingest.filters.width_col")
-        height = _numeric(table, height_col, "ingest.filters.height_col")
+        rules.append(("caption_too_many_words", lambda: _fill_false(pc.greater(words(), f.max_caption_words))))
+    if f.width_col and f.height_col:
+        width, height = _numeric(table, f.width_col), _numeric(table, f.height_col)
         if f.min_width:
             rules.append(("width_too_small", lambda: ~_fill_false(pc.greater_equal(width, f.min_width))))
         if f.min_height:
@@ -110,9 +137,7 @@ def metadata_rules(table: pa.Table, f: IngestFilters) -> list[tuple[str, Callabl
             ratio = pc.divide(pc.max_element_wise(width, height), pc.min_element_wise(width, height))
             rules.append(("aspect_ratio", lambda: ~_fill_false(pc.less_equal(ratio, f.max_aspect_ratio))))
     for name, bound in f.thresholds.items():
-        if name not in table.column_names:
-            raise UrlListError(f"config key 'ingest.filters.thresholds.{name}': the URL list has no column '{name}'")
-        values = _numeric(table, name, f"ingest.filters.thresholds.{name}")
+        values = _numeric(table, name)
         ok = pa.array(np.ones(len(table), bool))
         if bound.min is not None:
             ok = pc.and_kleene(ok, pc.greater_equal(values, bound.min))
@@ -122,28 +147,50 @@ def metadata_rules(table: pa.Table, f: IngestFilters) -> list[tuple[str, Callabl
     return rules
 
 
-def _repeats(column: pa.ChunkedArray) -> np.ndarray:
-    """True for every row whose value appeared in an earlier row."""
-    indexed = pa.table({"value": column, "row": pa.array(np.arange(len(column)))})
-    first = indexed.group_by("value", use_threads=False).aggregate([("row", "min")])["row_min"]
-    repeat = np.ones(len(column), bool)
-    repeat[np.asarray(first)] = False
-    return repeat
+def rule_names(f: IngestFilters) -> list[str]:
+    """Every metadata rule of resolved filters, in the order a row is counted under the first it fails."""
+    names = [name for name, _ in _local_rules(_NAMES_PROBE, f)]
+    return [*names[:2], "duplicate_url", *names[2:]]
+
+
+# An empty list with every column a rule could read: `rule_names` lists rules without data.
+_NAMES_PROBE = pa.table({"url": pa.array([], pa.string()), "caption": pa.array([], pa.string()), NON_UTF8: pa.array([], pa.bool_())})
+BEFORE_DEDUP = ("missing_url", "malformed_url")  # a row failing these has no URL to deduplicate
+KEPT = 255  # the code of a row no rule drops
+
+
+def first_failing(table: pa.Table, f: IngestFilters) -> np.ndarray:
+    """Per row, the index in `rule_names(f)` of the first rule it fails, or KEPT; never
+    `duplicate_url`, which depends on the rest of the list (data_pipeline/plan.py decides it)."""
+    names = rule_names(f)
+    codes = np.full(len(table), KEPT, np.uint8)
+    for name, failing in _local_rules(table, f):
+        codes[(codes == KEPT) & failing()] = names.index(name)
+    return codes
+
+
+def counts_by_rule(codes: np.ndarray, f: IngestFilters) -> dict[str, int]:
+    """How many rows each rule drops, from `first_failing` codes."""
+    names = rule_names(f)
+    found = np.bincount(codes, minlength=256)
+    return {names[c]: int(found[c]) for c in np.flatnonzero(found[:KEPT])}
 
 
 def apply_metadata_filters(table: pa.Table, f: IngestFilters) -> tuple[pa.Table, dict[str, int]]:
-    """The rows that pass every rule, in list order, and how many each rule dropped."""
-    alive = np.ones(len(table), bool)
-    counts: dict[str, int] = {}
-    for name, failing in metadata_rules(table, f):
-        dropped = failing() & alive
-        if dropped.any():
-            counts[name] = int(dropped.sum())
-        alive &= ~dropped
-    kept = table.filter(pa.array(alive))
+    """The rows of one in-memory list that pass every rule, in list order, and how many each
+    rule dropped: the whole rule set in one process, for small lists and as the reference
+    the distributed planner is tested against."""
+    f = resolve(f, table.schema)
+    names = rule_names(f)
+    codes = first_failing(table, f)
+    has_url = ~np.isin(codes, [names.index(n) for n in BEFORE_DEDUP])
+    rows = np.flatnonzero(has_url)
+    dup, _ = dedup.repeats(url_list.url_digests(table["url"].take(pa.array(rows))), rows)
+    codes[rows[dup]] = names.index("duplicate_url")
+    kept = table.filter(pa.array(codes == KEPT))
     if NON_UTF8 in kept.column_names:
         kept = kept.drop_columns([NON_UTF8])
-    return kept, counts
+    return kept, counts_by_rule(codes, f)
 
 
 def make_resizer(image_size: int, resize_mode: str, encode_format: str, encode_quality: int, f: IngestFilters):
@@ -180,23 +227,23 @@ def make_resizer(image_size: int, resize_mode: str, encode_format: str, encode_q
 
 
 def find_duplicates(status: pa.Table) -> pa.Table:
-    """Downloaded samples whose image bytes repeat an earlier one (in (shard, row) order).
+    """Downloaded samples of one in-memory table whose image bytes repeat an earlier one (in
+    (shard, row) order); data_pipeline/content_dedup.py does the same over a whole data set.
 
-    `status` has shard, row, uid, sha256 for every downloaded sample; returns shard, uid and
+    `status` has shard, row, uid, sha256 (hex) for every downloaded sample; returns shard, uid and
     duplicate_of (the kept sample's uid).
     """
-    if len(status) == 0:
-        return pa.table({"shard": pa.array([], pa.int64()), "uid": pa.array([], pa.string()), "duplicate_of": pa.array([], pa.string())})
-    ordered = status.sort_by([("shard", "ascending"), ("row", "ascending")])
-    ordered = ordered.append_column("order", pa.array(np.arange(len(ordered))))
-    first = ordered.group_by("sha256", use_threads=False).aggregate([("order", "min")])
-    keeper_order = pc.take(
-        first["order_min"], pc.index_in(ordered["sha256"], value_set=first["sha256"])
-    )
-    is_dup = pc.not_equal(keeper_order, ordered["order"])
-    dups = ordered.filter(is_dup)
-    keeper_uid = pc.take(ordered["uid"], pc.take(keeper_order, pc.indices_nonzero(is_dup)))
-    return pa.table({"shard": dups["shard"], "uid": dups["uid"], "duplicate_of": keeper_uid})
+    digests, valid = dedup.from_hex(status["sha256"])
+    rows = np.flatnonzero(valid)
+    order = dedup.order_of(np.asarray(status["shard"])[rows], np.asarray(status["row"])[rows])
+    dup, first = dedup.repeats(digests[rows], order)
+    ranked = np.argsort(order[dup], kind="stable")
+    dup, first = dup[ranked], first[ranked]
+    return pa.table({
+        "shard": pa.array(np.asarray(status["shard"])[rows[dup]], pa.int64()),
+        "uid": status["uid"].take(pa.array(rows[dup])),
+        "duplicate_of": status["uid"].take(pa.array(rows[first])),
+    })  # fmt: skip
 
 
 def summarize_messages(status_dict: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:

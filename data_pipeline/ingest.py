@@ -6,14 +6,19 @@ every later stage and every rerun agree), filters and URL dedup over the whole l
 download, content dedup over the whole data set after, and shards that appear only complete.
 Each task still runs img2dataset's own `Downloader`, so downloading, resizing and the
 per-sample status are exactly img2dataset's. The layout is in data_pipeline/raw.py.
+
+The driver holds counts and file names only; everything that grows with the list runs in tasks:
+planning (data_pipeline/plan.py), downloads (a shard's input is a row range of plan files),
+content dedup (data_pipeline/content_dedup.py) and reading earlier shards' stats.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
+import collections
+import dataclasses
 import multiprocessing
 import os
+import posixpath
 import tempfile
 import time
 import uuid
@@ -22,22 +27,25 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from data_pipeline import filters, raw, storage, url_list
+from data_pipeline import content_dedup, filters, plan, raw, storage, tasks, url_list
 from data_pipeline.config import IngestConfig, RayConfig
+
+MESSAGES_KEPT = 1000  # distinct error messages the totals keep (they can name hosts: unbounded)
+STATS_PER_TASK = 512  # earlier shards' stats files one reading task aggregates
 
 
 class IngestIncomplete(RuntimeError):
     pass
 
 
-def download_shard(shard_id: int, rows: pa.Table, raw_url: str, cfg: IngestConfig) -> dict[str, Any]:
-    """One img2dataset Downloader over one shard, written beside the destination, then committed."""
+def download_shard(shard_id: int, inputs: list[tuple[str, int, int]], raw_url: str, cfg: IngestConfig) -> dict[str, Any]:
+    """One img2dataset Downloader over one shard, written beside the destination, then committed;
+    `inputs` are the plan's rows files and row ranges that hold the shard (`plan.Plan.shard_inputs`)."""
     from img2dataset.downloader import Downloader
     from img2dataset.writer import WebDatasetSampleWriter
 
+    rows = plan.read_shard(inputs)
     name = raw.shard_name(shard_id)
     staging = storage.join(raw_url, f"{storage.TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}")
     storage.makedirs(staging)
@@ -66,106 +74,108 @@ def download_shard(shard_id: int, rows: pa.Table, raw_url: str, cfg: IngestConfi
                 writer.write_table(rows)
             # download_shard raises on failure (Downloader.__call__ would swallow it)
             downloader.download_shard((shard_id, input_file))
+        fs, staged = storage.url_to_fs(staging)
+        size = sum(fs.size(posixpath.join(staged, name + suffix)) for suffix in (".tar", ".parquet"))
+        stats = storage.read_json(storage.join(staging, name + raw.STATS_SUFFIX))
         for suffix in (".tar", ".parquet", raw.STATS_SUFFIX):  # the stats file last: it is the marker
             storage.move(storage.join(staging, name + suffix), raw.shard_file(raw_url, shard_id, suffix))
-        return {"shard": shard_id, **storage.read_json(raw.shard_file(raw_url, shard_id, raw.STATS_SUFFIX))}
+        return {"shard": shard_id, "bytes": size, **_counted(stats)}
     finally:
         storage.remove(staging)
 
 
-def _download_group(shards: list[tuple[int, pa.Table]], raw_url: str, cfg: IngestConfig) -> list[dict[str, Any]]:
+def _counted(stats: dict[str, Any]) -> dict[str, Any]:
+    """The part of img2dataset's stats the totals need."""
+    return {k: stats[k] for k in ("count", "successes", "failed_to_download", "status_dict")}
+
+
+def _download_group(shards: list[tuple[int, list]], raw_url: str, cfg: IngestConfig) -> list[dict[str, Any]]:
     """A Ray task: its shards one after another, or side by side in `processes_per_task` processes."""
     if len(shards) == 1:
         return [download_shard(shards[0][0], shards[0][1], raw_url, cfg)]
     with multiprocessing.get_context("spawn").Pool(len(shards)) as pool:
-        return pool.starmap(download_shard, [(i, rows, raw_url, cfg) for i, rows in shards])
+        return pool.starmap(download_shard, [(i, inputs, raw_url, cfg) for i, inputs in shards])
 
 
-def _fingerprint(shard: pa.Table) -> str:
-    return hashlib.sha256("\n".join(shard["uid"].to_pylist()).encode()).hexdigest()
+class Totals:
+    """Running counts over complete shards: what the progress file and the summary say."""
+
+    def __init__(self) -> None:
+        self.shards = self.attempted = self.successes = self.downloaded = self.bytes = 0
+        self.failed: Counter[str] = Counter()
+        self.filtered: Counter[str] = Counter()
+        self.messages: Counter[str] = Counter()
+
+    def add(self, stats: dict[str, Any]) -> None:
+        """One shard's stats, as `_counted` gives them, plus its bytes."""
+        self.shards += 1
+        self.attempted += stats["count"]
+        self.successes += stats["successes"]
+        self.downloaded += stats["count"] - stats["failed_to_download"]
+        self.bytes += stats.get("bytes", 0)
+        reasons, rules = filters.summarize_messages(stats["status_dict"])
+        self.failed.update(reasons)
+        self.filtered.update(rules)
+        self._keep_messages({m: n for m, n in stats["status_dict"].items() if m != "success"})
+
+    def merge(self, other: Totals) -> None:
+        for name in ("shards", "attempted", "successes", "downloaded", "bytes"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.failed.update(other.failed)
+        self.filtered.update(other.filtered)
+        self._keep_messages(other.messages)
+
+    def _keep_messages(self, messages: dict[str, int]) -> None:
+        self.messages.update(messages)
+        if len(self.messages) > 2 * MESSAGES_KEPT:  # the most common stay exact enough for a top 10
+            self.messages = Counter(dict(self.messages.most_common(MESSAGES_KEPT)))
+
+    def progress(self) -> dict[str, Any]:
+        return {"shards": self.shards, "attempted": self.attempted, "downloaded": self.downloaded,
+                "successes": self.successes, "bytes": self.bytes, "failed_by_reason": dict(self.failed.most_common()),
+                "filtered_after_download": dict(self.filtered.most_common())}  # fmt: skip
 
 
-def check_plan(raw_url: str, shards: list[pa.Table], done: set[int], settings: dict[str, Any]) -> None:
-    """Record the plan, or refuse a rerun that would mix other URLs or settings into done shards."""
-    plan = {"settings": settings, "shards": [_fingerprint(s) for s in shards]}
-    path = storage.join(raw_url, raw.PLAN)
-    if storage.exists(path) and done:
-        recorded = storage.read_json(path)
-        for key, value in settings.items():
-            if recorded["settings"].get(key) != value:
-                raise url_list.UrlListError(
-                    f"'{raw_url}' was ingested with ingest.{key}={recorded['settings'].get(key)!r}, now {value!r}; "
-                    "ingest into a new root (or remove it) to change it"
-                )
-        for shard_id in sorted(done):
-            if shard_id >= len(plan["shards"]) or shard_id >= len(recorded["shards"]) or recorded["shards"][shard_id] != plan["shards"][shard_id]:
-                raise url_list.UrlListError(
-                    f"'{raw_url}' holds shard {raw.shard_name(shard_id)} of another URL list, shard size or filter set; "
-                    "ingest into a new root (or remove it) to start over"
-                )
-    storage.write_json(path, plan)
+def read_stats(raw_url: str, shard_ids: list[int]) -> Totals:
+    """A Ray task: the summed stats of some complete shards (each file read once, in parallel)."""
+    totals = Totals()
+    with ThreadPoolExecutor(tasks.READ_THREADS) as pool:
+        for stats in pool.map(lambda i: storage.read_json(raw.shard_file(raw_url, i, raw.STATS_SUFFIX)), shard_ids):
+            totals.add(_counted(stats))
+    return totals
 
 
 def plan_settings(cfg: IngestConfig) -> dict[str, Any]:
     """Settings that change what a shard holds; a rerun must keep them."""
     keys = ("shard_size", "image_size", "resize_mode", "encode_format", "encode_quality")
-    return {**{k: getattr(cfg, k) for k in keys}, **filters.filter_settings(cfg.filters)}
+    metadata = {f"filters.{k}": v for k, v in dataclasses.asdict(cfg.filters).items() if k != "dedup_content"}
+    return {**{k: getattr(cfg, k) for k in keys}, **metadata}
 
 
-def deduplicate(raw_url: str, shard_ids: list[int]) -> pa.Table:
-    """Write _duplicates.parquet for the whole data set; returns it."""
-
-    def downloaded(shard_id: int) -> pa.Table:
-        t = raw.read_status(raw_url, shard_id, ["uid", "sha256", "status"])
-        t = t.append_column("row", pa.array(range(len(t)), pa.int64()))
-        t = t.filter(pc.equal(t["status"], "success"))
-        return t.append_column("shard", pa.array([shard_id] * len(t), pa.int64())).drop_columns(["status"])
-
-    with ThreadPoolExecutor(8) as pool:
-        tables = list(pool.map(downloaded, shard_ids))
-    duplicates = filters.find_duplicates(pa.concat_tables(tables) if tables else pa.table({}))
-    buf = io.BytesIO()
-    pq.write_table(duplicates, buf)
-    storage.write_bytes(storage.join(raw_url, raw.DUPLICATES), buf.getvalue())
-    return duplicates
-
-
-def summarize(raw_url: str, input_rows: int, prefiltered: dict[str, int], duplicates: int, this_run: dict[str, Any]) -> dict[str, Any]:
+def summarize(planned: plan.Plan, totals: Totals, duplicates: int, dedup_content: bool, this_run: dict[str, Any]) -> dict[str, Any]:
     """Totals over every complete shard, including those of earlier runs."""
-    totals: Counter[str] = Counter()
-    failed: Counter[str] = Counter()
-    filtered_after: Counter[str] = Counter()
-    messages: Counter[str] = Counter()
-    shards = raw.complete_shards(raw_url)
-    for shard_id in shards:
-        stats = storage.read_json(raw.shard_file(raw_url, shard_id, raw.STATS_SUFFIX))
-        totals["attempted"] += stats["count"]
-        totals["successes"] += stats["successes"]
-        totals["downloaded"] += stats["count"] - stats["failed_to_download"]
-        reasons, rules = filters.summarize_messages(stats["status_dict"])
-        failed.update(reasons)
-        filtered_after.update(rules)
-        messages.update({m: n for m, n in stats["status_dict"].items() if m != "success"})
+    filtered_after = Counter(totals.filtered)
     if duplicates:
         filtered_after["duplicate_content"] = duplicates
-    fs, path = storage.url_to_fs(raw_url)
-    sizes = [e["size"] for e in fs.ls(path, detail=True) if e["name"].endswith((".tar", ".parquet")) and e["type"] == "file"]
     wall = this_run["wall_s"]
     return {
-        "input_rows": input_rows,
-        "filtered_before_download": dict(sorted(prefiltered.items())),
-        "shards": len(shards),
-        "attempted": totals["attempted"],
-        "downloaded": totals["downloaded"],
-        "failed": sum(failed.values()),
-        "failed_by_reason": dict(failed.most_common()),
+        "input_rows": planned.input_rows,
+        "filtered_before_download": dict(sorted(planned.filtered.items())),
+        "shards": totals.shards,
+        "attempted": totals.attempted,
+        "downloaded": totals.downloaded,
+        "failed": sum(totals.failed.values()),
+        "failed_by_reason": dict(totals.failed.most_common()),
         "filtered_after_download": dict(filtered_after.most_common()),
-        "kept": totals["successes"] - duplicates,
-        "bytes": sum(sizes),
+        "kept": totals.successes - duplicates,
+        "dedup_content": dedup_content,
+        "bytes": totals.bytes,
         "wall_s": round(wall, 2),
         "images_per_s": round(this_run["successes"] / wall, 1) if wall > 0 else None,
         "this_run": this_run,
-        "top_error_messages": dict(messages.most_common(10)),
+        "plan": {"pieces": len(planned.spec.pieces), "url_buckets": planned.spec.buckets,
+                 "largest_task_rss_mb": round(planned.peak_task_rss / 2**20)},  # fmt: skip
+        "top_error_messages": dict(totals.messages.most_common(10)),
     }
 
 
@@ -183,74 +193,89 @@ def format_table(summary: dict[str, Any]) -> str:
 
 def run(cfg: IngestConfig, ray_cfg: RayConfig, raw_url: str, config_yaml: str, log=print) -> dict[str, Any]:
     """Download `cfg.url_list` into `raw_url`; complete shards of an earlier run are kept."""
+    from data_pipeline.ray_runtime import ray_session
+
     started = time.time()
     if not cfg.url_list:
         raise url_list.UrlListError("config key 'ingest.url_list': no URL list given")
-    table = url_list.read(cfg.url_list, cfg.input_format, cfg.url_col, cfg.caption_col)
-    table, prefiltered = filters.apply_metadata_filters(table, cfg.filters)
-    shards = [table.slice(start, cfg.shard_size) for start in range(0, len(table), cfg.shard_size)]
-    input_rows = len(table) + sum(prefiltered.values())
-
     storage.makedirs(raw_url)
-    storage.remove_stale_temporaries(raw_url)
-    storage.remove(storage.join(raw_url, raw.SUMMARY))  # it comes back when this run is complete
-    storage.write_text(storage.join(raw_url, raw.CONFIG), config_yaml)
-    done = set(raw.complete_shards(raw_url))
-    check_plan(raw_url, shards, done, plan_settings(cfg))
-    todo = [i for i in range(len(shards)) if i not in done]
-    log(f"ingest: {input_rows:,} URLs, {sum(prefiltered.values()):,} filtered before download -> "
-        f"{len(shards)} shards of <= {cfg.shard_size}; {len(done)} already complete")  # fmt: skip
-    this_run = _download(todo, shards, raw_url, cfg, ray_cfg, started, log) if todo else {"shards": 0, "successes": 0}
-    this_run["wall_s"] = round(time.time() - started, 2)
-
-    shard_ids = raw.complete_shards(raw_url)
-    duplicates = len(deduplicate(raw_url, shard_ids)) if cfg.filters.dedup_content else 0
-    summary = summarize(raw_url, input_rows, prefiltered, duplicates, this_run)
+    folder = raw.scan_folder(raw_url)  # the one listing of ROOT/raw/ in this run
+    for name in folder.temporaries:
+        storage.remove(storage.join(raw_url, name))
+    with ray_session(ray_cfg) as dashboard:
+        if dashboard:
+            log(f"ingest: Ray dashboard {dashboard}")
+        spec = plan.prepare(cfg, raw_url, plan_settings(cfg), folder.complete, log)
+        storage.remove(storage.join(raw_url, raw.SUMMARY))  # it comes back when this run is complete
+        storage.write_text(storage.join(raw_url, raw.CONFIG), config_yaml)
+        planned = plan.execute(spec, log, cfg.progress_every_s)
+        done = [i for i in folder.complete if i < planned.shards]
+        log(f"ingest: {planned.input_rows:,} URLs, {sum(planned.filtered.values()):,} filtered before download -> "
+            f"{planned.shards} shards of <= {cfg.shard_size}; {len(done)} already complete")  # fmt: skip
+        totals = _earlier_totals(raw_url, done, folder.complete_bytes)
+        todo = sorted(set(range(planned.shards)) - set(done))
+        this_run = _download(todo, planned, totals, raw_url, cfg, started, log) if todo else {"shards": 0, "successes": 0}
+        this_run["wall_s"] = round(time.time() - started, 2)
+        duplicates = 0
+        if cfg.filters.dedup_content and planned.shards:
+            chosen = content_dedup.layout(raw_url, planned.shards, planned.kept, cfg.plan_task_rows, cfg.shard_size, cfg.dedup_bucket_rows)
+            duplicates = content_dedup.run(raw_url, chosen, log, cfg.progress_every_s)["duplicates"]
+    summary = summarize(planned, totals, duplicates, cfg.filters.dedup_content, this_run)
     storage.write_json(storage.join(raw_url, raw.SUMMARY), summary)
     log("ingest: summary\n" + format_table(summary))
     return summary
 
 
-def _download(
-    todo: list[int], shards: list[pa.Table], raw_url: str, cfg: IngestConfig, ray_cfg: RayConfig, started: float, log
-) -> dict[str, Any]:
+def _earlier_totals(raw_url: str, shard_ids: list[int], complete_bytes: int) -> Totals:
+    """The stats of shards complete before this run, read in tasks of STATS_PER_TASK files."""
     import ray
 
-    from data_pipeline.ray_runtime import ray_session
+    totals = Totals()
+    task = ray.remote(num_cpus=0.5)(read_stats)
+    refs = [task.remote(raw_url, shard_ids[i : i + STATS_PER_TASK]) for i in range(0, len(shard_ids), STATS_PER_TASK)]
+    while refs:  # merged as they come: the driver holds one batch's totals at a time
+        ready, refs = ray.wait(refs, num_returns=1)
+        totals.merge(ray.get(ready[0]))
+    totals.bytes = complete_bytes  # from the run's one listing; the stats files do not carry it
+    return totals
 
-    with ray_session(ray_cfg) as dashboard:
-        if dashboard:
-            log(f"ingest: Ray dashboard {dashboard}")
-        task = ray.remote(num_cpus=cfg.processes_per_task, max_retries=2)(_download_group)
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        limit = cfg.max_in_flight or max(1, cpus // cfg.processes_per_task)
-        groups = [todo[i : i + cfg.processes_per_task] for i in range(0, len(todo), cfg.processes_per_task)]
-        pending: dict[Any, list[int]] = {}
-        failed: dict[int, str] = {}
-        finished = successes = attempted = 0
-        last_report = time.time()
-        while groups or pending:
-            while groups and len(pending) < limit:
-                group = groups.pop(0)
-                pending[task.remote([(i, shards[i]) for i in group], raw_url, cfg)] = group
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=cfg.progress_every_s)
-            for ref in ready:
-                group = pending.pop(ref)
-                try:
-                    results = ray.get(ref)
-                except Exception as err:  # one bad shard must not cost the others their work
-                    cause = getattr(err, "cause", None) or err
-                    failed.update({i: f"{type(cause).__name__}: {cause}" for i in group})
-                    log(f"ingest: shards {[raw.shard_name(i) for i in group]} failed: {failed[group[0]]}")
-                    continue
-                finished += len(results)
-                successes += sum(r["successes"] for r in results)
-                attempted += sum(r["count"] for r in results)
-            if time.time() - last_report >= cfg.progress_every_s or not (groups or pending):
-                elapsed = max(time.time() - started, 1e-9)
-                log(f"ingest: {finished}/{len(todo)} shards, {successes:,}/{attempted:,} kept "
-                    f"({100 * successes / max(attempted, 1):.0f}% success), {successes / elapsed:,.0f} images/s")  # fmt: skip
-                last_report = time.time()
+
+def _download(todo: list[int], planned: plan.Plan, totals: Totals, raw_url: str, cfg: IngestConfig, started: float, log) -> dict[str, Any]:
+    import ray
+
+    task = ray.remote(num_cpus=cfg.processes_per_task, max_retries=2)(_download_group)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    limit = cfg.max_in_flight or max(1, cpus // cfg.processes_per_task)
+    groups = collections.deque(todo[i : i + cfg.processes_per_task] for i in range(0, len(todo), cfg.processes_per_task))
+    pending: dict[Any, list[int]] = {}
+    failed: dict[int, str] = {}
+    finished = successes = attempted = 0
+    last_report = time.time()
+    while groups or pending:
+        while groups and len(pending) < limit:
+            group = groups.popleft()
+            pending[task.remote([(i, planned.shard_inputs(i)) for i in group], raw_url, cfg)] = group
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=cfg.progress_every_s)
+        for ref in ready:
+            group = pending.pop(ref)
+            try:
+                results = ray.get(ref)
+            except Exception as err:  # one bad shard must not cost the others their work
+                cause = getattr(err, "cause", None) or err
+                failed.update({i: f"{type(cause).__name__}: {cause}" for i in group})
+                log(f"ingest: shards {[raw.shard_name(i) for i in group]} failed: {failed[group[0]]}")
+                continue
+            for result in results:
+                totals.add(result)
+            finished += len(results)
+            successes += sum(r["successes"] for r in results)
+            attempted += sum(r["count"] for r in results)
+        if time.time() - last_report >= cfg.progress_every_s or not (groups or pending):
+            elapsed = max(time.time() - started, 1e-9)
+            log(f"ingest: {finished}/{len(todo)} shards, {successes:,}/{attempted:,} kept "
+                f"({100 * successes / max(attempted, 1):.0f}% success), {successes / elapsed:,.0f} images/s")  # fmt: skip
+            storage.write_json(storage.join(raw_url, raw.PROGRESS), {"shards_planned": planned.shards, **totals.progress()})
+            last_report = time.time()
     if failed:
         raise IngestIncomplete(
             f"ingest: {len(failed)} shards failed ({', '.join(raw.shard_name(i) for i in sorted(failed)[:5])}...): "

@@ -4,10 +4,13 @@ Per shard NNNNN (img2dataset's own layout):
   NNNNN.tar          webdataset: KEY.<jpg|png|webp>, KEY.txt (caption), KEY.json (metadata)
   NNNNN.parquet      one row per URL of the shard: key, uid, status, error_message, sha256, ...
   NNNNN_stats.json   img2dataset's counts; written last, it marks the shard complete
+  NNNNN_duplicates.parquet  uid, duplicate_of: the shard's samples whose image bytes repeat an
+                     earlier sample's (only where there is one; see data_pipeline/content_dedup.py)
 For the whole data set:
-  _plan.json         a fingerprint of each shard's URLs (a rerun may not mix lists)
-  _duplicates.parquet  downloaded samples whose image bytes repeat an earlier sample's
+  _plan/             the planned shard inputs and their bookkeeping (data_pipeline/plan.py)
+  _dedup/            content dedup's bookkeeping
   _config.yaml       the resolved configuration
+  _progress.json     running totals, rewritten as the run goes
   _summary.json      written last: present means every shard is complete and deduplicated
 
 `uid` (a hash of the URL) is the sample key from here on; img2dataset's `key` only names the
@@ -16,6 +19,9 @@ files inside one shard.
 
 from __future__ import annotations
 
+import dataclasses
+import io
+import posixpath
 import re
 import tarfile
 from typing import Any, Iterator
@@ -27,10 +33,12 @@ from data_pipeline import storage
 
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count
 STATS_SUFFIX = "_stats.json"
+DUPLICATES_SUFFIX = "_duplicates.parquet"
 SUMMARY = "_summary.json"
-PLAN = "_plan.json"
-DUPLICATES = "_duplicates.parquet"
+PROGRESS = "_progress.json"
+DEDUP_DIR = "_dedup"
 CONFIG = "_config.yaml"
+LEGACY_DUPLICATES = "_duplicates.parquet"  # one list for the whole data set, before per-shard lists
 IMAGE_EXTENSIONS = ("jpg", "png", "webp", "jpeg")
 
 
@@ -44,8 +52,29 @@ def shard_file(raw_url: str, shard_id: int, suffix: str) -> str:
 
 def complete_shards(raw_url: str) -> list[int]:
     """Ids of the shards whose stats file, the commit marker, exists."""
-    names = storage.listdir(raw_url)
-    return sorted(int(n[: -len(STATS_SUFFIX)]) for n in names if re.fullmatch(rf"\d+{STATS_SUFFIX}", n))
+    return scan_folder(raw_url).complete
+
+
+@dataclasses.dataclass
+class Folder:
+    """What one listing of ROOT/raw/ says: the complete shards, their bytes, leftover temporaries."""
+
+    complete: list[int]
+    complete_bytes: int
+    temporaries: list[str]
+
+
+def scan_folder(raw_url: str) -> Folder:
+    fs, path = storage.url_to_fs(raw_url)
+    fs.invalidate_cache(path)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        entries = []
+    names = {posixpath.basename(e["name"].rstrip("/")): e for e in entries}
+    complete = sorted(int(n[: -len(STATS_SUFFIX)]) for n in names if re.fullmatch(rf"\d+{STATS_SUFFIX}", n))
+    data = (names.get(shard_name(i) + suffix) for i in complete for suffix in (".tar", ".parquet"))
+    return Folder(complete, sum(e.get("size") or 0 for e in data if e), sorted(n for n in names if n.startswith(storage.TMP_PREFIX)))
 
 
 def read_status(raw_url: str, shard_id: int, columns: list[str] | None = None) -> pa.Table:
@@ -54,18 +83,18 @@ def read_status(raw_url: str, shard_id: int, columns: list[str] | None = None) -
         return pq.read_table(f, columns=columns)
 
 
-def read_duplicates(raw_url: str) -> dict[int, set[str]]:
-    """uids dropped as duplicate content, by shard."""
-    path = storage.join(raw_url, DUPLICATES)
-    if not storage.exists(path):
-        return {}
-    fs, p = storage.url_to_fs(path)
-    with fs.open(p, "rb") as f:
-        table = pq.read_table(f, columns=["shard", "uid"])
-    out: dict[int, set[str]] = {}
-    for shard, uid in zip(table["shard"].to_pylist(), table["uid"].to_pylist()):
-        out.setdefault(shard, set()).add(uid)
-    return out
+def shard_duplicates(raw_url: str, shard_id: int) -> set[str]:
+    """uids of a shard dropped as duplicate content: its own list (or, for raw data written
+    before per-shard lists, its rows of the data set's one list)."""
+    path = shard_file(raw_url, shard_id, DUPLICATES_SUFFIX)
+    legacy = storage.join(raw_url, LEGACY_DUPLICATES)
+    if storage.exists(path):
+        table = pq.read_table(io.BytesIO(storage.read_bytes(path)), columns=["uid"])
+    elif storage.exists(legacy):
+        table = pq.read_table(io.BytesIO(storage.read_bytes(legacy)), columns=["uid"], filters=[("shard", "==", shard_id)])
+    else:
+        return set()
+    return set(table["uid"].to_pylist())
 
 
 def require_complete(raw_url: str) -> dict[str, Any]:
@@ -76,11 +105,6 @@ def require_complete(raw_url: str) -> dict[str, Any]:
             f"raw data '{raw_url}': no {SUMMARY}, so ingest has not finished (rerun `unclip ingest`; it resumes)"
         )
     return storage.read_json(path)
-
-
-def kept_count(raw_url: str, shard_id: int, dropped: set[str]) -> int:
-    table = read_status(raw_url, shard_id, ["uid", "status"])
-    return sum(s == "success" and u not in dropped for u, s in zip(table["uid"].to_pylist(), table["status"].to_pylist()))
 
 
 def iter_samples(raw_url: str, shard_id: int, dropped: set[str]) -> Iterator[dict[str, Any]]:

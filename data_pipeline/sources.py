@@ -34,6 +34,7 @@ class Source:
     kind: str
     files: tuple[str, ...]
     raw_url: str | None = None
+    drop_duplicates: bool = True  # raw: skip the samples content dedup listed for each shard
     image_col: str | None = None
     caption_col: str | None = None
 
@@ -44,9 +45,10 @@ class Source:
 def open_source(input_url: str, raw_url: str, input_format: str, image_col: str | None, caption_col: str | None) -> Source:
     """The source to embed: `input_url` when given, else ingest's output under `raw_url`."""
     if not input_url:
-        raw.require_complete(raw_url)
+        summary = raw.require_complete(raw_url)
         ids = raw.complete_shards(raw_url)
-        return Source("raw", tuple(raw.shard_file(raw_url, i, ".tar") for i in ids), raw_url=raw_url)
+        files = tuple(raw.shard_file(raw_url, i, ".tar") for i in ids)
+        return Source("raw", files, raw_url=raw_url, drop_duplicates=summary.get("dedup_content", True))
     fs, path = storage.url_to_fs(input_url)
     if any(ch in path for ch in "*?["):
         found = fs.glob(path)
@@ -69,9 +71,11 @@ def open_source(input_url: str, raw_url: str, input_format: str, image_col: str 
     return Source(kind, tuple(files), image_col=image_col, caption_col=caption_col)
 
 
-def iter_samples(source: Source, shard_id: int, dropped: set[str]) -> Iterator[dict[str, Any]]:
-    """Samples of one shard: key, caption, url, width, height, image (bytes or None)."""
+def iter_samples(source: Source, shard_id: int) -> Iterator[dict[str, Any]]:
+    """Samples of one shard: key, caption, url, width, height, image (bytes or None). For raw
+    data, the shard's duplicate list is read here, by whoever reads the shard."""
     if source.kind == "raw":
+        dropped = raw.shard_duplicates(source.raw_url, shard_id) if source.drop_duplicates else set()
         for m in raw.iter_samples(source.raw_url, shard_id, dropped):
             yield {"key": m["uid"], "caption": m["caption"] or "", "url": m["url"], "width": m["width"] or 0,
                    "height": m["height"] or 0, "image": m["image"]}  # fmt: skip

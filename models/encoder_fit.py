@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipeline import raw, storage
+from data_pipeline import storage
 from data_pipeline.sources import Source, iter_samples
 from models.config import EncodersConfig
 
@@ -30,10 +30,9 @@ Pairs = tuple[np.ndarray, list[str]]  # uint8 images [N, S, S, 3], captions
 
 def load_pairs(source: Source, side: int) -> Pairs:
     """Every kept image-caption pair of the source `unclip embed` reads, resized to side x side."""
-    dropped = raw.read_duplicates(source.raw_url) if source.kind == "raw" else {}
     images, captions = [], []
     for shard in range(len(source.files)):
-        for sample in iter_samples(source, shard, dropped.get(shard, set())):
+        for sample in iter_samples(source, shard):
             if sample["image"] is None or not sample["caption"]:
                 continue
             picture = Image.open(io.BytesIO(sample["image"])).convert("RGB").resize((side, side), Image.BICUBIC)

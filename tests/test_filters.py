@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import random
 
@@ -74,13 +75,15 @@ def test_filters_on_missing_columns_stop_before_download():
 
 
 def test_content_dedup_keeps_the_earliest_sample_whatever_the_input_order():
+    h1, h2, h3 = (hashlib.sha256(name.encode()).hexdigest() for name in ("h1", "h2", "h3"))  # as img2dataset writes them
     rows = [
-        {"shard": 0, "row": 0, "uid": "a", "sha256": "h1"},
-        {"shard": 0, "row": 1, "uid": "b", "sha256": "h2"},
-        {"shard": 1, "row": 0, "uid": "c", "sha256": "h1"},
-        {"shard": 2, "row": 5, "uid": "d", "sha256": "h2"},
-        {"shard": 2, "row": 7, "uid": "e", "sha256": "h1"},
-        {"shard": 3, "row": 0, "uid": "f", "sha256": "h3"},
+        {"shard": 0, "row": 0, "uid": "a", "sha256": h1},
+        {"shard": 0, "row": 1, "uid": "b", "sha256": h2},
+        {"shard": 1, "row": 0, "uid": "c", "sha256": h1},
+        {"shard": 2, "row": 5, "uid": "d", "sha256": h2},
+        {"shard": 2, "row": 7, "uid": "e", "sha256": h1},
+        {"shard": 3, "row": 0, "uid": "f", "sha256": h3},
+        {"shard": 3, "row": 1, "uid": "g", "sha256": None},  # a sample without a hash is never a duplicate
     ]
     expected = {("c", "a"), ("d", "b"), ("e", "a")}
     for seed in range(5):

@@ -7,7 +7,9 @@ import contextlib
 import http.server
 import io
 import json
+import logging
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -20,8 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from data_pipeline import ingest, raw, storage, url_list
+from data_pipeline import filters, ingest, plan, raw, storage, url_list
 from data_pipeline.config import IngestConfig, IngestFilters, RayConfig, Threshold
+from launch import config
 from tests import images
 
 QUIET = lambda _msg: None  # noqa: E731
@@ -47,6 +50,8 @@ class Site(http.server.BaseHTTPRequestHandler):
     }
 
     def do_GET(self):  # noqa: N802 - http.server's name
+        if self.path.startswith("/same/"):  # /same/N/K.png: image N, whatever K (another URL, the same bytes)
+            return self._send(200, images.png(color=(int(self.path.split("/")[2]), 7, 1)))
         if self.path.startswith("/ok/"):
             time.sleep(self.delay_s)
             i = int(self.path[4:-4])
@@ -96,8 +101,7 @@ def site():
 
 def kept_keys(raw_url: str) -> list[str]:
     """Sample keys a reader of ROOT/raw/ gets (duplicates dropped), repeats kept."""
-    dropped = raw.read_duplicates(raw_url)
-    return [s["uid"] for i in raw.complete_shards(raw_url) for s in raw.iter_samples(raw_url, i, dropped.get(i, set()))]
+    return [s["uid"] for i in raw.complete_shards(raw_url) for s in raw.iter_samples(raw_url, i, raw.shard_duplicates(raw_url, i))]
 
 
 def write_lists(folder, base: str) -> dict[str, str]:
@@ -171,24 +175,53 @@ def test_every_bad_input_is_counted_under_its_reason(site, tmp_path, local_ray):
 
 
 @pytest.mark.slow
-def test_s3_output_and_input(site, s3_prefix, local_ray):
+def test_s3_output_and_input(site, s3_prefix, local_ray, caplog):
     rows = [{"URL": f"{site}/ok/{i}.png", "TEXT": f"picture {i}", "punsafe": i / 10} for i in range(10)]
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows), buf)
     storage.write_bytes(storage.join(s3_prefix, "lists", "urls.parquet"), buf.getvalue())
     raw_url = storage.join(s3_prefix, "raw")
-    filters = IngestFilters(thresholds={"punsafe": Threshold(max=0.55)})
+    safe = IngestFilters(thresholds={"punsafe": Threshold(max=0.55)})
     # two shards in one Ray task, a process each
-    cfg = IngestConfig(url_list=storage.join(s3_prefix, "lists"), shard_size=4, processes_per_task=2, filters=filters)
+    cfg = IngestConfig(url_list=storage.join(s3_prefix, "lists"), shard_size=4, processes_per_task=2, filters=safe)
+    storage.write_bytes(storage.join(raw_url, f"{storage.TMP_PREFIX}left-by-a-killed-run"), b"x")
+    caplog.set_level(logging.INFO, logger="werkzeug")  # moto's server logs every request it answers
     summary = ingest.run(cfg, RayConfig(), raw_url, "a: 1\n", log=QUIET)
+    prefix = raw_url.removeprefix("s3://").split("/", 1)[1]
+    listings = [r for r in caplog.records if f"list-type=2&prefix={prefix}/&delimiter=/" in r.getMessage()]
+    assert len(listings) == 1  # ROOT/raw/ is listed once per run
     assert summary["filtered_before_download"] == {"threshold:punsafe": 4}
     assert summary["kept"] == 6 and raw.complete_shards(raw_url) == [0, 1]
     assert sorted(kept_keys(raw_url)) == sorted(url_list.stable_key(r["URL"]) for r in rows[:6])
     names = storage.listdir(raw_url)
-    assert {"00000.tar", "00000.parquet", "00000_stats.json", raw.SUMMARY, raw.DUPLICATES, raw.PLAN} <= set(names)
+    assert {"00000.tar", "00000.parquet", "00000_stats.json", raw.SUMMARY, raw.PROGRESS, raw.DEDUP_DIR, plan.PLAN_DIR} <= set(names)
     assert not any(n.startswith(storage.TMP_PREFIX) for n in storage.url_to_fs(raw_url)[0].ls(storage.url_to_fs(raw_url)[1]))
     # carried metadata: the list's punsafe column is in the shard parquet
     assert sorted(raw.read_status(raw_url, 0, ["punsafe"])["punsafe"].to_pylist()) == [0.0, 0.1, 0.2, 0.3]
+
+
+def _markers(folder) -> int:
+    return len(list(folder.glob("*.json"))) if folder.exists() else 0
+
+
+def _ingest(root, settings: list[str]) -> dict:
+    """`unclip ingest` with these settings into `root`, in this process."""
+    cfg = config.load(None, [f"root={root}", *settings])
+    return ingest.run(cfg.ingest, cfg.ray, str(root / "raw"), "x: 1\n", log=QUIET)
+
+
+def _kill_ingest_when(root, settings: list[str], ready, what: str) -> None:
+    """Start `unclip ingest` in a process of its own and SIGKILL it as soon as `ready()` holds."""
+    command = [sys.executable, "-m", "launch.cli", "ingest", f"root={root}", "ray.num_cpus=2", *settings]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while not ready() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the run finished before it could be killed {what}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(2)  # Ray fate-shares its local cluster with the killed driver; let it wind down
+    assert not (root / "raw" / raw.SUMMARY).exists()
 
 
 KILL_LIST_SIZE = 120
@@ -201,49 +234,91 @@ def test_sigkill_then_rerun_keeps_exactly_the_uninterrupted_keys(tmp_path, local
         pq.write_table(pa.table({"url": urls, "caption": [f"c{i}" for i in range(len(urls))]}), tmp_path / "urls.parquet")
         settings = [f"ingest.url_list={tmp_path / 'urls.parquet'}", "ingest.shard_size=8", "ingest.threads_per_task=2"]
 
-        reference = str(tmp_path / "reference" / "raw")
-        from launch import config
-
-        cfg = config.load(None, [f"root={tmp_path / 'reference'}", *settings])
-        ingest.run(cfg.ingest, cfg.ray, reference, "x: 1\n", log=QUIET)
-        expected = kept_keys(reference)
+        _ingest(tmp_path / "reference", settings)
+        expected = kept_keys(str(tmp_path / "reference" / "raw"))
         assert len(expected) == len(set(expected)) == KILL_LIST_SIZE  # /dup/a.png repeats /ok/0.png
 
         root = tmp_path / "killed"
-        command = [sys.executable, "-m", "launch.cli", "ingest", f"root={root}", "ray.num_cpus=2", *settings]
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.time() + 120
-        while len(raw.complete_shards(str(root / "raw"))) < 3 and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.1)
-        assert proc.poll() is None, "the run finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        time.sleep(2)  # Ray fate-shares its local cluster with the killed driver; let it wind down
+        _kill_ingest_when(root, settings, lambda: len(raw.complete_shards(str(root / "raw"))) >= 3, "while downloading")
         partial = raw.complete_shards(str(root / "raw"))
-        assert 3 <= len(partial) < 16 and not storage.exists(storage.join(str(root / "raw"), raw.SUMMARY))
+        assert 3 <= len(partial) < 16
 
-        cfg = config.load(None, [f"root={root}", *settings])
-        summary = ingest.run(cfg.ingest, cfg.ray, str(root / "raw"), "x: 1\n", log=QUIET)
+        summary = _ingest(root, settings)
         assert summary["this_run"]["shards"] == 16 - len(partial)
+    # the totals add the earlier run's shards (read back from their stats) to this run's
+    assert summary["shards"] == 16 and summary["attempted"] == len(urls) and summary["kept"] == KILL_LIST_SIZE
+    assert summary["failed_by_reason"] == {"http_4xx": 1} and summary["filtered_after_download"] == {"duplicate_content": 1}
     got = kept_keys(str(root / "raw"))
     assert len(got) == len(set(got))  # each once
     assert sorted(got) == sorted(expected)  # exactly the uninterrupted run's keys
 
 
-def test_a_rerun_with_another_list_or_settings_is_refused(tmp_path):
-    def shards_of(urls):
-        table = url_list.read(str(_write_list(tmp_path / f"{len(urls)}-{urls[0][-1]}.parquet", urls)))
-        return [table.slice(i, 2) for i in range(0, len(table), 2)]
+@pytest.mark.slow
+def test_a_kill_while_planning_then_a_rerun_plans_exactly_the_same_shards(tmp_path, local_ray):
+    urls = [f"http://127.0.0.1:9/{i * 7919 % 3000}.png" for i in range(4000)]  # port 9 refuses: downloads fail fast
+    pq.write_table(pa.table({"url": urls, "caption": [f"c {i}" for i in range(4000)]}), tmp_path / "urls.parquet", row_group_size=100)
+    settings = [f"ingest.url_list={tmp_path / 'urls.parquet'}", "ingest.shard_size=500", "ingest.plan_task_rows=100",
+                "ingest.dedup_bucket_rows=100", "ingest.timeout_s=1"]  # fmt: skip
+    root = tmp_path / "killed"
+    plan_dir = root / "raw" / plan.PLAN_DIR
+    _kill_ingest_when(root, settings, lambda: _markers(plan_dir / "urldup") >= 1, "while planning")
+    assert _markers(plan_dir / "scan") == 40 and _markers(plan_dir / "rows") < 40 and not raw.complete_shards(str(root / "raw"))
 
+    summary = _ingest(root, settings)
+    reference, counts = filters.apply_metadata_filters(url_list.read(str(tmp_path / "urls.parquet")), IngestFilters())
+    assert summary["filtered_before_download"] == counts == {"duplicate_url": 1000}
+    expected = reference["uid"].to_pylist()
+    for shard in raw.complete_shards(str(root / "raw")):  # every kept row once, in the same shards (img2dataset's own row order)
+        attempted = raw.read_status(str(root / "raw"), shard, ["uid"])["uid"].to_pylist()
+        assert sorted(attempted) == sorted(expected[shard * 500 : (shard + 1) * 500])
+    assert summary["shards"] == 6 and summary["failed_by_reason"] == {"connection_error": 3000}
+
+
+@pytest.mark.slow
+def test_a_kill_during_content_dedup_then_a_rerun_keeps_the_earliest_copies(site, tmp_path, local_ray):
+    urls = [f"{site}/same/{i}/{k}.png" for i in range(30) for k in (0, 1)]
+    random.Random(3).shuffle(urls)
+    pq.write_table(pa.table({"url": urls, "caption": [f"c {i}" for i in range(60)]}), tmp_path / "urls.parquet")
+    settings = [f"ingest.url_list={tmp_path / 'urls.parquet'}", "ingest.shard_size=2", "ingest.plan_task_rows=2",
+                "ingest.dedup_bucket_rows=2", "ingest.threads_per_task=2"]  # fmt: skip
+    root = tmp_path / "killed"
+    dedup_dir = root / "raw" / raw.DEDUP_DIR
+    _kill_ingest_when(root, settings, lambda: _markers(dedup_dir / "keys") >= 1, "during content dedup")
+    assert len(raw.complete_shards(str(root / "raw"))) == 30 and _markers(dedup_dir / "deliver") < 30
+
+    summary = _ingest(root, settings)
+    assert summary["this_run"]["shards"] == 0 and summary["filtered_after_download"] == {"duplicate_content": 30}
+    first = {}
+    for url in urls:  # the copy listed first is kept
+        first.setdefault(url.split("/")[-2], url)
+    assert sorted(kept_keys(str(root / "raw"))) == sorted(url_list.stable_key(u) for u in first.values())
+
+
+def test_a_rerun_with_another_list_or_settings_is_refused(tmp_path):
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    _write_list(lists / "a.parquet", ["http://h/1", "http://h/2", "http://h/3"])
+    cfg = IngestConfig(url_list=str(lists), shard_size=2)
     raw_url = str(tmp_path / "raw")
-    settings = ingest.plan_settings(IngestConfig(shard_size=2))
-    ingest.check_plan(raw_url, shards_of(["http://h/1", "http://h/2", "http://h/3"]), set(), settings)
-    ingest.check_plan(raw_url, shards_of(["http://h/1", "http://h/2", "http://h/3"]), {0, 1}, settings)
-    with pytest.raises(url_list.UrlListError, match="holds shard 00000 of another URL list"):
-        ingest.check_plan(raw_url, shards_of(["http://h/9", "http://h/2", "http://h/3"]), {0}, settings)
-    other = ingest.plan_settings(IngestConfig(shard_size=2, image_size=128))
+    spec = plan.prepare(cfg, raw_url, ingest.plan_settings(cfg), [], QUIET)
+    assert plan.prepare(cfg, raw_url, ingest.plan_settings(cfg), [0, 1], QUIET) == spec  # same list and settings: reused
+
+    other = IngestConfig(url_list=str(lists), shard_size=2, image_size=128)
     with pytest.raises(url_list.UrlListError, match="was ingested with ingest.image_size=256, now 128"):
-        ingest.check_plan(raw_url, shards_of(["http://h/1", "http://h/2", "http://h/3"]), {0}, other)
+        plan.prepare(other, raw_url, ingest.plan_settings(other), [0], QUIET)
+    other = IngestConfig(url_list=str(lists), shard_size=2, filters=IngestFilters(min_caption_chars=5))
+    with pytest.raises(url_list.UrlListError, match="was ingested with ingest.filters.min_caption_chars=0, now 5"):
+        plan.prepare(other, raw_url, ingest.plan_settings(other), [0], QUIET)
+
+    _write_list(lists / "b.parquet", ["http://h/9"])
+    with pytest.raises(url_list.UrlListError, match=r"holds 1 complete shards \(00000, ...\) of another URL list \(.*b.parquet is new\)"):
+        plan.prepare(cfg, raw_url, ingest.plan_settings(cfg), [0], QUIET)
+    (lists / "b.parquet").unlink()
+    _write_list(lists / "a.parquet", ["http://h/9", "http://h/2", "http://h/3"])
+    with pytest.raises(url_list.UrlListError, match=r"of another URL list \(.*a.parquet changed"):
+        plan.prepare(cfg, raw_url, ingest.plan_settings(cfg), [0], QUIET)
+    # with no shard complete, another list is planned anew
+    assert plan.prepare(cfg, raw_url, ingest.plan_settings(cfg), [], QUIET).files[0].rows == 3
 
 
 def _write_list(path, urls):
