@@ -88,6 +88,7 @@ class IngestConfig:
 class EmbedConfig:
     input: str = option("", doc="webdataset/parquet image shards to embed; empty: ingest's ROOT/raw/")
     input_format: Literal["auto", "webdataset", "parquet"] = "auto"
+    shards: str = option("", doc="shard ids to embed, 'first-last' inclusive (empty: all); jobs over disjoint ranges fill one store")
     image_col: str | None = option(None, doc="parquet input: image bytes column (null: jpg, png, webp, image, img)")
     caption_col: str | None = option(None, doc="parquet input: caption column (null: txt, caption, TEXT, text)")
     columns: list[str] = option(factory=lambda: list(STORE_COLUMNS))
@@ -98,12 +99,14 @@ class EmbedConfig:
     batch_size: int = option(64, ge=1, doc="rows per encoder forward pass (fixed per shard: outputs are reproducible)")
     encoder_actors: int = option(1, ge=1, doc="size of the encoder actor pool")
     actor_cpus: float = option(1.0, gt=0, doc="CPUs reserved by each encoder actor (its torch threads)")
-    decode_cpus: float = option(1.0, gt=0, doc="CPUs reserved by each decode task")
-    decode_memory_gb: float = option(0.5, gt=0, doc="memory reserved by each decode task: a shard's bytes and a chunk")
+    decode_cpus: float = option(1.0, gt=0, doc="CPUs reserved by each shard's task (it decodes the shard and writes its part)")
+    decode_memory_gb: float = option(0.5, gt=0, doc="memory reserved by each shard's task: the shard's bytes and a few chunks")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
 
     def validate(self) -> None:
+        if self.shards and not re.fullmatch(r"\d+-\d+", self.shards):
+            raise ValueError(f"config key 'embed.shards': expected 'first-last' (e.g. '0-499') or empty, got {self.shards!r}")
         unknown = [c for c in self.columns if c not in STORE_COLUMNS and not re.fullmatch(r"image_\d+", c)]
         if unknown:
             raise ValueError(

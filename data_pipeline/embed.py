@@ -1,38 +1,40 @@
-"""`unclip embed`: image shards -> frozen CLIP/VAE outputs -> the embedding store, with Ray Data.
+"""`unclip embed`: image shards -> frozen CLIP/VAE outputs -> the embedding store, in Ray tasks.
 
-Pipeline (stages in data_pipeline/embed_stages.py):
-  one CPU task per shard reads it, cuts it into chunks of `embed.batch_size` and decodes, resizes
-  and crops each chunk for every consumer -> a pool of encoder actors (a GPU each when there is
-  one) runs the frozen encoders, one chunk per forward pass -> the driver gathers each shard's
-  chunks and commits `part-NNNNN` once the last one arrived (data_pipeline/store.py).
+Pipeline (data_pipeline/embed_stages.py): one task per shard reads it, cuts it into chunks of
+`embed.batch_size`, decodes and crops each chunk for every consumer and sends it to a pool of
+encoder actors (a GPU each when there is one), one chunk per forward pass; what comes back is
+written into part-NNNNN by the same task as it arrives, and the part is committed with its
+sidecar. The driver receives only each part's id, rows, sha256 and counts (a few hundred bytes),
+then rebuilds the parts index and manifest from the committed sidecars (store_writer.py).
+
+Why tasks and actors of our own rather than Ray Data: a part is one file written in order,
+so a shard's chunks must meet in one writer. Ray Data sends each block to whichever actor is
+free and would need a shuffle (the whole part in one place) to bring them together; here the
+shard's task keeps them together by construction and holds only the chunks in flight.
 
 A part is the unit of resume: a rerun encodes only shards without a committed part, and, since
 chunks are fixed per shard, reproduces the values an uninterrupted run would have written.
-Rows that cannot be used travel to the end with `rejected` set, so a shard is known complete;
-they are counted by reason in the manifest, never written.
-
-The driver receives every output row; one driver writes at disk/network speed, which is ample for
-one node's encoders. Across many nodes, run one embed per range of shards (`embed.input` globs).
+Rows that cannot be used are counted by reason in the sidecar, never written. Part N comes from
+shard N whichever job embeds it, so jobs over disjoint `embed.shards` ranges fill one store.
 """
 
 from __future__ import annotations
 
-import logging
+import collections
+import hashlib
+import json
 import pickle
 import time
-from collections import Counter, defaultdict
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter
 from typing import Any
 
-import numpy as np
-
-from data_pipeline import sources, storage, store
+from data_pipeline import sources, storage, store, store_writer, tasks
 from data_pipeline.config import EmbedConfig, RayConfig
-from data_pipeline.embed_stages import EncodeChunks, load_chunks
+from data_pipeline.embed_stages import Encoder, ShardJob, embed_shard
 from models.config import EncodersConfig
 from models.encoders import identity_mismatch
 
-SOURCES = "_sources.json"  # the shard list a store was started from; a rerun must present the same
+SOURCES = "_sources"  # per job: the shard files it was given; a rerun must present the same ones
 
 
 def _device(cfg: EmbedConfig) -> str:
@@ -54,14 +56,18 @@ def encoder_identity(encoders: EncodersConfig, cfg: EmbedConfig) -> tuple[dict[s
     return identity, store.column_specs(clip, vae, cfg.columns, cfg.latent_columns())
 
 
-def check_same_encoders(store_url: str, identity: dict[str, Any], specs: dict[str, dict], cfg: EmbedConfig) -> None:
-    """Record what the store is built with, or refuse to mix in other encoders or settings."""
-    lock_url = storage.join(store_url, store.ENCODERS_LOCK)
-    current = {"encoders": identity, "columns": sorted(specs), "min_clip_score": cfg.min_clip_score}
-    if not storage.exists(lock_url):
-        storage.write_json(lock_url, current)
-        return
-    existing = storage.read_json(lock_url)
+def check_same_encoders(store_url: str, identity: dict[str, Any], specs: dict[str, dict], cfg: EmbedConfig,
+                        config: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Record what the store is built with, or refuse to mix in other encoders or settings;
+    returns the record (what a manifest is rebuilt from)."""
+    current = {"encoders": identity, "columns": sorted(specs), "specs": specs, "min_clip_score": cfg.min_clip_score,
+               "holdout_fraction": cfg.holdout_fraction, "config": config}  # fmt: skip
+    existing = store_writer.read_lock(store_url)
+    if existing is None:
+        store_writer.write_lock(store_url, current)
+        return current
+    if "specs" not in existing:
+        raise store.StoreError(f"store '{store_url}' was started by an earlier unclip; convert it with `unclip manifest {store_url}`")
     for section in ("clip", "vae"):
         differs = identity_mismatch(existing["encoders"].get(section) or {}, identity.get(section) or {})
         if differs:
@@ -75,25 +81,29 @@ def check_same_encoders(store_url: str, identity: dict[str, Any], specs: dict[st
         ("embed.vae_resolution", existing["encoders"].get("vae_resolution"), identity["vae_resolution"]),
         ("embed.columns", existing["columns"], current["columns"]),
         ("embed.min_clip_score", existing.get("min_clip_score"), cfg.min_clip_score),
+        ("embed.holdout_fraction", existing.get("holdout_fraction"), cfg.holdout_fraction),
     ):
         if old != new:
             raise store.StoreError(f"store '{store_url}' was built with {key}={old!r}, now {new!r}; embed into a new root")
+    return {**existing, "config": config}
 
 
 def _check_same_sources(store_url: str, source: sources.Source, done: set[int]) -> None:
-    path = storage.join(store_url, SOURCES)
-    described = source.describe()
-    if storage.exists(path) and done:
-        recorded = storage.read_json(path)
-        for shard_id in sorted(done):
-            old = recorded["files"][shard_id] if shard_id < len(recorded["files"]) else None
-            new = described["files"][shard_id] if shard_id < len(described["files"]) else None
-            if old != new or recorded["kind"] != described["kind"]:
+    """Each job records which file each of its shards is; a part already made from another file
+    (or another kind of input) under the same id is refused before any work."""
+    folder = storage.join(store_url, SOURCES)
+    mine = {"kind": source.kind, "shards": {str(i): source.name_of(i) for i in source.ids}}
+    for name in storage.listdir(folder):
+        recorded = storage.read_json(storage.join(folder, name))
+        for shard_id in sorted(done & {int(i) for i in recorded["shards"]} & set(source.ids)):
+            old, new = recorded["shards"][str(shard_id)], mine["shards"][str(shard_id)]
+            if old != new or recorded["kind"] != source.kind:
                 raise store.StoreError(
-                    f"store '{store_url}': part {shard_id} was embedded from {old!r}, the input now has {new!r} "
-                    "there; embed into a new root to change the input"
+                    f"store '{store_url}': part {shard_id} was embedded from {recorded['kind']} {old!r}, the input now has "
+                    f"{source.kind} {new!r} there; embed into a new root to change the input"
                 )
-    storage.write_json(path, described)
+    digest = hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest()[:16]
+    storage.write_json(storage.join(folder, f"{digest}.json"), mine)
 
 
 def run(
@@ -105,106 +115,78 @@ def run(
     config: dict[str, Any],
     log=print,
 ) -> dict[str, Any]:
-    import ray
-
     from data_pipeline.ray_runtime import ray_session
     from models.encoders import clip_preprocess
 
     started = time.time()
-    source = sources.open_source(cfg.input, raw_url, cfg.input_format, cfg.image_col, cfg.caption_col)
+    source = sources.open_source(cfg.input, raw_url, cfg.input_format, cfg.image_col, cfg.caption_col).select(cfg.shards)
     identity, specs = encoder_identity(encoders, cfg)
     storage.makedirs(store_url)
-    check_same_encoders(store_url, identity, specs, cfg)
-    parts = store.complete_parts(store_url)
-    _check_same_sources(store_url, source, set(parts))
-    storage.remove_stale_temporaries(store_url)
+    lock = check_same_encoders(store_url, identity, specs, cfg, config)
+    done = set(store_writer.committed_parts(store_url))
+    _check_same_sources(store_url, source, done)
+    storage.remove_stale_temporaries(store_url, older_than_s=store_writer.STALE_AFTER_S)
     storage.remove(storage.join(store_url, store.MANIFEST))  # it comes back when every part is in
-    shard_ids = list(range(len(source.files)))
-    todo = [s for s in shard_ids if s not in parts]
-    log(f"embed: {len(shard_ids)} {source.kind} shards, {len(parts)} already in the store, {len(todo)} to encode")
-    counts: Counter[str] = Counter(_earlier_counts(parts))
-    if todo:
-        device = _device(cfg)
-        with ray_session(ray_cfg):
-            ray.data.DataContext.get_current().enable_progress_bars = False  # our per-part lines say it once
-            logging.getLogger("ray.data").setLevel(logging.WARNING)
-            load_kwargs = {
-                "source": source,
-                "chunk_size": cfg.batch_size,
-                "clip_size": clip_preprocess(encoders.clip).image_size,
-                "latent_sides": cfg.latent_columns(),
-                "image_columns": [c for c in specs if c.startswith("image_")],
-            }
-            ds = (
-                ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
-                # Declaring the memory a decode task holds also keeps Ray Data from fusing decoding
-                # into the encoder actors, which it does whenever both stages ask for identical
-                # resources (as on a CPU-only node).
-                .flat_map(load_chunks, fn_kwargs=load_kwargs, num_cpus=cfg.decode_cpus, memory=cfg.decode_memory_gb * 2**30)
-                .map_batches(
-                    EncodeChunks,
-                    fn_constructor_args=(encoders, specs, device, cfg.precision, int(cfg.actor_cpus), cfg.min_clip_score),
-                    batch_size=1,
-                    batch_format="numpy",
-                    compute=ray.data.ActorPoolStrategy(size=cfg.encoder_actors),
-                    num_cpus=cfg.actor_cpus,
-                    num_gpus=1 if device == "cuda" else 0,
-                )
-            )  # fmt: skip
-            _collect(ds, store_url, specs, parts, counts, len(shard_ids), started, log)
-    unfinished = [s for s in shard_ids if s not in parts]
-    if unfinished:
-        raise store.StoreError(f"store '{store_url}': shards {unfinished[:5]} did not complete; rerun `unclip embed`")
-    manifest = store.build_manifest(store_url, parts, identity, specs, dict(counts), config, cfg.holdout_fraction)
-    log(f"embed: {manifest['totals']['rows']} rows in {len(parts)} parts, {time.time() - started:.1f}s")
+    todo = [s for s in source.ids if s not in done]
+    log(f"embed: {len(source.ids)} {source.kind} shards, {len(source.ids) - len(todo)} already in the store, {len(todo)} to encode")
+    job = ShardJob(source, store_url, specs, cfg.holdout_fraction, cfg.batch_size, clip_preprocess(encoders.clip).image_size,
+                   cfg.latent_columns(), [c for c in specs if c.startswith("image_")])  # fmt: skip
+    if not todo:
+        return store_writer.build_manifest(store_url, lock, config, log)
+    with ray_session(ray_cfg):
+        failed = _encode(todo, job, encoders, cfg, started, log)
+        if failed:
+            raise store.StoreError(
+                f"store '{store_url}': shards {sorted(failed)[:5]} did not complete ({next(iter(failed.values()))}); "
+                "rerun `unclip embed`, which keeps the committed parts"
+            )
+        manifest = store_writer.build_manifest(store_url, lock, config, log)
+    log(f"embed: {manifest['totals']['rows']} rows in {manifest['totals']['parts']} parts, {time.time() - started:.1f}s")
     return manifest
 
 
-def _earlier_counts(parts: dict[int, dict]) -> Counter[str]:
+def _encode(todo: list[int], job: ShardJob, encoders: EncodersConfig, cfg: EmbedConfig, started: float, log) -> dict[int, str]:
+    """Run the shard tasks, a bounded number at once; returns the shards that failed, with why."""
+    import ray
+
+    device = _device(cfg)
+    actor = ray.remote(Encoder).options(num_cpus=cfg.actor_cpus, num_gpus=1 if device == "cuda" else 0,
+                                        max_restarts=2, max_task_retries=2)  # fmt: skip
+    pool = [actor.remote(encoders, job.specs, device, cfg.precision, int(cfg.actor_cpus), cfg.min_clip_score) for _ in range(cfg.encoder_actors)]
+    free = ray.cluster_resources().get("CPU", 1) - cfg.encoder_actors * cfg.actor_cpus
+    if free < cfg.decode_cpus:
+        raise store.StoreError(
+            f"embed: {cfg.encoder_actors} encoder actors x embed.actor_cpus={cfg.actor_cpus} reserve every CPU of the cluster; "
+            f"leave embed.decode_cpus={cfg.decode_cpus} for the shard tasks"
+        )
+    task = ray.remote(num_cpus=cfg.decode_cpus, memory=cfg.decode_memory_gb * 2**30, max_retries=2)(embed_shard)
+    job_ref = ray.put(job)
+    waiting = collections.deque(todo)
+    pending: dict[Any, int] = {}
+    failed: dict[int, str] = {}
     counts: Counter[str] = Counter()
-    for part in parts.values():
-        counts.update(part.get("counts", {}))
-    return counts
-
-
-def _collect(ds, store_url: str, specs: dict, parts: dict, counts: Counter, total: int, started: float, log) -> None:
-    """Gather chunks by shard; commit a part (on a writer thread) once its last chunk is in."""
-    chunks: dict[int, dict[int, dict]] = defaultdict(dict)
-    writes: dict[int, Future] = {}
-    with ThreadPoolExecutor(2) as writer:
-        for row in ds.iter_rows():
-            shard = int(row["shard"])
-            chunks[shard][int(row["chunk"])] = pickle.loads(row["payload"])
-            if len(chunks[shard]) == int(row["chunks"]):
-                arrived = chunks.pop(shard)
-                ordered = [arrived[i] for i in range(int(row["chunks"]))]
-                writes[shard] = writer.submit(_commit, store_url, shard, ordered, specs)
-            for done in [s for s, f in writes.items() if f.done()]:
-                parts[done] = writes.pop(done).result()
-                counts.update(parts[done]["counts"])
-                log(f"embed: part {store.part_name(done)} written ({len(parts)}/{total}), "
-                    f"{counts['kept'] / (time.time() - started):.1f} samples/s")  # fmt: skip
-        for shard, future in writes.items():
-            parts[shard] = future.result()
-            counts.update(parts[shard]["counts"])
-
-
-def _commit(store_url: str, shard_id: int, chunks: list[dict[str, Any]], specs: dict) -> dict:
-    chunks = [c for c in chunks if len(c["key"])]
-    rejected = [r for c in chunks for r in c["rejected"]]
-    counts: Counter[str] = Counter(f"rejected_{r}" for r in rejected if r)
-    keep = np.array([not r for r in rejected], dtype=bool)
-    counts["kept"] = int(keep.sum())
-    if chunks:
-        rows = {k: np.concatenate([_as_array(c[k]) for c in chunks])[keep] for k in [*store.BASE_COLUMNS, *specs]}
-    else:
-        rows = store.empty_columns(specs)
-    return store.write_part(store_url, shard_id, store.to_arrow(rows, specs), dict(counts))
-
-
-def _as_array(values: Any) -> np.ndarray:
-    if isinstance(values, np.ndarray):
-        return values
-    array = np.empty(len(values), dtype=object)  # strings and bytes stay Python objects
-    array[:] = values
-    return array
+    written = received = 0
+    limit = max(1, int(free // cfg.decode_cpus))
+    while waiting or pending:
+        while waiting and len(pending) < limit:
+            shard = waiting.popleft()
+            pending[task.remote(job_ref, shard, pool)] = shard
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        shard = pending.pop(ready[0])
+        try:
+            part = ray.get(ready[0])
+        except Exception as err:  # one shard's failure must not cost the others their work
+            cause = getattr(err, "cause", None) or err
+            if isinstance(cause, (sources.SourceError, store.StoreError)):  # bad input: one line, at once
+                tasks.raise_cause(err)
+            failed[shard] = f"{type(cause).__name__}: {cause}"
+            log(f"embed: shard {shard} failed: {failed[shard]}")
+            continue
+        written += 1
+        received += len(pickle.dumps(part))
+        counts.update(part["counts"])
+        log(f"embed: part {store.part_name(shard)} written ({written}/{len(todo)}), "
+            f"{counts['kept'] / (time.time() - started):.1f} samples/s")  # fmt: skip
+    if written:
+        log(f"embed: the driver received {received / written:.0f} bytes a part ({counts['kept'] / written:.0f} rows a part)")
+    return failed

@@ -1,22 +1,25 @@
-"""The stages of the embed pipeline, as Ray Data runs them (see data_pipeline/embed.py).
+"""The stages of `unclip embed` (see data_pipeline/embed.py): a task per shard, a pool of encoder actors.
 
-The unit that flows is a chunk: up to `embed.batch_size` consecutive samples of one shard.
-Encoders see exactly one chunk per forward pass, so a shard's outputs do not depend on how Ray
-happened to batch rows, and a rerun reproduces them bit for bit. A chunk travels as one pickled
-payload because its columns are ragged (image bytes, strings, arrays of several shapes), which
-Ray Data's tensor columns cannot carry.
+The unit that travels to an encoder is a chunk: up to `embed.batch_size` consecutive samples of
+one shard, decoded and cropped for every consumer. Encoders see exactly one chunk per forward
+pass, so a shard's outputs do not depend on scheduling, and a rerun reproduces them bit for bit.
+The shard's task decodes its chunks, sends each to an encoder actor, and writes what comes back
+into the shard's part as it arrives (store_writer.PartWriter): a few chunks are in flight at a
+time, so no process ever holds a whole part.
 """
 
 from __future__ import annotations
 
 import io
-import pickle
+from collections import Counter, deque
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 
-from data_pipeline import sources
+from data_pipeline import sources, store, store_writer
 
+IN_FLIGHT = 2  # chunks of one shard at the encoders at once: the next decodes while one encodes
 FLOAT16_MAX = 65504.0
 
 
@@ -58,15 +61,12 @@ def _decode(chunk: dict[str, Any], clip_size: int, latent_sides: dict[str, int],
             chunk[column][i] = buf.getvalue()
 
 
-def load_chunks(item: dict[str, Any], source: sources.Source, chunk_size: int, clip_size: int,
-                latent_sides: dict[str, int], image_columns: list[str]) -> Iterator[dict[str, Any]]:  # fmt: skip
-    """CPU task: one shard -> its decoded chunks (at least one, so an empty shard completes too).
-
-    A generator: decoded pixels are large, so chunks leave the task as they are made."""
-    shard = int(item["shard"])
+def iter_chunks(source: sources.Source, shard: int, chunk_size: int, clip_size: int, latent_sides: dict[str, int],
+                image_columns: list[str]) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """One shard's decoded chunks (at least one, so an empty shard completes too), each decoded
+    when it is asked for: decoded pixels are large."""
     samples = list(sources.iter_samples(source, shard))
-    starts = range(0, max(len(samples), 1), chunk_size)
-    for index, start in enumerate(starts):
+    for start in range(0, max(len(samples), 1), chunk_size):
         part = samples[start : start + chunk_size]
         chunk: dict[str, Any] = {
             "key": [s["key"] for s in part],
@@ -78,7 +78,7 @@ def load_chunks(item: dict[str, Any], source: sources.Source, chunk_size: int, c
             "rejected": ["" if s["image"] else "missing_image" for s in part],
         }
         _decode(chunk, clip_size, latent_sides, image_columns)
-        yield {"shard": shard, "chunk": index, "chunks": len(starts), "payload": pickle.dumps(chunk, protocol=5)}
+        yield chunk
 
 
 def invalid_rows(outputs: dict[str, np.ndarray], specs: dict[str, dict], n: int) -> dict[int, str]:
@@ -97,7 +97,7 @@ def invalid_rows(outputs: dict[str, np.ndarray], specs: dict[str, dict], n: int)
     return reasons
 
 
-class EncodeChunks:
+class Encoder:
     """Encoder actor: loads the frozen encoders once, then encodes one chunk per call."""
 
     def __init__(self, encoders, specs: dict[str, dict], device: str, precision: str, threads: int, min_clip_score: float | None):
@@ -113,11 +113,7 @@ class EncodeChunks:
         self.clip = FrozenClip(encoders.clip, device, precision)
         self.vae = FrozenVae(encoders.vae, device, precision) if any(k.startswith("vae_latent") for k in specs) else None
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        payloads = [self._encode(pickle.loads(p)) for p in batch["payload"]]
-        return {**{k: v for k, v in batch.items() if k != "payload"}, "payload": np.array(payloads, dtype=object)}
-
-    def _encode(self, chunk: dict[str, Any]) -> bytes:
+    def encode(self, chunk: dict[str, Any]) -> dict[str, Any]:
         torch = self.torch
         n = len(chunk["key"])
         vae_pixels = chunk.pop("vae_pixels")
@@ -141,4 +137,59 @@ class EncodeChunks:
                     chunk["rejected"][i] = chunk["rejected"][i] or "clip_score_below_threshold"
         else:
             chunk["clip_score"] = np.zeros(0, np.float32)
-        return pickle.dumps(chunk, protocol=5)
+        return chunk
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """What every shard task needs; put in Ray's object store once."""
+
+    source: sources.Source
+    store_url: str
+    specs: dict[str, dict]
+    holdout_fraction: float
+    chunk_size: int
+    clip_size: int
+    latent_sides: dict[str, int]
+    image_columns: list[str]
+
+
+def embed_shard(job: ShardJob, shard: int, encoders: list) -> dict[str, Any]:
+    """Task: shard `shard` -> part `shard`, chunk by chunk through the encoder actors.
+
+    Returns what the driver keeps of a part: its id, rows, sha256 and counts."""
+    import ray
+
+    writer = store_writer.PartWriter(job.store_url, shard, job.specs, job.holdout_fraction, job.source.name_of(shard))
+    counts: Counter[str] = Counter()
+    waiting: deque = deque()
+    try:
+        chunks = iter_chunks(job.source, shard, job.chunk_size, job.clip_size, job.latent_sides, job.image_columns)
+        for i, chunk in enumerate(chunks):
+            waiting.append(encoders[(shard + i) % len(encoders)].encode.remote(chunk))
+            if len(waiting) > IN_FLIGHT:
+                _write(writer, ray.get(waiting.popleft()), job.specs, counts)
+        while waiting:
+            _write(writer, ray.get(waiting.popleft()), job.specs, counts)
+        return writer.commit(dict(counts))
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _write(writer: store_writer.PartWriter, chunk: dict[str, Any], specs: dict[str, dict], counts: Counter[str]) -> None:
+    """The kept rows of an encoded chunk into its part; rejected ones counted by reason."""
+    counts.update(f"rejected_{r}" for r in chunk["rejected"] if r)
+    keep = np.array([not r for r in chunk["rejected"]], dtype=bool)
+    counts["kept"] += int(keep.sum())
+    if keep.any():
+        rows = {k: _as_array(chunk[k])[keep] for k in [*store.BASE_COLUMNS, *specs]}
+        writer.add(store.to_arrow(rows, specs))
+
+
+def _as_array(values: Any) -> np.ndarray:
+    if isinstance(values, np.ndarray):
+        return values
+    array = np.empty(len(values), dtype=object)  # strings and bytes stay Python objects
+    array[:] = values
+    return array

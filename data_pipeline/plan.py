@@ -215,7 +215,7 @@ def _describe_files(urls: list[str], cfg: IngestConfig) -> list[tuple[str, int, 
             try:
                 rows, schema = ray.get(refs[url])
             except ray.exceptions.RayTaskError as err:
-                raise (err.cause if isinstance(err.cause, Exception) else err) from None
+                tasks.raise_cause(err)
             out.append((url, rows, None, schema))
         else:
             out.append(footers[url])

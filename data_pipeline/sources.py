@@ -1,14 +1,20 @@
 """Where `unclip embed` reads images from: ingest's ROOT/raw/, or any webdataset/parquet shards.
 
-A source is a sorted list of shard files; shard i becomes store part i. Every sample gets a
-stable key: the URL hash for raw data (the key ingest gave it), or a hash of the sample's URL,
-else of file name + in-file key, for outside data.
+A source is a list of shard files, each with an id: ingest's own shard id for raw data, the first
+run of digits in the file's name for outside data (`00042.tar`, `shard-00042.tar`,
+`train-00042-of-00100.parquet` are shard 42). Shard N becomes store part N, whichever job embeds
+it, so separate jobs over disjoint shards fill one store. Every sample gets a stable key: the
+URL hash for raw data (the key ingest gave it), or a hash of the sample's URL, else of file name
++ in-file key, for outside data.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import posixpath
+import re
 import tarfile
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -29,17 +35,37 @@ class SourceError(ValueError):
 
 @dataclass(frozen=True)
 class Source:
-    """kind: 'raw' (ingest output), 'webdataset' or 'parquet'; files: one per shard, sorted."""
+    """kind: 'raw' (ingest output), 'webdataset' or 'parquet'; files: one per shard, in the order
+    of `ids`, the shards' ids."""
 
     kind: str
     files: tuple[str, ...]
+    ids: tuple[int, ...]
     raw_url: str | None = None
     drop_duplicates: bool = True  # raw: skip the samples content dedup listed for each shard
     image_col: str | None = None
     caption_col: str | None = None
 
-    def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "files": [posixpath.basename(f) for f in self.files]}
+    @functools.cached_property
+    def _by_id(self) -> dict[int, str]:
+        return dict(zip(self.ids, self.files))
+
+    def file_of(self, shard_id: int) -> str:
+        return self._by_id[shard_id]
+
+    def name_of(self, shard_id: int) -> str:
+        return posixpath.basename(self.file_of(shard_id))
+
+    def select(self, shards: str) -> Source:
+        """The shards whose ids fall in `shards` ('first-last', inclusive; empty: all)."""
+        if not shards:
+            return self
+        first, last = (int(x) for x in shards.split("-"))
+        chosen = [(i, f) for i, f in zip(self.ids, self.files) if first <= i <= last]
+        if not chosen:
+            raise SourceError(f"config key 'embed.shards': no {self.kind} shard has an id in {first}-{last} "
+                              f"(ids {self.ids[0]}-{self.ids[-1]})")  # fmt: skip
+        return dataclasses.replace(self, ids=tuple(i for i, _ in chosen), files=tuple(f for _, f in chosen))
 
 
 def open_source(input_url: str, raw_url: str, input_format: str, image_col: str | None, caption_col: str | None) -> Source:
@@ -48,7 +74,7 @@ def open_source(input_url: str, raw_url: str, input_format: str, image_col: str 
         summary = raw.require_complete(raw_url)
         ids = raw.complete_shards(raw_url)
         files = tuple(raw.shard_file(raw_url, i, ".tar") for i in ids)
-        return Source("raw", files, raw_url=raw_url, drop_duplicates=summary.get("dedup_content", True))
+        return Source("raw", files, tuple(ids), raw_url=raw_url, drop_duplicates=summary.get("dedup_content", True))
     fs, path = storage.url_to_fs(input_url)
     if any(ch in path for ch in "*?["):
         found = fs.glob(path)
@@ -68,7 +94,22 @@ def open_source(input_url: str, raw_url: str, input_format: str, image_col: str 
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     files = [f if storage.is_local(input_url) else f"{protocol}://{f}" for f in files]
     kind = "webdataset" if suffixes == {".tar"} else "parquet"
-    return Source(kind, tuple(files), image_col=image_col, caption_col=caption_col)
+    ids = [_shard_id(f, input_url) for f in files]
+    seen: dict[int, str] = {}
+    for shard_id, file in zip(ids, files):
+        if shard_id in seen:
+            raise SourceError(f"embed input '{input_url}': {posixpath.basename(seen[shard_id])} and {posixpath.basename(file)} "
+                              f"are both shard {shard_id} (the first number in a name is its shard id); rename one")  # fmt: skip
+        seen[shard_id] = file
+    ordered = sorted(zip(ids, files))
+    return Source(kind, tuple(f for _, f in ordered), tuple(i for i, _ in ordered), image_col=image_col, caption_col=caption_col)
+
+
+def _shard_id(file: str, input_url: str) -> int:
+    found = re.search(r"\d+", posixpath.basename(file))
+    if not found:
+        raise SourceError(f"embed input '{input_url}': {posixpath.basename(file)} has no number in its name to be its shard id")
+    return int(found.group())
 
 
 def iter_samples(source: Source, shard_id: int) -> Iterator[dict[str, Any]]:
@@ -80,9 +121,9 @@ def iter_samples(source: Source, shard_id: int) -> Iterator[dict[str, Any]]:
             yield {"key": m["uid"], "caption": m["caption"] or "", "url": m["url"], "width": m["width"] or 0,
                    "height": m["height"] or 0, "image": m["image"]}  # fmt: skip
     elif source.kind == "webdataset":
-        yield from _webdataset_samples(source.files[shard_id])
+        yield from _webdataset_samples(source.file_of(shard_id))
     else:
-        yield from _parquet_samples(source.files[shard_id], source.image_col, source.caption_col)
+        yield from _parquet_samples(source.file_of(shard_id), source.image_col, source.caption_col)
 
 
 def _webdataset_samples(file: str) -> Iterator[dict[str, Any]]:

@@ -21,6 +21,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import time
 import uuid
 from typing import IO, Any, Iterator
 
@@ -211,15 +212,30 @@ def download_dir(url: str, local_dir: str) -> str:
     return local_dir
 
 
-def remove_stale_temporaries(url: str) -> int:
-    """Delete what killed writers left under folder `url` (one level); returns the count."""
+def remove_stale_temporaries(url: str, older_than_s: float = 0) -> int:
+    """Delete what killed writers left under folder `url` (one level); returns the count.
+    `older_than_s`: only temporaries at least this old, where another job may be writing."""
     fs, path = url_to_fs(url)
     if not fs.exists(path):
         return 0
-    stale = [p for p in fs.ls(path, detail=False) if posixpath.basename(p.rstrip("/")).startswith(TMP_PREFIX)]
-    for p in stale:
-        fs.rm(p, recursive=True)
+    stale = [e for e in fs.ls(path, detail=True) if posixpath.basename(e["name"].rstrip("/")).startswith(TMP_PREFIX)]
+    if older_than_s:
+        stale = [e for e in stale if time.time() - _modified(e) >= older_than_s]
+    for entry in stale:
+        fs.rm(entry["name"], recursive=True)
     return len(stale)
+
+
+def _modified(entry: dict[str, Any]) -> float:
+    """An fsspec listing entry's modification time, in seconds since the epoch (now if unknown)."""
+    value = entry.get("mtime") or entry.get("LastModified") or entry.get("updated") or entry.get("created")
+    if value is None:
+        return time.time()
+    if isinstance(value, str):  # gcsfs: ISO 8601
+        import datetime
+
+        return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)
 
 
 def sha256_file(url: str, chunk: int = 1 << 22) -> str:

@@ -1,36 +1,46 @@
-"""The embedding store contract (DESIGN.md): the one module that knows its layout.
+"""The embedding store contract: the one module that knows its layout and how to read it.
 
 ROOT/store/
-  part-NNNNN.parquet   one row per kept sample; NNNNN is the raw shard it came from
-  part-NNNNN.json      rows, sha256 and embedding sums of that part; written after the parquet,
-                       it marks the part complete
-  manifest.json        written last, when every raw shard has its part
+  part-NNNNN.parquet   one row per kept sample of raw shard NNNNN, in the shard's order; no file
+                       for a shard where nothing was kept (a 0-row row group trips readers)
+  part-NNNNN.json      the part's sidecar, written after the parquet: it marks the part complete
+                       (rows, row groups and their training rows, sha256, bytes per column, counts,
+                       the statistics' sums as base64 float64)
+  parts-XXXXXXXX/NNNNN.parquet  the parts index, in slices of 4,096 parts: a row per part, the
+                       sidecars' fields as columns (statistics' sums as binary)
+  manifest.json        written last: schema version, encoders, columns, totals, statistics, the
+                       holdout, and which index folder is current
 
 Arrays are fixed-size lists of float16 (bool for the mask), flattened; the manifest gives each
-column's shape. Trainers read through `open_store`, which checks the manifest against what the
-trainer expects and names the field that differs.
+column's shape. Readers load the manifest and, when they need parts, the index as arrays: never
+every part's footer. Trainers read through `open_store`, which checks the manifest against what
+the trainer expects and names the field that differs. Writing lives in store_writer.py.
 """
 
 from __future__ import annotations
 
-import io
+import functools
 import re
-import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_pipeline import storage
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
-ENCODERS_LOCK = "_encoders.json"  # identity of the encoders a store is being built with
+LAYOUT_COLUMNS = ["part", "rows", "row_groups", "train_rows"]  # what a reader of the layout loads
+ENCODERS_LOCK = "_encoders.json"  # what a store is being built with: encoders, columns, settings
 BASE_COLUMNS = {"key": pa.string(), "caption": pa.string(), "url": pa.string(), "width": pa.int32(),
                 "height": pa.int32(), "clip_score": pa.float32()}  # fmt: skip
-_PART = re.compile(r"part-(\d+)\.json")
+ROW_GROUP = 1024  # rows per row group of a part
+HOLDOUT_SEED = 20221126  # fixed: the held-out rows of a part never change
+_PART_FILE = re.compile(r"part-(\d+)\.parquet$")
 
 
 class StoreError(ValueError):
@@ -98,76 +108,6 @@ def to_arrow(rows: dict[str, Any], specs: dict[str, dict]) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def empty_columns(specs: dict[str, dict]) -> dict[str, Any]:
-    """Columns of a part with no rows (a shard where nothing was kept still gets its part)."""
-    rows: dict[str, Any] = {k: [] for k in BASE_COLUMNS}
-    for name, spec in specs.items():
-        rows[name] = [] if spec["dtype"] == "png" else np.zeros((0, *spec["shape"]))
-    return rows
-
-
-def write_part(store_url: str, shard_id: int, table: pa.Table, counts: dict[str, int] | None = None) -> dict[str, Any]:
-    """Commit one part: the parquet (atomic), then its sidecar, which marks it complete.
-
-    `counts` (kept, rejected_<reason>) is kept in the sidecar so the manifest's totals include
-    parts written by earlier, interrupted runs."""
-    table = table.sort_by("key")
-    buf = io.BytesIO()
-    pq.write_table(table, buf, row_group_size=1024)
-    data = buf.getvalue()
-    name = part_name(shard_id)
-    storage.write_bytes(storage.join(store_url, name + ".parquet"), data)
-    meta = pq.read_metadata(io.BytesIO(data))
-    entry: dict[str, Any] = {"file": name + ".parquet", "rows": len(table), "bytes": len(data), "sha256": _sha256(data),
-                             # so trainers lay out the row groups from the manifest, not from every file's footer
-                             "row_groups": [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]}  # fmt: skip
-    entry["sums"] = _sums(table)
-    entry["counts"] = dict(counts or {"kept": len(table)})
-    storage.write_json(storage.join(store_url, name + ".json"), entry)
-    return entry
-
-
-# Statistics the trainers need, kept per part as sums so a resumed job never rereads old parts:
-# the CLIP image embedding per dimension (the prior normalises with it) and each VAE latent
-# overall (the ldm scales latents to unit variance with it).
-def _stat_axis(name: str) -> int | None | bool:
-    """0: per dimension; None: over every element; False: no statistics."""
-    return 0 if name == "clip_image_emb" else None if name.startswith("vae_latent") else False
-
-
-def _sums(table: pa.Table) -> dict[str, dict[str, Any]]:
-    sums = {}
-    for name in table.column_names:
-        axis = _stat_axis(name)
-        if axis is not False and len(table):
-            values = column_numpy(table, name, [-1]).astype(np.float64)
-            sums[name] = {
-                "count": len(table) if axis == 0 else values.size,
-                "sum": values.sum(axis).tolist(),
-                "sumsq": (values**2).sum(axis).tolist(),
-            }
-    return sums
-
-
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
-
-
-def complete_parts(store_url: str) -> dict[int, dict]:
-    """Sidecars of every committed part, by raw shard id."""
-    found = {}
-    for name in storage.listdir(store_url):
-        match = _PART.fullmatch(name)
-        if match:
-            found[int(match.group(1))] = storage.read_json(storage.join(store_url, name))
-    return found
-
-
-HOLDOUT_SEED = 20221126  # fixed: the held-out rows of a part never change
-
-
 def heldout_mask(part_id: int, rows: int, fraction: float) -> np.ndarray:
     """Which rows of part `part_id` are held out from training (for `unclip eval`).
 
@@ -179,52 +119,7 @@ def heldout_mask(part_id: int, rows: int, fraction: float) -> np.ndarray:
 
 
 def part_id(file: str) -> int:
-    return int(re.search(r"part-(\d+)\.parquet$", file).group(1))
-
-
-def build_manifest(
-    store_url: str,
-    parts: dict[int, dict],
-    encoders: dict[str, Any],
-    specs: dict[str, dict],
-    counts: dict[str, int],
-    config: dict[str, Any],
-    holdout_fraction: float = 0.0,
-) -> dict[str, Any]:
-    rows = sum(p["rows"] for p in parts.values())
-    manifest: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "encoders": encoders,
-        "columns": {**{k: {"dtype": str(t)} for k, t in BASE_COLUMNS.items()}, **specs},
-        "shards": [{k: v for k, v in p.items() if k not in ("sums", "counts")} for _, p in sorted(parts.items())],
-        "totals": {"rows": rows, "bytes": sum(p["bytes"] for p in parts.values()), **counts},
-        "holdout": {"fraction": holdout_fraction, "seed": HOLDOUT_SEED},
-        "config": config,
-    }
-    for name in [c for c in specs if _stat_axis(c) is not False]:
-        stats = [p["sums"][name] for p in parts.values() if name in p.get("sums", {})]
-        count = sum(s["count"] for s in stats)
-        if count:
-            mean = np.sum([s["sum"] for s in stats], axis=0) / count
-            var = np.sum([s["sumsq"] for s in stats], axis=0) / count - mean**2
-            manifest[f"{name}_mean"] = mean.tolist()
-            manifest[f"{name}_std"] = np.sqrt(np.maximum(var, 0.0)).tolist()
-    storage.write_json(storage.join(store_url, MANIFEST), manifest)
-    return manifest
-
-
-def read_manifest(store_url: str) -> dict[str, Any]:
-    path = storage.join(store_url, MANIFEST)
-    if not storage.exists(path):
-        raise StoreError(f"store '{store_url}': no {MANIFEST} (run `unclip embed` first, or it did not finish)")
-    manifest = storage.read_json(path)
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise StoreError(
-            f"store '{store_url}': manifest field 'schema_version' is {manifest.get('schema_version')!r}, "
-            f"expected {SCHEMA_VERSION}"
-        )
-    return manifest
+    return int(_PART_FILE.search(file).group(1))
 
 
 def column_numpy(table: pa.Table, name: str, shape: Sequence[int]) -> np.ndarray:
@@ -233,14 +128,92 @@ def column_numpy(table: pa.Table, name: str, shape: Sequence[int]) -> np.ndarray
     return column.values.to_numpy(zero_copy_only=False).reshape(len(table), *shape)
 
 
+@dataclass(frozen=True)
+class PartsIndex:
+    """The parts index's layout as arrays (one entry per part; row groups flattened, part p's
+    from `group_start[p]`): what a reader of a store of 10^6 parts holds, about 30 bytes a part."""
+
+    part: np.ndarray  # int64 ids
+    rows: np.ndarray  # int64
+    group_start: np.ndarray  # int64, len(part) + 1
+    group_rows: np.ndarray  # int32, one per row group
+    group_train_rows: np.ndarray  # int32: rows of the group that are not held out
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> PartsIndex:
+        lengths = pc.list_value_length(table["row_groups"]).to_numpy(zero_copy_only=False)
+        start = np.zeros(len(table) + 1, np.int64)
+        np.cumsum(lengths, out=start[1:])
+        flat = lambda name: pc.list_flatten(table[name]).to_numpy(zero_copy_only=False).astype(np.int32)  # noqa: E731
+        return cls(table["part"].to_numpy().copy(), table["rows"].to_numpy().copy(), start, flat("row_groups"), flat("train_rows"))
+
+    def file_of(self, i: int) -> str:
+        return part_name(int(self.part[i])) + ".parquet"
+
+
+class PartFiles(Sequence[str]):
+    """URLs of a store's non-empty parts, as a sequence that holds one int64 per part."""
+
+    def __init__(self, url: str, index: PartsIndex):
+        self.url, self.index, self.positions = url, index, np.flatnonzero(index.rows > 0)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return storage.join(self.url, self.index.file_of(int(self.positions[i])))
+
+
+def read_index(store_url: str, manifest: dict[str, Any], columns: Sequence[str] | None = LAYOUT_COLUMNS) -> pa.Table:
+    """The parts index (its chosen columns), every slice read in parallel."""
+    folder = storage.join(store_url, manifest["index"]["folder"])
+
+    def one(i: int) -> pa.Table:
+        url = storage.join(folder, f"{i:05d}.parquet")
+        if storage.is_local(url):  # pyarrow's own reader: no Python file object in between
+            return pq.read_table(storage.local_path(url), columns=columns, use_threads=False)
+        fs, path = storage.url_to_fs(url)
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns, use_threads=False)
+
+    with ThreadPoolExecutor(4 if storage.is_local(folder) else 16) as pool:  # object stores want requests in flight
+        slices = list(pool.map(one, range(manifest["index"]["slices"])))
+    return pa.concat_tables(slices) if slices else pa.table({c: [] for c in (columns or LAYOUT_COLUMNS)})
+
+
+def read_manifest(store_url: str) -> dict[str, Any]:
+    path = storage.join(store_url, MANIFEST)
+    if not storage.exists(path):
+        raise StoreError(f"store '{store_url}': no {MANIFEST} (run `unclip embed` first, or it did not finish)")
+    manifest = storage.read_json(path)
+    version = manifest.get("schema_version")
+    if version == 1:
+        raise StoreError(
+            f"store '{store_url}' was written by an earlier unclip (manifest schema 1, a JSON entry per part); "
+            f"convert it in place with `unclip manifest {store_url}`"
+        )
+    if version != SCHEMA_VERSION:
+        raise StoreError(f"store '{store_url}': manifest field 'schema_version' is {version!r}, expected {SCHEMA_VERSION}")
+    return manifest
+
+
 @dataclass
 class Store:
     url: str
     manifest: dict[str, Any]
 
-    @property
-    def files(self) -> list[str]:
-        return [storage.join(self.url, s["file"]) for s in self.manifest["shards"]]
+    @functools.cached_property
+    def index(self) -> PartsIndex:
+        index = PartsIndex.from_table(read_index(self.url, self.manifest))
+        pa.default_memory_pool().release_unused()  # the table is gone: hand its pages back
+        return index
+
+    @functools.cached_property
+    def files(self) -> PartFiles:
+        """The parts that have rows, in part order (names made on access, not held)."""
+        return PartFiles(self.url, self.index)
 
     def shape(self, column: str) -> list[int]:
         return list(self.manifest["columns"][column].get("shape", []))
@@ -316,46 +289,36 @@ def tensors(store: Store, columns: Sequence[str], files: Sequence[str] | None = 
 
 
 def column_bytes(store: Store) -> dict[str, float]:
-    """Stored (compressed) bytes per sample of every column, from the parquet footers."""
-    totals: dict[str, int] = {}
-    rows = 0
-    for file in store.files:
-        fs, path = storage.url_to_fs(file)
-        with fs.open(path, "rb") as f:
-            meta = pq.ParquetFile(f).metadata
-        rows += meta.num_rows
-        for g in range(meta.num_row_groups):
-            group = meta.row_group(g)
-            for c in range(group.num_columns):
-                chunk = group.column(c)
-                name = chunk.path_in_schema.split(".")[0]
-                totals[name] = totals.get(name, 0) + chunk.total_compressed_size
-    return {name: size / max(rows, 1) for name, size in totals.items()}
+    """Stored (compressed) bytes per sample of every column, from the parts index."""
+    names = [f"bytes:{c}" for c in store.manifest["columns"]]
+    table = read_index(store.url, store.manifest, names)
+    rows = max(int(store.manifest["totals"]["rows"]), 1)
+    return {name[len("bytes:"):]: (pc.sum(table[name]).as_py() or 0) / rows for name in names}
 
 
 def describe(store: Store, sample_rows: int = 3) -> str:
     """What `unclip inspect` prints: manifest summary, columns, a few rows."""
     m = store.manifest
     clip, vae = m["encoders"]["clip"], m["encoders"].get("vae") or {}
+    totals = m["totals"]
     lines = [
         f"store        {store.url}",
         f"schema       v{m['schema_version']}, created {m['created']}",
-        f"rows         {m['totals']['rows']:,} in {len(m['shards'])} parts, {m['totals']['bytes']:,} bytes",
-        f"counts       " + ", ".join(f"{k}={v:,}" for k, v in m["totals"].items() if k not in ("rows", "bytes")),
-        f"clip         {clip['model']} pretrained={clip.get('pretrained')} sha256={str(clip.get('weights_sha256'))[:16]}…",
+        f"rows         {totals['rows']:,} in {totals['parts']:,} parts ({totals['empty_parts']:,} empty), {totals['bytes']:,} bytes",
+        f"counts       " + ", ".join(f"{k}={v:,}" for k, v in totals["counts"].items()),
+        f"clip         {clip.get('model')} pretrained={clip.get('pretrained')} sha256={str(clip.get('weights_sha256'))[:16]}…",
     ]
     if vae:
-        lines.append(f"vae          {vae['path']} scaling_factor={vae['scaling_factor']} sha256={str(vae.get('weights_sha256'))[:16]}…")
+        lines.append(f"vae          {vae.get('path')} scaling_factor={vae.get('scaling_factor')} sha256={str(vae.get('weights_sha256'))[:16]}…")
     sizes = column_bytes(store)
     lines.append("")
     lines.append(f"{'column':<20} {'dtype':<8} {'shape':<16} {'bytes/sample':>12}")
     for name, spec in m["columns"].items():
         shape = "x".join(str(d) for d in spec.get("shape", [])) or "-"
         lines.append(f"{name:<20} {spec['dtype']:<8} {shape:<16} {sizes.get(name, 0):>12,.1f}")
-    if m["totals"]["rows"] and sample_rows:
-        first = store.files[next(i for i, s in enumerate(m["shards"]) if s["rows"])]
+    if totals["rows"] and sample_rows:
         arrays = [c for c in ("clip_image_emb", "clip_text_emb") if c in m["columns"]]
-        data = store.read(["key", "caption", "clip_score", *arrays], [first])
+        data = store.read(["key", "caption", "clip_score", *arrays], store.files[:1])
         lines.append("")
         for i in range(min(sample_rows, len(data["key"]))):
             preview = "  ".join(f"{c}[:3]={np.round(data[c][i][:3].astype(float), 3).tolist()}" for c in arrays)

@@ -78,11 +78,17 @@ def run_stage(
             try:
                 done[i] = ray.get(ref)
             except ray.exceptions.RayTaskError as err:
-                raise (err.cause if isinstance(err.cause, Exception) else err) from None
+                raise_cause(err)
         if time.time() - last >= progress_every_s and (todo or pending):
             log(f"ingest: {name}: {len(done)}/{count} done")
             last = time.time()
     return done
+
+
+def raise_cause(err: Exception) -> None:
+    """Raise a Ray task's own exception as it was raised there (its one-line message intact)."""
+    cause = getattr(err, "cause", None)
+    raise (cause if isinstance(cause, Exception) else err) from None
 
 
 def peak_rss(results: dict[int, dict[str, Any]]) -> int:

@@ -13,7 +13,8 @@ from launch.configlib import ConfigError
 COMMANDS = {
     "ingest": "download a URL list into ROOT/raw/ (Ray + img2dataset)",
     "encoders": "`encoders init`: small random encoders; `encoders fit`: train them on ROOT/raw/ (the embedded default)",
-    "embed": "frozen CLIP/VAE over ROOT/raw/ into the embedding store ROOT/store/ (Ray Data)",
+    "embed": "frozen CLIP/VAE over ROOT/raw/ into the embedding store ROOT/store/ (Ray tasks and encoder actors)",
+    "manifest": "`manifest [URL]`: rebuild a store's parts index and manifest from its committed parts; converts older stores",
     "train": "`train STAGE`: train one stage (prior, decoder, upsampler, ldm) with DeepSpeed from the store",
     "sample": "prompts -> images by the ldm and unCLIP chains; variations; interpolations",
     "eval": "score the trained stages on the store's held-out rows (eval.json + grid)",
@@ -47,8 +48,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--init-from", help="start from these EMA weights (a step folder or run folder)")
         if name == "encoders":
             p.add_argument("action", choices=["init", "fit"])
-        if name == "inspect":
+        if name in ("inspect", "manifest"):
             p.add_argument("url", nargs="?", help="store URL (default: ROOT/store)")
+        if name == "inspect":
             p.add_argument("--rows", type=int, default=3, help="sample rows to show")
         if name == "demo":
             p.add_argument("--workdir", default="demo-run", help="where data, runs and report.json go")
@@ -171,6 +173,10 @@ def _dispatch(args: argparse.Namespace, cfg, log) -> int:
         from launch import export
 
         export.run(cfg, args.out, log=log)
+    elif args.command == "manifest":
+        from data_pipeline import store_writer
+
+        store_writer.rebuild(args.url or cfg.store_url, cfg.ray, log=log)
     elif args.command == "inspect":
         from data_pipeline.store import describe, open_store
 

@@ -1,7 +1,7 @@
 """`unclip demo --workdir DIR`: the whole pipeline on the embedded default data set.
 
 generate captioned shapes -> serve them on 127.0.0.1 -> ingest (Ray + img2dataset) -> write the
-small random encoders -> embed (Ray Data) -> train ldm, prior, decoder and upsampler (DeepSpeed,
+small random encoders -> embed (Ray tasks + encoder actors) -> train ldm, prior, decoder and upsampler (DeepSpeed,
 torchrun) -> sample both chains -> eval on held-out rows -> DIR/report.json. Every step is the
 real component at small size.
 """

@@ -69,10 +69,10 @@ def reference_embeddings(store: Store, rows: int) -> np.ndarray:
     """CLIP image embeddings of `rows` training rows (never the held-out ones; all of them when
     fewer), from every stride-th part first, so that they spread over a large store without
     reading all of it: the real distribution the Fréchet distance measures against."""
-    shards = store.manifest["shards"]
-    train_rows_per_part = max(1.0, sum(s["rows"] for s in shards) * (1 - store.holdout_fraction) / len(shards))
-    stride = max(1, int(len(shards) * train_rows_per_part // rows))
-    files = [storage.join(store.url, shards[i]["file"]) for offset in range(stride) for i in range(offset, len(shards), stride)]
+    parts = store.files  # the parts that have rows
+    train_rows_per_part = max(1.0, store.manifest["totals"]["rows"] * (1 - store.holdout_fraction) / max(len(parts), 1))
+    stride = max(1, int(len(parts) * train_rows_per_part // rows))
+    files = (parts[i] for offset in range(stride) for i in range(offset, len(parts), stride))
     found = store.read(["clip_image_emb"], files=files, split="train", limit=rows)["clip_image_emb"].astype(np.float32)
     if len(found) < 2:
         raise StoreError(f"store '{store.url}': {len(found)} training rows to measure the Fréchet distance against; "

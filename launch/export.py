@@ -100,7 +100,8 @@ def model_card(manifest: dict[str, Any], sections: list[str]) -> str:
         "rows": manifest["totals"]["rows"],
         "clip": {k: encoders["clip"].get(k) for k in ("model", "pretrained", "weights_sha256", "embed_dim")},
         "vae": {k: (encoders.get("vae") or {}).get(k) for k in ("path", "weights_sha256", "scaling_factor")},
-        "shards_sha256": [s["sha256"] for s in manifest["shards"]][:8],
+        "parts": manifest["totals"]["parts"],
+        "parts_index": manifest["index"]["folder"],
     }
     return (
         "# unclip export\n\nText-to-image stages trained with unclip (unCLIP prior, decoder and upsamplers; latent "

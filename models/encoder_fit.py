@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import math
+import posixpath
 import time
 import zlib
 from typing import Any
@@ -31,7 +32,7 @@ Pairs = tuple[np.ndarray, list[str]]  # uint8 images [N, S, S, 3], captions
 def load_pairs(source: Source, side: int) -> Pairs:
     """Every kept image-caption pair of the source `unclip embed` reads, resized to side x side."""
     images, captions = [], []
-    for shard in range(len(source.files)):
+    for shard in source.ids:
         for sample in iter_samples(source, shard):
             if sample["image"] is None or not sample["caption"]:
                 continue
@@ -39,7 +40,7 @@ def load_pairs(source: Source, side: int) -> Pairs:
             images.append(np.asarray(picture))
             captions.append(sample["caption"])
     if len(images) < 4:
-        raise ValueError(f"{source.kind} source {source.describe()['files'][:3]}: {len(images)} usable image-caption pairs; "
+        raise ValueError(f"{source.kind} source {[posixpath.basename(f) for f in source.files[:3]]}: {len(images)} usable image-caption pairs; "
                          "fitting the encoders needs at least 4")  # fmt: skip
     return np.stack(images), captions
 

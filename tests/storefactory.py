@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from data_pipeline import store
+from data_pipeline import store, store_writer
 
 DIM, TOKENS, LATENT = 16, 8, (4, 8, 8)
 
@@ -33,7 +33,7 @@ def make_store(root: str, rows_per_part=(20, 17, 13), columns=None, seed: int = 
     identity of a real VAE (models.encoders.vae_identity) to record, so its latents' pictures can be drawn."""
     s = specs(columns, latent) if columns else specs(latent=latent)
     rng = np.random.default_rng(seed)
-    parts, index = {}, 0
+    index = 0
     for shard_id, n in enumerate(rows_per_part):
         ids = np.arange(index, index + n)
         index += n
@@ -51,12 +51,14 @@ def make_store(root: str, rows_per_part=(20, 17, 13), columns=None, seed: int = 
         pictures = [_picture(rng) for _ in range(n)] if {"image_64", "image_256"} & set(s) else []
         rows.update({f"image_{side}": [_png(p.resize((side, side))) for p in pictures] for side in (64, 256) if f"image_{side}" in s})
         rows = {k: v for k, v in rows.items() if k in store.BASE_COLUMNS or k in s}
-        parts[shard_id] = store.write_part(root, shard_id, store.to_arrow(rows, s))
+        store_writer.write_part(root, shard_id, store.to_arrow(rows, s), s, holdout_fraction=holdout)
     identity = {
         "clip": {"embed_dim": DIM, "text_width": DIM, "context_length": TOKENS, "weights_sha256": "0" * 64},
         "vae": vae or {"scaling_factor": 0.18215, "latent_channels": latent[0], "downsample": 4, "weights_sha256": "1" * 64},
     }
-    store.build_manifest(root, parts, identity, s, {"kept": index}, {"note": "made by tests/storefactory.py"}, holdout)
+    lock = {"encoders": identity, "columns": sorted(s), "specs": s, "holdout_fraction": holdout}
+    store_writer.write_lock(root, lock)
+    store_writer.build_manifest(root, lock, {"note": "made by tests/storefactory.py"}, log=lambda _m: None)
     return store.open_store(root)
 
 

@@ -1,4 +1,4 @@
-"""`unclip embed` for real: Ray Data, open_clip and a diffusers VAE built from small configs,
+"""`unclip embed` for real: Ray tasks and actors, open_clip and a diffusers VAE built from small configs,
 over webdataset and parquet shards on local disk and on S3 (moto on 127.0.0.1)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from data_pipeline import embed, storage, store, synthetic
+from data_pipeline import embed, sources, storage, store, store_writer, synthetic
 from data_pipeline.config import SyntheticConfig
 from data_pipeline.embed_stages import invalid_rows
 from launch import cli, config
@@ -72,11 +72,20 @@ def test_manifest_follows_the_contract(env):
     assert m["columns"]["clip_text_tokens"] == {"dtype": "float16", "shape": [32, 64]}
     assert m["columns"]["text_mask"] == {"dtype": "bool", "shape": [32]}
     assert m["columns"]["image_64"] == {"dtype": "png", "shape": [64, 64, 3]}
-    assert len(m["shards"]) == 13 and [s["file"] for s in m["shards"]][:2] == ["part-00000.parquet", "part-00001.parquet"]
-    for shard in m["shards"]:
-        assert storage.sha256_file(storage.join(env["store_url"], shard["file"])) == shard["sha256"]
-    assert m["totals"]["rows"] == sum(s["rows"] for s in m["shards"]) == 96
-    assert m["totals"]["rejected_decode_error"] == 2 and m["totals"]["kept"] == 96
+    index = store.read_index(env["store_url"], m, None)
+    assert m["totals"]["parts"] == 13 and index["file"].to_pylist()[:2] == ["part-00000.parquet", "part-00001.parquet"]
+    for file, digest, size in zip(index["file"].to_pylist(), index["sha256"].to_pylist(), index["bytes"].to_pylist()):
+        if file is not None:
+            assert storage.sha256_file(storage.join(env["store_url"], file)) == digest
+            assert os.path.getsize(storage.join(env["store_url"], file)) == size
+    # the last shard holds only the two undecodable images: its part has no file, not a 0-row one
+    assert index["rows"].to_pylist()[-1] == 0 and index["file"].to_pylist()[-1] is None and m["totals"]["empty_parts"] == 1
+    assert not os.path.exists(os.path.join(env["store_url"], "part-00012.parquet"))
+    assert m["totals"]["rows"] == sum(index["rows"].to_pylist()) == 96
+    assert m["totals"]["counts"]["rejected_decode_error"] == 2 and m["totals"]["counts"]["kept"] == 96
+    # the index's statistics add up to the manifest's
+    sums = np.sum([np.frombuffer(b, "<f8") for b in index["sum:clip_image_emb"].to_pylist() if b is not None], axis=0)
+    assert np.allclose(sums / sum(index["count:clip_image_emb"].to_pylist()), m["clip_image_emb_mean"])
     emb = read_all(env["store_url"])["clip_image_emb"].astype(np.float64)
     assert np.allclose(m["clip_image_emb_mean"], emb.mean(0), atol=1e-4)
     assert np.allclose(m["clip_image_emb_std"], emb.std(0), atol=1e-4)
@@ -101,7 +110,7 @@ def test_clip_score_filter_drops_and_counts(env):
     m = run_embed(cfg)
     expected = int((scores >= np.float32(threshold)).sum())
     assert m["totals"]["rows"] == expected < 96
-    assert m["totals"]["rejected_clip_score_below_threshold"] == 96 - expected
+    assert m["totals"]["counts"]["rejected_clip_score_below_threshold"] == 96 - expected
     assert (read_all(cfg.store_url)["clip_score"] >= np.float32(threshold)).all()
 
 
@@ -113,22 +122,28 @@ def test_sigkill_then_rerun_gives_the_same_store(env):
             f"encoders.clip.model=local-dir:{env['encoders']}/clip", f"encoders.vae.path={env['encoders']}/vae"]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "embed", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
-    while not store.complete_parts(cfg.store_url) and time.time() < deadline and proc.poll() is None:
+    while not store_writer.committed_parts(cfg.store_url) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert proc.poll() is None, "embed finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(2)  # the killed driver's local Ray winds down with it
-    done = store.complete_parts(cfg.store_url)
+    done = store_writer.committed_parts(cfg.store_url)
     assert 1 <= len(done) < 13 and not storage.exists(storage.join(cfg.store_url, store.MANIFEST))
 
     rerun = run_embed(cfg)
-    assert rerun["totals"]["rows"] == 96 and rerun["totals"]["rejected_decode_error"] == 2
-    got, want = read_all(cfg.store_url), read_all(env["store_url"])
+    assert rerun["totals"]["rows"] == 96 and rerun["totals"]["counts"]["rejected_decode_error"] == 2
+    assert_same_store(cfg.store_url, env)
+
+
+def assert_same_store(store_url: str, env) -> None:
+    """The same keys and values as the reference store, and every part byte for byte."""
+    got, want = read_all(store_url), read_all(env["store_url"])
     assert len(set(got["key"])) == len(got["key"]) == 96
     for name in want:
         assert np.array_equal(got[name], want[name]), name
-    assert [s["sha256"] for s in rerun["shards"]] == [s["sha256"] for s in env["manifest"]["shards"]]
+    digests = lambda url: store.read_index(url, store.read_manifest(url), ["part", "sha256"]).to_pylist()  # noqa: E731
+    assert digests(store_url) == digests(env["store_url"])
 
 
 @pytest.mark.slow
@@ -166,8 +181,108 @@ def test_parquet_input_and_s3(env, s3_prefix):
     synthetic.write_shards(good, str(env["site"]), wds, 10, fmt="parquet")
     cfg = embed_config(storage.join(s3_prefix, "root"), env, f"embed.input={wds}", "embed.extra_vae_resolutions=[32]")
     m = run_embed(cfg)
-    assert m["totals"]["rows"] == 20 and len(m["shards"]) == 2
+    assert m["totals"]["rows"] == 20 and m["totals"]["parts"] == 2
     assert m["columns"]["vae_latent_32"]["shape"] == [4, 8, 8]
     assert set(storage.listdir(cfg.store_url)) >= {"manifest.json", "part-00000.parquet", "part-00001.json"}
     data = store.open_store(cfg.store_url).read(["caption", "clip_image_emb", "vae_latent_32"])
     assert data["vae_latent_32"].shape == (20, 4, 8, 8) and sorted(data["caption"]) == sorted(r["caption"] for r in good)
+
+
+@pytest.mark.slow
+def test_parts_hold_exactly_what_the_encoders_give_each_chunk(env):
+    """The workers' store against the encoders run here, chunk by chunk as embed cuts them: the same
+    keys in the same order and the same values, bit for bit."""
+    from data_pipeline.embed_stages import Encoder, iter_chunks
+    from models.encoders import clip_preprocess
+
+    cfg = embed_config(env["base"] / "reference", env)
+    identity, specs = embed.encoder_identity(cfg.encoders, cfg.embed)
+    source = sources.open_source(cfg.embed.input, cfg.raw_url, "auto", None, None)
+    encoder = Encoder(cfg.encoders, specs, "cpu", "fp32", 1, None)
+    s = store.open_store(env["store_url"])
+    for shard in source.ids:
+        chunks = [encoder.encode(c) for c in iter_chunks(source, shard, 4, clip_preprocess(cfg.encoders.clip).image_size,
+                                                        cfg.embed.latent_columns(), ["image_64", "image_256"])]  # fmt: skip
+        keep = [np.array([not r for r in c["rejected"]], bool) for c in chunks]
+        expected_keys = [k for c, k_ in zip(chunks, keep) for k, kept in zip(c["key"], k_) if kept]
+        if not expected_keys:
+            continue
+        got = s.read(["key", "clip_image_emb", "clip_text_tokens", "vae_latent", "image_64"], [storage.join(s.url, f"part-{shard:05d}.parquet")])
+        assert got["key"].tolist() == expected_keys  # the shard's order
+        for name in ("clip_image_emb", "clip_text_tokens", "vae_latent"):
+            want = np.concatenate([c[name][k_] for c, k_ in zip(chunks, keep) if len(c["key"])])
+            assert np.array_equal(got[name], want), (shard, name)
+        assert got["image_64"].tolist() == [b for c, k_ in zip(chunks, keep) for b, kept in zip(c["image_64"], k_) if kept]
+
+
+@pytest.mark.slow
+def test_two_jobs_over_halves_of_the_shards_make_the_store_one_job_makes(env):
+    root = env["base"] / "halves"
+    first = run_embed(embed_config(root, env, "embed.shards=0-5"))
+    assert first["totals"]["parts"] == 6
+    second = run_embed(embed_config(root, env, "embed.shards=6-12"))
+    assert second["totals"]["parts"] == 13 and second["totals"]["rows"] == 96
+    assert_same_store(str(root / "store"), env)
+    with pytest.raises(sources.SourceError, match=r"'embed.shards': no webdataset shard has an id in 40-50 \(ids 0-12\)"):
+        run_embed(embed_config(root, env, "embed.shards=40-50"))
+
+
+@pytest.mark.slow
+def test_duckdb_polars_and_datasets_read_a_store_with_an_empty_shard(env, tmp_path, monkeypatch):
+    import datasets
+    import duckdb
+    import polars
+
+    url = env["store_url"]
+    assert store.open_store(url).manifest["totals"]["empty_parts"] == 1
+    want = sorted(read_all(url)["key"].tolist())
+    pattern = os.path.join(url, "part-*.parquet")
+    assert sorted(k for (k,) in duckdb.sql(f"SELECT key FROM read_parquet('{pattern}')").fetchall()) == want
+    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{pattern}') WHERE len(clip_image_emb) = 64").fetchall() == [(96,)]
+    assert sorted(polars.read_parquet(pattern)["key"].to_list()) == want
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    parts = sorted(str(p) for p in (env["base"] / "reference" / "store").glob("part-*.parquet"))
+    loaded = datasets.load_dataset("parquet", data_files=parts, split="train", cache_dir=str(tmp_path / "hf"))
+    assert sorted(loaded["key"]) == want and len(loaded[0]["clip_image_emb"]) == 64
+
+
+@pytest.mark.slow
+def test_a_store_of_the_previous_layout_is_refused_then_converted(env, tmp_path):
+    """Manifest schema 1 (a JSON entry per part, sums as JSON lists, an empty shard's part a file
+    with one 0-row row group), as the previous version wrote it."""
+    import json as jsonlib
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    old = tmp_path / "old"
+    shutil.copytree(env["base"] / "reference" / "store", old, ignore=shutil.ignore_patterns("parts-*", "manifest.json", "_encoders.json"))
+    new_manifest = store.read_manifest(env["store_url"])
+    entries = []
+    for sidecar in sorted(old.glob("part-*.json")):
+        new = jsonlib.loads(sidecar.read_text())
+        if new["file"] is None:  # the previous writer's empty part
+            specs = {k: v for k, v in new_manifest["columns"].items() if k not in store.BASE_COLUMNS}
+            pq.write_table(store.arrow_schema(specs).empty_table(), old / f"part-{new['part']:05d}.parquet")
+            new["file"], new["sha256"], new["bytes"] = f"part-{new['part']:05d}.parquet", "0" * 64, 1
+        sums = {k: {"count": v["count"], "sum": store_writer.decode_floats(v["sum"]).tolist(), "sumsq": store_writer.decode_floats(v["sumsq"]).tolist()}
+                for k, v in new["stats"].items()}  # fmt: skip
+        entry = {"file": new["file"], "rows": new["rows"], "bytes": new["bytes"], "sha256": new["sha256"], "sums": sums, "counts": new["counts"]}
+        sidecar.write_text(jsonlib.dumps(entry))
+        entries.append({k: entry[k] for k in ("file", "rows", "bytes", "sha256")})
+    (old / "manifest.json").write_text(jsonlib.dumps({
+        "schema_version": 1, "created": new_manifest["created"], "encoders": new_manifest["encoders"], "columns": new_manifest["columns"],
+        "shards": entries, "totals": {"rows": 96, "bytes": 1, "kept": 96}, "holdout": new_manifest["holdout"], "config": new_manifest["config"],
+        "clip_image_emb_mean": new_manifest["clip_image_emb_mean"], "clip_image_emb_std": new_manifest["clip_image_emb_std"],
+    }))  # fmt: skip
+
+    with pytest.raises(store.StoreError, match=rf"manifest schema 1.*convert it in place with `unclip manifest {old}`"):
+        store.open_store(str(old))
+    assert cli.main(["manifest", str(old)]) == 0
+    converted = store.open_store(str(old))
+    assert not (old / "part-00012.parquet").exists() and converted.manifest["totals"]["empty_parts"] == 1
+    for name in ("clip_image_emb_mean", "clip_image_emb_std", "vae_latent_mean", "vae_latent_std"):
+        assert np.allclose(converted.manifest[name], new_manifest[name]), name
+    fresh = store.open_store(env["store_url"])
+    assert np.array_equal(converted.index.group_train_rows, fresh.index.group_train_rows)  # the same held-out rows
+    assert np.array_equal(read_all(str(old))["clip_image_emb"], read_all(env["store_url"])["clip_image_emb"])

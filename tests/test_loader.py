@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from data_pipeline import storage
 from tests import storefactory
 from training.data import StoreLoader, deal
 
@@ -39,8 +40,11 @@ def test_manifest_and_reading(tmp_path):
 
     s = make_store(str(tmp_path), PARTS)
     m = s.manifest
-    assert m["totals"]["rows"] == 144 and [p["rows"] for p in m["shards"]] == list(PARTS)
-    assert all(len(p["sha256"]) == 64 for p in m["shards"])
+    assert m["totals"]["rows"] == 144 and s.index.rows.tolist() == list(PARTS) and m["totals"]["parts"] == len(PARTS)
+    index = store.read_index(s.url, m, ["part", "file", "sha256"])
+    assert index["part"].to_pylist() == list(range(len(PARTS)))
+    for file, digest in zip(index["file"].to_pylist(), index["sha256"].to_pylist()):
+        assert storage.sha256_file(storage.join(s.url, file)) == digest
     data = s.read(["key", "clip_image_emb"])
     assert data["clip_image_emb"].shape == (144, 16) and data["clip_image_emb"].dtype == np.float16
     assert m["clip_image_emb_mean"][0] == pytest.approx(71.5, rel=1e-3)
@@ -66,18 +70,18 @@ def test_one_epoch_visits_each_row_once_and_the_next_reshuffles(tmp_path):
 def test_ranks_read_disjoint_row_groups(tmp_path):
     s = make_store(str(tmp_path), PARTS)
     r0, r1 = loaders(s, 2)
-    groups0 = {g for g, _ in r0.streams[0]}
-    groups1 = {g for g, _ in r1.streams[1]}
+    groups0 = {g for g, _ in r0.stream(0).tolist()}
+    groups1 = {g for g, _ in r1.stream(1).tolist()}
     assert groups0.isdisjoint(groups1) and groups0 | groups1 == set(range(len(PARTS)))
-    assert r0.streams == r1.streams  # every rank knows every stream
+    assert all(np.array_equal(r0.stream(r), r1.stream(r)) for r in (0, 1))  # every rank knows every stream
     seen0 = set(take([r0], 5))
     seen1 = set(take([r1], 5))
     assert seen0.isdisjoint(seen1)
 
 
 def test_deal_balances_rows():
-    streams = deal([(0, 0), (1, 0), (2, 0), (3, 5)], [10, 4, 4, 10], 2)
-    assert streams == [[(0, 0)], [(1, 0), (2, 0), (3, 5)]]
+    owner = deal(np.array([(0, 0), (1, 0), (2, 0), (3, 5)]), np.array([10, 4, 4, 10]), 2)
+    assert owner.tolist() == [0, 1, 1, 1]  # 10 rows | 4 + 4 + 5
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -100,7 +104,7 @@ def test_resume_on_another_world_size_neither_repeats_nor_skips(tmp_path, before
     everything = seen + rest
     assert len(everything) == len(set(everything))  # nothing repeated
     # nothing skipped but the tail that cannot fill a batch on every rank at the end of the epoch
-    left = [sum(resumed[0].sizes[g] - st for g, st in stream) - resumed[0].steps_in_epoch * 4 for stream in resumed[0].streams]
+    left = [sum(resumed[0].sizes[g] - st for g, st in resumed[0].stream(r).tolist()) - resumed[0].steps_in_epoch * 4 for r in range(after)]
     assert len(everything) + sum(left) == 144
     assert max(left) < 4 + max(PARTS)
     assert next(resumed[0]) is not None and resumed[0].epoch == 1
@@ -175,22 +179,61 @@ def test_batches_for_a_gpu_come_page_locked_in_the_same_order(tmp_path):
     pinned.close(), plain.close()
 
 
-def test_row_groups_are_laid_out_from_the_manifest_without_opening_a_part(tmp_path, monkeypatch):
-    import copy
+def test_row_groups_are_laid_out_from_the_index_without_opening_a_part(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
 
+    from data_pipeline import store
     from training import data
 
     s = make_store(str(tmp_path), (2500, 700), columns=("clip_image_emb",), holdout=0.1)
-    assert [shard["row_groups"] for shard in s.manifest["shards"]] == [[1024, 1024, 452], [700]]
-    older = copy.deepcopy(s)  # a store from before the manifest kept row groups: its footers are read
-    for shard in older.manifest["shards"]:
-        del shard["row_groups"]
-    from_footers = data.row_groups(older)
+    footers = [pq.ParquetFile(f).metadata for f in s.files]
+    assert [[m.row_group(g).num_rows for g in range(m.num_row_groups)] for m in footers] == [[1024, 1024, 452], [700]]
+    heldout = [store.heldout_mask(p, n, 0.1) for p, n in ((0, 2500), (1, 700))]
 
     def no_opening(*args, **kwargs):
         raise AssertionError("a part was opened")
 
     monkeypatch.setattr(data.pq, "ParquetFile", no_opening)
-    from_manifest = data.row_groups(s)
-    assert [(g.file, g.index, g.usable.tolist()) for g in from_manifest] == [(g.file, g.index, g.usable.tolist()) for g in from_footers]
-    assert len(from_manifest) == 4 and sum(g.rows for g in from_manifest) < 3200  # held-out rows left out
+    fresh = store.open_store(s.url)
+    lay = data.layout(fresh)
+    assert lay.part.tolist() == [0, 0, 0, 1] and lay.group.tolist() == [0, 1, 2, 0] and lay.first_row.tolist() == [0, 1024, 2048, 0]
+    assert lay.sizes.tolist() == [int((~heldout[0][0:1024]).sum()), int((~heldout[0][1024:2048]).sum()),
+                                  int((~heldout[0][2048:]).sum()), int((~heldout[1]).sum())]  # fmt: skip
+    assert sum(lay.sizes) < 3200  # held-out rows left out
+
+
+def test_the_saved_position_does_not_grow_with_the_store(tmp_path):
+    import json
+
+    sizes = []
+    for name, parts in (("small", PARTS), ("large", PARTS * 16)):
+        first = loaders(make_store(str(tmp_path / name), parts), 2)
+        take(first, 3)
+        state = first[0].state_dict()
+        assert "fragments" not in state  # a fresh epoch's order is (seed, epoch): nothing to list
+        sizes.append(len(json.dumps(state)))
+    assert sizes[0] == sizes[1] - 1  # the same fields (the row count has one digit more)
+
+    s = make_store(str(tmp_path / "resume"), PARTS)
+    two = loaders(s, 2)
+    take(two, 3)
+    (one,) = loaders(s, 1, state=two[0].state_dict())  # re-dealt: the remainders are the position now
+    assert "fragments" in one.state_dict() and len(one.state_dict()["fragments"]) <= len(PARTS)
+    expected = take(loaders(s, 1, state=one.state_dict()), 4)
+    assert take([one], 4) == expected
+    # a position saved as an explicit list (what every state held before) resumes the same way
+    fresh = loaders(s, 2)
+    take(fresh, 2)
+    listed = {**fresh[0].state_dict(), "fragments": fresh[0].fragments.tolist()}
+    assert take(loaders(s, 2, state=listed), 3) == take(fresh, 3)
+
+
+def test_inspect_reads_the_manifest_and_index_not_every_part(tmp_path):
+    from data_pipeline import store
+
+    s = make_store(str(tmp_path), PARTS)
+    for file in s.files[1:]:
+        os.remove(file)  # describing the store must not need them
+    text = store.describe(store.open_store(s.url), 2)
+    assert "144 in 8 parts (0 empty)" in text and "kept=144" in text
+    assert float(next(line for line in text.splitlines() if line.startswith("clip_image_emb")).split()[-1]) > 16

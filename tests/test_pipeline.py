@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from data_pipeline import storage
-from data_pipeline.store import StoreError
+from data_pipeline.store import StoreError, open_store
 from launch import config, demo, export, sample
 from launch.configlib import read_yaml, replace
 from launch.train import train_local
@@ -112,7 +112,7 @@ def test_store_manifest_follows_the_contract(pipeline):
     assert vae["weights_sha256"] == storage.sha256_file(os.path.join(cfg.root, "encoders", "vae", "diffusion_pytorch_model.safetensors"))
     assert manifest["columns"]["vae_latent"] == {"dtype": "float16", "shape": [4, 16, 16], "image_side": 64}
     assert manifest["holdout"]["fraction"] == 0.2
-    assert sum(s["rows"] for s in manifest["shards"]) == manifest["totals"]["rows"] == 48
+    assert sum(open_store(cfg.store_url).index.rows) == manifest["totals"]["rows"] == 48
 
 
 def test_resolved_config_is_saved_beside_every_output(pipeline):
@@ -175,8 +175,6 @@ def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_pat
     assert {"prior", "decoder", "ldm", "upsampler-main", "vae", "clip"} <= set(exported)
     card = open(os.path.join(out, "README.md")).read()
     assert "weights_sha256" in card and "## decoder" in card and "block_channels" in card
-
-    from data_pipeline.store import open_store
 
     trained = load_trained(cfg, open_store(cfg.store_url), ["prior", "decoder", "upsampler", "ldm"])
     text = trained.encode_text(["a red circle on a blue background", "a green square on a white background"])
@@ -250,7 +248,6 @@ def test_eval_refuses_a_store_with_too_few_held_out_rows(pipeline, tmp_path):
 
 
 def test_sample_sampler_reaches_every_stage_and_the_export(pipeline, tmp_path):
-    from data_pipeline.store import open_store
     from launch.trained import load_trained
 
     cfg, _, _ = pipeline

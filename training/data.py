@@ -7,13 +7,18 @@ background, and cuts its stream into batches. All ranks step together, so every 
 every other rank's position without talking to it; the epoch ends when one rank's stream cannot
 fill a batch (the rows left over come back in the next epoch's permutation).
 
-Position. The state is (epoch, the fragments dealt, steps taken since they were dealt). Resuming on
-the same world size and batch size continues exactly where the run stopped; on another one, the
-unconsumed remainder of every row group is dealt anew, so no sample is repeated or skipped.
+Layout. What a rank holds grows with the row groups, not the rows: four numbers a group, from the
+parts index (no part's footer is read). The held-out rows of a group are found when it is read.
+
+Position. The state is (epoch, steps taken) while the epoch's fragments are its fresh permutation,
+and the fragments dealt as well after a re-deal. Resuming on the same world size and batch size
+continues exactly where the run stopped; on another one, the unconsumed remainder of every row
+group is dealt anew, so no sample is repeated or skipped.
 """
 
 from __future__ import annotations
 
+import heapq
 import queue
 import threading
 from dataclasses import dataclass
@@ -24,73 +29,60 @@ import pyarrow.parquet as pq
 import torch
 
 from data_pipeline import storage
-from data_pipeline.store import Store, column_numpy
+from data_pipeline.store import Store, column_numpy, heldout_mask
 
 
 @dataclass(frozen=True)
-class RowGroup:
-    file: str
-    index: int  # row group within the file
-    usable: np.ndarray  # rows within the group that training may use (not held out)
+class Layout:
+    """The store's row groups that hold training rows, as arrays in store order."""
 
-    @property
-    def rows(self) -> int:
-        return len(self.usable)
+    part: np.ndarray  # int32: the part's position in the parts index
+    group: np.ndarray  # int32: the row group within its part
+    first_row: np.ndarray  # int64: the group's first row within its part
+    sizes: np.ndarray  # int64: the group's training rows (held-out ones left out)
 
-
-def row_groups(store: Store) -> list[RowGroup]:
-    """Every row group with the rows trainers may read (the store's held-out rows left out).
-
-    From the manifest, which records each part's row groups: every rank of every node lays out the
-    whole store at start-up, and reading each part's footer instead would cost ranks x parts
-    requests to object storage before the first step. Parts from stores made before the manifest
-    kept them are read."""
-    groups = []
-    for file, shard in zip(store.files, store.manifest["shards"]):
-        sizes = shard.get("row_groups") or _row_group_sizes(file)
-        heldout = store.heldout(file, sum(sizes))
-        start = 0
-        for i, n in enumerate(sizes):
-            groups.append(RowGroup(file, i, np.flatnonzero(~heldout[start : start + n])))
-            start += n
-    return [g for g in groups if g.rows]
+    def __len__(self) -> int:
+        return len(self.sizes)
 
 
-def _row_group_sizes(file: str) -> list[int]:
-    fs, path = storage.url_to_fs(file)
-    with fs.open(path, "rb") as f:
-        meta = pq.ParquetFile(f).metadata
-    return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+def layout(store: Store) -> Layout:
+    """Every row group with the rows trainers may read, from the parts index alone."""
+    index = store.index
+    keep = np.flatnonzero(index.group_train_rows > 0)
+    part = (np.searchsorted(index.group_start, keep, side="right") - 1).astype(np.int32)
+    ends = np.cumsum(index.group_rows, dtype=np.int64)  # rows before each group's end, store-wide
+    part_first = np.concatenate([[0], ends])[index.group_start[part]]
+    first_row = ends[keep] - index.group_rows[keep] - part_first
+    group = (keep - index.group_start[part]).astype(np.int32)
+    return Layout(part, group, first_row, index.group_train_rows[keep].astype(np.int64))
 
 
 def in_group_order(seed: int, epoch: int, group: int, rows: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, group]).permutation(rows)
 
 
-def deal(fragments: list[tuple[int, int]], sizes: Sequence[int], world_size: int) -> list[list[tuple[int, int]]]:
-    """Fragments (group, first unconsumed row), in order, each to the rank with the fewest rows so
-    far (ties to the lowest rank), so streams end nearly together."""
-    streams: list[list[tuple[int, int]]] = [[] for _ in range(world_size)]
-    loads = [0] * world_size
-    for group, start in fragments:
-        rank = loads.index(min(loads))
-        streams[rank].append((group, start))
-        loads[rank] += sizes[group] - start
-    return streams
+def deal(fragments: np.ndarray, sizes: np.ndarray, world_size: int) -> np.ndarray:
+    """The rank of each fragment (group, first unconsumed row), in order: each to the rank with
+    the fewest rows so far (ties to the lowest rank), so streams end nearly together."""
+    owner = np.empty(len(fragments), np.int32)
+    loads = [(0, rank) for rank in range(world_size)]  # a heap: (rows so far, rank)
+    left = sizes[fragments[:, 0]] - fragments[:, 1] if len(fragments) else np.zeros(0, np.int64)
+    for i, rows in enumerate(left.tolist()):
+        load, rank = heapq.heappop(loads)
+        owner[i] = rank
+        heapq.heappush(loads, (load + rows, rank))
+    return owner
 
 
-def consumed_rows(streams: list[list[tuple[int, int]]], sizes: Sequence[int], taken: int) -> dict[int, int]:
-    """For each group touched, how far into it the streams have read after `taken` rows each."""
-    progress: dict[int, int] = {}
-    for stream in streams:
-        left = taken
-        for group, start in stream:
-            if left <= 0:
-                break
-            use = min(left, sizes[group] - start)
-            progress[group] = start + use
-            left -= use
-    return progress
+def consumed(fragments: np.ndarray, owner: np.ndarray, sizes: np.ndarray, world_size: int, taken: int) -> np.ndarray:
+    """Each fragment's first unconsumed row once every rank's stream has given `taken` rows."""
+    starts = fragments[:, 1].astype(np.int64)
+    for rank in range(world_size):
+        mine = np.flatnonzero(owner == rank)
+        left = sizes[fragments[mine, 0]] - fragments[mine, 1]
+        before = np.cumsum(left) - left  # rows the stream gave before reaching each fragment
+        starts[mine] += np.clip(taken - before, 0, left)
+    return starts
 
 
 class StoreLoader:
@@ -111,9 +103,9 @@ class StoreLoader:
     ):
         self.store, self.columns = store, list(columns)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.groups = row_groups(store)
-        self.sizes = [g.rows for g in self.groups]
-        self.rows = sum(self.sizes)
+        self.layout = layout(store)
+        self.sizes = self.layout.sizes
+        self.rows = int(self.sizes.sum())
         if self.rows < batch_size * world_size:
             raise ValueError(
                 f"store '{store.url}' has {self.rows} rows, fewer than one global batch "
@@ -124,39 +116,56 @@ class StoreLoader:
         self._start_epoch(0)
 
     # -- order -------------------------------------------------------------------------------
-    def _start_epoch(self, epoch: int, fragments: list[tuple[int, int]] | None = None, steps: int = 0) -> None:
+    def _start_epoch(self, epoch: int, fragments: np.ndarray | None = None, steps: int = 0) -> None:
+        """Deal `fragments` (rows (group, first unconsumed row)); None: the epoch's permutation."""
         self.epoch = epoch
-        if fragments is None:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.groups))
-            fragments = [(int(g), 0) for g in order]
-        self.fragments = fragments
-        self.streams = deal(fragments, self.sizes, self.world_size)
-        lengths = [sum(self.sizes[g] - s for g, s in stream) for stream in self.streams]
-        self.steps_in_epoch = min(lengths) // self.batch_size
+        self.fresh = fragments is None  # the position then needs no list of fragments
+        self.fragments = self._permutation(epoch) if fragments is None else np.asarray(fragments, np.int32).reshape(-1, 2)
+        self.owner = deal(self.fragments, self.sizes, self.world_size)
+        left = self.sizes[self.fragments[:, 0]] - self.fragments[:, 1]
+        lengths = np.bincount(self.owner, weights=left, minlength=self.world_size)
+        self.steps_in_epoch = int(lengths.min()) // self.batch_size
         self.steps = steps
         self._reader = None
 
-    def _stream_rows(self, skip: int) -> Iterator[tuple[int, np.ndarray]]:
-        """(group, row indices within it) of this rank's stream, past the first `skip` rows."""
-        for group, start in self.streams[self.rank]:
-            order = in_group_order(self.seed, self.epoch, group, self.sizes[group])[start:]
-            rows = self.groups[group].usable[order]
-            if skip >= len(rows):
-                skip -= len(rows)
+    def _permutation(self, epoch: int) -> np.ndarray:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.sizes))
+        return np.stack([order, np.zeros_like(order)], axis=1).astype(np.int32)  # (group, first row): both < 2**31
+
+    def stream(self, rank: int) -> np.ndarray:
+        """Rank `rank`'s fragments this epoch, in order."""
+        return self.fragments[self.owner == rank]
+
+    def _stream_rows(self, skip: int) -> Iterator[tuple[int, int]]:
+        """(group, first position in its in-group order) of this rank's stream, past its first `skip` rows."""
+        for group, start in self.stream(self.rank).tolist():
+            left = int(self.sizes[group]) - start
+            if skip >= left:
+                skip -= left
                 continue
-            yield group, rows[skip:]
+            yield group, start + skip
             skip = 0
 
     # -- reading -------------------------------------------------------------------------------
-    def _read(self, group: int) -> dict[str, np.ndarray]:
-        g = self.groups[group]
-        if storage.is_local(g.file):  # pyarrow's own file reader: faster than a Python file object
-            table = pq.ParquetFile(storage.local_path(g.file)).read_row_group(g.index, columns=self.columns)
+    def _read(self, group: int, first: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """A row group's columns, and which of its rows come next in this epoch's order (its
+        held-out rows found here, from its part's mask)."""
+        lay = self.layout
+        file = storage.join(self.store.url, self.store.index.file_of(int(lay.part[group])))
+        if storage.is_local(file):  # pyarrow's own file reader: faster than a Python file object
+            table = pq.ParquetFile(storage.local_path(file)).read_row_group(int(lay.group[group]), columns=self.columns)
         else:
-            fs, path = storage.url_to_fs(g.file)
+            fs, path = storage.url_to_fs(file)
             with fs.open(path, "rb") as f:
-                table = pq.ParquetFile(f).read_row_group(g.index, columns=self.columns)
-        return {c: self._column(table, c) for c in self.columns}
+                table = pq.ParquetFile(f).read_row_group(int(lay.group[group]), columns=self.columns)
+        part_rows = int(self.store.index.rows[lay.part[group]])
+        heldout = heldout_mask(int(self.store.index.part[lay.part[group]]), part_rows, self.store.holdout_fraction)
+        usable = np.flatnonzero(~heldout[lay.first_row[group] : lay.first_row[group] + len(table)])
+        if len(usable) != self.sizes[group]:
+            raise RuntimeError(f"store '{self.store.url}': {file} row group {lay.group[group]} has {len(usable)} training rows, "
+                               f"the parts index says {self.sizes[group]}; rebuild it with `unclip manifest`")  # fmt: skip
+        order = in_group_order(self.seed, self.epoch, group, len(usable))[first:]
+        return usable[order], {c: self._column(table, c) for c in self.columns}
 
     def _column(self, table, name: str) -> np.ndarray:
         if self.shapes[name]:  # a fixed-size array column
@@ -165,7 +174,7 @@ class StoreLoader:
         values[:] = table[name].to_pylist()
         return values
 
-    def _read_ahead(self, stream: Iterator[tuple[int, np.ndarray]]) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    def _read_ahead(self, stream: Iterator[tuple[int, int]]) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """(rows, group data) in stream order, with the next few groups read in parallel:
         one row group at a time would leave the reading (I/O and decoding) far from saturated."""
         from collections import deque
@@ -173,14 +182,12 @@ class StoreLoader:
 
         with ThreadPoolExecutor(self.readers, thread_name_prefix=f"loader-read-rank{self.rank}") as pool:
             ahead: deque = deque()
-            for group, rows in stream:
-                ahead.append((rows, pool.submit(self._read, group)))
+            for group, first in stream:
+                ahead.append(pool.submit(self._read, group, first))
                 if len(ahead) > self.readers:
-                    rows_done, future = ahead.popleft()
-                    yield rows_done, future.result()
+                    yield ahead.popleft().result()
             while ahead:
-                rows_done, future = ahead.popleft()
-                yield rows_done, future.result()
+                yield ahead.popleft().result()
 
     def _produce(self, out: queue.Queue, stop: threading.Event, skip: int, target: int) -> None:
         """Background thread: read this rank's row groups ahead and cut them into `target` batches."""
@@ -269,15 +276,11 @@ class StoreLoader:
 
     # -- position ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "seed": self.seed,
-            "rows": self.rows,
-            "epoch": self.epoch,
-            "world_size": self.world_size,
-            "batch_size": self.batch_size,
-            "fragments": [list(f) for f in self.fragments],
-            "steps": self.steps,
-        }
+        state = {"seed": self.seed, "rows": self.rows, "epoch": self.epoch, "world_size": self.world_size,
+                 "batch_size": self.batch_size, "steps": self.steps}  # fmt: skip
+        if not self.fresh:  # after a re-deal: what is left of each group, one pair a fragment
+            state["fragments"] = self.fragments.tolist()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["rows"] != self.rows or state["seed"] != self.seed:
@@ -286,18 +289,15 @@ class StoreLoader:
                 f"this store has {self.rows} rows and the seed is {self.seed}"
             )
         self.close()
-        fragments = [tuple(f) for f in state["fragments"]]
+        fragments = np.asarray(state["fragments"], np.int32).reshape(-1, 2) if "fragments" in state else None
         if state["world_size"] == self.world_size and state["batch_size"] == self.batch_size:
             self._start_epoch(state["epoch"], fragments, state["steps"])
             return
         # Another world size or batch size: deal what is left of every group anew.
-        streams = deal(fragments, self.sizes, state["world_size"])
-        progress = consumed_rows(streams, self.sizes, state["steps"] * state["batch_size"])
-        remaining = [(g, progress.get(g, s)) for g, s in fragments if progress.get(g, s) < self.sizes[g]]
+        dealt = self._permutation(state["epoch"]) if fragments is None else fragments
+        was = deal(dealt, self.sizes, state["world_size"])
+        starts = consumed(dealt, was, self.sizes, state["world_size"], state["steps"] * state["batch_size"])
+        remaining = np.stack([dealt[:, 0], starts], axis=1)[starts < self.sizes[dealt[:, 0]]]
         self._start_epoch(state["epoch"], remaining, 0)
         if self.steps_in_epoch == 0:  # too little left for one global batch: next epoch
             self._start_epoch(state["epoch"] + 1)
-
-    def consumed_in_epoch(self) -> int:
-        """Rows of the current epoch taken by all ranks together (for reports)."""
-        return self.steps * self.batch_size * self.world_size

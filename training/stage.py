@@ -41,8 +41,7 @@ class Stage:
         return []
 
     def preview_rows(self, columns: list[str], count: int) -> dict[str, Any]:
-        first = next(f for f, s in zip(self.store.files, self.store.manifest["shards"]) if s["rows"])
-        data = self.store.read(columns, [first])
+        data = self.store.read(columns, self.store.files[:1])
         return {k: v[:count] for k, v in data.items()}
 
     def store_vae(self, device: torch.device):
