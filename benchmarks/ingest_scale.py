@@ -18,19 +18,17 @@ and the largest/smallest ratio of each. Targets: driver RSS and s/M rows at the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import resource
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import children  # noqa: E402
+from benchmarks.children import peak_rss, save_report, scratch  # noqa: E402
 
 GB = 2**30
 WORDS = "a the photo of red blue green dog cat house tree car on in with at beach city night portrait vintage".split()
@@ -106,7 +104,7 @@ def child_plan(list_dir: str, raw_url: str) -> dict:
         spec = plan.prepare(cfg, raw_url, {}, [], lambda _m: None)
         planned = plan.execute(spec, lambda _m: None)
         seconds = time.time() - started
-    return {"rows": planned.input_rows, "seconds": seconds, "driver_rss": _peak_rss(), "task_rss": planned.peak_task_rss,
+    return {"rows": planned.input_rows, "seconds": seconds, "driver_rss": peak_rss(), "task_rss": planned.peak_task_rss,
             "pieces": len(spec.pieces), "buckets": spec.buckets, "shards": planned.shards, "kept": planned.kept,
             "duplicate_url": planned.filtered.get("duplicate_url", 0)}  # fmt: skip
 
@@ -122,7 +120,7 @@ def child_content(raw_url: str, shards: int, shard_size: int) -> dict:
         chosen = content_dedup.layout(raw_url, shards, shards * shard_size, cfg.plan_task_rows, shard_size, cfg.dedup_bucket_rows)
         result = content_dedup.run(raw_url, chosen, lambda _m: None)
         seconds = time.time() - started
-    return {**chosen, "seconds": seconds, "duplicates": result["duplicates"], "driver_rss": _peak_rss(), "task_rss": result["peak_task_rss"]}
+    return {**chosen, "seconds": seconds, "duplicates": result["duplicates"], "driver_rss": peak_rss(), "task_rss": result["peak_task_rss"]}
 
 
 def check_content(raw_url: str, shards: int, buckets: int, sample: int) -> dict:
@@ -158,24 +156,16 @@ def check_content(raw_url: str, shards: int, buckets: int, sample: int) -> dict:
     return {"buckets_checked": len(chosen), "rows_checked": len(in_sample), "repeats_checked": len(expected), "equal": found == expected}
 
 
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _child(*args: str) -> dict:
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *args], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return children.run_child(os.path.abspath(__file__), *args)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = children.parser(__doc__)
     parser.add_argument("--sizes", default="1,4,16", help="list sizes, millions of rows")
     parser.add_argument("--files", type=int, default=8)
     parser.add_argument("--row-group", type=int, default=131_072, help="rows per row group of the generated files")
     parser.add_argument("--hashes", type=float, default=40, help="millions of sha256 values for content dedup (0: skip)")
-    parser.add_argument("--workdir", default=None)
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         kind, *rest = args.child
@@ -186,10 +176,9 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    workdir = args.workdir or tempfile.mkdtemp(prefix="ingest-scale-")
     sizes = [float(s) for s in args.sizes.split(",")]
     rows = {}
-    try:
+    with scratch(args.workdir, "ingest-scale-") as workdir:
         for size in sizes:
             folder = os.path.join(workdir, f"list-{size:g}M")
             _child("generate-list", folder, str(int(size * 1e6)), str(args.files), str(args.row_group))
@@ -218,12 +207,7 @@ def main() -> None:
                   f"{check['buckets_checked']} of {content['buckets']} buckets ({check['rows_checked']:,} rows, "
                   f"{check['repeats_checked']:,} repeats) {'equal to' if check['equal'] else 'DIFFER FROM'} the reference")  # fmt: skip
             report["content"] = {**content, **check}
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(report, f, indent=2)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
+        save_report(args.json, report)
 
 
 if __name__ == "__main__":

@@ -166,7 +166,9 @@ def _encode(todo: list[int], job: ShardJob, encoders: EncodersConfig, cfg: Embed
     failed: dict[int, str] = {}
     counts: Counter[str] = Counter()
     written = received = 0
-    limit = max(1, int(free // cfg.decode_cpus))
+    # Twice the tasks the free CPUs hold: a task waiting on an encoder gives its CPU back to Ray
+    # (ray.get releases it), so the next shard starts decoding before the last one's chunks are back.
+    limit = 2 * max(1, int(free // cfg.decode_cpus))
     while waiting or pending:
         while waiting and len(pending) < limit:
             shard = waiting.popleft()
