@@ -100,7 +100,9 @@ class EmbedConfig:
     encoder_actors: int = option(1, ge=1, doc="size of the encoder actor pool")
     actor_cpus: float = option(1.0, gt=0, doc="CPUs reserved by each encoder actor (its torch threads)")
     decode_cpus: float = option(1.0, gt=0, doc="CPUs reserved by each shard's task (it decodes the shard and writes its part)")
-    decode_memory_gb: float = option(0.5, gt=0, doc="memory reserved by each shard's task: the shard's bytes and a few chunks")
+    decode_memory_gb: float = option(
+        0.5, gt=0, doc="memory reserved by each shard's task: the shard's image bytes, a few chunks and one 1,024-row row group of output"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
 

@@ -187,7 +187,7 @@ def _encode(todo: list[int], job: ShardJob, encoders: EncodersConfig, cfg: Embed
         written += 1
         received += len(pickle.dumps(part))
         counts.update(part["counts"])
-        log(f"embed: part {store.part_name(shard)} written ({written}/{len(todo)}), "
+        log(f"embed: {store.part_name(shard)} written ({written}/{len(todo)}), "
             f"{counts['kept'] / (time.time() - started):.1f} samples/s")  # fmt: skip
     if written:
         log(f"embed: the driver received {received / written:.0f} bytes a part ({counts['kept'] / written:.0f} rows a part)")
