@@ -30,12 +30,13 @@ import pyarrow as pa
 
 from data_pipeline import content_dedup, filters, plan, raw, storage, tasks, url_list
 from data_pipeline.config import IngestConfig, RayConfig
+from data_pipeline.errors import JobFailed
 
 MESSAGES_KEPT = 1000  # distinct error messages the totals keep (they can name hosts: unbounded)
 STATS_PER_TASK = 512  # earlier shards' stats files one reading task aggregates
 
 
-class IngestIncomplete(RuntimeError):
+class IngestIncomplete(JobFailed):
     pass
 
 

@@ -19,9 +19,11 @@ import tarfile
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipeline import raw, storage
+from data_pipeline.errors import UserError
 from data_pipeline.url_list import stable_key
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -29,7 +31,7 @@ IMAGE_COLUMNS = ("jpg", "png", "webp", "image", "img")
 CAPTION_COLUMNS = ("txt", "caption", "TEXT", "text")
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     pass
 
 
@@ -115,15 +117,21 @@ def _shard_id(file: str, input_url: str) -> int:
 def iter_samples(source: Source, shard_id: int) -> Iterator[dict[str, Any]]:
     """Samples of one shard: key, caption, url, width, height, image (bytes or None). For raw
     data, the shard's duplicate list is read here, by whoever reads the shard."""
-    if source.kind == "raw":
-        dropped = raw.shard_duplicates(source.raw_url, shard_id) if source.drop_duplicates else set()
-        for m in raw.iter_samples(source.raw_url, shard_id, dropped):
-            yield {"key": m["uid"], "caption": m["caption"] or "", "url": m["url"], "width": m["width"] or 0,
-                   "height": m["height"] or 0, "image": m["image"]}  # fmt: skip
-    elif source.kind == "webdataset":
-        yield from _webdataset_samples(source.file_of(shard_id))
-    else:
-        yield from _parquet_samples(source.file_of(shard_id), source.image_col, source.caption_col)
+    file = source.file_of(shard_id)
+    try:
+        if source.kind == "raw":
+            dropped = raw.shard_duplicates(source.raw_url, shard_id) if source.drop_duplicates else set()
+            for m in raw.iter_samples(source.raw_url, shard_id, dropped):
+                yield {"key": m["uid"], "caption": m["caption"] or "", "url": m["url"], "width": m["width"] or 0,
+                       "height": m["height"] or 0, "image": m["image"]}  # fmt: skip
+        elif source.kind == "webdataset":
+            yield from _webdataset_samples(file)
+        else:
+            yield from _parquet_samples(file, source.image_col, source.caption_col)
+    except (tarfile.TarError, EOFError, pa.ArrowInvalid, OSError) as err:  # a shard that cannot be read is bad input, named
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise SourceError(f"embed input '{file}': cannot read it as a {source.kind} shard ({str(err).splitlines()[0] or type(err).__name__})") from None
 
 
 def _webdataset_samples(file: str) -> Iterator[dict[str, Any]]:

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_pipeline import storage
+from data_pipeline.errors import UserError
 
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
@@ -43,7 +44,7 @@ HOLDOUT_SEED = 20221126  # fixed: the held-out rows of a part never change
 _PART_FILE = re.compile(r"part-(\d+)\.parquet$")
 
 
-class StoreError(ValueError):
+class StoreError(UserError):
     pass
 
 
@@ -187,8 +188,11 @@ def read_manifest(store_url: str) -> dict[str, Any]:
     path = storage.join(store_url, MANIFEST)
     if not storage.exists(path):
         raise StoreError(f"store '{store_url}': no {MANIFEST} (run `unclip embed` first, or it did not finish)")
-    manifest = storage.read_json(path)
-    version = manifest.get("schema_version")
+    try:
+        manifest = storage.read_json(path)
+    except ValueError as err:  # truncated or overwritten: a reader must not guess what it held
+        raise StoreError(f"store '{store_url}': {MANIFEST} is not valid JSON ({err}); rebuild it with `unclip manifest {store_url}`") from None
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if version == 1:
         raise StoreError(
             f"store '{store_url}' was written by an earlier unclip (manifest schema 1, a JSON entry per part); "

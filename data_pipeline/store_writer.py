@@ -284,7 +284,10 @@ def rebuild(store_url: str, ray_cfg=None, log: Callable[[str], None] = print) ->
     from data_pipeline.ray_runtime import ray_session
 
     path = storage.join(store_url, MANIFEST)
-    old = storage.read_json(path) if storage.exists(path) else None
+    try:
+        old = storage.read_json(path) if storage.exists(path) else None
+    except ValueError:  # truncated: what it held is rebuilt from the parts
+        old = None
     with ray_session(ray_cfg) if ray_cfg is not None else contextlib.nullcontext():
         if old and old.get("schema_version") == 1:
             _convert_v1(store_url, old, log)

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from data_pipeline import storage
+from data_pipeline.errors import UserError
 
 URL_COLUMNS = ("URL", "url")
 CAPTION_COLUMNS = ("TEXT", "caption", "text")
@@ -31,7 +32,7 @@ NON_UTF8 = "_non_utf8_caption"  # set by `normalize` for captions whose bytes ar
 BATCH_ROWS = 65_536  # rows a reader holds decoded at once
 
 
-class UrlListError(ValueError):
+class UrlListError(UserError):
     pass
 
 

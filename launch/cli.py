@@ -8,8 +8,6 @@ import os
 import re
 import sys
 
-from launch.configlib import ConfigError
-
 COMMANDS = {
     "ingest": "download a URL list into ROOT/raw/ (Ray + img2dataset)",
     "encoders": "`encoders init`: small random encoders; `encoders fit`: train them on ROOT/raw/ (the embedded default)",
@@ -67,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--resume-from", help="train: resume from this step_NNNNNNN folder")
             p.add_argument("--init-from", help="train: start from these EMA weights")
         p.add_argument("--config", help="YAML configuration (defaults: the embedded default)")
+        p.add_argument("--debug", action="store_true", help="on failure, the traceback rather than one line")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.steps=100 root=s3://bucket/x")
     return parser
 
@@ -109,12 +108,12 @@ def _setup_environment() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; any failure is one line on stderr and an exit code (2: bad input or
+    configuration, 1: a job that failed), with the traceback only under --debug."""
     _setup_environment()
     args = _parse(argv)
-    from data_pipeline.store import StoreError
-    from data_pipeline.url_list import UrlListError
+    from data_pipeline.errors import JobFailed, UserError
     from launch import config as config_mod
-    from launch.train import RanksFailed
 
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     try:
@@ -125,11 +124,19 @@ def main(argv: list[str] | None = None) -> int:
             overrides = demo_overrides(args.workdir) + overrides
         cfg = config_mod.load(args.config, overrides)
         return _dispatch(args, cfg, log)
-    except (ConfigError, UrlListError, StoreError, FileNotFoundError) as err:
+    except (UserError, FileNotFoundError, JobFailed) as err:
+        if args.debug:
+            raise
         print(f"unclip {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except RanksFailed as err:
-        print(f"unclip {args.command}: error: {err}", file=sys.stderr)
+        return getattr(err, "exit_code", 2)
+    except KeyboardInterrupt:
+        print(f"unclip {args.command}: interrupted; what was committed is kept, run it again to go on", file=sys.stderr)
+        return 130
+    except Exception as err:  # not one of ours: still one line, the traceback on request
+        if args.debug:
+            raise
+        first = (str(err).strip().splitlines() or [""])[0]
+        print(f"unclip {args.command}: error: {type(err).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
 
 

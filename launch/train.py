@@ -7,22 +7,32 @@ then exits 0.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from typing import Any
 
 from data_pipeline import storage
+from data_pipeline.errors import JobFailed
 from data_pipeline.store import open_store
 from launch.config import Config
 from launch.configlib import to_yaml
 from launch.environment import rank_environment
 
 
-class RanksFailed(RuntimeError):
-    """The ranks exited with an error (they printed why)."""
+RANK_ERRORS = "UNCLIP_RANK_ERRORS"  # a folder where a failing rank leaves its one line for the launcher
+
+
+class RanksFailed(JobFailed):
+    """The ranks exited with an error: the first rank's own line when it left one, with its kind."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def check_before_launch(cfg: Config, stage: str) -> None:
@@ -42,7 +52,8 @@ def train_local(cfg: Config, stage: str, resume_from: str | None = None, init_fr
     config_yaml = to_yaml(cfg)
     if "WORLD_SIZE" in os.environ:
         return train(cfg, stage, config_yaml, resume_from, init_from, log=log)
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"unclip-{stage}-") as f:
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"unclip-{stage}-") as f, \
+            tempfile.TemporaryDirectory(prefix="unclip-rank-errors-") as errors:  # fmt: skip
         f.write(config_yaml)
         f.flush()
         command = [
@@ -50,8 +61,8 @@ def train_local(cfg: Config, stage: str, resume_from: str | None = None, init_fr
             f"--shutdown-timeout={cfg.train.preemption_grace_s}", *rank_command(stage, f.name, resume_from, init_from),
         ]  # fmt: skip
         log(f"train {stage}: {cfg.train.nproc} ranks -> {run_url}")
-        returncode, preempted = run_forwarding_sigterm(command)
-    return outcome(cfg, stage, returncode, preempted, log)
+        returncode, preempted = run_forwarding_sigterm(command, rank_environment({RANK_ERRORS: errors}), quiet_after=errors)
+        return outcome(cfg, stage, returncode, preempted, log, errors)
 
 
 def rank_command(stage: str, config_url: str, resume_from: str | None = None, init_from: str | None = None) -> list[str]:
@@ -60,8 +71,9 @@ def rank_command(stage: str, config_url: str, resume_from: str | None = None, in
             *(["--resume-from", resume_from] if resume_from else []), *(["--init-from", init_from] if init_from else [])]  # fmt: skip
 
 
-def outcome(cfg: Config, stage: str, returncode: int, preempted: bool, log=print) -> dict[str, Any]:
-    """The run's summary, or the preemption checkpoint; RanksFailed when the ranks failed."""
+def outcome(cfg: Config, stage: str, returncode: int, preempted: bool, log=print, errors: str | None = None) -> dict[str, Any]:
+    """The run's summary, or the preemption checkpoint; RanksFailed when the ranks failed (with
+    the first rank's own line and kind, when it left one in `errors`)."""
     from training.engine import SUMMARY
 
     run_url = cfg.run_url(stage)
@@ -74,15 +86,34 @@ def outcome(cfg: Config, stage: str, returncode: int, preempted: bool, log=print
             log(f"train {stage}: preempted; checkpoint {latest}")
             return {"stage": stage, "preempted": True, "checkpoint": latest}
     if returncode != 0:
+        reported = sorted(os.listdir(errors)) if errors and os.path.isdir(errors) else []
+        if reported:
+            with open(os.path.join(errors, reported[0])) as f:
+                first = json.load(f)
+            raise RanksFailed(first["message"], first["exit_code"])
         raise RanksFailed(f"ranks exited with status {returncode} (their output is above)")
     if preempted:
         return {"stage": stage, "preempted": True}
     return storage.read_json(storage.join(run_url, SUMMARY))
 
 
-def run_forwarding_sigterm(command: list[str], env: dict[str, str] | None = None) -> tuple[int, bool]:
-    """Run a launcher (torchrun, deepspeed); SIGTERM to us goes to it, and is reported."""
-    proc = subprocess.Popen(command, env=env or rank_environment())
+def _pass_stderr(stream, quiet_after: str) -> None:
+    for line in iter(stream.readline, b""):
+        if not os.listdir(quiet_after):
+            sys.stderr.buffer.write(line)
+            sys.stderr.flush()
+
+
+def run_forwarding_sigterm(command: list[str], env: dict[str, str] | None = None, quiet_after: str | None = None) -> tuple[int, bool]:
+    """Run a launcher (torchrun, deepspeed); SIGTERM to us goes to it, and is reported.
+
+    `quiet_after`: a folder where a failing rank leaves its line; from then on the launcher's and
+    the other ranks' stderr (torchrun's failure report, aborted collectives) is not repeated,
+    because the line says what happened. Before that, stderr passes through as it comes."""
+    proc = subprocess.Popen(command, env=env or rank_environment(), stderr=subprocess.PIPE if quiet_after else None)
+    passing = threading.Thread(target=_pass_stderr, args=(proc.stderr, quiet_after), daemon=True) if quiet_after else None
+    if passing:
+        passing.start()
     got: list[int] = []
 
     def forward(signum, frame) -> None:
@@ -91,6 +122,9 @@ def run_forwarding_sigterm(command: list[str], env: dict[str, str] | None = None
 
     previous = signal.signal(signal.SIGTERM, forward)
     try:
-        return proc.wait(), bool(got)
+        returncode = proc.wait()
+        if passing:
+            passing.join(timeout=10)  # what the launcher wrote last is not lost
+        return returncode, bool(got)
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline import storage
+from data_pipeline.errors import JobFailed
 
 LATEST = "latest"
 CHECKSUMS = "checksums.json"
@@ -41,7 +42,7 @@ TRAINER_STATE = "trainer_state.json"
 STEP_DIR = re.compile(r"step_(\d{7,})")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(JobFailed):
     pass
 
 

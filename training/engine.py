@@ -27,6 +27,7 @@ from training.failures import Preempted, Preemption, SkipTracker, inject
 from training.partitions import full_numel, gathered, weights_are_finite, weights_checksum
 from training.observe import RunLog, memory_stats
 from training.stages import get_stage
+from training.verify import verify_store
 
 SUMMARY = "train_summary.json"
 
@@ -116,6 +117,7 @@ def train(
     elif init_from:
         say(f"{stage_name}: the run already has checkpoints; resuming from {folder}, not initialising from {init_from}")
     stage_info = stage.describe(model)
+    verify_store(store, run_url, rank, world)
     loader = StoreLoader(store, stage.columns, t.batch_size, t.seed, rank, world, t.prefetch, transform=stage.prepare,
                          pin_memory=device.type == "cuda")  # fmt: skip
 

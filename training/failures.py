@@ -11,10 +11,11 @@ import time
 import torch
 import torch.distributed as dist
 
+from data_pipeline.errors import JobFailed
 from training.config import FaultInjection
 
 
-class NonFiniteStreak(RuntimeError):
+class NonFiniteStreak(JobFailed):
     pass
 
 

@@ -10,12 +10,16 @@ Exit status: 0 when done or when preempted after saving; 2 for a run that must n
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import warnings
 
+from data_pipeline.errors import UserError
 from launch import config as config_mod
 from launch.configlib import read_yaml, to_yaml
 from launch.environment import apply_in_rank
+from launch.train import RANK_ERRORS
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,17 +48,30 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as done:
         log(str(done))
         return 0
+    except UserError as err:  # bad input met by the ranks, e.g. a store part that fails its sha256
+        return report(args.stage, str(err), 2, cli_code=2)
     except (NonFiniteStreak, CheckpointError) as err:
-        print(f"train {args.stage}: error: {err}", file=sys.stderr, flush=True)
-        return 2
+        return report(args.stage, str(err), 2, cli_code=1)
     except RuntimeError as err:
         text = str(err)
         if "timed out" in text.lower() or "timeout" in text.lower():
-            print(f"train {args.stage}: error: a collective timed out after train.collective_timeout_s="
-                  f"{cfg.train.collective_timeout_s}s (a rank stopped answering): {text.splitlines()[0]}", file=sys.stderr, flush=True)  # fmt: skip
-            return 3
+            return report(args.stage, f"a collective timed out after train.collective_timeout_s={cfg.train.collective_timeout_s}s "
+                                      f"(a rank stopped answering): {text.splitlines()[0]}", 3, cli_code=1)  # fmt: skip
         raise
     return 0
+
+
+def report(stage: str, message: str, status: int, cli_code: int) -> int:
+    """Say why this rank stops: to `unclip train` (which says it once, in one line, with `cli_code`)
+    when it started us, else on stderr. Returns the rank's exit status."""
+    folder = os.environ.get(RANK_ERRORS)
+    if folder and os.path.isdir(folder):
+        rank = int(os.environ.get("RANK", "0"))
+        with open(os.path.join(folder, f"rank-{rank:05d}.json"), "w") as f:
+            json.dump({"message": f"train {stage}: {message}", "exit_code": cli_code}, f)
+    else:
+        print(f"train {stage}: error: {message}", file=sys.stderr, flush=True)
+    return status
 
 
 if __name__ == "__main__":
