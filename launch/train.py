@@ -45,6 +45,7 @@ def check_before_launch(cfg: Config, stage: str) -> None:
 
 
 def train_local(cfg: Config, stage: str, resume_from: str | None = None, init_from: str | None = None, log=print) -> dict[str, Any]:
+    from training.checkpoint import STAGING_DIR
     from training.engine import train
 
     check_before_launch(cfg, stage)
@@ -53,7 +54,8 @@ def train_local(cfg: Config, stage: str, resume_from: str | None = None, init_fr
     if "WORLD_SIZE" in os.environ:
         return train(cfg, stage, config_yaml, resume_from, init_from, log=log)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"unclip-{stage}-") as f, \
-            tempfile.TemporaryDirectory(prefix="unclip-rank-errors-") as errors:  # fmt: skip
+            tempfile.TemporaryDirectory(prefix="unclip-rank-errors-") as errors, \
+            tempfile.TemporaryDirectory(prefix="unclip-staging-") as staging:  # removed however the ranks end  # fmt: skip
         f.write(config_yaml)
         f.flush()
         command = [
@@ -61,7 +63,8 @@ def train_local(cfg: Config, stage: str, resume_from: str | None = None, init_fr
             f"--shutdown-timeout={cfg.train.preemption_grace_s}", *rank_command(stage, f.name, resume_from, init_from),
         ]  # fmt: skip
         log(f"train {stage}: {cfg.train.nproc} ranks -> {run_url}")
-        returncode, preempted = run_forwarding_sigterm(command, rank_environment({RANK_ERRORS: errors}), quiet_after=errors)
+        env = rank_environment({RANK_ERRORS: errors, STAGING_DIR: staging})
+        returncode, preempted = run_forwarding_sigterm(command, env, quiet_after=errors)
         return outcome(cfg, stage, returncode, preempted, log, errors)
 
 

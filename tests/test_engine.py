@@ -34,8 +34,9 @@ def command(root, *overrides, stage="ldm", nproc=2, flags=()):
     return [sys.executable, "-m", "launch.cli", "train", stage, f"root={root}", f"train.nproc={nproc}", *SMALL, *overrides, *flags]
 
 
-def launch(root, *overrides, stage="ldm", nproc=2, flags=(), check=True):
-    result = subprocess.run(command(root, *overrides, stage=stage, nproc=nproc, flags=flags), capture_output=True, text=True)
+def launch(root, *overrides, stage="ldm", nproc=2, flags=(), check=True, tmpdir=None):
+    env = {**os.environ, "TMPDIR": str(tmpdir)} if tmpdir else None
+    result = subprocess.run(command(root, *overrides, stage=stage, nproc=nproc, flags=flags), capture_output=True, text=True, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
@@ -65,6 +66,11 @@ def kill_tree(pid: int) -> None:
             process.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+def leftovers(tmpdir) -> list[str]:
+    """What a run left in its TMPDIR (the launcher's and every rank's temporaries)."""
+    return sorted(name for name in os.listdir(tmpdir) if "unclip" in name or name.startswith(storage.TMP_PREFIX))
 
 
 def trainer_state(folder) -> dict:
@@ -127,10 +133,11 @@ def test_sigkill_then_resume_gives_the_same_losses(root, straight):
     assert max((ours[n] - theirs[n]).abs().max().item() for n in theirs) <= 1e-6
 
 
-def test_interrupted_checkpoint_write_leaves_the_previous_in_use(root):
+def test_interrupted_checkpoint_write_leaves_the_previous_in_use(root, tmp_path):
     failed = launch(root, "train.steps=12", "train.checkpoint_every=4", "train.run=crash",
-                    "train.fault_injection.crash_in_checkpoint_step=8", check=False)  # fmt: skip
+                    "train.fault_injection.crash_in_checkpoint_step=8", check=False, tmpdir=tmp_path)  # fmt: skip
     assert failed.returncode != 0
+    assert leftovers(tmp_path) == []  # a failed run leaves no temporary behind either
     names = os.listdir(run_dir(root, "crash"))
     assert "step_0000008" not in names and open(os.path.join(run_dir(root, "crash"), "latest")).read().strip() == "step_0000004"
     done = launch(root, "train.steps=12", "train.checkpoint_every=4", "train.run=crash")
@@ -270,11 +277,13 @@ def test_init_from_starts_a_new_run_from_trained_weights(root, straight):
 
 def test_checkpoints_on_s3(tmp_path, s3_prefix):
     make_store(storage.join(s3_prefix, "store"), (40, 30))
-    launch(s3_prefix, "train.steps=4", "train.checkpoint_every=2")
+    launch(s3_prefix, "train.steps=4", "train.checkpoint_every=2", tmpdir=tmp_path)
+    assert leftovers(tmp_path) == []  # the staging of a remote run is gone with it
     run = storage.join(s3_prefix, "runs", "ldm", "main")
     assert storage.read_text(storage.join(run, "latest")).strip() == "step_0000004"
     assert storage.is_committed(storage.join(run, "step_0000004"))
     assert "metrics.jsonl" in storage.listdir(storage.join(run, "logs"))
-    result = launch(s3_prefix, "train.steps=6", "train.checkpoint_every=2")
-    assert "step_0000004 at step 4" in result.stdout
+    result = launch(s3_prefix, "train.steps=6", "train.checkpoint_every=2", nproc=1, tmpdir=tmp_path)
+    assert "step_0000004 at step 4" in result.stdout and "universal" in result.stdout  # downloaded, then converted
     assert storage.read_text(storage.join(run, "latest")).strip() == "step_0000006"
+    assert leftovers(tmp_path) == []  # the resume copy and the universal copy too

@@ -17,6 +17,7 @@ written on another world size or ZeRO stage is converted to DeepSpeed's universa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -37,6 +38,7 @@ from data_pipeline import storage
 from data_pipeline.errors import JobFailed
 
 LATEST = "latest"
+STAGING_DIR = "UNCLIP_STAGING_DIR"  # set by `unclip train`: where its ranks stage, removed when they exit
 CHECKSUMS = "checksums.json"
 TRAINER_STATE = "trainer_state.json"
 STEP_DIR = re.compile(r"step_(\d{7,})")
@@ -145,12 +147,15 @@ class Checkpointer:
     rank: int
     world_size: int
     local_rank: int = 0
-    cache_dir: str = field(default_factory=lambda: os.path.join(tempfile.gettempdir(), "unclip-checkpoints"))
+    # `unclip train` hands its ranks a folder it removes when they exit, whatever the outcome;
+    # started by another launcher, ranks stage under TMPDIR and remove what they made themselves
+    cache_dir: str = field(default_factory=lambda: os.environ.get(STAGING_DIR) or os.path.join(tempfile.gettempdir(), "unclip-checkpoints"))
 
     def __post_init__(self) -> None:
         self.local = storage.is_local(self.run_url)
         digest = hashlib.sha1(self.run_url.encode()).hexdigest()[:12]
         self.staging_root = storage.local_path(self.run_url) if self.local else os.path.join(self.cache_dir, digest)
+        self._copies: list[str] = []  # resume and universal copies, removed once loaded
 
     # -- save ---------------------------------------------------------------------------------
     def save(self, engine, step: int, ema_state: dict[str, torch.Tensor], stage_info: dict[str, Any],
@@ -228,6 +233,7 @@ class Checkpointer:
         if storage.is_local(folder_url):
             return storage.local_path(folder_url)
         target = os.path.join(self.staging_root, "resume", os.path.basename(folder_url.rstrip("/")))
+        self._copies.append(os.path.dirname(target))
         if self.local_rank == 0:
             shutil.rmtree(target, ignore_errors=True)
             storage.download_dir(folder_url, target)
@@ -237,6 +243,7 @@ class Checkpointer:
     def universal_copy(self, local_folder: str) -> str:
         """DeepSpeed's universal (world-size and stage independent) form of a ZeRO checkpoint."""
         target = os.path.join(self.cache_dir, "universal", hashlib.sha1(local_folder.encode()).hexdigest()[:12], os.path.basename(local_folder))
+        self._copies.append(os.path.dirname(target))
         if self.local_rank == 0 and not os.path.exists(os.path.join(target, "zero")):
             shutil.rmtree(target, ignore_errors=True)
             command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", local_folder,
@@ -246,6 +253,21 @@ class Checkpointer:
                 raise CheckpointError(f"converting '{local_folder}' to a universal checkpoint failed:\n{result.stderr[-2000:]}")
         _barrier()
         return target
+
+    def release_copies(self) -> None:
+        """Every rank has loaded: remove the node's resume and universal copies."""
+        _barrier()
+        if self.local_rank == 0:
+            for folder in self._copies:
+                shutil.rmtree(folder, ignore_errors=True)
+            _remove_if_empty(os.path.join(self.cache_dir, "universal"))
+        self._copies = []
+
+    def close(self) -> None:
+        """The run is over: a remote run's staging folder (logs, steps) goes from this node."""
+        if not self.local and self.local_rank == 0:
+            shutil.rmtree(self.staging_root, ignore_errors=True)
+            _remove_if_empty(self.cache_dir)
 
     def load(self, engine, local_folder: str, deepspeed_folder: str) -> tuple[dict[str, Any], str]:
         """Restore DeepSpeed state (from `deepspeed_folder`) and this rank's RNG; returns the trainer
@@ -260,6 +282,11 @@ class Checkpointer:
         if os.path.exists(rng_file) and state["world_size"] == self.world_size:
             _set_rng_state(torch.load(rng_file, weights_only=False))
         return state, os.path.join(local_folder, "ema.safetensors")
+
+
+def _remove_if_empty(folder: str) -> None:
+    with contextlib.suppress(OSError):
+        os.rmdir(folder)
 
 
 def read_trainer_state(folder_url: str) -> dict[str, Any]:
@@ -278,12 +305,22 @@ def load_ema_model(folder: str) -> tuple[torch.nn.Module, dict[str, Any]]:
 
     from models.assembly import rebuild
 
-    local = storage.download_dir(folder, tempfile.mkdtemp(prefix="unclip-checkpoint-"))
-    with open(os.path.join(local, "stage.json")) as f:
-        info = json.load(f)
-    model = rebuild(info)
-    model.load_state_dict(load_file(os.path.join(local, "ema.safetensors")))
+    with _local_copy(folder) as local:
+        with open(os.path.join(local, "stage.json")) as f:
+            info = json.load(f)
+        model = rebuild(info)
+        model.load_state_dict(load_file(os.path.join(local, "ema.safetensors")))
     return model.eval().requires_grad_(False), info
+
+
+@contextlib.contextmanager
+def _local_copy(folder_url: str):
+    """An OS path of a checkpoint folder: itself when local, else a copy removed afterwards."""
+    if storage.is_local(folder_url):
+        yield storage.local_path(folder_url)
+        return
+    with tempfile.TemporaryDirectory(prefix="unclip-checkpoint-") as tmp:
+        yield storage.download_dir(folder_url, tmp)
 
 
 def load_ema_weights(folder_or_run: str) -> dict[str, torch.Tensor]:
@@ -296,5 +333,5 @@ def load_ema_weights(folder_or_run: str) -> dict[str, torch.Tensor]:
     problems = verify(folder)
     if problems:
         raise CheckpointError("--init-from: " + "; ".join(problems))
-    local = storage.download_dir(folder, tempfile.mkdtemp(prefix="unclip-init-"))
-    return load_file(os.path.join(local, "ema.safetensors"))
+    with _local_copy(folder) as local:
+        return load_file(os.path.join(local, "ema.safetensors"))

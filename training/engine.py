@@ -143,6 +143,7 @@ def train(
         state, ema_file = checkpointer.load(engine, local_folder, deepspeed_folder)
         loader.load_state_dict(state["loader"])
         ema.load_file(ema_file, state["ema_updates"])
+        checkpointer.release_copies()
         start_step, history, skipped_total = state["step"], state.get("history", []), state.get("skipped_steps", 0)
         resume_info = {"from": folder, "step": start_step, "world_size_before": state["world_size"], "world_size_after": world,
                        "universal": universal, "weights_checksum": weights_checksum(engine.module, device)}  # fmt: skip
@@ -231,6 +232,7 @@ def train(
     finally:
         loader.close()
         runlog.close()
+        checkpointer.close()
 
     summary = {
         "stage": stage_name,
