@@ -26,6 +26,11 @@ class RayConfig:
     address: str | None = option(None, doc="existing cluster ('auto', 'ray://HOST:10001'); null starts a local Ray")
     num_cpus: int | None = option(None, ge=1, doc="CPUs of the local Ray; null: all")
     dashboard: bool = option(False, doc="start the dashboard with a local Ray")
+    forward_env: list[str] = option(
+        factory=list,
+        doc="variables sent to an existing cluster's workers and jobs, e.g. [AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY]: in the clear, "
+        "anyone who can reach the Ray dashboard reads them; prefer the cluster's own identity (infra/README.md)",
+    )
 
 
 @dataclass

@@ -5,21 +5,41 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Iterator
+import re
+import sys
+from typing import Any, Iterator
 
 from data_pipeline.config import RayConfig
 
 # Environment every Ray worker needs: img2dataset's albumentations calls out at import without
 # the first; the second keeps open_clip/diffusers from trying a model hub the cluster may lack.
 WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-# credentials and endpoints workers (and submitted jobs) need to reach the same storage as this process
-FORWARDED = ("HF_HUB_OFFLINE", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-             "AWS_DEFAULT_REGION", "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS")  # fmt: skip
+# Settings (never secrets) that workers and submitted jobs need to reach the same storage as this process.
+SETTINGS = ("HF_HUB_OFFLINE", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+# Anything whose value is a secret by its name: never printed, logged or written by us.
+SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|(^|_)KEY($|_)|API_?KEY|ACCESS_KEY", re.I)
+_warned: set[str] = set()
 
 
-def forwarded_env() -> dict[str, str]:
-    """WORKER_ENV (as set here, or its defaults) and whichever FORWARDED variables are set."""
-    return {**WORKER_ENV, **{k: os.environ[k] for k in (*WORKER_ENV, *FORWARDED) if k in os.environ}}
+def forwarded_env(names: tuple[str, ...] | list[str] = ()) -> dict[str, str]:
+    """WORKER_ENV (as set here, or its defaults), whichever SETTINGS are set, and the variables
+    `names` (`ray.forward_env`) asks for.
+
+    Credentials go only where `names` sends them: a cluster should use its own identity
+    (infra/README.md). Ray has no secret variables (ray-project/ray#39502; the `secret_env_vars`
+    pull request #40549 was closed unmerged): what a runtime env carries, its dashboard shows."""
+    wanted = [n for n in names if n in os.environ and n not in _warned]
+    if wanted:
+        _warned.update(wanted)
+        print(f"unclip: ray.forward_env sends {', '.join(wanted)} to the cluster in the clear: anyone who can reach its "
+              "dashboard can read them (Ray has no secret variables); prefer the cluster's own identity (infra/README.md)",
+              file=sys.stderr, flush=True)  # fmt: skip
+    return {**WORKER_ENV, **{k: os.environ[k] for k in (*WORKER_ENV, *SETTINGS, *names) if k in os.environ}}
+
+
+def masked(env: dict[str, Any]) -> dict[str, Any]:
+    """`env` for printing: the value of every variable whose name says it is a secret becomes ***."""
+    return {k: "***" if SECRET_NAME.search(k) else v for k, v in env.items()}
 
 
 @contextlib.contextmanager
@@ -32,7 +52,8 @@ def ray_session(cfg: RayConfig) -> Iterator[str | None]:
         return
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)
-    env_vars = forwarded_env()
+    # a local Ray's workers inherit this process's environment: nothing secret travels in its runtime env
+    env_vars = forwarded_env(cfg.forward_env if cfg.address else ())
     # Inside a Ray job (`unclip launch ingest`, a RayJob) Ray refuses a driver runtime env that
     # sets a variable the job's own runtime env sets too: add only what the job lacks.
     job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}

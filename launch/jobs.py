@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from data_pipeline import storage
-from data_pipeline.ray_runtime import forwarded_env
+from data_pipeline.ray_runtime import forwarded_env, masked
 from launch.config import Config
 from launch.configlib import ConfigError, replace, to_yaml
 
@@ -40,7 +40,7 @@ def _client(cfg: Config):
 
 
 def runtime_env(cfg: Config) -> dict[str, Any]:
-    env: dict[str, Any] = {"env_vars": forwarded_env()}
+    env: dict[str, Any] = {"env_vars": forwarded_env(cfg.ray.forward_env)}
     if cfg.launch.working_dir:
         if not os.path.isdir(cfg.launch.working_dir):
             raise ConfigError(f"config key 'launch.working_dir': '{cfg.launch.working_dir}' is not a folder")
@@ -56,7 +56,9 @@ def submit(cfg: Config, command: str, wait: bool = False, dry_run: bool = False,
     entrypoint = f"unclip {command} --config {shlex.quote(config_url)}"
     job_cfg = replace(cfg, **{"ray.address": "auto"})
     if dry_run:
-        log(f"# Ray Jobs API {jobs_address(cfg)}: job {job_id}\n# runtime env {runtime_env(cfg)}\n{entrypoint}")
+        env = runtime_env(cfg)
+        shown = {**env, "env_vars": masked(env["env_vars"])}
+        log(f"# Ray Jobs API {jobs_address(cfg)}: job {job_id}\n# runtime env {shown}\n{entrypoint}")
         log(f"# {config_url} (written at submission):\n{to_yaml(job_cfg)}")
         return {"job_id": job_id, "entrypoint": entrypoint}
     client = _client(cfg)

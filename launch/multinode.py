@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline import storage
+from data_pipeline.ray_runtime import SECRET_NAME, masked
 from launch.config import Config
 from launch.configlib import ConfigError, to_yaml
 from launch.environment import rank_environment, rank_variables
@@ -41,7 +42,8 @@ class NodeCommand:
     script: str | None = None  # a batch script the command submits
 
     def shell(self) -> str:
-        variables = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
+        """The command as a dry run prints it: secrets' values masked."""
+        variables = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in masked(self.env).items())
         return f"{variables} {shlex.join(self.argv)}".strip()
 
 
@@ -178,7 +180,8 @@ def launch_train(cfg: Config, stage: str, resume_from: str | None = None, init_f
         for step in steps:
             log(f"# {step.where}\n{step.shell()}")
             if step.script:
-                log(step.script)
+                log(re.sub(r"^(export (\w+)=).*$", lambda m: m.group(1) + ("***" if SECRET_NAME.search(m.group(2)) else m.group(0)[len(m.group(1)):]),
+                           step.script, flags=re.M))  # fmt: skip
         return None
     check_before_launch(cfg, stage)
     storage.write_text(config_url(cfg, stage), to_yaml(cfg))

@@ -237,3 +237,11 @@ def test_inspect_reads_the_manifest_and_index_not_every_part(tmp_path):
     text = store.describe(store.open_store(s.url), 2)
     assert "144 in 8 parts (0 empty)" in text and "kept=144" in text
     assert float(next(line for line in text.splitlines() if line.startswith("clip_image_emb")).split()[-1]) > 16
+
+
+def test_a_store_that_cannot_give_every_rank_a_batch_is_refused(tmp_path):
+    from data_pipeline.store import StoreError
+
+    s = make_store(str(tmp_path), (6, 6, 7))  # 19 rows: enough in all for 2 x 8, not per rank
+    with pytest.raises(StoreError, match=r"3 row groups \(19 rows\) dealt to 2 ranks leave a rank fewer than train.batch_size=8"):
+        StoreLoader(s, ["clip_image_emb"], 8, seed=0, world_size=2)

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from data_pipeline import storage
-from data_pipeline.store import Store, column_numpy, heldout_mask
+from data_pipeline.store import Store, StoreError, column_numpy, heldout_mask
 
 
 @dataclass(frozen=True)
@@ -107,13 +107,18 @@ class StoreLoader:
         self.sizes = self.layout.sizes
         self.rows = int(self.sizes.sum())
         if self.rows < batch_size * world_size:
-            raise ValueError(
+            raise StoreError(
                 f"store '{store.url}' has {self.rows} rows, fewer than one global batch "
                 f"({batch_size} per rank x {world_size} ranks); lower train.batch_size"
             )
         self.prefetch, self.readers, self.transform, self.pin_memory = prefetch, readers, transform, pin_memory
         self.shapes = {c: store.shape(c) if store.manifest["columns"][c].get("dtype") != "png" else [] for c in self.columns}
         self._start_epoch(0)
+        if self.steps_in_epoch == 0:  # a rank's row groups hold less than a batch: it could never step
+            raise StoreError(
+                f"store '{store.url}': its {len(self.sizes)} row groups ({self.rows} rows) dealt to {world_size} ranks leave a rank "
+                f"fewer than train.batch_size={batch_size} rows; lower train.batch_size or use fewer ranks"
+            )
 
     # -- order -------------------------------------------------------------------------------
     def _start_epoch(self, epoch: int, fragments: np.ndarray | None = None, steps: int = 0) -> None:
