@@ -165,9 +165,7 @@ def _dispatch(args: argparse.Namespace, cfg, log) -> int:
     elif args.command == "train":
         from launch.train import train_local
 
-        summary = train_local(cfg, args.stage, args.resume_from, args.init_from, log=log)
-        if not summary.get("preempted"):
-            log(f"train {args.stage}: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}; {summary['checkpoint']}")
+        _say_trained(args.stage, train_local(cfg, args.stage, args.resume_from, args.init_from, log=log), log)
     elif args.command == "sample":
         from launch import sample
 
@@ -197,15 +195,22 @@ def _dispatch(args: argparse.Namespace, cfg, log) -> int:
     return 0
 
 
+def _say_trained(stage: str, summary: dict | None, log) -> None:
+    if not summary or summary.get("preempted") or "last_loss" not in summary:
+        return
+    if summary["first_loss"] is None:  # resumed at its last step: nothing left to train
+        log(f"train {stage}: already at step {summary['steps']}; {summary['checkpoint']}")
+    else:
+        log(f"train {stage}: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}; {summary['checkpoint']}")
+
+
 def _launch(args: argparse.Namespace, cfg, log) -> int:
     from launch import jobs
 
     if args.action == "train":
         from launch.multinode import launch_train
 
-        summary = launch_train(cfg, args.target, args.resume_from, args.init_from, args.dry_run, log)
-        if summary and "last_loss" in summary:
-            log(f"train {args.target}: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}; {summary['checkpoint']}")
+        _say_trained(args.target, launch_train(cfg, args.target, args.resume_from, args.init_from, args.dry_run, log), log)
         return 0
     if args.action in ("ingest", "embed"):
         result = jobs.submit(cfg, args.action, args.wait, args.dry_run, log)

@@ -88,3 +88,31 @@ def test_an_empty_or_unreadable_shard(tmp_path, content):
     assert unclip("encoders", "init", f"root={tmp_path}", *encoders).returncode == 0
     result = unclip("embed", f"root={tmp_path}", f"embed.input={shards}", "ray.num_cpus=2", *encoders)
     assert_one_line(result, "embed", 2, "00000.tar", "cannot read it")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3.5 MB tmpfs: one tiny prior checkpoint (~2.3 MB) fits, a second does not."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3500k", "tmpfs", str(mount)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.strip()})")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_keeps_latest_on_the_previous_one(store_root, tmp_path, small_disk):
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink(store_root / "store", root / "store")
+    os.symlink(small_disk, root / "runs")  # the run folder is on the small disk
+    result = unclip("train", "prior", f"root={root}", "train.nproc=1", *SMALL[:-1], "train.steps=4", "train.checkpoint_every=2")
+    line = assert_one_line(result, "train", 1, "step_0000004", "no space left", "bytes free", "`latest` stays at step_0000002")
+    assert "optim_states.pt" in line or "model_states.pt" in line or ".tmp-step_0000004" in line  # the file it was writing
+    run = small_disk / "prior" / "main"
+    assert (run / "latest").read_text().strip() == "step_0000002"
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("step_") or p.name.startswith(".tmp")) == ["step_0000002"]
+    resumed = unclip("train", "prior", f"root={root}", "train.nproc=1", *SMALL[:-1], "train.steps=2")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout and "already at step 2" in resumed.stdout  # whole, in use

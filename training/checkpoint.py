@@ -18,6 +18,7 @@ written on another world size or ZeRO stage is converted to DeepSpeed's universa
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -160,6 +161,27 @@ class Checkpointer:
     # -- save ---------------------------------------------------------------------------------
     def save(self, engine, step: int, ema_state: dict[str, torch.Tensor], stage_info: dict[str, Any],
              trainer_state: dict[str, Any], config_yaml: str, crash_rank1: bool = False) -> str:  # fmt: skip
+        """Write and commit step `step`; a full disk leaves `latest` where it was, says which file
+        and how much space was left, and takes its half-written folder away."""
+        staging = os.path.join(self.staging_root, storage.TMP_PREFIX + step_tag(step))
+        try:
+            return self._save(engine, step, ema_state, stage_info, trainer_state, config_yaml, crash_rank1)
+        except (OSError, RuntimeError) as err:
+            # torch.save reports a full disk as a RuntimeError of its stream writer, without errno
+            usage = shutil.disk_usage(self.staging_root)
+            if getattr(err, "errno", None) != errno.ENOSPC and usage.free > max(1 << 20, usage.total // 1000):
+                raise
+            written = getattr(err, "filename", None) or _newest_file(staging) or staging
+            shutil.rmtree(staging, ignore_errors=True)
+            pointer = storage.join(self.run_url, LATEST)
+            latest = storage.read_text(pointer).strip() if storage.exists(pointer) else "nothing"
+            raise CheckpointError(
+                f"checkpoint {step_tag(step)}: no space left on the device writing '{written}' ({usage.free:,} bytes free "
+                f"of {usage.total:,} in {self.staging_root}); `latest` stays at {latest}"
+            ) from None
+
+    def _save(self, engine, step: int, ema_state: dict[str, torch.Tensor], stage_info: dict[str, Any],
+              trainer_state: dict[str, Any], config_yaml: str, crash_rank1: bool) -> str:  # fmt: skip
         tag = step_tag(step)
         tmp_tag = storage.TMP_PREFIX + tag
         staging = os.path.join(self.staging_root, tmp_tag)
@@ -282,6 +304,12 @@ class Checkpointer:
         if os.path.exists(rng_file) and state["world_size"] == self.world_size:
             _set_rng_state(torch.load(rng_file, weights_only=False))
         return state, os.path.join(local_folder, "ema.safetensors")
+
+
+def _newest_file(folder: str) -> str | None:
+    """The file written last under `folder` (the one a failed write was on), if any."""
+    files = [os.path.join(d, n) for d, _, names in os.walk(folder) for n in names]
+    return max(files, key=os.path.getmtime) if files else None
 
 
 def _remove_if_empty(folder: str) -> None:
