@@ -120,32 +120,16 @@ class PartWriter:
 
     def commit(self, counts: dict[str, int]) -> dict[str, Any]:
         """Close and commit the part, then its sidecar; returns what the driver needs (small)."""
-        entry: dict[str, Any] = {"part": self.part, "file": None, "rows": self.rows, "row_groups": [], "train_rows": [],
-                                 "sha256": None, "bytes": 0, "column_bytes": {}}  # fmt: skip
         if self.pending_rows:
             self._write(self.pending_rows)
+        entry = _part_entry(self.part, self.rows, None, self.holdout_fraction)
         if self._writer is not None:
             self._writer.close()
             meta = self._writer.writer.metadata
             self._files.close()  # the part appears, whole
-            groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
-            heldout = heldout_mask(self.part, self.rows, self.holdout_fraction)
-            bounds = np.cumsum([0] + [g.num_rows for g in groups])
-            column_bytes: Counter[str] = Counter()
-            for g in groups:
-                for c in range(g.num_columns):
-                    column_bytes[g.column(c).path_in_schema.split(".")[0]] += g.column(c).total_compressed_size
-            entry.update(file=part_name(self.part) + ".parquet", row_groups=[g.num_rows for g in groups],
-                         train_rows=[int((~heldout[a:b]).sum()) for a, b in zip(bounds[:-1], bounds[1:])],
-                         sha256=self._sink.digest.hexdigest(), bytes=self._sink.size, column_bytes=dict(column_bytes))  # fmt: skip
-        sidecar = {
-            **entry,
-            "counts": dict(counts),
-            "source": self.source,
-            "holdout_fraction": self.holdout_fraction,
-            "stats": {k: {"count": v["count"], "sum": encode_floats(np.atleast_1d(v["sum"])), "sumsq": encode_floats(np.atleast_1d(v["sumsq"]))}
-                      for k, v in self.sums.items()},  # fmt: skip
-        }
+            entry = _part_entry(self.part, self.rows, meta, self.holdout_fraction, self._sink.digest.hexdigest(), self._sink.size)
+        sidecar = {**entry, "counts": dict(counts), "source": self.source, "holdout_fraction": self.holdout_fraction,
+                   "stats": _encoded_stats(self.sums)}  # fmt: skip
         storage.write_json(storage.join(self.store_url, part_name(self.part) + ".json"), sidecar)
         return {"part": self.part, "rows": self.rows, "sha256": entry["sha256"], "counts": dict(counts)}
 
@@ -153,6 +137,29 @@ class PartWriter:
         """Leave nothing behind: the part's temporary file goes with the error."""
         with contextlib.suppress(BaseException):
             self._files.__exit__(RuntimeError, RuntimeError("part aborted"), None)
+
+
+def _part_entry(part: int, rows: int, meta: pq.FileMetaData | None, fraction: float, sha256: str | None = None,
+                size: int = 0) -> dict[str, Any]:  # fmt: skip
+    """The sidecar's description of a part's file from its footer (`meta`; None: no file): row
+    groups, the training rows of each, bytes per column."""
+    if meta is None:
+        return {"part": part, "file": None, "rows": rows, "row_groups": [], "train_rows": [], "sha256": None, "bytes": 0, "column_bytes": {}}
+    groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
+    heldout = heldout_mask(part, rows, fraction)
+    bounds = np.cumsum([0] + [g.num_rows for g in groups])
+    column_bytes: Counter[str] = Counter()
+    for g in groups:
+        for c in range(g.num_columns):
+            column_bytes[g.column(c).path_in_schema.split(".")[0]] += g.column(c).total_compressed_size
+    return {"part": part, "file": part_name(part) + ".parquet", "rows": rows, "row_groups": [g.num_rows for g in groups],
+            "train_rows": [int((~heldout[a:b]).sum()) for a, b in zip(bounds[:-1], bounds[1:])], "sha256": sha256, "bytes": size,
+            "column_bytes": dict(column_bytes)}  # fmt: skip
+
+
+def _encoded_stats(sums: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {k: {"count": v["count"], "sum": encode_floats(np.atleast_1d(v["sum"])), "sumsq": encode_floats(np.atleast_1d(v["sumsq"]))}
+            for k, v in sums.items()}  # fmt: skip
 
 
 def write_part(store_url: str, part: int, table: pa.Table, specs: dict[str, dict], counts: dict[str, int] | None = None,
@@ -165,7 +172,11 @@ def write_part(store_url: str, part: int, table: pa.Table, specs: dict[str, dict
 
 def committed_parts(store_url: str) -> list[int]:
     """Ids of the parts whose sidecar is committed (one listing)."""
-    return sorted(int(m.group(1)) for n in storage.listdir(store_url) if (m := _SIDECAR.fullmatch(n)))
+    return _committed(storage.listdir(store_url))
+
+
+def _committed(names: list[str]) -> list[int]:
+    return sorted(int(m.group(1)) for n in names if (m := _SIDECAR.fullmatch(n)))
 
 
 def read_sidecar(store_url: str, part: int) -> dict[str, Any]:
@@ -222,7 +233,7 @@ def build_manifest(store_url: str, lock: dict[str, Any], config: dict[str, Any],
     """The parts index and manifest of every committed part, read in Ray tasks when Ray is up
     (else here, in threads); the manifest is written last."""
     names = storage.listdir(store_url)  # one listing: the committed parts and the old index folders
-    parts = sorted(int(m.group(1)) for n in names if (m := _SIDECAR.fullmatch(n)))
+    parts = _committed(names)
     specs = lock["specs"]
     columns = [*arrow_schema(specs).names]
     index_name = f"parts-{uuid.uuid4().hex[:8]}"
@@ -317,25 +328,15 @@ def _convert_sidecars(store_url: str, parts: Sequence[int], fraction: float) -> 
         if "train_rows" in old:  # converted by an earlier, interrupted conversion
             continue
         file = storage.join(store_url, part_name(part) + ".parquet")
-        entry: dict[str, Any] = {"part": part, "file": None, "rows": old["rows"], "row_groups": [], "train_rows": [], "sha256": None,
-                                 "bytes": 0, "column_bytes": {}}  # fmt: skip
+        entry = _part_entry(part, 0, None, fraction)
         if old["rows"]:
             fs, path = storage.url_to_fs(file)
             with fs.open(path, "rb") as f:
                 meta = pq.ParquetFile(f).metadata
-            groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
-            heldout = heldout_mask(part, old["rows"], fraction)
-            bounds = np.cumsum([0] + [g.num_rows for g in groups])
-            column_bytes: Counter[str] = Counter()
-            for g in groups:
-                for c in range(g.num_columns):
-                    column_bytes[g.column(c).path_in_schema.split(".")[0]] += g.column(c).total_compressed_size
-            entry.update(file=old["file"], row_groups=[g.num_rows for g in groups], sha256=old["sha256"], bytes=old["bytes"],
-                         train_rows=[int((~heldout[a:b]).sum()) for a, b in zip(bounds[:-1], bounds[1:])], column_bytes=dict(column_bytes))  # fmt: skip
-        stats = {k: {"count": v["count"], "sum": encode_floats(np.atleast_1d(v["sum"])), "sumsq": encode_floats(np.atleast_1d(v["sumsq"]))}
-                 for k, v in old.get("sums", {}).items()}  # fmt: skip
-        if not old["rows"]:
+            entry = _part_entry(part, old["rows"], meta, fraction, old["sha256"], old["bytes"])
+        else:
             storage.remove(file)  # a file of one 0-row row group: some readers refuse it
-        sidecar = {**entry, "counts": old.get("counts", {"kept": old["rows"]}), "source": "", "holdout_fraction": fraction, "stats": stats}
+        sidecar = {**entry, "counts": old.get("counts", {"kept": old["rows"]}), "source": "", "holdout_fraction": fraction,
+                   "stats": _encoded_stats(old.get("sums", {}))}  # fmt: skip
         storage.write_json(storage.join(store_url, part_name(part) + ".json"), sidecar)
     return {"parts": len(parts)}

@@ -17,7 +17,7 @@ import re
 import resource
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from data_pipeline import storage
 
@@ -93,7 +93,3 @@ def raise_cause(err: Exception) -> None:
 
 def peak_rss(results: dict[int, dict[str, Any]]) -> int:
     return max((r.get(PEAK_RSS, 0) for r in results.values()), default=0)
-
-
-def in_order(results: dict[int, dict[str, Any]], count: int) -> Sequence[dict[str, Any]]:
-    return [results[i] for i in range(count)]

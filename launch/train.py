@@ -24,9 +24,6 @@ from launch.configlib import to_yaml
 from launch.environment import rank_environment
 
 
-RANK_ERRORS = "UNCLIP_RANK_ERRORS"  # a folder where a failing rank leaves its one line for the launcher
-
-
 class RanksFailed(JobFailed):
     """The ranks exited with an error: the first rank's own line when it left one, with its kind."""
 
@@ -47,6 +44,7 @@ def check_before_launch(cfg: Config, stage: str) -> None:
 def train_local(cfg: Config, stage: str, resume_from: str | None = None, init_from: str | None = None, log=print) -> dict[str, Any]:
     from training.checkpoint import STAGING_DIR
     from training.engine import train
+    from training.main import RANK_ERRORS
 
     check_before_launch(cfg, stage)
     run_url = cfg.run_url(stage)

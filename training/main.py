@@ -19,7 +19,9 @@ from data_pipeline.errors import UserError
 from launch import config as config_mod
 from launch.configlib import read_yaml, to_yaml
 from launch.environment import apply_in_rank
-from launch.train import RANK_ERRORS
+
+
+RANK_ERRORS = "UNCLIP_RANK_ERRORS"  # a folder where a failing rank leaves its one line for `unclip train`
 
 
 def parser() -> argparse.ArgumentParser:
