@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from data_pipeline.storage import DEFAULT_ATTEMPTS, DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_READ_TIMEOUT_S
 from launch.configlib import option
 
 # Columns `unclip embed` can write (plus image_<side> for any side); DESIGN.md "The embedding
@@ -31,6 +32,17 @@ class RayConfig:
         doc="variables sent to an existing cluster's workers and jobs, e.g. [AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY]: in the clear, "
         "anyone who can reach the Ray dashboard reads them; prefer the cluster's own identity (infra/README.md)",
     )
+
+
+@dataclass
+class StorageConfig:
+    """How long a job waits out a failing object store (S3; `data_pipeline/storage_s3.py`) before it
+    stops, with what it committed kept. A persistent outage stops a job within about
+    attempts × (read_timeout_s + 20 s of backoff) per request."""
+
+    attempts: int = option(DEFAULT_ATTEMPTS, ge=1, le=50, doc="tries of each request (503 SlowDown, resets, timeouts), botocore's standard retry mode")
+    connect_timeout_s: float = option(DEFAULT_CONNECT_TIMEOUT_S, gt=0, doc="a connection not made in this long is a failed try")
+    read_timeout_s: float = option(DEFAULT_READ_TIMEOUT_S, gt=0, doc="a store that stalls this long mid-answer is a failed try")
 
 
 @dataclass

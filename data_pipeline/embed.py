@@ -169,26 +169,33 @@ def _encode(todo: list[int], job: ShardJob, encoders: EncodersConfig, cfg: Embed
     # Twice the tasks the free CPUs hold: a task waiting on an encoder gives its CPU back to Ray
     # (ray.get releases it), so the next shard starts decoding before the last one's chunks are back.
     limit = 2 * max(1, int(free // cfg.decode_cpus))
-    while waiting or pending:
-        while waiting and len(pending) < limit:
-            shard = waiting.popleft()
-            pending[task.remote(job_ref, shard, pool)] = shard
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        shard = pending.pop(ready[0])
-        try:
-            part = ray.get(ready[0])
-        except Exception as err:  # one shard's failure must not cost the others their work
-            cause = getattr(err, "cause", None) or err
-            if isinstance(cause, (sources.SourceError, store.StoreError)):  # bad input: one line, at once
-                tasks.raise_cause(err)
-            failed[shard] = f"{type(cause).__name__}: {cause}"
-            log(f"embed: shard {shard} failed: {failed[shard]}")
-            continue
-        written += 1
-        received += len(pickle.dumps(part))
-        counts.update(part["counts"])
-        log(f"embed: {store.part_name(shard)} written ({written}/{len(todo)}), "
-            f"{counts['kept'] / (time.time() - started):.1f} samples/s")  # fmt: skip
+    try:
+        while waiting or pending:
+            while waiting and len(pending) < limit:
+                shard = waiting.popleft()
+                pending[task.remote(job_ref, shard, pool)] = shard
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            shard = pending.pop(ready[0])
+            try:
+                part = ray.get(ready[0])
+            except Exception as err:  # one shard's failure must not cost the others their work
+                cause = getattr(err, "cause", None) or err
+                # bad input, or a store that stays down: one line, at once (every other shard would meet it too)
+                if isinstance(cause, (sources.SourceError, store.StoreError, storage.StorageUnavailable)):
+                    tasks.raise_cause(err)
+                failed[shard] = f"{type(cause).__name__}: {cause}"
+                log(f"embed: shard {shard} failed: {failed[shard]}")
+                continue
+            written += 1
+            received += len(pickle.dumps(part))
+            counts.update(part["counts"])
+            log(f"embed: {store.part_name(shard)} written ({written}/{len(todo)}), "
+                f"{counts['kept'] / (time.time() - started):.1f} samples/s")  # fmt: skip
+    finally:  # stopped early: a driver that goes on (a notebook, a retrying job) gets the CPUs back
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        for encoder in pool:
+            ray.kill(encoder)
     if written:
         log(f"embed: the driver received {received / written:.0f} bytes a part ({counts['kept'] / written:.0f} rows a part)")
     return failed

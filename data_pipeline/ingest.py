@@ -263,6 +263,10 @@ def _download(todo: list[int], planned: plan.Plan, totals: Totals, raw_url: str,
                 results = ray.get(ref)
             except Exception as err:  # one bad shard must not cost the others their work
                 cause = getattr(err, "cause", None) or err
+                if isinstance(cause, storage.StorageUnavailable):  # every other shard would meet it too: stop now
+                    for other in pending:
+                        ray.cancel(other, force=True)
+                    raise cause from None
                 failed.update({i: f"{type(cause).__name__}: {cause}" for i in group})
                 log(f"ingest: shards {[raw.shard_name(i) for i in group]} failed: {failed[group[0]]}")
                 continue

@@ -9,13 +9,14 @@ import re
 import sys
 from typing import Any, Iterator
 
+from data_pipeline import storage
 from data_pipeline.config import RayConfig
 
 # Environment every Ray worker needs: img2dataset's albumentations calls out at import without
 # the first; the second keeps open_clip/diffusers from trying a model hub the cluster may lack.
 WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
 # Settings (never secrets) that workers and submitted jobs need to reach the same storage as this process.
-SETTINGS = ("HF_HUB_OFFLINE", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+SETTINGS = ("HF_HUB_OFFLINE", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", *storage.S3_SETTINGS_ENV)
 # Anything whose value is a secret by its name: never printed, logged or written by us.
 SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|(^|_)KEY($|_)|API_?KEY|ACCESS_KEY", re.I)
 _warned: set[str] = set()

@@ -6,10 +6,16 @@ disk, `file://`, `s3://` (any S3-compatible endpoint; set AWS_ENDPOINT_URL for a
 
 The commit rules readers may rely on:
 - a file is either absent or complete: it is written under a hidden temporary name in the same
-  folder and moved into place only after the last byte was written;
+  folder and moved into place only after the last byte was written (on S3, where an object
+  appears only once its upload completed, it is written in place);
 - a folder is complete only when it holds `_COMMITTED`, which is written after everything else
   (on local disk the whole folder is also renamed into place, so nothing partial is visible).
 Temporary names start with `.tmp-`; `remove_stale_temporaries` clears those a killed job left.
+
+`s3://` goes through `storage_s3.S3FileSystem`: botocore retries every request (`storage.*` keys,
+`configure_object_store`), and a fault that outlasts the retries is `StorageUnavailable`, naming
+the URL and the operation. Other object stores use their client's own retries (gcsfs retries
+5xx and connection errors by itself).
 """
 
 from __future__ import annotations
@@ -30,6 +36,50 @@ from fsspec.implementations.local import LocalFileSystem
 
 COMMIT_MARKER = "_COMMITTED"
 TMP_PREFIX = ".tmp-"
+
+# botocore's own default of attempts for standard mode is 3; a job that runs for days rides out a
+# longer S3 brown-out before giving up. A read timeout of 60 s is the AWS SDKs' own default.
+DEFAULT_ATTEMPTS = 5
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+DEFAULT_READ_TIMEOUT_S = 60.0
+# How the settings reach processes started from this one (ranks, a local Ray's workers, and Ray
+# jobs, which forward them): fsspec reads FSSPEC_<PROTOCOL>_<KWARG> at import, JSON-decoded.
+S3_SETTINGS_ENV = ("FSSPEC_S3_ATTEMPTS", "FSSPEC_S3_CONFIG_KWARGS")
+
+
+class StorageUnavailable(Exception):
+    """The object store kept failing (5xx, resets, timeouts) after every retry its client allows.
+    Not an OSError: nothing may take an outage for a missing or malformed file."""
+
+    exit_code = 1
+
+
+def configure_object_store(attempts: int = DEFAULT_ATTEMPTS, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+                           read_timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> None:  # fmt: skip
+    """Retries and timeouts of every S3 client made from now on, here and in processes started
+    from here. Each request is tried `attempts` times, with botocore's backoff (up to 20 s apart);
+    a stalled connection counts as failed after `read_timeout_s`."""
+    settings = {
+        "attempts": attempts,
+        "config_kwargs": {"retries": {"max_attempts": attempts, "mode": "standard"},
+                          "connect_timeout": connect_timeout_s, "read_timeout": read_timeout_s},
+    }  # fmt: skip
+    fsspec.config.conf.setdefault("s3", {}).update(settings)
+    os.environ[S3_SETTINGS_ENV[0]] = json.dumps(settings["attempts"])
+    os.environ[S3_SETTINGS_ENV[1]] = json.dumps(settings["config_kwargs"])
+
+
+def _register_s3() -> None:
+    for protocol in ("s3", "s3a"):
+        if protocol in fsspec.registry:  # already imported by someone: replace the class itself
+            from data_pipeline.storage_s3 import S3FileSystem
+
+            fsspec.register_implementation(protocol, S3FileSystem, clobber=True)
+        else:
+            fsspec.register_implementation(protocol, "data_pipeline.storage_s3.S3FileSystem", clobber=True)
+
+
+_register_s3()
 
 
 def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -117,6 +167,19 @@ def atomic_open(url: str, mode: str = "wb") -> Iterator[IO]:
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_open writes only ('wb' or 'w'), got mode {mode!r}")
     fs, path = url_to_fs(url)
+    if _puts_whole_objects(fs):
+        # S3 shows an object only once its PUT (or its multipart upload) completed: written in
+        # place, with no temporary to copy and delete (a third of the requests). An error in the
+        # block throws the buffer away, so nothing is sent.
+        f = fs.open(path, mode)
+        try:
+            yield f
+        except BaseException:
+            f.discard()
+            f.closed = True
+            raise
+        f.close()
+        return
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
@@ -132,6 +195,10 @@ def atomic_open(url: str, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(Exception):
             fs.rm(tmp)
         raise
+
+
+def _puts_whole_objects(fs: fsspec.AbstractFileSystem) -> bool:
+    return "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
 def write_bytes(url: str, data: bytes) -> None:

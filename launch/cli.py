@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_environment()
     args = _parse(argv)
     from data_pipeline.errors import JobFailed, UserError
+    from data_pipeline.storage import StorageUnavailable
     from launch import config as config_mod
 
     log = lambda msg: print(msg, flush=True)  # noqa: E731
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides = demo_overrides(args.workdir) + overrides
         cfg = config_mod.load(args.config, overrides)
         return _dispatch(args, cfg, log)
-    except (UserError, FileNotFoundError, JobFailed) as err:
+    except (UserError, FileNotFoundError, JobFailed, StorageUnavailable) as err:
         if args.debug:
             raise
         print(f"unclip {args.command}: error: {err}", file=sys.stderr)

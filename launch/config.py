@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
-from data_pipeline.config import EmbedConfig, IngestConfig, RayConfig, SyntheticConfig
+from data_pipeline.config import EmbedConfig, IngestConfig, RayConfig, StorageConfig, SyntheticConfig
 from launch import configlib
 from launch.configlib import option
 from models.config import DecoderConfig, EncodersConfig, LdmConfig, PriorConfig, UpsamplerConfig
@@ -160,6 +160,7 @@ class LaunchConfig:
 class Config:
     root: str = option("./unclip-data", doc="where raw/, store/ and runs/ live: a path or any fsspec URL")
     ray: RayConfig = option(factory=RayConfig)
+    storage: StorageConfig = option(factory=StorageConfig)
     synthetic: SyntheticConfig = option(factory=SyntheticConfig)
     ingest: IngestConfig = option(factory=IngestConfig)
     encoders: EncodersConfig = option(factory=EncodersConfig)
@@ -214,9 +215,18 @@ def load(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
     for f in dataclasses.fields(cfg):
         if f.name != "root":
             _substitute_root(getattr(cfg, f.name), cfg.root)
-    return cfg
+    return _with_storage_settings(cfg)
 
 
 def from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a saved (already resolved) configuration."""
-    return configlib.build(Config, data)
+    return _with_storage_settings(configlib.build(Config, data))
+
+
+def _with_storage_settings(cfg: Config) -> Config:
+    """`storage.*` takes effect when a configuration is read: here, and in every process started
+    from here (ranks, a local Ray's workers; submitted jobs get them forwarded)."""
+    from data_pipeline import storage
+
+    storage.configure_object_store(cfg.storage.attempts, cfg.storage.connect_timeout_s, cfg.storage.read_timeout_s)
+    return cfg

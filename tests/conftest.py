@@ -24,28 +24,53 @@ os.environ.update(
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
 
+# What the S3 clients of the tests' local Ray and ranks wait through: short, so that a stall the
+# fault proxy injects costs a second (its stall outlasts the read timeout by a second). With a
+# tenth of requests failing, the default five tries leave one request in 10^5 failing every time
+# (a fault run makes a few hundred); each try more would add up to 16 s to every outage test.
+FAULT_TIMEOUT_S = 1.0
+FAULT_ATTEMPTS = 5
+FAULT_SETTINGS = [f"storage.read_timeout_s={FAULT_TIMEOUT_S}", f"storage.connect_timeout_s={FAULT_TIMEOUT_S}", f"storage.attempts={FAULT_ATTEMPTS}"]
+
+
 @pytest.fixture(scope="session")
-def s3_endpoint():
-    """moto's S3 server on 127.0.0.1, with credentials and endpoint in the environment."""
+def fault_proxy():
+    """moto's S3 server on 127.0.0.1 behind a fault-injecting proxy (passing everything through
+    until a test sets a schedule), with credentials and the proxy's endpoint in the environment."""
     import boto3
     from moto.server import ThreadedMotoServer
+
+    from tests.faultproxy import FaultProxy
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     _, port = server.get_host_and_port()
-    endpoint = f"http://127.0.0.1:{port}"
+    proxy = FaultProxy(f"http://127.0.0.1:{port}", stall_s=FAULT_TIMEOUT_S + 1)
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
     os.environ.update(
-        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint
+        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=proxy.endpoint
     )
     boto3.client("s3").create_bucket(Bucket="unclip-test")
-    yield endpoint
+    yield proxy
+    proxy.stop()
     server.stop()
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(fault_proxy) -> str:
+    return fault_proxy.endpoint
+
+
+@pytest.fixture
+def faults(fault_proxy):
+    """The proxy, handed back passing everything whatever the test left it doing."""
+    yield fault_proxy
+    fault_proxy.schedule(0.0)
 
 
 @pytest.fixture
@@ -59,8 +84,10 @@ def local_ray(s3_endpoint):
     after the S3 server so its workers inherit the endpoint and credentials."""
     import ray
 
+    from data_pipeline import storage
     from data_pipeline.config import RayConfig
     from data_pipeline.ray_runtime import ray_session
 
+    storage.configure_object_store(FAULT_ATTEMPTS, FAULT_TIMEOUT_S, FAULT_TIMEOUT_S)  # its workers keep these
     with ray_session(RayConfig(num_cpus=2)):
         yield ray

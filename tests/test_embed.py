@@ -175,17 +175,47 @@ def test_inspect_and_read_api(env, capsys):
 
 
 @pytest.mark.slow
-def test_parquet_input_and_s3(env, s3_prefix):
-    good = [r for r in env["records"] if r["broken"] is None][:20]
+def test_parquet_input_and_s3_with_faults_and_an_outage(env, s3_prefix, faults, capsys):
+    """Parquet shards on S3 into a store on S3, once fault-free and once through a proxy failing a
+    tenth of requests, where an outage after the first part stops the run in one named line and a
+    rerun (faults still on) completes: the two stores' parts are the same bytes."""
+    from tests.conftest import FAULT_SETTINGS
+    from tests.faultproxy import run_into_outage, upstream_keys
+
+    good = [r for r in env["records"] if r["broken"] is None][:14]
     wds = storage.join(s3_prefix, "wds")
-    synthetic.write_shards(good, str(env["site"]), wds, 10, fmt="parquet")
-    cfg = embed_config(storage.join(s3_prefix, "root"), env, f"embed.input={wds}", "embed.extra_vae_resolutions=[32]")
+    synthetic.write_shards(good, str(env["site"]), wds, 7, fmt="parquet")
+    settings = [f"embed.input={wds}", "embed.extra_vae_resolutions=[32]", *FAULT_SETTINGS]
+    cfg = embed_config(storage.join(s3_prefix, "root"), env, *settings)
     m = run_embed(cfg)
-    assert m["totals"]["rows"] == 20 and m["totals"]["parts"] == 2
+    assert m["totals"]["rows"] == 14 and m["totals"]["parts"] == 2
     assert m["columns"]["vae_latent_32"]["shape"] == [4, 8, 8]
     assert set(storage.listdir(cfg.store_url)) >= {"manifest.json", "part-00000.parquet", "part-00001.json"}
     data = store.open_store(cfg.store_url).read(["caption", "clip_image_emb", "vae_latent_32"])
-    assert data["vae_latent_32"].shape == (20, 4, 8, 8) and sorted(data["caption"]) == sorted(r["caption"] for r in good)
+    assert data["vae_latent_32"].shape == (14, 4, 8, 8) and sorted(data["caption"]) == sorted(r["caption"] for r in good)
+
+    faulty = storage.join(s3_prefix, "faulty")
+    command = ["embed", f"root={faulty}", "embed.batch_size=4", f"encoders.clip.model=local-dir:{env['encoders']}/clip",
+               f"encoders.vae.path={env['encoders']}/vae", *settings]  # fmt: skip
+    parts = lambda: [k for k in upstream_keys(faults, storage.join(faulty, "store")) if k.rsplit("/", 1)[-1].startswith("part-") and k.endswith(".json")]  # noqa: E731
+    faults.schedule(0.1, seed=21)
+    code, seconds = run_into_outage(faults, lambda: cli.main(command), ready=lambda: len(parts()) >= 1, kind="reset")
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and seconds < 120 and line.startswith("unclip embed: error: storage unavailable: "), (code, seconds, line)
+    assert s3_prefix.removeprefix("s3://") in line
+    committed = {k: v for k, v in upstream_keys(faults, storage.join(faulty, "store")).items() if storage.TMP_PREFIX not in k}
+    failed_tries = sum(faults.counts[kind] for kind in ("slowdown", "reset", "stall"))
+    faults.schedule(0.1, seed=22)
+    assert cli.main(command) == 0, capsys.readouterr().err[-2000:]
+    assert failed_tries + sum(faults.counts[kind] for kind in ("slowdown", "reset", "stall")) >= 3, faults.counts
+    faults.schedule(0.0)
+    after = upstream_keys(faults, storage.join(faulty, "store"))
+    assert all(after[k] == etag for k, etag in committed.items() if "/part-" in k)  # committed parts kept, not redone
+    names = [n for n in storage.listdir(cfg.store_url) if n.startswith("part-") and n.endswith(".parquet")]
+    assert len(names) == 2
+    same = {n: storage.sha256_file(storage.join(cfg.store_url, n)) == storage.sha256_file(storage.join(faulty, "store", n)) for n in names}
+    assert all(same.values()), same
+    assert store.open_store(storage.join(faulty, "store")).read(["caption"])["caption"].tolist() == data["caption"].tolist()
 
 
 @pytest.mark.slow

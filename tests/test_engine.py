@@ -85,6 +85,18 @@ def root(tmp_path_factory):
     return str(root)
 
 
+_short_runs: dict[tuple, dict[int, dict]] = {}
+
+
+def short_run(root, run: str, *settings: str) -> dict[int, dict]:
+    """Run `run` for 4 steps with a checkpoint every 2, once per session: tests share it."""
+    key = (root, run, settings)
+    if key not in _short_runs:
+        launch(root, "train.steps=4", "train.checkpoint_every=2", f"train.run={run}", *settings)
+        _short_runs[key] = metrics(root, run)
+    return _short_runs[key]
+
+
 @pytest.fixture(scope="module")
 def straight(root):
     """The uninterrupted reference run: 2 ranks, ZeRO-2, 24 steps, a checkpoint every 4."""
@@ -239,8 +251,7 @@ def test_a_hung_collective_fails_loudly(root):
 )
 def test_zero_stages_precisions_and_offload_train(root, settings):
     run = "-".join(s.split("=")[1] for s in settings).replace("/", "")
-    launch(root, "train.steps=4", "train.checkpoint_every=2", f"train.run={run}", *settings)
-    log = metrics(root, run)
+    log = short_run(root, run, *settings)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log.values())
     assert os.path.exists(os.path.join(run_dir(root, run), "step_0000004", "_COMMITTED"))
     ema = load_file(os.path.join(run_dir(root, run), "step_0000004", "ema.safetensors"))
@@ -275,15 +286,47 @@ def test_init_from_starts_a_new_run_from_trained_weights(root, straight):
     assert log[1]["loss"] < straight[1]["loss"]
 
 
-def test_checkpoints_on_s3(tmp_path, s3_prefix):
-    make_store(storage.join(s3_prefix, "store"), (40, 30))
-    launch(s3_prefix, "train.steps=4", "train.checkpoint_every=2", tmpdir=tmp_path)
-    assert leftovers(tmp_path) == []  # the staging of a remote run is gone with it
-    run = storage.join(s3_prefix, "runs", "ldm", "main")
-    assert storage.read_text(storage.join(run, "latest")).strip() == "step_0000004"
-    assert storage.is_committed(storage.join(run, "step_0000004"))
-    assert "metrics.jsonl" in storage.listdir(storage.join(run, "logs"))
-    result = launch(s3_prefix, "train.steps=6", "train.checkpoint_every=2", nproc=1, tmpdir=tmp_path)
-    assert "step_0000004 at step 4" in result.stdout and "universal" in result.stdout  # downloaded, then converted
-    assert storage.read_text(storage.join(run, "latest")).strip() == "step_0000006"
-    assert leftovers(tmp_path) == []  # the resume copy and the universal copy too
+def test_checkpoints_on_s3_with_faults_and_an_outage(root, tmp_path, s3_prefix, faults):
+    """Store, run folder and checkpoints on S3, through a proxy failing a tenth of requests: an
+    outage after the first checkpoint stops the ranks in one line naming the URL with `latest`
+    kept, and a resume (faults still on) ends with the losses of the same run fault-free."""
+    from tests.conftest import FAULT_SETTINGS
+    from tests.faultproxy import upstream_keys
+
+    reference = {step: r["loss"] for step, r in short_run(root, "0", "train.zero_stage=0").items()}
+    make_store(storage.join(s3_prefix, "store"), (40, 30, 50, 24))  # the store of `root`, on S3
+    run = storage.join(s3_prefix, "runs", "ldm", "faulty")
+    # a rank that outlives the one the outage stopped is given 5 s to go, not the default grace
+    settings = ["train.steps=4", "train.checkpoint_every=2", "train.run=faulty", "train.zero_stage=0", "train.preemption_grace_s=5", *FAULT_SETTINGS]
+    faults.schedule(0.1, seed=31)
+    proc = subprocess.Popen(command(s3_prefix, *settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})  # fmt: skip
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and not any(k.endswith("faulty/latest") for k in upstream_keys(faults, run)):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the outage could begin"
+    faults.outage("slowdown")
+    began = time.time()
+    _, err = proc.communicate(timeout=240)
+    seconds, failed_tries = time.time() - began, faults.counts["slowdown"] + faults.counts["reset"] + faults.counts["stall"]
+    faults.schedule(0.1, seed=32)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 1 and seconds < 120, (proc.returncode, seconds, lines[-5:])
+    assert lines[-1].startswith("unclip train: error: train ldm: storage unavailable: ") and s3_prefix.removeprefix("s3://") in lines[-1], lines[-3:]
+    latest = lambda: storage.read_text(storage.join(run, "latest")).strip()  # noqa: E731
+    assert latest() == "step_0000002" and storage.is_committed(storage.join(run, "step_0000002"))
+    result = launch(s3_prefix, *settings, tmpdir=tmp_path)
+    assert "step_0000002 at step 2" in result.stdout  # downloaded: the checkpoint the outage left in use
+    failed_tries += sum(faults.counts[kind] for kind in ("slowdown", "reset", "stall"))
+    faults.schedule(0.0)
+    assert failed_tries >= 3 and latest() == "step_0000004" and storage.is_committed(storage.join(run, "step_0000004"))
+    assert {step: r["loss"] for step, r in s3_metrics(run).items()} == reference
+    assert leftovers(tmp_path) == []  # the staging of a remote run and its resume copy are gone with it
+
+
+def s3_metrics(run_url: str) -> dict[int, dict]:
+    out = {}
+    for line in storage.read_text(storage.join(run_url, "logs", "metrics.jsonl")).splitlines():
+        record = json.loads(line)
+        out[record["step"]] = record
+    return out

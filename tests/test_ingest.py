@@ -336,3 +336,40 @@ def test_failure_reasons_are_classified():
     assert failure_reason("Image decoding error") == "decode_error"
     assert failure_reason("<urlopen error [Errno 111] Connection refused>") == "connection_error"
     assert failure_reason("something new") == "other"
+
+
+@pytest.mark.slow
+def test_s3_faults_and_an_outage_lose_nothing(site, s3_prefix, local_ray, faults, capsys):
+    """Ingest onto S3 through a proxy failing a tenth of requests: an outage after the first shard
+    stops the run in one line naming the URL, the shard stays as it was, and a rerun (faults still
+    on) completes with exactly the keys a fault-free run keeps."""
+    from launch import cli
+    from tests.conftest import FAULT_SETTINGS
+    from tests.faultproxy import run_into_outage, upstream_keys
+
+    rows = [{"URL": f"{site}/ok/{i}.png", "TEXT": f"picture {i}"} for i in range(8)]
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    storage.write_bytes(storage.join(s3_prefix, "lists", "urls.parquet"), buf.getvalue())
+    raw_url = storage.join(s3_prefix, "raw")
+    command = ["ingest", f"root={s3_prefix}", f"ingest.url_list={storage.join(s3_prefix, 'lists')}", "ingest.shard_size=4",
+               "ingest.max_in_flight=1", *FAULT_SETTINGS]  # fmt: skip
+    stats = lambda: sorted(k for k in upstream_keys(faults, raw_url) if k.endswith("_stats.json"))  # noqa: E731
+    faults.schedule(0.1, seed=11)
+    code, seconds = run_into_outage(faults, lambda: cli.main(command), ready=lambda: len(stats()) >= 1, kind="slowdown")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and seconds < 120, (code, seconds)
+    assert lines[-1].startswith("unclip ingest: error: storage unavailable: ") and s3_prefix.removeprefix("s3://") in lines[-1], lines[-3:]
+    before = upstream_keys(faults, raw_url)
+    done = [k for k in before if k.endswith("_stats.json")]
+    assert len(done) == 1, done
+    failed_tries = sum(faults.counts[kind] for kind in ("slowdown", "reset", "stall"))
+    faults.schedule(0.1, seed=12)
+    assert cli.main(command) == 0, capsys.readouterr().err[-2000:]
+    assert failed_tries + sum(faults.counts[kind] for kind in ("slowdown", "reset", "stall")) >= 3, faults.counts
+    faults.schedule(0.0)
+    assert raw.complete_shards(raw_url) == [0, 1]
+    assert sorted(kept_keys(raw_url)) == sorted(url_list.stable_key(r["URL"]) for r in rows)
+    after = upstream_keys(faults, raw_url)
+    shard_files = [k for k in before if k.rsplit("/", 1)[-1][:5].isdigit() and storage.TMP_PREFIX not in k]
+    assert shard_files and {k: after[k] for k in shard_files} == {k: before[k] for k in shard_files}  # not rewritten

@@ -113,3 +113,61 @@ def test_local_paths_and_file_urls_agree(tmp_path):
     assert storage.is_local(f"file://{tmp_path}") and not storage.is_local("memory://x")
     with pytest.raises(ValueError, match="not on the local filesystem"):
         storage.local_path("memory://x")
+
+
+def _s3_settings(attempts: int = 5) -> None:
+    """A second's read timeout: the proxy's stalls last longer."""
+    storage.configure_object_store(attempts=attempts, connect_timeout_s=1.0, read_timeout_s=1.0)
+
+
+def test_s3_rides_out_faults_with_logged_retries(faults, s3_prefix, tmp_path, caplog):
+    """A tenth of requests answered 503 SlowDown, reset midway or stalled past the read timeout
+    (one kind at a time): every write and read still comes out whole, retried by botocore and s3fs,
+    each failed try logged."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _s3_settings()
+    caplog.set_level("WARNING", logger="unclip.storage")
+    for kind in ("slowdown", "reset", "stall"):
+        base = storage.join(s3_prefix, kind)
+        blobs = {f"blob-{i}": os.urandom(3000 + i) for i in range(3)}
+        faults.schedule(0.1, seed=23, kinds=(kind,))
+        for name, data in blobs.items():
+            storage.write_bytes(storage.join(base, "files", name), data)
+        with storage.atomic_dir(storage.join(base, "folder")) as staging:
+            pq.write_table(pa.table({"x": list(range(1000))}), os.path.join(staging, "t.parquet"))
+        assert storage.listdir(storage.join(base, "files")) == sorted(blobs)
+        assert {name: storage.read_bytes(storage.join(base, "files", name)) for name in blobs} == blobs
+        assert storage.is_committed(storage.join(base, "folder"))
+        fs, path = storage.url_to_fs(storage.join(base, "folder", "t.parquet"))
+        with fs.open(path, "rb") as f:
+            assert pq.read_table(f)["x"].to_pylist() == list(range(1000))
+        local = storage.download_dir(storage.join(base, "files"), str(tmp_path / kind))
+        assert {name: open(os.path.join(local, name), "rb").read() for name in blobs} == blobs
+        assert faults.counts[kind] >= 2, faults.counts
+    retried = [r.getMessage() for r in caplog.records if r.name == "unclip.storage"]
+    assert retried and all("attempt" in line and "failed" in line for line in retried)
+
+
+def test_an_s3_outage_is_one_error_naming_the_url(faults, s3_prefix):
+    """Every request failing: a read (503 SlowDown), a write (connections reset) and an existence
+    check (stalls) each stop in a bounded time with StorageUnavailable naming the URL and the
+    operation; an outage is never taken for a missing file."""
+    _s3_settings(attempts=2)
+    url = storage.join(s3_prefix, "kept.json")
+    storage.write_json(url, {"kept": True})
+    actions = {"slowdown": lambda: storage.read_json(url), "reset": lambda: storage.write_json(storage.join(s3_prefix, "new.json"), {}),
+               "stall": lambda: storage.exists(url)}  # fmt: skip
+    for kind, action in actions.items():
+        faults.outage(kind)
+        started = time.time()
+        with pytest.raises(storage.StorageUnavailable) as failure:
+            action()
+        assert time.time() - started < 20
+        message = str(failure.value)
+        assert "\n" not in message and s3_prefix.removeprefix("s3://") in message and "after 2 attempts" in message, message
+    faults.outage(None)
+    assert storage.read_json(url) == {"kept": True} and not storage.exists(storage.join(s3_prefix, "new.json"))
+    with pytest.raises(FileNotFoundError):  # a missing key is still an answer, not an outage
+        storage.read_bytes(storage.join(s3_prefix, "absent"))

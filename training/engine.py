@@ -164,9 +164,9 @@ def train(
             raise CheckpointError(f"refusing to checkpoint non-finite weights at step {step}")
         state = {"loader": loader.state_dict(), "ema_updates": ema.updates, "history": history, "reason": reason,
                  "skipped_steps": skips.total, "zero_stage": t.zero_stage}  # fmt: skip
+        runlog.upload()  # first: once `latest` names this step, the logs up to it are there too
         path = checkpointer.save(engine, step, ema.state_dict(), stage_info, state, config_yaml,
                                  crash_rank1=t.fault_injection.crash_in_checkpoint_step == step)  # fmt: skip
-        runlog.upload()
         say(f"{stage_name}: checkpoint {path} ({reason})")
         return path
 

@@ -16,6 +16,7 @@ import sys
 import warnings
 
 from data_pipeline.errors import UserError
+from data_pipeline.storage import StorageUnavailable
 from launch import config as config_mod
 from launch.configlib import read_yaml, to_yaml
 from launch.environment import apply_in_rank
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except UserError as err:  # bad input met by the ranks, e.g. a store part that fails its sha256
         return report(args.stage, str(err), 2, cli_code=2)
-    except (NonFiniteStreak, CheckpointError) as err:
+    except (NonFiniteStreak, CheckpointError, StorageUnavailable) as err:
         return report(args.stage, str(err), 2, cli_code=1)
     except RuntimeError as err:
         text = str(err)

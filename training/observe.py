@@ -33,6 +33,10 @@ class RunLog:
         if not enabled:
             return
         os.makedirs(self.dir, exist_ok=True)
+        logs_url = storage.join(run_url, "logs")
+        if not storage.is_local(run_url) and storage.exists(storage.join(logs_url, "metrics.jsonl")):
+            # a resumed remote run: `upload` replaces the logs there, so what the earlier runs logged comes first
+            storage.download_dir(logs_url, self.dir)
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(os.path.join(self.dir, "tensorboard"))
