@@ -9,8 +9,8 @@ from typing import Literal
 from data_pipeline.storage import DEFAULT_ATTEMPTS, DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_READ_TIMEOUT_S
 from launch.configlib import option
 
-# Columns `unclip embed` can write (plus image_<side> for any side); DESIGN.md "The embedding
-# store contract" defines each one.
+# Columns `unclip embed` can write (plus image_<side> for any side); `data_pipeline/store.py`,
+# the embedding store contract, defines each one.
 STORE_COLUMNS = (
     "clip_image_emb",
     "clip_text_emb",

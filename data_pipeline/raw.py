@@ -39,7 +39,7 @@ PROGRESS = "_progress.json"
 DEDUP_DIR = "_dedup"
 CONFIG = "_config.yaml"
 LEGACY_DUPLICATES = "_duplicates.parquet"  # one list for the whole data set, before per-shard lists
-IMAGE_EXTENSIONS = ("jpg", "png", "webp", "jpeg")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # the order a reader picks one in
 
 
 def shard_name(shard_id: int) -> str:

@@ -26,7 +26,6 @@ from data_pipeline import raw, storage
 from data_pipeline.errors import UserError
 from data_pipeline.url_list import stable_key
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 IMAGE_COLUMNS = ("jpg", "png", "webp", "image", "img")
 CAPTION_COLUMNS = ("txt", "caption", "TEXT", "text")
 
@@ -145,7 +144,7 @@ def _webdataset_samples(file: str) -> Iterator[dict[str, Any]]:
     name = posixpath.basename(file)
     for stem, parts in groups.items():
         meta = json.loads(parts["json"]) if "json" in parts else {}
-        image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+        image = next((parts[e] for e in raw.IMAGE_EXTENSIONS if e in parts), None)
         caption = parts["txt"].decode("utf-8", "replace") if "txt" in parts else str(meta.get("caption") or "")
         url = meta.get("url") or f"{name}#{stem}"
         yield {"key": stable_key(url), "caption": caption, "url": url, "width": int(meta.get("width") or 0),

@@ -53,14 +53,6 @@ def step_tag(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _files(folder: str) -> list[str]:
     return sorted(os.path.relpath(os.path.join(d, n), folder) for d, _, names in os.walk(folder) for n in names)
 
@@ -78,11 +70,7 @@ def verify(folder_url: str) -> list[str]:
         if not fs.exists(path):
             problems.append(f"'{folder_url}': file '{name}' is missing")
             continue
-        digest = hashlib.sha256()
-        with fs.open(path, "rb") as f:
-            while block := f.read(1 << 22):
-                digest.update(block)
-        if digest.hexdigest() != expected:
+        if storage.sha256_file(storage.join(folder_url, name)) != expected:
             problems.append(f"'{folder_url}': file '{name}' is corrupt (sha256 differs from {CHECKSUMS})")
     return problems
 
@@ -202,7 +190,7 @@ class Checkpointer:
             with open(os.path.join(staging, "config.yaml"), "w") as f:
                 f.write(config_yaml)
         _barrier()
-        sums = self._upload_and_hash(staging, tag) if not self.local else ({n: _sha256(os.path.join(staging, n)) for n in _files(staging)} if self.rank == 0 else {})
+        sums = self._upload_and_hash(staging, tag) if not self.local else ({n: storage.sha256_file(os.path.join(staging, n)) for n in _files(staging)} if self.rank == 0 else {})
         if self.rank == 0:
             final = storage.join(self.run_url, tag)
             if self.local:
@@ -229,7 +217,7 @@ class Checkpointer:
             storage.remove(final)  # a leftover of a crash mid-upload: never committed
             fs, root = storage.url_to_fs(final)
             for name in _files(staging):
-                sums[name] = _sha256(os.path.join(staging, name))
+                sums[name] = storage.sha256_file(os.path.join(staging, name))
                 fs.put_file(os.path.join(staging, name), root.rstrip("/") + "/" + name)
         gathered: list[dict[str, str]] = [{} for _ in range(self.world_size)] if dist.is_initialized() else [sums]
         if dist.is_initialized():
