@@ -44,7 +44,7 @@ DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_READ_TIMEOUT_S = 60.0
 # How the settings reach processes started from this one (ranks, a local Ray's workers, and Ray
 # jobs, which forward them): fsspec reads FSSPEC_<PROTOCOL>_<KWARG> at import, JSON-decoded.
-S3_SETTINGS_ENV = ("FSSPEC_S3_ATTEMPTS", "FSSPEC_S3_CONFIG_KWARGS")
+S3_SETTINGS_ENV = ("FSSPEC_S3_ATTEMPTS", "FSSPEC_S3_CONNECT_TIMEOUT", "FSSPEC_S3_READ_TIMEOUT")
 
 
 class StorageUnavailable(Exception):
@@ -58,15 +58,12 @@ def configure_object_store(attempts: int = DEFAULT_ATTEMPTS, connect_timeout_s: 
                            read_timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> None:  # fmt: skip
     """Retries and timeouts of every S3 client made from now on, here and in processes started
     from here. Each request is tried `attempts` times, with botocore's backoff (up to 20 s apart);
-    a stalled connection counts as failed after `read_timeout_s`."""
-    settings = {
-        "attempts": attempts,
-        "config_kwargs": {"retries": {"max_attempts": attempts, "mode": "standard"},
-                          "connect_timeout": connect_timeout_s, "read_timeout": read_timeout_s},
-    }  # fmt: skip
+    a stalled connection counts as failed after `read_timeout_s`. `storage_s3.S3FileSystem` turns
+    them into botocore's configuration."""
+    settings = {"attempts": attempts, "connect_timeout": connect_timeout_s, "read_timeout": read_timeout_s}
     fsspec.config.conf.setdefault("s3", {}).update(settings)
-    os.environ[S3_SETTINGS_ENV[0]] = json.dumps(settings["attempts"])
-    os.environ[S3_SETTINGS_ENV[1]] = json.dumps(settings["config_kwargs"])
+    for name, value in zip(S3_SETTINGS_ENV, settings.values()):
+        os.environ[name] = json.dumps(value)
 
 
 def _register_s3() -> None:

@@ -53,12 +53,10 @@ def transient_reason(err: BaseException) -> str | None:
 class S3FileSystem(s3fs.S3FileSystem):
     """s3fs with botocore's standard retries by default, and one named error when they run out."""
 
-    def __init__(self, *args: Any, attempts: int = DEFAULT_ATTEMPTS, config_kwargs: dict | None = None, **kwargs: Any):
-        config_kwargs = dict(config_kwargs or {})
-        config_kwargs.setdefault("retries", {"max_attempts": attempts, "mode": "standard"})
-        config_kwargs.setdefault("connect_timeout", DEFAULT_CONNECT_TIMEOUT_S)
-        config_kwargs.setdefault("read_timeout", DEFAULT_READ_TIMEOUT_S)
-        super().__init__(*args, config_kwargs=config_kwargs, **kwargs)
+    def __init__(self, *args: Any, attempts: int = DEFAULT_ATTEMPTS, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+                 read_timeout: float = DEFAULT_READ_TIMEOUT_S, config_kwargs: dict | None = None, **kwargs: Any):  # fmt: skip
+        retrying = {"retries": {"max_attempts": attempts, "mode": "standard"}, "connect_timeout": connect_timeout, "read_timeout": read_timeout}
+        super().__init__(*args, config_kwargs={**retrying, **(config_kwargs or {})}, **kwargs)
         self.retries = attempts  # s3fs's loop around a request and a body read: its class default is 5
         self.attempts = attempts
 
@@ -86,16 +84,12 @@ class S3FileSystem(s3fs.S3FileSystem):
     async def _cat_file(self, path: str, *args: Any, **kwargs: Any) -> bytes:
         try:
             return await super()._cat_file(path, *args, **kwargs)
-        except StorageUnavailable:
-            raise
         except Exception as err:
             raise _named(err, "get_object", f"s3://{self._strip_protocol(path)}", self.attempts)
 
     async def _get_file(self, rpath: str, lpath: str, *args: Any, **kwargs: Any) -> None:
         try:
             return await super()._get_file(rpath, lpath, *args, **kwargs)
-        except StorageUnavailable:
-            raise
         except Exception as err:
             raise _named(err, "get_object", f"s3://{self._strip_protocol(rpath)}", self.attempts)
 
@@ -113,8 +107,6 @@ class _S3File(s3fs.core.S3File):
     def _fetch_range(self, start: int, end: int) -> bytes:
         try:
             return super()._fetch_range(start, end)
-        except StorageUnavailable:
-            raise
         except Exception as err:
             raise _named(err, "get_object", f"s3://{self.bucket}/{self.key}", self.fs.attempts)
 
@@ -129,7 +121,8 @@ def _url_of(request: dict[str, Any]) -> str:
 
 def _named(err: Exception, method: str, url: str, attempts: int) -> Exception:
     """`err` as StorageUnavailable naming `url` and the operation, if it was a passing fault that
-    outlasted the retries; otherwise `err` itself (a 404 stays FileNotFoundError)."""
+    outlasted the retries; otherwise `err` itself (a 404 stays FileNotFoundError, and one already
+    named by an inner call keeps its name)."""
     reason = transient_reason(err)
     if reason is None or isinstance(err, StorageUnavailable):
         return err

@@ -8,6 +8,7 @@ timeout. With no schedule it passes everything through, so every S3 test runs be
 from __future__ import annotations
 
 import collections
+import functools
 import http.client
 import random
 import socket
@@ -149,12 +150,18 @@ def _reset(handler: BaseHTTPRequestHandler) -> None:
     handler.connection.close()
 
 
-def upstream_keys(proxy: FaultProxy, url: str) -> dict[str, str]:
-    """Key -> ETag of every object under s3 `url`, asked of moto itself (past the proxy's faults)."""
+@functools.lru_cache(maxsize=None)
+def _upstream_client(endpoint: str):
+    """One client per endpoint: tests poll through it 20 times a second, and making one costs more."""
     import boto3
 
+    return boto3.client("s3", endpoint_url=endpoint)
+
+
+def upstream_keys(proxy: FaultProxy, url: str) -> dict[str, str]:
+    """Key -> ETag of every object under s3 `url`, asked of moto itself (past the proxy's faults)."""
     bucket, _, prefix = url.removeprefix("s3://").partition("/")
-    client = boto3.client("s3", endpoint_url=f"http://{proxy.upstream.hostname}:{proxy.upstream.port}")
+    client = _upstream_client(f"http://{proxy.upstream.hostname}:{proxy.upstream.port}")
     out: dict[str, str] = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/"):
         out.update({o["Key"]: o["ETag"] for o in page.get("Contents", [])})
