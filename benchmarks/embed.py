@@ -42,9 +42,9 @@ def bare_encoders(cfg, batches, threads: int) -> float:
     clip, vae = FrozenClip(cfg.encoders.clip), FrozenVae(cfg.encoders.vae)
     started = time.time()
     for clip_pixels, vae_pixels, captions in batches:
-        clip.encode_images(torch.from_numpy(clip_pixels).permute(0, 3, 1, 2).float() / 255.0)
+        clip.encode_images(to_zero_one(clip_pixels))
         clip.encode_text(captions)
-        vae.encode(torch.from_numpy(vae_pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0)
+        vae.encode(to_minus_one_one(vae_pixels))
     return time.time() - started
 
 
@@ -52,7 +52,7 @@ def decoded_batches(cfg, records, site: str):
     import numpy as np
     from PIL import Image
 
-    from data_pipeline.embed_stages import _resize_center_crop
+    from data_pipeline.embed_worker import resize_center_crop
     from models.encoders import clip_preprocess
 
     clip_size = clip_preprocess(cfg.encoders.clip).image_size
@@ -61,8 +61,8 @@ def decoded_batches(cfg, records, site: str):
         rows = records[start : start + cfg.embed.batch_size]
         images = [Image.open(os.path.join(site, r["path"])).convert("RGB") for r in rows]
         batches.append((
-            np.stack([np.asarray(_resize_center_crop(im, clip_size)) for im in images]),
-            np.stack([np.asarray(_resize_center_crop(im, cfg.embed.vae_resolution)) for im in images]),
+            np.stack([np.asarray(resize_center_crop(im, clip_size)) for im in images]),
+            np.stack([np.asarray(resize_center_crop(im, cfg.embed.vae_resolution)) for im in images]),
             [r["caption"] for r in rows],
         ))  # fmt: skip
     return batches
@@ -81,7 +81,7 @@ def main() -> None:
     from data_pipeline.config import SyntheticConfig
     from data_pipeline.ray_runtime import ray_session
     from launch import config
-    from launch.configlib import to_dict
+    from data_pipeline.base.configlib import to_dict
     from models.encoders import write_tiny_encoders
 
     work = tempfile.mkdtemp(prefix="unclip-bench-embed-")

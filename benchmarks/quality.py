@@ -53,8 +53,9 @@ def main() -> None:
     from data_pipeline.store import open_store
     from launch import config as config_mod
     from launch import demo, evaluate
-    from launch.configlib import read_yaml
-    from models.quality import clip_retrieval, guidance_gain, vae_psnr
+    from data_pipeline.base.configlib import read_yaml
+    from data_pipeline.synthetic_quality import clip_retrieval, vae_psnr
+    from models.metrics import guidance_gain
 
     workdir = os.path.abspath(args.workdir)
     if not args.reuse:

@@ -40,10 +40,10 @@ def plain_loop(cfg, steps: int, device) -> tuple[float, object]:
     from data_pipeline.store import open_store
     from training.ds_config import lr_factor
     from training.engine import step_generator
-    from training.stages import get_stage
+    from launch.rank import stage_for
 
     torch.manual_seed(0)
-    stage = get_stage("ldm")(cfg, open_store(cfg.store_url))
+    stage = stage_for(cfg, "ldm", open_store(cfg.store_url))
     model = stage.build_model().to(device)
     t = cfg.train
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.optim.lr, betas=tuple(t.optim.betas), eps=t.optim.eps)
@@ -70,13 +70,12 @@ def plain_loop(cfg, steps: int, device) -> tuple[float, object]:
 
 
 def engine_steps(cfg, steps: int, run: str) -> float:
-    from launch import config as config_mod
-    from launch.configlib import replace, to_yaml
-    from training.engine import train
+    from data_pipeline.base.configlib import replace
+    from launch.rank import run_rank
 
     # metrics every 10 steps, as a real run logs; the first window (warm-up) is left out
     cfg = replace(cfg, **{"train.steps": steps, "train.run": run, "train.checkpoint_every": steps + 1, "train.log_every": 10})
-    train(cfg, "ldm", to_yaml(cfg), log=lambda _: None)
+    run_rank(cfg, "ldm", log=lambda _: None)
     records = [json.loads(line) for line in open(os.path.join(cfg.run_url("ldm"), "logs", "metrics.jsonl"))]
     shutil.rmtree(cfg.run_url("ldm"))  # the final checkpoint of a GPU-sized model is many GB
     return statistics.mean(r["step_time_s"] for r in records[1:])

@@ -32,11 +32,11 @@ def rank_main(out: str) -> None:
     from training.ds_config import deepspeed_config, make_optimizer
     from training.ema import EMA
     from training.engine import init_distributed, step_generator
-    from training.stages import get_stage
+    from launch.rank import stage_for
 
     rank, world, _, _ = init_distributed(600)
     cfg = config.load(None, [f"root={out}", "train.zero_stage=2", "train.batch_size=4", *MODEL])
-    stage = get_stage("ldm")(cfg, open_store(cfg.store_url))
+    stage = stage_for(cfg, "ldm", open_store(cfg.store_url))
     torch.manual_seed(0)
     model = stage.build_model()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(list(model.parameters()), cfg.train),

@@ -20,7 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_pipeline import dedup, raw, storage, tasks
+from data_pipeline import dedup, raw, tasks
+from data_pipeline.base import storage
 
 
 def layout(raw_url: str, shards: int, samples_hint: int, plan_task_rows: int, shard_size: int, bucket_rows: int) -> dict[str, int]:

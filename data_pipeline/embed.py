@@ -1,6 +1,6 @@
 """`unclip embed`: image shards -> frozen CLIP/VAE outputs -> the embedding store, in Ray tasks.
 
-Pipeline (data_pipeline/embed_stages.py): one task per shard reads it, cuts it into chunks of
+Pipeline (data_pipeline/embed_worker.py): one task per shard reads it, cuts it into chunks of
 `embed.batch_size`, decodes and crops each chunk for every consumer and sends it to a pool of
 encoder actors (a GPU each when there is one), one chunk per forward pass; what comes back is
 written into part-NNNNN by the same task as it arrives, and the part is committed with its
@@ -28,11 +28,13 @@ import time
 from collections import Counter
 from typing import Any
 
-from data_pipeline import sources, storage, store, store_writer, tasks
+from data_pipeline import sources, store, store_writer, tasks
+from data_pipeline.base import storage
 from data_pipeline.config import EmbedConfig, RayConfig
-from data_pipeline.embed_stages import Encoder, ShardJob, embed_shard
+from data_pipeline.embed_worker import Encoder, ShardJob, embed_shard
+from data_pipeline.ray_runtime import ray_session
 from models.config import EncodersConfig
-from models.encoders import identity_mismatch
+from models.encoders import clip_identity, clip_preprocess, identity_mismatch, vae_identity
 
 SOURCES = "_sources"  # per job: the shard files it was given; a rerun must present the same ones
 
@@ -48,8 +50,6 @@ def _device(cfg: EmbedConfig) -> str:
 def encoder_identity(encoders: EncodersConfig, cfg: EmbedConfig) -> tuple[dict[str, Any], dict[str, dict]]:
     """The encoders' identities and the store's columns, from configs and weight files: the driver
     (often a small head node) never loads a model."""
-    from models.encoders import clip_identity, vae_identity
-
     clip = clip_identity(encoders.clip)
     vae = vae_identity(encoders.vae) if "vae_latent" in cfg.columns else None
     identity = {"clip": clip, "vae": vae, "precision": cfg.precision, "vae_resolution": cfg.vae_resolution}
@@ -115,8 +115,6 @@ def run(
     config: dict[str, Any],
     log=print,
 ) -> dict[str, Any]:
-    from data_pipeline.ray_runtime import ray_session
-    from models.encoders import clip_preprocess
 
     started = time.time()
     source = sources.open_source(cfg.input, raw_url, cfg.input_format, cfg.image_col, cfg.caption_col).select(cfg.shards)

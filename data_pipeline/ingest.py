@@ -28,9 +28,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from data_pipeline import content_dedup, filters, plan, raw, storage, tasks, url_list
+from data_pipeline import content_dedup, filters, plan, raw, tasks, url_list
+from data_pipeline.base import storage
+from data_pipeline.base.errors import JobFailed
 from data_pipeline.config import IngestConfig, RayConfig
-from data_pipeline.errors import JobFailed
+from data_pipeline.ray_runtime import ray_session
 
 MESSAGES_KEPT = 1000  # distinct error messages the totals keep (they can name hosts: unbounded)
 STATS_PER_TASK = 512  # earlier shards' stats files one reading task aggregates
@@ -194,8 +196,6 @@ def format_table(summary: dict[str, Any]) -> str:
 
 def run(cfg: IngestConfig, ray_cfg: RayConfig, raw_url: str, config_yaml: str, log=print) -> dict[str, Any]:
     """Download `cfg.url_list` into `raw_url`; complete shards of an earlier run are kept."""
-    from data_pipeline.ray_runtime import ray_session
-
     started = time.time()
     if not cfg.url_list:
         raise url_list.UrlListError("config key 'ingest.url_list': no URL list given")

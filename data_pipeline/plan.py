@@ -36,7 +36,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_pipeline import dedup, filters, raw, storage, tasks, url_list
+from data_pipeline import dedup, filters, raw, tasks, url_list
+from data_pipeline.base import storage
 from data_pipeline.config import IngestConfig, IngestFilters
 from data_pipeline.url_list import NON_UTF8, UrlListError
 

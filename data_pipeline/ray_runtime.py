@@ -9,7 +9,7 @@ import re
 import sys
 from typing import Any, Iterator
 
-from data_pipeline import storage
+from data_pipeline.base import storage
 from data_pipeline.config import RayConfig
 
 # Environment every Ray worker needs: img2dataset's albumentations calls out at import without

@@ -22,8 +22,9 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_pipeline import raw, storage
-from data_pipeline.errors import UserError
+from data_pipeline import raw
+from data_pipeline.base import storage
+from data_pipeline.base.errors import UserError
 from data_pipeline.url_list import stable_key
 
 IMAGE_COLUMNS = ("jpg", "png", "webp", "image", "img")

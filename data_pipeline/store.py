@@ -30,8 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from data_pipeline import storage
-from data_pipeline.errors import UserError
+from data_pipeline.base import storage
+from data_pipeline.base.errors import UserError
 
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"

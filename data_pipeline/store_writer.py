@@ -25,7 +25,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_pipeline import storage, tasks
+from data_pipeline import tasks
+from data_pipeline.base import storage
+from data_pipeline.ray_runtime import ray_session
 from data_pipeline.store import (
     BASE_COLUMNS, ENCODERS_LOCK, HOLDOUT_SEED, MANIFEST, ROW_GROUP, SCHEMA_VERSION, StoreError, arrow_schema, column_numpy,
     heldout_mask, part_name,
@@ -292,8 +294,6 @@ def _map(fn: Callable[..., dict], calls: list[tuple]) -> list[dict]:
 def rebuild(store_url: str, ray_cfg=None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """`unclip manifest`: the index and manifest of a store's committed parts, anew; a store of
     manifest schema 1 is converted in place first (its parts, rows and held-out rows unchanged)."""
-    from data_pipeline.ray_runtime import ray_session
-
     path = storage.join(store_url, MANIFEST)
     try:
         old = storage.read_json(path) if storage.exists(path) else None

@@ -21,6 +21,7 @@ from typing import Iterator
 
 from PIL import Image, ImageDraw
 
+from data_pipeline.base import storage
 from data_pipeline.config import SyntheticConfig
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -177,8 +178,6 @@ def write_shards(records: list[dict], site_dir: str, out_url: str, shard_size: i
     data set without one."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from data_pipeline import storage
 
     files = []
     for start in range(0, len(records), shard_size):

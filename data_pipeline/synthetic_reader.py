@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from data_pipeline.synthetic import COLORS
+from data_pipeline.synthetic import COLORS, attributes_from_caption
 
 PALETTE_NAMES = sorted(COLORS)
 PALETTE = np.array([COLORS[name] for name in PALETTE_NAMES], dtype=np.float32)
@@ -84,8 +84,6 @@ def _kind(region: np.ndarray, fill: float) -> str:
 def prompt_following(pictures: list[Image.Image], captions: list[str]) -> tuple[dict[str, float], list[Reading]] | None:
     """Per attribute, the fraction of pictures whose reading is what their caption asked for, and
     the readings; None when a caption is not the embedded generator's (no truth to score against)."""
-    from data_pipeline.synthetic import attributes_from_caption
-
     truths = [attributes_from_caption(c) for c in captions]
     if not truths or any(t is None for t in truths):
         return None

@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from data_pipeline import storage
+from data_pipeline.base import storage
 
 PEAK_RSS = "peak_rss_bytes"  # every marker carries its worker's peak resident memory
 READ_THREADS = 16

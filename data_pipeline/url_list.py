@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data_pipeline import storage
-from data_pipeline.errors import UserError
+from data_pipeline.base import storage
+from data_pipeline.base.errors import UserError
 
 URL_COLUMNS = ("URL", "url")
 CAPTION_COLUMNS = ("TEXT", "caption", "text")

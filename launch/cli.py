@@ -1,5 +1,8 @@
 """The `unclip` command: every subcommand reads a YAML config plus key=value overrides,
-validates all of it, says what it will do, then does it."""
+validates all of it, says what it will do, then does it.
+
+Each command's modules are imported when that command runs, not here: `unclip --help` and a
+configuration error answer at once instead of after loading torch, Ray and DeepSpeed."""
 
 from __future__ import annotations
 
@@ -112,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     configuration, 1: a job that failed), with the traceback only under --debug."""
     _setup_environment()
     args = _parse(argv)
-    from data_pipeline.errors import JobFailed, UserError
-    from data_pipeline.storage import StorageUnavailable
+    from data_pipeline.base.errors import JobFailed, UserError
+    from data_pipeline.base.storage import StorageUnavailable
     from launch import config as config_mod
 
     log = lambda msg: print(msg, flush=True)  # noqa: E731
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, cfg, log) -> int:
-    from launch.configlib import to_dict, to_yaml
+    from data_pipeline.base.configlib import to_dict, to_yaml
 
     if args.command == "ingest":
         from data_pipeline import ingest

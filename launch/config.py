@@ -10,9 +10,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
+from data_pipeline.base import configlib, storage
+from data_pipeline.base.configlib import option
 from data_pipeline.config import EmbedConfig, IngestConfig, RayConfig, StorageConfig, SyntheticConfig
-from launch import configlib
-from launch.configlib import option
 from models.config import DecoderConfig, EncodersConfig, LdmConfig, PriorConfig, UpsamplerConfig
 from training.config import TrainConfig
 
@@ -72,21 +72,6 @@ class SampleConfig:
 class DemoConfig:
     fit_encoders: bool = option(True, doc="fit the small encoders on the ingested data (false: random ones, plumbing only)")
     stages: list[Literal["ldm", "prior", "decoder", "upsampler"]] = option(factory=lambda: ["ldm", "prior", "decoder", "upsampler"])
-    # The ldm at a constant learning rate: retrained on two demo stores (same seed, same data order,
-    # only the schedule changed) it read 93/87/97% and 100/100/100% shape/colour/background at
-    # guidance 3, against 93/73/83% and 95/97/97% with the cosine decay.
-    stage_train: dict[str, dict[str, Any]] = option(
-        factory=lambda: {"ldm": {"batch_size": 16, "steps": 1600, "optim": {"lr": 2e-3, "schedule": "constant"}},
-                         "decoder": {"batch_size": 16, "steps": 1600, "optim": {"lr": 2e-3}},
-                         "upsampler": {"batch_size": 8, "steps": 800}},  # fmt: skip
-        doc="train.* settings per stage, over the train section",
-    )
-
-    def validate(self) -> None:
-        for stage, settings in self.stage_train.items():
-            if stage not in ("ldm", "prior", "decoder", "upsampler"):
-                raise ValueError(f"config key 'demo.stage_train.{stage}': expected a stage (ldm, prior, decoder, upsampler)")
-            configlib.build(TrainConfig, dict(settings), prefix=f"demo.stage_train.{stage}")
 
 
 @dataclass
@@ -188,8 +173,6 @@ class Config:
 
 
 def _join(root: str, *parts: str) -> str:
-    from data_pipeline import storage
-
     return storage.join(root, *parts)
 
 
@@ -208,8 +191,6 @@ def _substitute_root(node: Any, root: str) -> Any:
 
 def load(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults <- YAML <- overrides, validated, with `{root}` resolved and `root` normalised."""
-    from data_pipeline import storage
-
     cfg = configlib.load(Config, path, overrides)
     cfg.root = storage.normalize(cfg.root)
     for f in dataclasses.fields(cfg):
@@ -223,10 +204,14 @@ def from_dict(data: dict[str, Any]) -> Config:
     return _with_storage_settings(configlib.build(Config, data))
 
 
+def for_stage(cfg: Config, stage: str) -> Config:
+    """`cfg` as stage `stage` trains with it: `train.stages.<stage>` applied to the train section
+    (what the run records in its config.yaml)."""
+    return dataclasses.replace(cfg, train=cfg.train.for_stage(stage))
+
+
 def _with_storage_settings(cfg: Config) -> Config:
     """`storage.*` takes effect when a configuration is read: here, and in every process started
     from here (ranks, a local Ray's workers; submitted jobs get them forwarded)."""
-    from data_pipeline import storage
-
     storage.configure_object_store(cfg.storage.attempts, cfg.storage.connect_timeout_s, cfg.storage.read_timeout_s)
     return cfg

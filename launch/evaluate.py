@@ -26,15 +26,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipeline import storage
+from data_pipeline.base import storage
+from data_pipeline.base.configlib import to_yaml
 from data_pipeline.store import Store, StoreError, open_store
 from data_pipeline.synthetic_reader import prompt_following
 from launch.config import Config
-from launch.configlib import to_yaml
 from launch.sample import save_png
 from launch.trained import Trained, available_stages, load_trained
 from models.encoders import TEXT_COLUMNS, text_conditioning
-from models.imaging import decode, grid, to_pil, to_unit
+from models.imaging import decode, grid, to_pil, to_minus_one_one
 from models.metrics import frechet_distance, mean_cosine
 
 
@@ -163,7 +163,7 @@ def run(cfg: Config, log=print) -> dict[str, Any]:
     if generated:
         rows = min(n, 8)
         side = max(g.shape[-1] for g in generated.values())
-        columns_ = [to_pil(to_unit(decode(held["image_64"][:rows])))] if "image_64" in held else []
+        columns_ = [to_pil(to_minus_one_one(decode(held["image_64"][:rows])))] if "image_64" in held else []
         columns_ += [to_pil(g[:rows]) for g in generated.values()]
         picture = grid([[im.resize((side, side), Image.Resampling.NEAREST) for im in row] for row in zip(*columns_)])
         results["grid"] = save_png(picture, storage.join(cfg.eval.out, "eval_grid.png"))

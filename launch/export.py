@@ -22,11 +22,11 @@ from typing import Any
 
 import yaml
 
-from data_pipeline import storage
+from data_pipeline.base import storage
+from data_pipeline.base.configlib import read_yaml
 from data_pipeline.store import open_store
-from launch import config as config_mod
 from launch.config import Config
-from launch.configlib import read_yaml
+from launch.trained import recorded_diffusion
 from models.assembly import modules_of
 from models.diffusion import Diffusion
 from models.encoders import LOCAL_DIR
@@ -51,24 +51,31 @@ def run(cfg: Config, out: str, log=print) -> dict[str, Any]:
         for stage, run_name, name in runs:
             folder = read_latest(cfg.run_url(stage, run_name))
             model, info = load_ema_model(folder)
-            trained_with = config_mod.from_dict(read_yaml(storage.join(folder, "config.yaml")))
-            stage_cfg = getattr(trained_with, stage)
-            diffusion = Diffusion(stage_cfg.diffusion, cfg.sample.sampler)
+            diffusion_cfg = recorded_diffusion(folder, info)
+            diffusion = Diffusion(diffusion_cfg, cfg.sample.sampler)
             for module_name, module in modules_of(model).items():
                 module.save_pretrained(os.path.join(staging, name, module_name))
             diffusion.make_scheduler().save_pretrained(os.path.join(staging, name, "scheduler"))
             description = {"stage": stage, "run": run_name, "checkpoint": folder, "modules": list(info["modules"]),
-                           "extras": info["extras"], "diffusion": dataclasses.asdict(stage_cfg.diffusion),
+                           "extras": info["extras"], "diffusion": dataclasses.asdict(diffusion_cfg),
                            "null_condition": NULL_CONDITION[stage]}  # fmt: skip
             with open(os.path.join(staging, name, "unclip_stage.json"), "w") as f:
                 json.dump(description, f, indent=2, default=str)
             exported[name] = description
-            card_sections.append(f"## {name}\n\nFrom `{folder}`.\n\n```yaml\n{yaml.safe_dump({stage: dataclasses.asdict(stage_cfg), 'train': dataclasses.asdict(trained_with.train)}, sort_keys=False)}```\n")
+            card_sections.append(_card_section(name, stage, folder))
         _copy_encoders(cfg, staging, exported)
         with open(os.path.join(staging, "README.md"), "w") as f:
             f.write(model_card(store.manifest, card_sections))
     log(f"export: {', '.join(exported)} -> {out}")
     return exported
+
+
+def _card_section(name: str, stage: str, folder: str) -> str:
+    """The stage's part of the model card: the settings it was trained with, as its config.yaml
+    recorded them (plain YAML: the card describes the run, whatever today's schema)."""
+    trained_with = read_yaml(storage.join(folder, "config.yaml"))
+    settings = yaml.safe_dump({stage: trained_with.get(stage), "train": trained_with.get("train")}, sort_keys=False)
+    return f"## {name}\n\nFrom `{folder}`.\n\n```yaml\n{settings}```\n"
 
 
 NULL_CONDITION = {

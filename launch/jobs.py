@@ -14,10 +14,10 @@ import shlex
 import time
 from typing import Any
 
-from data_pipeline import storage
+from data_pipeline.base import storage
+from data_pipeline.base.configlib import ConfigError, replace, to_yaml
 from data_pipeline.ray_runtime import forwarded_env, masked
 from launch.config import Config
-from launch.configlib import ConfigError, replace, to_yaml
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 

@@ -1,6 +1,6 @@
 """`unclip launch train STAGE`: one training job across nodes, by torchrun, deepspeed, SLURM or Ray.
 
-Every backend starts the same rank entry point, `python -m training.main --stage S --config URL`,
+Every backend starts the same rank entry point, `python -m launch.rank --stage S --config URL`,
 and every rank sets the same environment (launch/environment.py). The resolved configuration is
 written once, to `<run folder>/launch.yaml`, and every rank reads it from there: with more than
 one node, `root` must be storage every node sees (s3://, gs://, a shared file system).
@@ -23,12 +23,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from data_pipeline import storage
+from data_pipeline.base import storage
+from data_pipeline.base.configlib import ConfigError, to_yaml
 from data_pipeline.ray_runtime import SECRET_NAME, masked
+from launch import config as config_mod
+from launch import ray_train
 from launch.config import Config
-from launch.configlib import ConfigError, to_yaml
 from launch.environment import rank_environment, rank_variables
-from launch.train import check_before_launch, outcome, rank_command, run_forwarding_sigterm
+from launch.train import check_before_launch, config_url, outcome, rank_command, run_forwarding_sigterm
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_TEMPLATE = REPO / "infra" / "slurm" / "train.sbatch"
@@ -45,10 +47,6 @@ class NodeCommand:
         """The command as a dry run prints it: secrets' values masked."""
         variables = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in masked(self.env).items())
         return f"{variables} {shlex.join(self.argv)}".strip()
-
-
-def config_url(cfg: Config, stage: str) -> str:
-    return storage.join(cfg.run_url(stage), "launch.yaml")
 
 
 def torchrun_argv(cfg: Config, stage: str, resume_from: str | None = None, init_from: str | None = None) -> list[str]:
@@ -156,8 +154,6 @@ def plan(cfg: Config, stage: str, resume_from: str | None = None, init_from: str
     if launch.backend == "slurm":
         script = sbatch_script(cfg, stage, resume_from, init_from)
         return [NodeCommand("submit host", ["sbatch", "<script below>"], {}, script)]
-    from launch import ray_train
-
     return [NodeCommand(f"Ray cluster {cfg.ray.address or '(local)'}", ray_train.describe(cfg, stage, resume_from, init_from), env)]
 
 
@@ -174,6 +170,7 @@ def launch_train(cfg: Config, stage: str, resume_from: str | None = None, init_f
                  dry_run: bool = False, log=print) -> dict[str, Any] | None:  # fmt: skip
     """Validate, write the resolved config to the run folder, start this node's part of the job.
     A dry run checks the configuration only: it may run where neither the store nor GPUs are."""
+    cfg = config_mod.for_stage(cfg, stage)
     steps = plan(cfg, stage, resume_from, init_from)
     if dry_run:
         log(f"# configuration for every rank: {config_url(cfg, stage)} (written at launch)")
@@ -202,7 +199,6 @@ def launch_train(cfg: Config, stage: str, resume_from: str | None = None, init_f
         return outcome(cfg, stage, returncode, preempted, log)
     if backend == "slurm":
         return submit_sbatch(steps[0].script or "", cfg.launch.slurm.submit, log)
-    from launch import ray_train
 
     return ray_train.run(cfg, stage, resume_from, init_from, log)
 

@@ -11,10 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from data_pipeline import storage
+from data_pipeline.base import storage
+from data_pipeline.base.configlib import read_yaml
+from data_pipeline.ray_runtime import ray_session
+from launch import config as config_mod
 from launch.config import Config
-from launch.configlib import to_yaml
-from launch.multinode import config_url
+from launch.rank import run_rank
+from launch.train import RanksFailed, config_url
+from training.engine import SUMMARY
+from training.failures import Preempted
 
 
 def _settings(cfg: Config, stage: str) -> dict[str, Any]:
@@ -35,24 +40,17 @@ def describe(cfg: Config, stage: str, resume_from: str | None, init_from: str | 
     return [
         "ray.train.torch.TorchTrainer", f"workers={s['num_workers']}", f"cpus_per_worker={s['cpus_per_worker']}",
         "use_gpu=<cluster has GPUs>", f"max_failures={s['max_failures']}", f"storage_path={s['storage_path']}",
-        f"each worker: training.engine.train(stage={stage}, config={config_url(cfg, stage)}"
+        f"each worker: launch.rank.run_rank(stage={stage}, config={config_url(cfg, stage)}"
         f"{f', resume_from={resume_from}' if resume_from else ''}{f', init_from={init_from}' if init_from else ''})",
     ]  # fmt: skip
 
 
 def _worker(loop_config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker (Ray has set RANK, WORLD_SIZE and the process group)."""
-    from launch import config as config_mod
-    from launch.configlib import read_yaml
-    from launch.environment import apply_in_rank
-    from training.engine import train
-    from training.failures import Preempted
-
     cfg = config_mod.from_dict(read_yaml(loop_config["config_url"]))
-    apply_in_rank(cfg.launch.env)
     try:
-        train(cfg, loop_config["stage"], to_yaml(cfg), loop_config["resume_from"], loop_config["init_from"],
-              log=lambda msg: print(msg, flush=True))  # fmt: skip
+        run_rank(cfg, loop_config["stage"], loop_config["resume_from"], loop_config["init_from"],
+                 log=lambda msg: print(msg, flush=True))  # fmt: skip
     except Preempted as done:
         print(str(done), flush=True)
 
@@ -61,10 +59,6 @@ def run(cfg: Config, stage: str, resume_from: str | None, init_from: str | None,
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from data_pipeline.ray_runtime import ray_session
-    from launch.train import RanksFailed
-    from training.engine import SUMMARY
 
     s = _settings(cfg, stage)
     with ray_session(cfg.ray) as dashboard:

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipeline import storage
+from data_pipeline.base import storage
+from data_pipeline.base.configlib import to_yaml
+from data_pipeline.embed_worker import resize_center_crop
 from data_pipeline.store import open_store
 from launch.config import Config
-from launch.configlib import to_yaml
 from launch.trained import Trained, available_stages, in_batches, load_trained
 from models import chains
 from models.imaging import grid, to_pil
@@ -114,13 +115,11 @@ def _load_image(url: str) -> Image.Image:
 
 def _variations(trained: Trained, log) -> dict[str, Any]:
     """Image -> CLIP image embedding -> decoder (no caption): images that keep what CLIP saw."""
-    from data_pipeline.embed_stages import _resize_center_crop
-
     s = trained.cfg.sample
     clip = trained.clip
     sources = [_load_image(u) for u in s.variations]
-    pixels = np.stack([np.asarray(_resize_center_crop(im, clip.image_size)) for im in sources])
-    embeddings = clip.encode_images(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0)
+    pixels = np.stack([np.asarray(resize_center_crop(im, clip.image_size)) for im in sources])
+    embeddings = clip.encode_images(to_zero_one(pixels))
     n = s.images_per_prompt
     no_text = {"emb": torch.zeros_like(embeddings), "tokens": torch.zeros(len(sources), clip.context_length, clip.text_width)}
     conditioning = {"image_emb": embeddings, **no_text}

@@ -16,12 +16,17 @@ import tempfile
 import threading
 from typing import Any
 
-from data_pipeline import storage
-from data_pipeline.errors import JobFailed
+from data_pipeline.base import storage
+from data_pipeline.base.configlib import to_yaml
+from data_pipeline.base.errors import JobFailed
 from data_pipeline.store import open_store
+from launch import config as config_mod
 from launch.config import Config
-from launch.configlib import to_yaml
 from launch.environment import rank_environment
+from launch.rank import RANK_ERRORS, run_rank, stage_for
+from training.checkpoint import STAGING_DIR, read_latest, read_trainer_state
+from training.ds_config import check_runtime
+from training.engine import SUMMARY
 
 
 class RanksFailed(JobFailed):
@@ -32,25 +37,26 @@ class RanksFailed(JobFailed):
         self.exit_code = exit_code
 
 
-def check_before_launch(cfg: Config, stage: str) -> None:
-    """Everything that can be refused before a rank starts."""
-    from training.ds_config import check_runtime
-    from training.stages import get_stage
-
+def check_before_launch(cfg: Config, stage: str) -> Config:
+    """Everything that can be refused before a rank starts; returns the configuration the ranks
+    get (the stage's own train settings applied)."""
+    cfg = config_mod.for_stage(cfg, stage)
     check_runtime(cfg.train)
-    get_stage(stage)(cfg, open_store(cfg.store_url))  # refuses an unsuitable store
+    stage_for(cfg, stage, open_store(cfg.store_url))  # refuses an unsuitable store
+    return cfg
+
+
+def config_url(cfg: Config, stage: str) -> str:
+    """Where `unclip launch` writes the configuration every rank of a multi-node run reads."""
+    return storage.join(cfg.run_url(stage), "launch.yaml")
 
 
 def train_local(cfg: Config, stage: str, resume_from: str | None = None, init_from: str | None = None, log=print) -> dict[str, Any]:
-    from training.checkpoint import STAGING_DIR
-    from training.engine import train
-    from training.main import RANK_ERRORS
-
-    check_before_launch(cfg, stage)
+    cfg = check_before_launch(cfg, stage)
     run_url = cfg.run_url(stage)
     config_yaml = to_yaml(cfg)
     if "WORLD_SIZE" in os.environ:
-        return train(cfg, stage, config_yaml, resume_from, init_from, log=log)
+        return run_rank(cfg, stage, resume_from, init_from, log=log)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"unclip-{stage}-") as f, \
             tempfile.TemporaryDirectory(prefix="unclip-rank-errors-") as errors, \
             tempfile.TemporaryDirectory(prefix="unclip-staging-") as staging:  # removed however the ranks end  # fmt: skip
@@ -68,20 +74,16 @@ def train_local(cfg: Config, stage: str, resume_from: str | None = None, init_fr
 
 def rank_command(stage: str, config_url: str, resume_from: str | None = None, init_from: str | None = None) -> list[str]:
     """What every launcher starts once per rank, after its own arguments."""
-    return ["-m", "training.main", "--stage", stage, "--config", config_url,
+    return ["-m", "launch.rank", "--stage", stage, "--config", config_url,
             *(["--resume-from", resume_from] if resume_from else []), *(["--init-from", init_from] if init_from else [])]  # fmt: skip
 
 
 def outcome(cfg: Config, stage: str, returncode: int, preempted: bool, log=print, errors: str | None = None) -> dict[str, Any]:
     """The run's summary, or the preemption checkpoint; RanksFailed when the ranks failed (with
     the first rank's own line and kind, when it left one in `errors`)."""
-    from training.engine import SUMMARY
-
     run_url = cfg.run_url(stage)
     if preempted and returncode != 0:
         # a launcher reports the signal it forwarded as a failure; what matters is the saved state
-        from training.checkpoint import read_latest, read_trainer_state
-
         latest = read_latest(run_url)
         if latest and read_trainer_state(latest).get("reason") == "preempted":
             log(f"train {stage}: preempted; checkpoint {latest}")

@@ -3,18 +3,19 @@ trained with, and the frozen encoders the store was embedded with (identity chec
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 import torch
 
-from data_pipeline import storage
+from data_pipeline.base import configlib, storage
+from data_pipeline.base.configlib import read_yaml
 from data_pipeline.store import Store, StoreError
-from launch import config as config_mod
 from launch.config import Config
-from launch.configlib import read_yaml
 from models import chains, prior
 from models.chains import Net
+from models.config import DiffusionConfig
 from models.diffusion import Diffusion
 from models.encoders import FrozenClip, FrozenVae, identity_mismatch
 from training.checkpoint import load_ema_model, read_latest
@@ -30,14 +31,27 @@ def check_identity(section: str, recorded: dict[str, Any], loaded: dict[str, Any
         )
 
 
+def recorded_diffusion(folder: str, info: dict[str, Any]) -> DiffusionConfig:
+    """The diffusion a checkpoint was trained with, from its stage.json (older checkpoints: from
+    their config.yaml, read as plain YAML). Never through today's whole config schema: a setting
+    renamed or added since must not make last month's checkpoint unloadable. Keys this version
+    does not know are left out, keys added since take the stage's defaults."""
+    stage = info["stage"]
+    recorded = info.get("diffusion")
+    if recorded is None:
+        recorded = (read_yaml(storage.join(folder, "config.yaml")).get(stage) or {}).get("diffusion") or {}
+    known = {f.name for f in dataclasses.fields(DiffusionConfig)}
+    defaults = dataclasses.asdict(getattr(Config(), stage).diffusion)
+    return configlib.build(DiffusionConfig, {k: v for k, v in recorded.items() if k in known}, prefix=f"{stage}.diffusion", defaults=defaults)
+
+
 def load_net(cfg: Config, stage: str, run: str, device: torch.device | str = "cpu") -> tuple[Net, str]:
     folder = read_latest(cfg.run_url(stage, run))
     if folder is None:
         raise FileNotFoundError(f"no checkpoint for stage {stage} under {cfg.run_url(stage, run)} (train it first)")
     model, info = load_ema_model(folder)
     model.to(device)
-    trained_with = config_mod.from_dict(read_yaml(storage.join(folder, "config.yaml")))
-    diffusion = Diffusion(getattr(trained_with, stage).diffusion, cfg.sample.sampler)  # the schedule it was trained with
+    diffusion = Diffusion(recorded_diffusion(folder, info), cfg.sample.sampler)  # the schedule it was trained with
     return Net(model, diffusion, info["extras"]), folder
 
 
@@ -49,9 +63,6 @@ class Trained:
     upsamplers: list[Net] = field(default_factory=list)
     checkpoints: dict[str, str] = field(default_factory=dict)
     clip: FrozenClip | None = None
-
-    def has(self, *stages: str) -> bool:
-        return all(s in self.nets for s in stages) and ("upsampler" not in stages or bool(self.upsamplers))
 
     def encode_text(self, captions: list[str]):
         return self.clip.encode_text(captions)

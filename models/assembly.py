@@ -9,30 +9,34 @@ from __future__ import annotations
 
 from typing import Any
 
+import diffusers
 import torch
+from diffusers import ModelMixin
+
+from models.decoder import UnclipDecoder, text_proj_class
 
 
 def module_class(name: str):
     if name == "UnCLIPTextProjModel":
-        from models.decoder import text_proj_class
-
         return text_proj_class()
-    import diffusers
-
     return getattr(diffusers, name)
 
 
 def modules_of(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    from diffusers import ModelMixin
-
     return {"model": model} if isinstance(model, ModelMixin) else dict(model.named_children())
 
 
-def describe(stage: str, model: torch.nn.Module, extras: dict[str, Any]) -> dict[str, Any]:
+def describe(stage: str, model: torch.nn.Module, extras: dict[str, Any], diffusion: dict[str, Any] | None = None,
+             columns: tuple[str, ...] = ()) -> dict[str, Any]:  # fmt: skip
+    """What `stage.json` says of a checkpoint, all that sampling and export need: each network's
+    class and diffusers config, the diffusion it was trained with, the store columns it is
+    conditioned on and the stage's extras (latent scale, resolutions, ...)."""
     return {
         "stage": stage,
         "modules": {name: {"class": type(m).__name__, "config": dict(m.config)} for name, m in modules_of(model).items()},
         "extras": extras,
+        "diffusion": diffusion,
+        "columns": list(columns),
     }
 
 
@@ -41,7 +45,5 @@ def rebuild(info: dict[str, Any]) -> torch.nn.Module:
     if list(modules) == ["model"]:
         return modules["model"]
     if info["stage"] == "decoder":
-        from models.decoder import UnclipDecoder
-
         return UnclipDecoder(**modules, latent_channels=info["extras"].get("latent_channels"))
     raise ValueError(f"stage {info['stage']!r}: don't know how to assemble modules {sorted(modules)}")

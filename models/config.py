@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from launch.configlib import option
+from data_pipeline.base.configlib import option
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline import storage
+from data_pipeline.base import storage
 from models.config import ClipConfig, EncodersConfig, TinyEncodersConfig, VaeConfig
 from models.normalization import norm_groups
 
@@ -93,7 +93,7 @@ def clip_identity(cfg: ClipConfig) -> dict[str, Any]:
     text = model_cfg.get("text_cfg", {})
     if "hf_model_name" in text:  # an HF text tower: its width lives in the HF config
         return FrozenClip(cfg).identity()
-    weights = _clip_weights_file(cfg)
+    weights = clip_weights_file(cfg)
     return {
         "library": "open_clip",
         "model": cfg.model,
@@ -125,7 +125,7 @@ def vae_identity(cfg: VaeConfig) -> dict[str, Any]:
     }
 
 
-def _clip_weights_file(cfg: ClipConfig) -> str | None:
+def clip_weights_file(cfg: ClipConfig) -> str | None:
     import open_clip
 
     folder = _local_dir(cfg)
@@ -193,7 +193,7 @@ class FrozenClip:
         return {"emb": emb, "tokens": captured[-1].float(), "mask": tokens != self.pad_id}
 
     def identity(self) -> dict[str, Any]:
-        weights = _clip_weights_file(self.cfg)
+        weights = clip_weights_file(self.cfg)
         return {
             "library": "open_clip",
             "model": self.cfg.model,

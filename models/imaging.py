@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import torch
 from PIL import Image
 
@@ -21,15 +24,18 @@ def grid(rows: list[list[Image.Image]]) -> Image.Image:
     return canvas
 
 
-def decode(blobs) -> "np.ndarray":
+def decode(blobs) -> np.ndarray:
     """Encoded images -> uint8 [B, H, W, 3]."""
-    import io
-
-    import numpy as np
-
     return np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs])
 
 
-def to_unit(pixels) -> torch.Tensor:
-    """uint8 [B, H, W, 3] (numpy or torch) -> float [B, 3, H, W] in [-1, 1]."""
+def to_zero_one(pixels) -> torch.Tensor:
+    """uint8 [B, H, W, 3] (numpy or torch) -> float [B, 3, H, W] in [0, 1]: what CLIP's
+    preprocessing takes."""
+    return torch.as_tensor(pixels).permute(0, 3, 1, 2).float() / 255.0
+
+
+def to_minus_one_one(pixels) -> torch.Tensor:
+    """uint8 [B, H, W, 3] (numpy or torch) -> float [B, 3, H, W] in [-1, 1]: what the VAE and the
+    pixel-space diffusion models take."""
     return torch.as_tensor(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from data_pipeline.base.configlib import ConfigError, parse_override
 from launch import cli, config
-from launch.configlib import ConfigError, parse_override
 
 
 @pytest.mark.parametrize(
@@ -83,7 +83,7 @@ def test_override_syntax():
 
 
 def test_saved_config_round_trips(tmp_path):
-    from launch.configlib import read_yaml, to_yaml
+    from data_pipeline.base.configlib import read_yaml, to_yaml
 
     cfg = config.load(None, [f"root={tmp_path}", "train.steps=11", "train.deepspeed={zero_optimization: {overlap_comm: true}}"])
     (tmp_path / "saved.yaml").write_text(to_yaml(cfg))
@@ -180,20 +180,31 @@ def test_a_sections_own_default_is_kept_and_overrides_merge_over_it():
     """A stage's DiffusionConfig default (prior: x0 prediction) survives loading and a partial override."""
     cfg = config.load(None, [])
     assert cfg.prior.diffusion.prediction == "x0" and cfg.ldm.diffusion.loss_weighting == "min_snr"
-    cfg = config.load(None, ["prior.diffusion.timesteps=500", "demo.stage_train.ldm.steps=7"])
+    cfg = config.load(None, ["prior.diffusion.timesteps=500", "launch.env.A=1"])
     assert (cfg.prior.diffusion.prediction, cfg.prior.diffusion.timesteps) == ("x0", 500)
-    assert cfg.demo.stage_train == {"ldm": {"steps": 7}}  # a dict value replaces its default whole
+    assert cfg.launch.env == {"A": "1"}  # a dict value replaces its default whole
 
 
-def test_demo_stage_settings_replace_single_values():
-    from launch.configlib import replace
-    from launch.demo import dotted
+def test_per_stage_train_settings_replace_single_values(tmp_path):
+    """`train.stages.<stage>` changes only the keys it gives, over the train section, for that stage;
+    a bad value is refused when the config is read, naming the key."""
+    from launch.demo import DEMO_STAGE_TRAIN, with_demo_training
 
-    cfg = config.load(None, ["train.optim.warmup_steps=5"])
-    changes = dotted("train", {"steps": 9, "optim": {"lr": 2e-3}})
-    assert changes == {"train.steps": 9, "train.optim.lr": 2e-3}
-    staged = replace(cfg, **changes)
-    assert (staged.train.steps, staged.train.optim.lr, staged.train.optim.warmup_steps) == (9, 2e-3, 5)
+    path = tmp_path / "stages.yaml"
+    path.write_text("train:\n  steps: 50\n  optim: {warmup_steps: 5}\n  stages:\n    ldm: {steps: 9, optim: {lr: 2.0e-3}}\n")
+    cfg = config.load(str(path))
+    ldm, prior = config.for_stage(cfg, "ldm").train, config.for_stage(cfg, "prior").train
+    assert (ldm.steps, ldm.optim.lr, ldm.optim.warmup_steps, ldm.stages) == (9, 2e-3, 5, {})
+    assert (prior.steps, prior.optim.lr) == (50, cfg.train.optim.lr)
+    assert config.for_stage(config.for_stage(cfg, "ldm"), "ldm") == config.for_stage(cfg, "ldm")
+    with pytest.raises(ConfigError, match=r"^config key 'train.stages.dit': expected a stage \(prior, decoder, upsampler, ldm\)$"):
+        config.load(None, ["train.stages.dit.steps=3"])
+    with pytest.raises(ConfigError, match=r"^config key 'train.batch_size': expected a number >= 1, got 0 \(with train.stages.ldm applied\)$"):
+        config.load(None, ["train.stages.ldm.batch_size=0"])
+    with pytest.raises(ConfigError, match=r"train.offload_params.*\(with train.stages.ldm applied\)"):
+        config.load(None, ["train.stages.ldm.offload_params=cpu"])  # checked against the stage's whole settings
+    assert with_demo_training(config.load(None)).train.stages == DEMO_STAGE_TRAIN
+    assert with_demo_training(cfg).train.stages == cfg.train.stages  # given ones replace the demo's whole
 
 
 def test_each_chain_samples_at_its_own_models_scales():

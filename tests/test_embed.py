@@ -14,11 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from data_pipeline import embed, sources, storage, store, store_writer, synthetic
+from data_pipeline import embed, sources, store, store_writer, synthetic
+from data_pipeline.base import storage
+from data_pipeline.base.configlib import to_dict
 from data_pipeline.config import SyntheticConfig
-from data_pipeline.embed_stages import invalid_rows
+from data_pipeline.embed_worker import invalid_rows
 from launch import cli, config
-from launch.configlib import to_dict
 from models.encoders import write_tiny_encoders
 
 SHARD = 8
@@ -222,7 +223,7 @@ def test_parquet_input_and_s3_with_faults_and_an_outage(env, s3_prefix, faults, 
 def test_parts_hold_exactly_what_the_encoders_give_each_chunk(env):
     """The workers' store against the encoders run here, chunk by chunk as embed cuts them: the same
     keys in the same order and the same values, bit for bit."""
-    from data_pipeline.embed_stages import Encoder, iter_chunks
+    from data_pipeline.embed_worker import Encoder, iter_chunks
     from models.encoders import clip_preprocess
 
     cfg = embed_config(env["base"] / "reference", env)

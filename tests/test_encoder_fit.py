@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from data_pipeline import encoder_fit
 from data_pipeline import synthetic
 from data_pipeline.config import SyntheticConfig
 from data_pipeline.sources import open_source
-from models import encoder_fit, encoders
+from data_pipeline.synthetic_quality import canonical_caption
+from models import encoders
 from models.config import ClipConfig, EncoderFitConfig, EncodersConfig, TinyEncodersConfig, VaeConfig
-from models.quality import canonical_caption, psnr, top1
+from models.metrics import psnr, top1
 
 
 def test_psnr_of_known_images():

@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from data_pipeline import filters, ingest, plan, raw, storage, url_list
+from data_pipeline import filters, ingest, plan, raw, url_list
+from data_pipeline.base import storage
 from data_pipeline.config import IngestConfig, IngestFilters, RayConfig, Threshold
 from launch import config
 from tests import images

@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from data_pipeline.base.ports import free_port
 from launch import cli
 from launch import config as config_mod
-from launch.ports import free_port
 from tests.storefactory import make_store
 from tests.test_ingest import serve
 
@@ -54,7 +54,7 @@ def after_module(argv: list[str], module: str) -> list[str]:
 
 
 def parse_rank_args(argv: list[str], stage: str, config_url: str) -> None:
-    from training.main import parser
+    from launch.rank import parser
 
     args = parser().parse_args(argv)
     assert (args.stage, args.config) == (stage, config_url)
@@ -70,7 +70,7 @@ def test_torchrun_dry_run_is_what_each_node_runs(capsys):
     assert "NCCL_SOCKET_IFNAME=eth0" in lines[0] and "TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in lines[0]
     args = get_args_parser().parse_args(after_module(without_env(lines[0]), "torch.distributed.run"))
     assert (args.nnodes, args.nproc_per_node, args.rdzv_backend, args.rdzv_endpoint) == ("3", "8", "c10d", "10.0.0.1:29500")
-    assert args.rdzv_id == "ldm-main" and args.module and args.training_script == "training.main"
+    assert args.rdzv_id == "ldm-main" and args.module and args.training_script == "launch.rank"
     parse_rank_args(args.training_script_args, "ldm", "s3://bucket/unclip/runs/ldm/main/launch.yaml")
 
 

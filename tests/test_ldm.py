@@ -47,5 +47,5 @@ def test_an_embedding_of_another_size_than_the_tokens_is_refused_by_name(tmp_pat
     store = make_store(str(tmp_path / "store"), columns=("clip_text_emb", "clip_text_tokens", "vae_latent"))
     store.manifest["columns"]["clip_text_emb"]["shape"] = [12]
     with pytest.raises(StoreError, match=r"'columns.clip_text_emb.shape' has size 12, .* tokens of width 16 .* ldm.text_embedding_token=false"):
-        LdmStage(config.load(None, []), store)
-    assert LdmStage(config.load(None, ["ldm.text_embedding_token=false"]), store).columns == ("vae_latent", "clip_text_tokens")
+        LdmStage(config.load(None, []).ldm, store)
+    assert LdmStage(config.load(None, ["ldm.text_embedding_token=false"]).ldm, store).columns == ("vae_latent", "clip_text_tokens")

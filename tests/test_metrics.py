@@ -8,7 +8,7 @@ import torch
 
 from models.chains import slerp
 from models.metrics import frechet_distance, frechet_from_stats, mean_cosine
-from models.quality import guidance_gain
+from models.metrics import guidance_gain
 
 
 def test_frechet_closed_forms():

@@ -5,20 +5,22 @@ diffusers checked output for output against plain diffusers, and refusals."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from data_pipeline import storage
+from data_pipeline.base import storage
+from data_pipeline.base.configlib import ConfigError, read_yaml, replace
 from data_pipeline.store import StoreError, open_store
 from launch import config, demo, export, sample
-from launch.configlib import read_yaml, replace
 from launch.train import train_local
 from tests.plain_diffusers import plain_decoder, plain_loop
 
@@ -35,7 +37,7 @@ SMALL = [
     "train.checkpoint_every=4",
     "train.optim.warmup_steps=2",
     "train.progress_bar=never",
-    "demo.stage_train={decoder: {batch_size: 4}, upsampler: {batch_size: 4}}",
+    "train.stages={decoder: {batch_size: 4}, upsampler: {batch_size: 4}}",
     "ldm.block_channels=[32, 64]",
     "prior.layers=2",
     "decoder.block_channels=[16, 32]",
@@ -117,11 +119,14 @@ def test_store_manifest_follows_the_contract(pipeline):
 
 def test_resolved_config_is_saved_beside_every_output(pipeline):
     cfg, workdir, _ = pipeline
-    for path in (storage.join(cfg.raw_url, "_config.yaml"), storage.join(cfg.run_url("prior"), "step_0000008", "config.yaml"),
-                 storage.join(cfg.sample.out, "config.yaml"), storage.join(cfg.eval.out, "config.yaml"), str(workdir / "config.yaml")):  # fmt: skip
+    for path in (storage.join(cfg.raw_url, "_config.yaml"), storage.join(cfg.sample.out, "config.yaml"),
+                 storage.join(cfg.eval.out, "config.yaml"), str(workdir / "config.yaml")):  # fmt: skip
         assert config.from_dict(read_yaml(path)) == cfg, path
+    # a run records the settings it trained with: its own train.stages entry applied, none left
+    prior_cfg = config.from_dict(read_yaml(storage.join(cfg.run_url("prior"), "step_0000008", "config.yaml")))
+    assert prior_cfg == config.for_stage(cfg, "prior") and prior_cfg.train == replace(cfg.train, stages={})
     decoder_cfg = config.from_dict(read_yaml(storage.join(cfg.run_url("decoder"), "config.yaml")))
-    assert decoder_cfg.train.batch_size == 4  # the demo's per-stage setting, as the run used it
+    assert (decoder_cfg.train.batch_size, decoder_cfg.train.steps, decoder_cfg.train.stages) == (4, 8, {})
 
 
 def test_training_resumes_from_latest_exactly(pipeline):
@@ -234,6 +239,50 @@ def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_pat
     theirs_sr = plain_loop(os.path.join(out, "upsampler-main", "scheduler"), mine_sr.shape,
                             lambda x, t, c: sr(torch.cat([x, low_up], 1), t).sample, 1.0, seed, steps).clamp(-1, 1)  # fmt: skip
     assert torch.allclose(mine_sr, theirs_sr, atol=1e-5)
+
+
+def test_checkpoints_outlive_the_config_schema(pipeline, tmp_path):
+    """Sample and export read what they need from the checkpoint's stage.json, never by re-validating
+    the old run's whole config.yaml: checkpoints whose config holds a key that no longer exists and
+    lacks one added since (and an ldm whose stage.json predates the diffusion record, read from that
+    config.yaml as plain YAML) sample the same pictures and export the same diffusion settings."""
+    import yaml
+
+    from training.checkpoint import read_latest
+
+    cfg, _, _ = pipeline
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink(cfg.store_url, root / "store")
+    shutil.copytree(storage.join(cfg.root, "runs"), root / "runs", ignore=shutil.ignore_patterns("resumed"))
+    old = replace(cfg, root=str(root), **{"sample.out": str(tmp_path / "samples")})
+    for stage in ("prior", "decoder", "upsampler", "ldm"):
+        folder = read_latest(old.run_url(stage))
+        recorded = yaml.safe_load(open(os.path.join(folder, "config.yaml")))
+        recorded[stage]["retired_setting"] = 1  # a key this version no longer has
+        recorded["train"]["old_knob"] = True
+        recorded[stage]["diffusion"]["retired_too"] = "x"
+        del recorded[stage]["diffusion"]["snr_shift"]  # a key added since
+        with open(os.path.join(folder, "config.yaml"), "w") as f:
+            yaml.safe_dump(recorded, f)
+        with pytest.raises(ConfigError, match="unknown key"):
+            config.from_dict(recorded)  # today's schema refuses it: what the loaders must not depend on
+    ldm_folder = read_latest(old.run_url("ldm"))
+    info = json.load(open(os.path.join(ldm_folder, "stage.json")))
+    assert info["diffusion"] == dataclasses.asdict(cfg.ldm.diffusion) and info["columns"][0] == "vae_latent"
+    del info["diffusion"]  # as a checkpoint written before stage.json recorded it
+    with open(os.path.join(ldm_folder, "stage.json"), "w") as f:
+        json.dump(info, f)
+
+    result = sample.run(replace(old, **{"sample.chains": ["ldm", "unclip"]}), log=print)
+    for chain in ("ldm", "unclip"):
+        for path in result[chain]["images"]:
+            with Image.open(path) as ours, Image.open(os.path.join(cfg.sample.out, chain, os.path.basename(path))) as before:
+                assert np.array_equal(np.asarray(ours), np.asarray(before)), path
+    exported = export.run(old, str(tmp_path / "export"), log=print)
+    for name, stage in (("ldm", "ldm"), ("prior", "prior"), ("decoder", "decoder"), ("upsampler-main", "upsampler")):
+        assert exported[name]["diffusion"] == dataclasses.asdict(getattr(cfg, stage).diffusion), name
+    assert "retired_setting" in open(tmp_path / "export" / "README.md").read()  # the card shows what the run recorded
 
 
 def test_eval_refuses_a_store_with_too_few_held_out_rows(pipeline, tmp_path):

@@ -16,7 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline import content_dedup, dedup, filters, plan, raw, storage, tasks, url_list
+from data_pipeline import content_dedup, dedup, filters, plan, raw, tasks, url_list
+from data_pipeline.base import storage
 from data_pipeline.config import IngestConfig, IngestFilters, Threshold
 
 QUIET = lambda _msg: None  # noqa: E731

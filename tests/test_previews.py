@@ -8,11 +8,11 @@ import torch
 
 from data_pipeline.store import open_store
 from launch import config
+from launch.rank import stage_for
 from models.encoders import vae_identity, write_tiny_encoders
 from tests.storefactory import make_store
 from training.ema import EMA
 from training.engine import ema_model
-from training.stages import get_stage
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 PREVIEWS = {  # stage -> (preview name, grid size of 4 rows)
@@ -34,7 +34,7 @@ def cfg(tmp_path_factory):
 
 def averaged(cfg, name: str, device: str):
     """The stage and its network as the engine previews it: rebuilt from an EMA kept on `device`."""
-    stage = get_stage(name)(cfg, open_store(cfg.store_url))
+    stage = stage_for(cfg, name, open_store(cfg.store_url))
     torch.manual_seed(0)
     model = stage.build_model()
     ema = EMA(model, 0.9, device=device)
@@ -64,6 +64,6 @@ def test_every_stage_previews_on_the_averages_device(cfg, name, device):
     assert (title, picture.size) == PREVIEWS[name]
     if device != "cpu":  # the same preview as the CPU draws
         _, on_cpu, _ = averaged(cfg, name, "cpu")
-        [(_, theirs)] = get_stage(name)(cfg, open_store(cfg.store_url)).preview(on_cpu)
+        [(_, theirs)] = stage_for(cfg, name, open_store(cfg.store_url)).preview(on_cpu)
         difference = np.abs(np.asarray(picture, np.float32) - np.asarray(theirs, np.float32))
         assert difference.mean() < 2.0, f"{name}: mean pixel difference {difference.mean():.2f} between {device} and cpu"

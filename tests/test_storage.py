@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from data_pipeline import storage
+from data_pipeline.base import storage
 
 
 @pytest.fixture(params=["local", "memory", "s3"])
@@ -80,7 +80,7 @@ def test_failed_folder_write_is_not_committed(base):
 KILLED_WRITER = textwrap.dedent(
     """
     import sys, time
-    from data_pipeline import storage
+    from data_pipeline.base import storage
     with storage.atomic_open(sys.argv[1]) as f:
         f.write(b"first half ")
         f.flush()

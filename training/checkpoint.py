@@ -34,9 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
-from data_pipeline import storage
-from data_pipeline.errors import JobFailed
+from data_pipeline.base import storage
+from data_pipeline.base.errors import JobFailed
+from models.assembly import rebuild
 
 LATEST = "latest"
 STAGING_DIR = "UNCLIP_STAGING_DIR"  # set by `unclip train`: where its ranks stage, removed when they exit
@@ -182,8 +184,6 @@ class Checkpointer:
             os._exit(17)  # fault injection: a rank dies with its files half committed
         _barrier()
         if self.rank == 0:
-            from safetensors.torch import save_file
-
             save_file({k: v.contiguous() for k, v in ema_state.items()}, os.path.join(staging, "ema.safetensors"))
             self._write_json(os.path.join(staging, "stage.json"), stage_info)
             self._write_json(os.path.join(staging, TRAINER_STATE), {**trainer_state, "step": step, "world_size": self.world_size})
@@ -195,13 +195,9 @@ class Checkpointer:
             final = storage.join(self.run_url, tag)
             if self.local:
                 self._write_json(os.path.join(staging, CHECKSUMS), sums)
-                with open(os.path.join(staging, storage.COMMIT_MARKER), "w") as f:
-                    f.write("ok\n")
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(staging, final)
             else:
                 storage.write_json(storage.join(final, CHECKSUMS), sums)
-                storage.write_text(storage.join(final, storage.COMMIT_MARKER), "ok\n")
+            storage.commit_folder(staging, final, uploaded=not self.local)
             storage.write_text(storage.join(self.run_url, LATEST), tag + "\n")
             self._prune()
         _barrier()
@@ -317,10 +313,6 @@ def read_latest(run_url: str) -> str | None:
 
 def load_ema_model(folder: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The network of a checkpoint with its EMA weights, without DeepSpeed (for sampling/export)."""
-    from safetensors.torch import load_file
-
-    from models.assembly import rebuild
-
     with _local_copy(folder) as local:
         with open(os.path.join(local, "stage.json")) as f:
             info = json.load(f)
@@ -341,8 +333,6 @@ def _local_copy(folder_url: str):
 
 def load_ema_weights(folder_or_run: str) -> dict[str, torch.Tensor]:
     """EMA weights of a step folder, or of a run's newest checkpoint (for --init-from)."""
-    from safetensors.torch import load_file
-
     folder = folder_or_run if STEP_DIR.fullmatch(os.path.basename(folder_or_run.rstrip("/"))) else read_latest(folder_or_run)
     if folder is None:
         raise CheckpointError(f"--init-from '{folder_or_run}': no committed checkpoint there")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from launch.configlib import option
+from data_pipeline.base.configlib import ConfigError, build, dotted, merge, option, to_dict
+from training.stages import STAGE_NAMES
 
 # DeepSpeed keys derived from our own settings; passing them raw would contradict those.
 OWNED_DEEPSPEED_KEYS = {
@@ -81,8 +82,30 @@ class TrainConfig:
     nproc: int = option(2, ge=1, doc="processes `unclip train` starts on this machine (torchrun)")
     deepspeed: dict[str, Any] = field(default_factory=dict)
     fault_injection: FaultInjection = option(factory=FaultInjection)
+    stages: dict[str, dict[str, Any]] = option(
+        factory=dict,
+        doc="train.* settings per stage over the ones above, e.g. {ldm: {batch_size: 16, optim: {lr: 2e-3}}}",
+    )
+
+    def for_stage(self, stage: str) -> TrainConfig:
+        """These settings with `stages[stage]` applied (each given key replaces one value; the rest of
+        a section, e.g. optim.warmup_steps, stays), and no per-stage settings left."""
+        data = to_dict(self)
+        data["stages"] = {}
+        for key, value in dotted(self.stages.get(stage, {})).items():
+            merge(data, key.split("."), value)
+        try:
+            return build(TrainConfig, data, prefix="train")
+        except ConfigError as err:
+            raise ConfigError(f"{err} (with train.stages.{stage} applied)") from None
 
     def validate(self) -> None:
+        for stage, settings in self.stages.items():
+            if stage not in STAGE_NAMES:
+                raise ValueError(f"config key 'train.stages.{stage}': expected a stage ({', '.join(STAGE_NAMES)})")
+            if "stages" in settings:
+                raise ValueError(f"config key 'train.stages.{stage}.stages': per-stage settings do not nest")
+            self.for_stage(stage)  # each stage's settings, checked as a whole
         if self.offload_params != "none" and self.zero_stage != 3:
             raise ValueError(
                 f"config key 'train.offload_params': parameter offload needs train.zero_stage=3, got {self.zero_stage}"

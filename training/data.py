@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from data_pipeline import storage
+from data_pipeline.base import storage
 from data_pipeline.store import Store, StoreError, column_numpy, heldout_mask
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import torch
 
+from data_pipeline.base.configlib import ConfigError
+from models.schedules import warmup_then_decay
 from training.config import OptimConfig, TrainConfig
 
 
@@ -79,23 +80,12 @@ def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torc
 
 def lr_factor(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:
     """Linear warm-up, then constant or cosine decay to min_lr_ratio."""
-
-    def factor(step: int) -> float:
-        if step < optim.warmup_steps:
-            return (step + 1) / optim.warmup_steps
-        if optim.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
-        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+    return lambda step: warmup_then_decay(step, optim.warmup_steps, total_steps, optim.schedule, optim.min_lr_ratio)
 
 
 def check_runtime(train: TrainConfig) -> None:
     """Refuse, before any rank starts, what this machine's accelerator cannot do."""
     import deepspeed
-
-    from launch.configlib import ConfigError
 
     accelerator = deepspeed.get_accelerator()
     if train.precision == "fp16" and not accelerator.is_fp16_supported():

@@ -1,8 +1,10 @@
 """The training engine under every stage: DeepSpeed ZeRO, deterministic data, checkpoints, EMA.
 
-`train` runs on every rank (torchrun, the deepspeed launcher, SLURM or Ray start the ranks); the
-loop is in that one function so a reader sees it at once. A stage (training/stages/) supplies its
-network, its store columns, its loss and its previews; everything else is here.
+`train` runs on every rank of a process group some launcher started (launch/rank.py is the entry
+point they share); the loop is in that one function so a reader sees it at once. It gets its train
+settings, the stage, the store and the run folder, and knows nothing of launchers or of the rest
+of the configuration. A stage (training/stages/) supplies its network, its store columns, its
+loss and its previews; everything else is here.
 """
 
 from __future__ import annotations
@@ -15,18 +17,20 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
-from data_pipeline import storage
-from data_pipeline.store import open_store
-from launch.config import Config
+from data_pipeline.base import storage
+from data_pipeline.store import Store
+from models.assembly import rebuild
 from training.checkpoint import Checkpointer, CheckpointError, choose, load_ema_weights, read_trainer_state
+from training.config import TrainConfig
 from training.data import StoreLoader
 from training.ds_config import deepspeed_config, lr_factor, make_optimizer
 from training.ema import EMA
 from training.failures import Preempted, Preemption, SkipTracker, inject
-from training.partitions import full_numel, gathered, weights_are_finite, weights_checksum
 from training.observe import RunLog, memory_stats
-from training.stages import get_stage
+from training.partitions import across_ranks, full_numel, gathered, weights_are_finite, weights_checksum
+from training.stage import Stage
 from training.verify import verify_store
 
 SUMMARY = "train_summary.json"
@@ -39,14 +43,10 @@ def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generat
 
 
 def init_distributed(timeout_s: int) -> tuple[int, int, int, torch.device]:
-    import deepspeed
+    """Join the process group the launcher described in the environment (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT, LOCAL_RANK)."""
+    import deepspeed  # lazy: DeepSpeed picks its accelerator on import, after apply_in_rank set DS_ACCELERATOR
 
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        from launch.ports import free_port
-
-        os.environ["MASTER_PORT"] = str(free_port())
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
@@ -54,8 +54,6 @@ def init_distributed(timeout_s: int) -> tuple[int, int, int, torch.device]:
     # A collective that waits longer than this raises on every rank instead of hanging forever. The
     # groups DeepSpeed creates later (data parallel, ZeRO) take torch's default timeout, not the
     # world group's, so the default itself is set first.
-    from torch.distributed import distributed_c10d
-
     timeout = datetime.timedelta(seconds=timeout_s)
     distributed_c10d.default_pg_timeout = timeout
     distributed_c10d.default_pg_nccl_timeout = timeout
@@ -83,32 +81,31 @@ def ema_model(stage_info: dict[str, Any], weights: dict[str, torch.Tensor], devi
     """The averaged weights as a network of their own, for previews, on the device where the average
     lives: on a GPU run, previewing a full-size network on the CPU would take minutes while the other
     ranks wait for rank 0 at the next collective."""
-    from models.assembly import rebuild
-
     model = rebuild(stage_info).to(device)
     model.load_state_dict(weights)
     return model.eval().requires_grad_(False)
 
 
 def train(
-    cfg: Config,
-    stage_name: str,
+    t: TrainConfig,
+    stage: Stage,
+    store: Store,
+    run_url: str,
     config_yaml: str,
     resume_from: str | None = None,
     init_from: str | None = None,
-    log=print,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    import deepspeed
+    """Train `stage` on `store` into the run folder `run_url` as one rank; `config_yaml` is the
+    resolved configuration, recorded beside the checkpoints. Returns the run's summary."""
+    import deepspeed  # lazy: as in init_distributed
 
-    t = cfg.train
+    stage_name = stage.name
     rank, world, local_rank, device = init_distributed(t.collective_timeout_s)
     say = log if rank == 0 else (lambda *_: None)
     preemption = Preemption()
     torch.manual_seed(t.seed)  # identical initial weights on every rank
-    store = open_store(cfg.store_url)
-    stage = get_stage(stage_name)(cfg, store)
     model = stage.build_model()
-    run_url = cfg.run_url(stage_name)
     checkpointer = Checkpointer(run_url, t.keep_last, rank, world, local_rank)
     folder = from_rank0(lambda: choose(run_url, resume_from, t.verify_checkpoints, say), rank)
     if init_from and not folder:
@@ -206,7 +203,7 @@ def train(
                 grad_norm = engine.get_global_grad_norm()
                 record = {
                     "step": done,
-                    "loss": _mean_across_ranks(float(np.mean(finite)) if finite else float("nan"), device),
+                    "loss": across_ranks(float(np.mean(finite)) if finite else float("nan"), dist.ReduceOp.SUM, device) / world,
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
                     "samples_per_s": len(window) * t.batch_size * world / elapsed,
@@ -249,9 +246,3 @@ def train(
         storage.write_json(storage.join(run_url, SUMMARY), summary)
     dist.barrier()
     return summary
-
-
-def _mean_across_ranks(value: float, device: torch.device) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.item() / dist.get_world_size()

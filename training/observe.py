@@ -15,7 +15,7 @@ import psutil
 import torch
 from PIL import Image
 
-from data_pipeline import storage
+from data_pipeline.base import storage
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:

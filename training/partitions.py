@@ -66,7 +66,8 @@ def gathered(module: torch.nn.Module, zero_stage: int):
     return contextlib.nullcontext()
 
 
-def _across_ranks(value: float, op, device: torch.device) -> float:
+def across_ranks(value: float, op, device: torch.device) -> float:
+    """`value` reduced over every rank by `op` (SUM, MIN, MAX); alone, the value itself."""
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(tensor, op=op)
@@ -77,7 +78,7 @@ def weights_are_finite(module: torch.nn.Module, device: torch.device) -> bool:
     """Whether every weight on every rank is finite; every rank gets the same answer (under ZeRO-3
     a rank sees only its partitions, and a rank deciding alone would leave the others waiting)."""
     finite = all(bool(torch.isfinite(own_elements(p)).all()) for p in module.parameters())
-    return _across_ranks(1.0 if finite else 0.0, dist.ReduceOp.MIN, device) == 1.0
+    return across_ranks(1.0 if finite else 0.0, dist.ReduceOp.MIN, device) == 1.0
 
 
 def weights_checksum(module: torch.nn.Module, device: torch.device) -> float:
@@ -85,4 +86,4 @@ def weights_checksum(module: torch.nn.Module, device: torch.device) -> float:
     local = sum(own_elements(p).double().sum().item() for p in module.parameters())
     if not any(is_partitioned(p) for p in module.parameters()):
         return float(local)  # every rank holds the full weights
-    return _across_ranks(local, dist.ReduceOp.SUM, device)
+    return across_ranks(local, dist.ReduceOp.SUM, device)

@@ -6,20 +6,37 @@ logging. A stage is a small subclass in training/stages/.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from data_pipeline.store import Store, StoreError
-from launch.config import Config
+from models.assembly import describe
+from models.config import VaeConfig
+from models.encoders import FrozenVae, identity_mismatch, vae_identity
+
+
+@dataclass(frozen=True)
+class Preview:
+    """How a stage draws its previews: as `unclip sample` would, so that a preview shows what
+    sampling will give. `vae` decodes latents (used only when it is the store's own VAE)."""
+
+    guidance: float = 1.0
+    steps: int = 25
+    vae: VaeConfig | None = None
 
 
 class Stage:
+    """One trainable stage, built from its own config section (`section`: the `prior`, `decoder`,
+    `upsampler` or `ldm` settings) and the store it trains on."""
+
     name: ClassVar[str]
     columns: ClassVar[tuple[str, ...]]
 
-    def __init__(self, cfg: Config, store: Store):
-        self.cfg, self.store = cfg, store
+    def __init__(self, section: Any, store: Store, preview: Preview = Preview()) -> None:
+        self.section, self.store, self.preview_settings = section, store, preview
         store.require(self.columns)
         self.check_store()
 
@@ -49,19 +66,18 @@ class Stage:
         a run previews on one device), for previews; None when the configured VAE is not the
         store's (its pictures would be nonsense) or cannot be loaded."""
         if not hasattr(self, "_vae"):
-            from models.encoders import FrozenVae, identity_mismatch, vae_identity
-
+            vae = self.preview_settings.vae
             try:
-                differs = identity_mismatch(self.store.manifest["encoders"]["vae"], vae_identity(self.cfg.encoders.vae))
+                differs = vae is None or identity_mismatch(self.store.manifest["encoders"]["vae"], vae_identity(vae))
             except (OSError, ValueError):
                 differs = ("unloadable",)
-            self._vae = None if differs else FrozenVae(self.cfg.encoders.vae, str(device))
+            self._vae = None if differs else FrozenVae(vae, str(device))
         return self._vae
 
     def describe(self, model: torch.nn.Module) -> dict[str, Any]:
-        from models.assembly import describe
-
-        return describe(self.name, model, self.extras())
+        """What `stage.json` records: enough for sample and export to rebuild and drive the network
+        without the run's config (whose schema may have changed since)."""
+        return describe(self.name, model, self.extras(), dataclasses.asdict(self.section.diffusion), self.columns)
 
     # Called by the loader's thread on each batch of numpy columns (e.g. to decode images), with
     # randomness that is a function of the batch's place in the run; None: batches pass as read.

@@ -11,6 +11,7 @@ STAGE_NAMES = ("prior", "decoder", "upsampler", "ldm")
 
 
 def get_stage(name: str) -> type[Stage]:
+    # lazy: the CLI and the config read STAGE_NAMES without importing torch and diffusers
     from training.stages.decoder import DecoderStage
     from training.stages.ldm import LdmStage
     from training.stages.prior import PriorStage

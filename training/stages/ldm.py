@@ -6,25 +6,27 @@ from typing import Any
 
 import torch
 
-from data_pipeline.store import StoreError
+from data_pipeline.store import Store, StoreError
 from models import ldm
+from models.config import LdmConfig
 from models.diffusion import Diffusion, device_of, row_mask
 from models.encoders import text_conditioning
-from training.stage import Stage, latent_scale
+from models.imaging import grid, to_pil
+from training.stage import Preview, Stage, latent_scale
 
 
 class LdmStage(Stage):
     name = "ldm"
 
-    def __init__(self, cfg, store):
-        self.embedding_token = cfg.ldm.text_embedding_token
+    def __init__(self, section: LdmConfig, store: Store, preview: Preview = Preview()):
+        self.embedding_token = section.text_embedding_token
         self.text_columns = ("clip_text_tokens",) + (("clip_text_emb",) if self.embedding_token else ())
         self.columns = ("vae_latent",) + self.text_columns
-        super().__init__(cfg, store)
+        super().__init__(section, store, preview)
 
     def check_store(self) -> None:
-        self.diffusion = Diffusion(self.cfg.ldm.diffusion)
-        self.latent_scale = latent_scale(self.store, self.cfg.ldm.latent_scale, "ldm.latent_scale")
+        self.diffusion = Diffusion(self.section.diffusion)
+        self.latent_scale = latent_scale(self.store, self.section.latent_scale, "ldm.latent_scale")
         if not self.embedding_token:
             return
         width, dim = self.store.shape("clip_text_tokens")[1], self.store.shape("clip_text_emb")[0]
@@ -36,11 +38,11 @@ class LdmStage(Stage):
 
     def build_model(self) -> torch.nn.Module:
         channels, size, _ = self.store.shape("vae_latent")
-        return ldm.build_unet(self.cfg.ldm, channels, size, self.store.shape("clip_text_tokens")[1])
+        return ldm.build_unet(self.section, channels, size, self.store.shape("clip_text_tokens")[1])
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         x0 = batch["vae_latent"].float() * self.latent_scale
-        drop = row_mask(len(x0), self.cfg.ldm.text_drop, generator, x0.device)
+        drop = row_mask(len(x0), self.section.text_drop, generator, x0.device)
         context = ldm.context(text_conditioning(batch, self.text_columns), self.embedding_token) * (~drop).float()[:, None, None]
         t, noise = self.diffusion.draw(x0, generator)
         return self.diffusion.loss(ldm.predict(model, self.diffusion.q_sample(x0, t, noise), t, context), x0, noise, t)
@@ -50,12 +52,10 @@ class LdmStage(Stage):
 
     def preview(self, model: torch.nn.Module, count: int = 4) -> list[tuple[str, Any]]:
         """Samples for the first captions of the store, decoded with the store's VAE."""
-        from models.imaging import grid, to_pil
-
         vae = self.store_vae(device_of(model))
         if vae is None:
             return []
         rows = self.preview_rows(list(self.text_columns), count)
         context = ldm.context(text_conditioning(rows, self.text_columns), self.embedding_token)
-        latents = ldm.sample(model, self.diffusion, context, 25, self.cfg.sample.guidance, torch.Generator().manual_seed(0))
+        latents = ldm.sample(model, self.diffusion, context, self.preview_settings.steps, self.preview_settings.guidance, torch.Generator().manual_seed(0))
         return [("ldm", grid([to_pil(vae.decode(latents / self.latent_scale))]))]

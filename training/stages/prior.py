@@ -10,6 +10,7 @@ from data_pipeline.store import StoreError
 from models import prior
 from models.diffusion import Diffusion, row_mask
 from models.encoders import TEXT_COLUMNS, text_conditioning
+from models.imaging import grid
 from training.stage import Stage
 
 
@@ -27,17 +28,17 @@ class PriorStage(Stage):
             )
         if "clip_image_emb_mean" not in self.store.manifest:
             raise StoreError(f"store '{self.store.url}': manifest lacks 'clip_image_emb_mean' (rerun `unclip embed`)")
-        self.diffusion = Diffusion(self.cfg.prior.diffusion)
+        self.diffusion = Diffusion(self.section.diffusion)
 
     def build_model(self) -> torch.nn.Module:
         m = self.store.manifest
         dim, length = self.store.shape("clip_image_emb")[0], self.store.shape("clip_text_tokens")[0]
-        return prior.build_prior(self.cfg.prior, dim, length, m["clip_image_emb_mean"], m["clip_image_emb_std"])
+        return prior.build_prior(self.section, dim, length, m["clip_image_emb_mean"], m["clip_image_emb_std"])
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         module = getattr(model, "module", model)
         x0 = prior.normalize(module, batch["clip_image_emb"].float())
-        text = prior.drop_text(text_conditioning(batch), row_mask(len(x0), self.cfg.prior.text_drop, generator, x0.device))
+        text = prior.drop_text(text_conditioning(batch), row_mask(len(x0), self.section.text_drop, generator, x0.device))
         t, noise = self.diffusion.draw(x0, generator)
         prediction = prior.predict(model, self.diffusion.q_sample(x0, t, noise), t, text)
         return self.diffusion.loss(prediction, x0, noise, t)
@@ -49,8 +50,6 @@ class PriorStage(Stage):
         import numpy as np
         from PIL import Image
 
-        from models.imaging import grid
-
         if "image_64" not in self.store.manifest["columns"]:
             return []
         if not hasattr(self, "_bank"):
@@ -59,7 +58,7 @@ class PriorStage(Stage):
             self._bank = (bank, data["image_64"])
         bank, pictures = self._bank
         rows = self.preview_rows([*TEXT_COLUMNS, "image_64"], count)
-        predicted = prior.sample(model, self.diffusion, text_conditioning(rows), 25, self.cfg.sample.prior_guidance, torch.Generator().manual_seed(0))
+        predicted = prior.sample(model, self.diffusion, text_conditioning(rows), self.preview_settings.steps, self.preview_settings.guidance, torch.Generator().manual_seed(0))
         nearest = (torch.nn.functional.normalize(predicted.cpu(), dim=-1) @ bank.T).argmax(1)
         decode = lambda data: Image.open(io.BytesIO(data)).convert("RGB")  # noqa: E731
         pairs = [[decode(rows["image_64"][i]), decode(pictures[int(j)])] for i, j in enumerate(nearest)]

@@ -7,53 +7,54 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline.store import StoreError
+from data_pipeline.store import Store, StoreError
 from models import upsampler
+from models.config import UpsamplerConfig
 from models.diffusion import Diffusion
-from models.imaging import decode, grid, to_pil, to_unit
-from training.stage import Stage
+from models.imaging import decode, grid, to_pil, to_minus_one_one
+from training.stage import Preview, Stage
 
 
 class UpsamplerStage(Stage):
     name = "upsampler"
     columns = ()  # set per instance: the configured resolutions
 
-    def __init__(self, cfg, store):
-        u = cfg.upsampler
+    def __init__(self, section: UpsamplerConfig, store: Store, preview: Preview = Preview()):
+        u = section
         self.low_col, self.high_col = f"image_{u.low}", f"image_{u.high}"
         self.columns = (self.low_col, self.high_col)
-        super().__init__(cfg, store)
+        super().__init__(section, store, preview)
 
     def check_store(self) -> None:
-        for column, side in ((self.low_col, self.cfg.upsampler.low), (self.high_col, self.cfg.upsampler.high)):
+        for column, side in ((self.low_col, self.section.low), (self.high_col, self.section.high)):
             if self.store.shape(column)[0] != side:
                 raise StoreError(f"store '{self.store.url}': manifest field 'columns.{column}.shape' is not {side} pixels")
-        self.diffusion = Diffusion(self.cfg.upsampler.diffusion)
+        self.diffusion = Diffusion(self.section.diffusion)
 
     def build_model(self) -> torch.nn.Module:
-        return upsampler.build_upsampler(self.cfg.upsampler)
+        return upsampler.build_upsampler(self.section)
 
     def prepare(self, batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        high, low = upsampler.random_crops(decode(batch[self.high_col]), decode(batch[self.low_col]), self.cfg.upsampler.crop, rng)
+        high, low = upsampler.random_crops(decode(batch[self.high_col]), decode(batch[self.low_col]), self.section.crop, rng)
         return {"high": high, "low": low}
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         device = batch["high"].device
-        x0 = to_unit(batch["high"])
-        low = upsampler.degrade(to_unit(batch["low"]).cpu(), self.cfg.upsampler, generator).to(device)
+        x0 = to_minus_one_one(batch["high"])
+        low = upsampler.degrade(to_minus_one_one(batch["low"]).cpu(), self.section, generator).to(device)
         low_up = upsampler.upsample(low, x0.shape[-1])
         t, noise = self.diffusion.draw(x0, generator)
         return self.diffusion.loss(upsampler.predict(model, self.diffusion.q_sample(x0, t, noise), t, low_up), x0, noise, t)
 
     def extras(self) -> dict[str, Any]:
-        return {"low": self.cfg.upsampler.low, "high": self.cfg.upsampler.high}
+        return {"low": self.section.low, "high": self.section.high}
 
     def preview(self, model: torch.nn.Module, count: int = 4) -> list[tuple[str, Any]]:
         """Per row: bicubic upsampling, the model's upsampling, the true high-res image."""
         rows = self.preview_rows([self.low_col, self.high_col], count)
-        low = to_unit(decode(rows[self.low_col]))
-        factor = self.cfg.upsampler.high // self.cfg.upsampler.low
-        steps = self.cfg.sample.upsampler_steps  # as `unclip sample` draws it
+        low = to_minus_one_one(decode(rows[self.low_col]))
+        factor = self.section.high // self.section.low
+        steps = self.preview_settings.steps  # as `unclip sample` draws it
         sampled = upsampler.sample(model, self.diffusion, low, factor, steps, torch.Generator().manual_seed(0))
-        columns = [to_pil(upsampler.upsample(low, sampled.shape[-1])), to_pil(sampled), to_pil(to_unit(decode(rows[self.high_col])))]
+        columns = [to_pil(upsampler.upsample(low, sampled.shape[-1])), to_pil(sampled), to_pil(to_minus_one_one(decode(rows[self.high_col])))]
         return [("upsampler_bicubic_sampled_true", grid([list(row) for row in zip(*columns)]))]

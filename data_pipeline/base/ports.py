@@ -1,3 +1,5 @@
+"""Free TCP ports on this host, for a process group or a local server started here."""
+
 import socket
 
 

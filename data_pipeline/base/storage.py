@@ -69,11 +69,11 @@ def configure_object_store(attempts: int = DEFAULT_ATTEMPTS, connect_timeout_s: 
 def _register_s3() -> None:
     for protocol in ("s3", "s3a"):
         if protocol in fsspec.registry:  # already imported by someone: replace the class itself
-            from data_pipeline.storage_s3 import S3FileSystem
+            from data_pipeline.base.storage_s3 import S3FileSystem  # lazy: s3fs and botocore, for s3:// only
 
             fsspec.register_implementation(protocol, S3FileSystem, clobber=True)
         else:
-            fsspec.register_implementation(protocol, "data_pipeline.storage_s3.S3FileSystem", clobber=True)
+            fsspec.register_implementation(protocol, "data_pipeline.base.storage_s3.S3FileSystem", clobber=True)
 
 
 _register_s3()
@@ -240,26 +240,37 @@ def atomic_dir(url: str) -> Iterator[str]:
         staging = tempfile.mkdtemp(prefix=TMP_PREFIX)
     try:
         yield staging
-        with open(os.path.join(staging, COMMIT_MARKER), "w") as f:
-            f.write("ok\n")
-        if isinstance(fs, LocalFileSystem):
-            if os.path.exists(path):
-                doomed = _tmp_sibling(path)
-                os.replace(path, doomed)
-                shutil.rmtree(doomed)
-            os.replace(staging, path)
-        else:
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
-            files = sorted(
-                os.path.relpath(os.path.join(d, n), staging) for d, _, ns in os.walk(staging) for n in ns
-            )
-            files.remove(COMMIT_MARKER)
-            for rel in files + [COMMIT_MARKER]:
-                fs.put_file(os.path.join(staging, rel), posixpath.join(path, rel.replace(os.sep, "/")))
+        commit_folder(staging, url)
     finally:
         if os.path.exists(staging):
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def commit_folder(staging: str, url: str, uploaded: bool = False) -> None:
+    """The folder-commit protocol, the one place it is written: the finished local folder `staging`
+    becomes folder `url`, with `_COMMITTED` last, replacing any folder there. On local disk that is
+    one rename of the staging folder (which must sit beside `url`); elsewhere the files are uploaded,
+    then the marker. `uploaded`: the caller has put the files there itself (the ranks of a
+    checkpoint upload their own shares in parallel), so only the marker is written."""
+    fs, path = url_to_fs(url)
+    if uploaded:
+        write_text(url.rstrip("/") + "/" + COMMIT_MARKER, "ok\n")
+        return
+    with open(os.path.join(staging, COMMIT_MARKER), "w") as f:
+        f.write("ok\n")
+    if isinstance(fs, LocalFileSystem):
+        if os.path.exists(path):
+            doomed = _tmp_sibling(path)
+            os.replace(path, doomed)
+            shutil.rmtree(doomed)
+        os.replace(staging, path)
+        return
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    files = sorted(os.path.relpath(os.path.join(d, n), staging) for d, _, ns in os.walk(staging) for n in ns)
+    files.remove(COMMIT_MARKER)
+    for rel in files + [COMMIT_MARKER]:
+        fs.put_file(os.path.join(staging, rel), posixpath.join(path, rel.replace(os.sep, "/")))
 
 
 def download_dir(url: str, local_dir: str) -> str:

@@ -1,4 +1,4 @@
-"""The stages of `unclip embed` (see data_pipeline/embed.py): a task per shard, a pool of encoder actors.
+"""What `unclip embed` (data_pipeline/embed.py) runs on a shard: its Ray task, and the pool of encoder actors.
 
 The unit that travels to an encoder is a chunk: up to `embed.batch_size` consecutive samples of
 one shard, decoded and cropped for every consumer. Encoders see exactly one chunk per forward
@@ -23,7 +23,7 @@ IN_FLIGHT = 2  # chunks of one shard at the encoders at once: the next decodes w
 FLOAT16_MAX = 65504.0
 
 
-def _resize_center_crop(image, side: int):
+def resize_center_crop(image, side: int):
     from PIL import Image
 
     scale = side / min(image.size)
@@ -52,12 +52,12 @@ def _decode(chunk: dict[str, Any], clip_size: int, latent_sides: dict[str, int],
             continue
         chunk["width"][i] = chunk["width"][i] or image.width
         chunk["height"][i] = chunk["height"][i] or image.height
-        chunk["clip_pixels"][i] = np.asarray(_resize_center_crop(image, clip_size))
+        chunk["clip_pixels"][i] = np.asarray(resize_center_crop(image, clip_size))
         for name, side in latent_sides.items():
-            chunk["vae_pixels"][name][i] = np.asarray(_resize_center_crop(image, side))
+            chunk["vae_pixels"][name][i] = np.asarray(resize_center_crop(image, side))
         for column in image_columns:
             buf = io.BytesIO()
-            _resize_center_crop(image, int(column.split("_")[1])).save(buf, format="PNG")
+            resize_center_crop(image, int(column.split("_")[1])).save(buf, format="PNG")
             chunk[column][i] = buf.getvalue()
 
 
@@ -101,15 +101,18 @@ class Encoder:
     """Encoder actor: loads the frozen encoders once, then encodes one chunk per call."""
 
     def __init__(self, encoders, specs: dict[str, dict], device: str, precision: str, threads: int, min_clip_score: float | None):
+        # lazy: the decode tasks of this module run without torch; only the encoder actors load it
         import torch
 
         from models.encoders import FrozenClip, FrozenVae
+        from models.imaging import to_minus_one_one, to_zero_one
 
         torch.set_num_threads(max(1, threads))
         if device == "cuda":  # the same chunk must give the same latents on every rerun
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
         self.torch, self.specs, self.min_clip_score = torch, specs, min_clip_score
+        self.to_zero_one, self.to_minus_one_one = to_zero_one, to_minus_one_one
         self.clip = FrozenClip(encoders.clip, device, precision)
         self.vae = FrozenVae(encoders.vae, device, precision) if any(k.startswith("vae_latent") for k in specs) else None
 
@@ -119,12 +122,12 @@ class Encoder:
         vae_pixels = chunk.pop("vae_pixels")
         pixels = chunk.pop("clip_pixels")
         if n:
-            image_emb = self.clip.encode_images(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0)
+            image_emb = self.clip.encode_images(self.to_zero_one(pixels))
             text = self.clip.encode_text(chunk["caption"])
             chunk["clip_score"] = torch.cosine_similarity(image_emb, text["emb"], dim=-1).numpy().astype(np.float32)
             outputs = {"clip_image_emb": image_emb, "clip_text_emb": text["emb"], "clip_text_tokens": text["tokens"]}
             for name, array in vae_pixels.items():
-                outputs[name] = self.vae.encode(torch.from_numpy(array).permute(0, 3, 1, 2).float() / 127.5 - 1.0)
+                outputs[name] = self.vae.encode(self.to_minus_one_one(array))
             outputs = {k: v.numpy() for k, v in outputs.items() if k in self.specs}
             for i, reason in invalid_rows(outputs, self.specs, n).items():
                 chunk["rejected"][i] = chunk["rejected"][i] or reason

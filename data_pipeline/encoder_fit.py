@@ -19,12 +19,20 @@ import zlib
 from typing import Any
 
 import numpy as np
+import open_clip
 import torch
+from diffusers import AutoencoderKL
+from open_clip.loss import ClipLoss
 from PIL import Image
+from safetensors.torch import save_file
 
-from data_pipeline import storage
+from data_pipeline.base import storage
 from data_pipeline.sources import Source, iter_samples
+from data_pipeline.synthetic_quality import clip_retrieval, vae_psnr
 from models.config import EncodersConfig
+from models.encoders import clip_preprocess, clip_weights_file, write_tiny_encoders
+from models.imaging import to_minus_one_one, to_zero_one
+from models.schedules import warmup_then_decay
 
 Pairs = tuple[np.ndarray, list[str]]  # uint8 images [N, S, S, 3], captions
 
@@ -59,15 +67,9 @@ def split(pairs: Pairs, fraction: float) -> tuple[Pairs, Pairs]:
     return pick(~held), pick(held)
 
 
-def _to_unit(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-
-
 def _schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     warmup = max(1, steps // 20)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
-    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_then_decay(s, warmup, steps))
 
 
 def _word_edits(a: list[str], b: list[str]) -> int:
@@ -123,19 +125,13 @@ def augment(images: torch.Tensor, generator: torch.Generator, shift: float = 0.1
 
 def fit_clip(cfg: EncodersConfig, train: Pairs, log=print) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Contrastive training of the open_clip model the config points at (loaded from its folder)."""
-    import open_clip
-    from open_clip.loss import ClipLoss
-    from safetensors.torch import save_file
-
-    from models.encoders import _clip_weights_file, clip_preprocess
-
     fit = cfg.fit
     generator = torch.Generator().manual_seed(fit.seed)
     model = open_clip.create_model(cfg.clip.model).train()
     tokenizer = open_clip.get_tokenizer(cfg.clip.model)
     pre = clip_preprocess(cfg.clip)
     mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
-    images = (torch.nn.functional.interpolate(_to_unit(train[0]), size=pre.image_size, mode="bicubic", antialias=True) - mean) / std
+    images = (torch.nn.functional.interpolate(to_zero_one(train[0]), size=pre.image_size, mode="bicubic", antialias=True) - mean) / std
     tokens = tokenizer(train[1])
     optimizer = torch.optim.AdamW(model.parameters(), lr=fit.clip_lr, weight_decay=0.1)
     scheduler = _schedule(optimizer, fit.clip_steps)
@@ -154,19 +150,17 @@ def fit_clip(cfg: EncodersConfig, train: Pairs, log=print) -> tuple[torch.nn.Mod
         losses.append(loss.item())
         if (step + 1) % 100 == 0 or step + 1 == fit.clip_steps:
             log(f"encoders fit: clip step {step + 1}/{fit.clip_steps}  loss {np.mean(losses[-100:]):.4f}")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, _clip_weights_file(cfg.clip))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, clip_weights_file(cfg.clip))
     return model.eval(), {"steps": fit.clip_steps, "first_loss": losses[0] if losses else None, "last_loss": float(np.mean(losses[-20:])) if losses else None,
             "wall_s": round(time.time() - started, 1)}  # fmt: skip
 
 
 def fit_vae(cfg: EncodersConfig, train: Pairs, log=print) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Reconstruction (MSE) + KL training of the AutoencoderKL the config points at."""
-    from diffusers import AutoencoderKL
-
     fit = cfg.fit
     generator = torch.Generator().manual_seed(fit.seed + 1)
     vae = AutoencoderKL.from_pretrained(cfg.vae.path, subfolder=cfg.vae.subfolder).train()
-    images = _to_unit(train[0]) * 2 - 1
+    images = to_minus_one_one(train[0])
     if images.shape[-1] != fit.vae_resolution:
         images = torch.nn.functional.interpolate(images, size=fit.vae_resolution, mode="bicubic", antialias=True).clamp(-1, 1)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=fit.vae_lr, weight_decay=0.0)
@@ -193,9 +187,6 @@ def fit_vae(cfg: EncodersConfig, train: Pairs, log=print) -> tuple[torch.nn.Modu
 def fit(cfg: EncodersConfig, source: Source, log=print) -> dict[str, Any]:
     """Write the small encoders' configs (random init), fit both on the pairs `unclip embed` will
     read, score them on held-out pairs through the frozen loaders `unclip embed` uses."""
-    from models.encoders import write_tiny_encoders
-    from models.quality import clip_retrieval, vae_psnr
-
     torch.manual_seed(cfg.fit.seed)
     pairs = load_pairs(source, max(cfg.tiny.image_size, cfg.fit.vae_resolution))
     train, held = split(pairs, cfg.fit.holdout_fraction)

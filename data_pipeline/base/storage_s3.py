@@ -21,7 +21,7 @@ import s3fs
 from fsspec.asyn import sync_wrapper
 from botocore.exceptions import BotoCoreError, ClientError
 
-from data_pipeline.storage import DEFAULT_ATTEMPTS, DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_READ_TIMEOUT_S, StorageUnavailable
+from data_pipeline.base.storage import DEFAULT_ATTEMPTS, DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_READ_TIMEOUT_S, StorageUnavailable
 
 log = logging.getLogger("unclip.storage")
 
