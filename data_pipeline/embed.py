@@ -28,6 +28,9 @@ import time
 from collections import Counter
 from typing import Any
 
+import ray
+import torch
+
 from data_pipeline import sources, store, store_writer, tasks
 from data_pipeline.base import storage
 from data_pipeline.config import EmbedConfig, RayConfig
@@ -40,8 +43,6 @@ SOURCES = "_sources"  # per job: the shard files it was given; a rerun must pres
 
 
 def _device(cfg: EmbedConfig) -> str:
-    import torch
-
     if cfg.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return cfg.device
@@ -145,8 +146,6 @@ def run(
 
 def _encode(todo: list[int], job: ShardJob, encoders: EncodersConfig, cfg: EmbedConfig, started: float, log) -> dict[int, str]:
     """Run the shard tasks, a bounded number at once; returns the shards that failed, with why."""
-    import ray
-
     device = _device(cfg)
     actor = ray.remote(Encoder).options(num_cpus=cfg.actor_cpus, num_gpus=1 if device == "cuda" else 0,
                                         max_restarts=2, max_task_retries=2)  # fmt: skip

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
+import ray
+from PIL import Image
 
 from data_pipeline import sources, store, store_writer
 
@@ -24,8 +26,6 @@ FLOAT16_MAX = 65504.0
 
 
 def resize_center_crop(image, side: int):
-    from PIL import Image
-
     scale = side / min(image.size)
     w, h = max(side, round(image.width * scale)), max(side, round(image.height * scale))
     image = image.resize((w, h), Image.Resampling.BICUBIC)
@@ -35,8 +35,6 @@ def resize_center_crop(image, side: int):
 
 def _decode(chunk: dict[str, Any], clip_size: int, latent_sides: dict[str, int], image_columns: list[str]) -> None:
     """Decode once, then one crop per consumer; adds pixel arrays, drops the source bytes."""
-    from PIL import Image
-
     n = len(chunk["key"])
     chunk["clip_pixels"] = np.zeros((n, clip_size, clip_size, 3), np.uint8)
     chunk["vae_pixels"] = {name: np.zeros((n, side, side, 3), np.uint8) for name, side in latent_sides.items()}
@@ -161,8 +159,6 @@ def embed_shard(job: ShardJob, shard: int, encoders: list) -> dict[str, Any]:
     """Task: shard `shard` -> part `shard`, chunk by chunk through the encoder actors.
 
     Returns what the driver keeps of a part: its id, rows, sha256 and counts."""
-    import ray
-
     writer = store_writer.PartWriter(job.store_url, shard, job.specs, job.holdout_fraction, job.source.name_of(shard))
     counts: Counter[str] = Counter()
     waiting: deque = deque()

@@ -195,7 +195,7 @@ def apply_metadata_filters(table: pa.Table, f: IngestFilters) -> tuple[pa.Table,
 
 def make_resizer(image_size: int, resize_mode: str, encode_format: str, encode_quality: int, f: IngestFilters):
     """img2dataset's Resizer, behind a header check that refuses bombs before decoding them."""
-    from img2dataset.resizer import Resizer
+    from img2dataset.resizer import Resizer  # lazy: img2dataset loads albumentations and OpenCV; only the download tasks resize
     from PIL import Image
 
     class GuardedResizer(Resizer):

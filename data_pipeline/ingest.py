@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
+import ray
 
 from data_pipeline import content_dedup, filters, plan, raw, tasks, url_list
 from data_pipeline.base import storage
@@ -45,7 +46,7 @@ class IngestIncomplete(JobFailed):
 def download_shard(shard_id: int, inputs: list[tuple[str, int, int]], raw_url: str, cfg: IngestConfig) -> dict[str, Any]:
     """One img2dataset Downloader over one shard, written beside the destination, then committed;
     `inputs` are the plan's rows files and row ranges that hold the shard (`plan.Plan.shard_inputs`)."""
-    from img2dataset.downloader import Downloader
+    from img2dataset.downloader import Downloader  # lazy: img2dataset (albumentations, OpenCV) in the download tasks only, not the driver
     from img2dataset.writer import WebDatasetSampleWriter
 
     rows = plan.read_shard(inputs)
@@ -229,8 +230,6 @@ def run(cfg: IngestConfig, ray_cfg: RayConfig, raw_url: str, config_yaml: str, l
 
 def _earlier_totals(raw_url: str, shard_ids: list[int], complete_bytes: int) -> Totals:
     """The stats of shards complete before this run, read in tasks of STATS_PER_TASK files."""
-    import ray
-
     totals = Totals()
     task = ray.remote(num_cpus=0.5)(read_stats)
     refs = [task.remote(raw_url, shard_ids[i : i + STATS_PER_TASK]) for i in range(0, len(shard_ids), STATS_PER_TASK)]
@@ -242,8 +241,6 @@ def _earlier_totals(raw_url: str, shard_ids: list[int], complete_bytes: int) -> 
 
 
 def _download(todo: list[int], planned: plan.Plan, totals: Totals, raw_url: str, cfg: IngestConfig, started: float, log) -> dict[str, Any]:
-    import ray
-
     task = ray.remote(num_cpus=cfg.processes_per_task, max_retries=2)(_download_group)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     limit = cfg.max_in_flight or max(1, cpus // cfg.processes_per_task)

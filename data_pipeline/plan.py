@@ -28,13 +28,14 @@ from __future__ import annotations
 import base64
 import dataclasses
 import functools
-from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 
 from data_pipeline import dedup, filters, raw, tasks, url_list
 from data_pipeline.base import storage
@@ -200,8 +201,6 @@ def _new_spec(cfg: IngestConfig, wanted: dict[str, Any], plan_url: str) -> Spec:
 def _describe_files(urls: list[str], cfg: IngestConfig) -> list[tuple[str, int, list[int] | None, pa.Schema]]:
     """(url, rows, parquet row-group sizes or None, normalized schema with the source columns in
     its metadata) of each file, in list order."""
-    import ray
-
     def parquet(url: str):
         groups, schema = url_list.parquet_row_groups(url)
         return url, sum(groups), groups, _normalized_schema(schema.empty_table(), url, cfg)
@@ -281,8 +280,6 @@ def _from_header(header: dict[str, Any], plan_url: str, cfg: IngestConfig) -> Sp
 
 def execute(spec: Spec, log, progress_every_s: float = 5.0) -> Plan:
     """Run (or finish) the three steps; returns the counts and the kept rows of every piece."""
-    import ray
-
     ref = ray.put(spec)
     pieces, buckets = len(spec.pieces), spec.buckets
     scanned = tasks.run_stage("plan: scan", spec.folder("scan"), scan_piece, lambda i: (ref, i), pieces, log, progress_every_s)

@@ -9,6 +9,8 @@ import re
 import sys
 from typing import Any, Iterator
 
+import ray
+
 from data_pipeline.base import storage
 from data_pipeline.config import RayConfig
 
@@ -46,8 +48,6 @@ def masked(env: dict[str, Any]) -> dict[str, Any]:
 @contextlib.contextmanager
 def ray_session(cfg: RayConfig) -> Iterator[str | None]:
     """Yield the dashboard URL (or None) of a connected Ray; shut down only what we started."""
-    import ray
-
     if ray.is_initialized():
         yield None
         return

@@ -287,7 +287,7 @@ def open_store(store_url: str) -> Store:
 
 def tensors(store: Store, columns: Sequence[str], files: Sequence[str] | None = None) -> dict[str, Any]:
     """Chosen array columns as torch tensors (float16 stays float16; bool stays bool)."""
-    import torch
+    import torch  # lazy: readers of numpy columns (DuckDB users, inspect) need no torch
 
     return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in store.read(columns, files).items()}
 

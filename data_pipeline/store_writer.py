@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 
 from data_pipeline import tasks
 from data_pipeline.base import storage
@@ -278,8 +279,6 @@ def build_manifest(store_url: str, lock: dict[str, Any], config: dict[str, Any],
 
 def _map(fn: Callable[..., dict], calls: list[tuple]) -> list[dict]:
     """fn over calls: as Ray tasks when this process is connected to Ray, else in threads."""
-    import ray
-
     if ray.is_initialized():
         task = ray.remote(num_cpus=0.5, max_retries=2)(fn)
         refs = [task.remote(*c) for c in calls]

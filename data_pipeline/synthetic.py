@@ -15,10 +15,13 @@ import io
 import json
 import os
 import random
+import tarfile
 import threading
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from data_pipeline.base import storage
@@ -141,9 +144,6 @@ def generate(out_dir: str, cfg: SyntheticConfig) -> list[dict]:
 
 def write_url_list(records: list[dict], base_url: str, path: str) -> str:
     """A LAION-style parquet URL list (`URL`, `TEXT` + attribute columns) for `records`."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     rows = [{"URL": f"{base_url}/{r['path']}", "TEXT": r["caption"]} for r in records]
     for row, r in zip(rows, records):
         row["attributes"] = json.dumps({k: r.get(k) for k in ("shape", "color", "background", "cx", "cy", "size")})
@@ -176,17 +176,12 @@ def write_shards(records: list[dict], site_dir: str, out_url: str, shard_size: i
 
     Samples carry no URL, so their keys come from file name and in-file key, as for any outside
     data set without one."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     files = []
     for start in range(0, len(records), shard_size):
         rows = records[start : start + shard_size]
         name = f"shard-{start // shard_size:05d}"
         buf = io.BytesIO()
         if fmt == "webdataset":
-            import tarfile
-
             with tarfile.open(fileobj=buf, mode="w") as tar:
                 for i, r in enumerate(rows):
                     with open(os.path.join(site_dir, r["path"]), "rb") as f:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from data_pipeline.synthetic import COLORS, attributes_from_caption
 
@@ -42,8 +43,6 @@ def palette_labels(pixels: np.ndarray) -> np.ndarray:
 
 
 def read(image: Image.Image) -> Reading:
-    from scipy import ndimage
-
     pixels = np.asarray(image.convert("RGB"))
     side = pixels.shape[0]
     labels = palette_labels(pixels)

@@ -19,6 +19,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+import ray
+
 from data_pipeline.base import storage
 
 PEAK_RSS = "peak_rss_bytes"  # every marker carries its worker's peak resident memory
@@ -57,8 +59,6 @@ def run_stage(
 ) -> dict[int, dict[str, Any]]:
     """Run fn(*args(i)) for i in range(count) as Ray tasks, skipping committed ones; returns
     every task's result by index. A task's own exception is raised here as it was raised there."""
-    import ray
-
     done = committed(folder)
     done = {i: r for i, r in done.items() if i < count}
     todo = collections.deque(i for i in range(count) if i not in done)

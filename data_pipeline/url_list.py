@@ -14,6 +14,9 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pyarrow import csv
+from pyarrow import json as pa_json
 
 from data_pipeline.base import storage
 from data_pipeline.base.errors import UserError
@@ -68,8 +71,6 @@ def _format_of(path: str) -> str | None:
 
 def parquet_row_groups(url: str) -> tuple[list[int], pa.Schema]:
     """Rows of each row group and the schema of a parquet list file, from its footer alone."""
-    import pyarrow.parquet as pq
-
     fs, path = storage.url_to_fs(url)
     try:
         with fs.open(path, "rb", block_size=1 << 20) as f:
@@ -102,8 +103,6 @@ def iter_raw(
     fs, path = storage.url_to_fs(url)
     try:
         if fmt == "parquet":
-            import pyarrow.parquet as pq
-
             with fs.open(path, "rb", block_size=1 << 22) as f:
                 parquet = pq.ParquetFile(f)
                 names = parquet.schema_arrow.names
@@ -122,8 +121,6 @@ def iter_raw(
         with fs.open(path, "rb", compression="infer") as f:
             data = f.read()
         if fmt in ("csv", "tsv"):
-            from pyarrow import csv
-
             parse = csv.ParseOptions(delimiter="," if fmt == "csv" else "\t", newlines_in_values=True)
             captions = [caption_col] if caption_col else list(CAPTION_COLUMNS)
             convert = csv.ConvertOptions(column_types={c: pa.binary() for c in captions})
@@ -146,8 +143,6 @@ def format_of(url: str, input_format: str = "auto") -> str:
 
 
 def _read_jsonl(data: bytes) -> pa.Table:
-    from pyarrow import json as pa_json
-
     try:
         return pa_json.read_json(pa.BufferReader(data))
     except pa.ArrowInvalid:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 MULTINODE_DEFAULTS = {
     "OMP_NUM_THREADS": "1",
     "PYTHONUNBUFFERED": "1",
@@ -37,8 +39,6 @@ def rank_variables(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def _node_variables() -> dict[str, str]:
-    import torch
-
     return {} if torch.cuda.is_available() or "DS_ACCELERATOR" in os.environ else {"DS_ACCELERATOR": "cpu"}
 
 
@@ -54,6 +54,4 @@ def apply_in_rank(extra: dict[str, str] | None = None) -> None:
     threads_unset = "OMP_NUM_THREADS" not in os.environ
     os.environ.update({**rank_variables(extra), **_node_variables()})
     if threads_unset:
-        import torch
-
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

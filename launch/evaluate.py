@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from PIL import ImageDraw
 
 from data_pipeline.base import storage
 from data_pipeline.base.configlib import to_yaml
@@ -47,8 +48,6 @@ def clip_embed(trained: Trained, images: torch.Tensor) -> np.ndarray:
 
 def reading_grid(captions: list[str], generated: dict[str, torch.Tensor], readings: dict[str, list], rows: int = 8) -> Image.Image:
     """Prompts down the side; each chain's sample with what data_pipeline/synthetic_reader.py saw in it."""
-    from PIL import ImageDraw
-
     cell, label, caption_w = 128, 14, 260
     rows = min(rows, len(captions))
     canvas = Image.new("RGB", (caption_w + len(generated) * cell, rows * (cell + label)), "white")

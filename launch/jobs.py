@@ -14,6 +14,8 @@ import shlex
 import time
 from typing import Any
 
+from ray.job_submission import JobSubmissionClient
+
 from data_pipeline.base import storage
 from data_pipeline.base.configlib import ConfigError, replace, to_yaml
 from data_pipeline.ray_runtime import forwarded_env, masked
@@ -30,8 +32,6 @@ def jobs_address(cfg: Config) -> str:
 
 
 def _client(cfg: Config):
-    from ray.job_submission import JobSubmissionClient
-
     address = jobs_address(cfg)
     try:
         return JobSubmissionClient(address)

@@ -87,7 +87,7 @@ def deepspeed_master(cfg: Config) -> str:
 
 def deepspeed_node_argv(cfg: Config, stage: str, hosts: list[str], node_rank: int, resume_from=None, init_from=None) -> list[str]:
     """What DeepSpeed's runner starts on node `node_rank` (its own encoding of the world)."""
-    from deepspeed.launcher.runner import encode_world_info
+    from deepspeed.launcher.runner import encode_world_info  # lazy: DeepSpeed (seconds to import) for its own backend only
 
     launch = cfg.launch
     world = {host: list(range(launch.gpus_per_node)) for host in hosts}

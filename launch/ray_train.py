@@ -56,7 +56,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
 
 
 def run(cfg: Config, stage: str, resume_from: str | None, init_from: str | None, log=print) -> dict[str, Any]:
-    import ray
+    import ray  # lazy: Ray Train (seconds to import) for the ray backend only
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import re
+import urllib.request
 from typing import Any
 
 import numpy as np
@@ -106,8 +107,6 @@ def _text_to_image(trained: Trained, chain: str, text: dict[str, torch.Tensor], 
 
 def _load_image(url: str) -> Image.Image:
     if url.startswith(("http://", "https://")):
-        import urllib.request
-
         with urllib.request.urlopen(url, timeout=30) as r:
             return Image.open(io.BytesIO(r.read())).convert("RGB")
     return Image.open(io.BytesIO(storage.read_bytes(url))).convert("RGB")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+from diffusers import UNet2DConditionModel
 
 from models.config import DecoderConfig
 from models.diffusion import Diffusion, device_of
@@ -27,7 +28,7 @@ from models.normalization import norm_groups
 
 
 def text_proj_class():
-    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel  # lazy: diffusers' pipelines package loads transformers; only the decoder needs this one class
 
     return UnCLIPTextProjModel
 
@@ -65,8 +66,6 @@ class UnclipDecoder(torch.nn.Module):
 def build_decoder(cfg: DecoderConfig, embed_dim: int, text_width: int, image_size: int,
                   latent_channels: int | None = None) -> UnclipDecoder:  # fmt: skip
     """`image_size`: of the pictures, or (space: latent) of the VAE latents of `latent_channels`."""
-    from diffusers import UNet2DConditionModel
-
     n = len(cfg.block_channels)
     if (cfg.space == "latent") != (latent_channels is not None):
         raise ValueError(f"config key 'decoder.space' is {cfg.space!r}, but the decoder was built with latent_channels={latent_channels}")

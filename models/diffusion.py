@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from diffusers import DDIMScheduler, DDPMScheduler
 
 from models.config import DiffusionConfig
 
@@ -65,8 +66,6 @@ class Diffusion:
         self.alphas_cumprod = self.make_scheduler("ddpm").alphas_cumprod.double()
 
     def make_scheduler(self, sampler: str | None = None):
-        from diffusers import DDIMScheduler, DDPMScheduler
-
         sampler = sampler or self.sampler
         if sampler == "ddim":
             return DDIMScheduler(**self.scheduler_config, set_alpha_to_one=True)  # the last step lands on x_0

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import save_file
 
 from data_pipeline.base import storage
 from models.config import ClipConfig, EncodersConfig, TinyEncodersConfig, VaeConfig
@@ -53,7 +55,7 @@ def _local_dir(cfg: ClipConfig) -> Path | None:
 
 def _clip_model_config(cfg: ClipConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """(model config, preprocess config) of the configured CLIP, read from configs (no weights)."""
-    import open_clip
+    import open_clip  # lazy: open_clip (a second); trainers only need text_conditioning
 
     folder = _local_dir(cfg)
     if folder is not None:
@@ -74,7 +76,7 @@ def _clip_model_config(cfg: ClipConfig) -> tuple[dict[str, Any], dict[str, Any]]
 
 def clip_preprocess(cfg: ClipConfig) -> ClipPreprocess:
     """Input size and normalisation of the configured CLIP."""
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD  # lazy: open_clip (a second); trainers only need text_conditioning
 
     model_cfg, pre = _clip_model_config(cfg)
     size = model_cfg["vision_cfg"]["image_size"]
@@ -87,7 +89,7 @@ def clip_preprocess(cfg: ClipConfig) -> ClipPreprocess:
 
 def clip_identity(cfg: ClipConfig) -> dict[str, Any]:
     """What the store records about the CLIP it was embedded with, without loading weights."""
-    from open_clip.model import CLIPTextCfg
+    from open_clip.model import CLIPTextCfg  # lazy: open_clip (a second); trainers only need text_conditioning
 
     model_cfg, _ = _clip_model_config(cfg)
     text = model_cfg.get("text_cfg", {})
@@ -109,8 +111,6 @@ def clip_identity(cfg: ClipConfig) -> dict[str, Any]:
 
 def vae_identity(cfg: VaeConfig) -> dict[str, Any]:
     """What the store records about the VAE, from its config and weights file (no model built)."""
-    from diffusers import AutoencoderKL
-
     config = AutoencoderKL.load_config(cfg.path, subfolder=cfg.subfolder)
     weights = _vae_weights_file(cfg)
     return {
@@ -126,11 +126,11 @@ def vae_identity(cfg: VaeConfig) -> dict[str, Any]:
 
 
 def clip_weights_file(cfg: ClipConfig) -> str | None:
-    import open_clip
+    import open_clip  # lazy: open_clip (a second); trainers only need text_conditioning
 
     folder = _local_dir(cfg)
     if folder is not None:
-        from open_clip.factory import _find_checkpoint_in_dir
+        from open_clip.factory import _find_checkpoint_in_dir  # lazy: open_clip (a second); trainers only need text_conditioning
 
         return _find_checkpoint_in_dir(folder)
     if cfg.pretrained and os.path.isfile(cfg.pretrained):
@@ -153,7 +153,7 @@ class FrozenClip:
     """open_clip in eval mode with no grad: pooled image/text embeddings and per-token states."""
 
     def __init__(self, cfg: ClipConfig, device: str = "cpu", precision: str = "fp32"):
-        import open_clip
+        import open_clip  # lazy: open_clip (a second); trainers only need text_conditioning
 
         self.cfg = cfg
         self.device = torch.device(device)
@@ -211,8 +211,6 @@ class FrozenVae:
     """diffusers AutoencoderKL in eval mode: latents are the posterior mean, unscaled."""
 
     def __init__(self, cfg: VaeConfig, device: str = "cpu", precision: str = "fp32"):
-        from diffusers import AutoencoderKL
-
         self.cfg = cfg
         self.device = torch.device(device)
         self.dtype = DTYPES[precision]
@@ -268,10 +266,8 @@ def tiny_vae_config(t: TinyEncodersConfig) -> dict[str, Any]:
 
 def write_tiny_encoders(cfg: EncodersConfig) -> dict[str, str]:
     """Write small random encoders where `cfg` expects to load them; returns their locations."""
-    import open_clip
-    from diffusers import AutoencoderKL
+    import open_clip  # lazy: open_clip (a second); trainers only need text_conditioning
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-    from safetensors.torch import save_file
 
     folder = _local_dir(cfg.clip)
     if folder is None:

@@ -8,6 +8,7 @@ plain diffusers pipeline given that sequence as `prompt_embeds`. Dropped text is
 from __future__ import annotations
 
 import torch
+from diffusers import UNet2DConditionModel
 
 from models.config import LdmConfig
 from models.diffusion import Diffusion, device_of
@@ -15,8 +16,6 @@ from models.normalization import norm_groups
 
 
 def build_unet(cfg: LdmConfig, latent_channels: int, latent_size: int, text_width: int):
-    from diffusers import UNet2DConditionModel
-
     n = len(cfg.block_channels)
     return UNet2DConditionModel(
         sample_size=latent_size,

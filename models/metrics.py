@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from scipy import linalg
 
 
 def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -16,8 +17,6 @@ def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def frechet_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)): the Fréchet distance of two Gaussians."""
-    from scipy import linalg
-
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if np.iscomplexobj(covmean):  # numerical noise of a nearly singular product
         covmean = covmean.real

@@ -10,14 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers import PriorTransformer
 
 from models.config import PriorConfig
 from models.diffusion import Diffusion, device_of
 
 
 def build_prior(cfg: PriorConfig, embed_dim: int, context_length: int, mean: list[float], std: list[float]):
-    from diffusers import PriorTransformer
-
     model = PriorTransformer(
         num_attention_heads=cfg.heads,
         attention_head_dim=cfg.head_dim,

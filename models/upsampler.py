@@ -13,6 +13,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import UNet2DModel
 
 from models.config import UpsamplerConfig
 from models.diffusion import Diffusion, device_of
@@ -20,8 +21,6 @@ from models.normalization import norm_groups
 
 
 def build_upsampler(cfg: UpsamplerConfig):
-    from diffusers import UNet2DModel
-
     n = len(cfg.block_channels)
     return UNet2DModel(
         sample_size=cfg.high,

@@ -104,6 +104,26 @@ def test_our_modules_import_each_other_at_the_top():
     assert not hidden, "imports of our own modules inside functions:\n" + "\n".join(hidden)
 
 
+def test_every_import_inside_a_function_says_why():
+    """Any module, ours or not, is imported at the top unless keeping it out of a process is the
+    point (a `# lazy:` reason): an import hidden in a function is otherwise a cost or a cycle
+    nobody sees."""
+    unexplained = []
+    for path in MODULES.values():
+        if str(path.relative_to(REPO)) in LAZY_BY_DESIGN:
+            continue
+        text = path.read_text()
+        lines = text.splitlines()
+        for function in ast.walk(ast.parse(text)):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                if isinstance(node, (ast.Import, ast.ImportFrom)) and node is not function:
+                    if "# lazy:" not in lines[node.lineno - 1] and not _reason_above(lines, node.lineno - 1):
+                        unexplained.append(f"{path.relative_to(REPO)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    assert not unexplained, "imports inside functions without a '# lazy:' reason:\n" + "\n".join(sorted(set(unexplained)))
+
+
 @pytest.mark.parametrize("source", ["from launch.config import Config", "from data_pipeline import embed"])
 def test_the_check_sees_a_broken_layer(tmp_path, source):
     """The contract test itself catches what it is for: training reaching into launch or into the

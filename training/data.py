@@ -21,6 +21,8 @@ from __future__ import annotations
 import heapq
 import queue
 import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -182,9 +184,6 @@ class StoreLoader:
     def _read_ahead(self, stream: Iterator[tuple[int, int]]) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """(rows, group data) in stream order, with the next few groups read in parallel:
         one row group at a time would leave the reading (I/O and decoding) far from saturated."""
-        from collections import deque
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(self.readers, thread_name_prefix=f"loader-read-rank{self.rank}") as pool:
             ahead: deque = deque()
             for group, first in stream:

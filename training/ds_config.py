@@ -72,7 +72,7 @@ def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torc
     kwargs = {"lr": o.lr, "betas": tuple(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
     if train.offload_optimizer != "none":
         # ZeRO-Offload steps on the CPU with DeepSpeed's vectorised Adam (compiled once, then cached).
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # lazy: DeepSpeed picks its accelerator when imported, in a rank after apply_in_rank
 
         return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
     return GuardedAdamW(params, **kwargs)
@@ -85,7 +85,7 @@ def lr_factor(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:
 
 def check_runtime(train: TrainConfig) -> None:
     """Refuse, before any rank starts, what this machine's accelerator cannot do."""
-    import deepspeed
+    import deepspeed  # lazy: DeepSpeed picks its accelerator when imported, in a rank after apply_in_rank
 
     accelerator = deepspeed.get_accelerator()
     if train.precision == "fp16" and not accelerator.is_fp16_supported():

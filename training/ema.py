@@ -14,6 +14,7 @@ import math
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 
 from training.partitions import full_shape, share, span, world_and_rank
 
@@ -70,8 +71,6 @@ class EMA:
     def load_file(self, path: str, updates: int) -> None:
         """The saved full average (ema.safetensors), each rank reading only the rows that hold its
         share: the ranks of a node resuming a large model never hold the whole average each."""
-        from safetensors import safe_open
-
         with safe_open(path, "pt") as f:
             shapes = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
             self._load(shapes, lambda n, first, last: f.get_slice(n)[first:last], f.get_tensor, updates, f"'{path}'")

@@ -11,9 +11,11 @@ import os
 import sys
 from typing import Any
 
+import numpy as np
 import psutil
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from data_pipeline.base import storage
 
@@ -37,12 +39,10 @@ class RunLog:
         if not storage.is_local(run_url) and storage.exists(storage.join(logs_url, "metrics.jsonl")):
             # a resumed remote run: `upload` replaces the logs there, so what the earlier runs logged comes first
             storage.download_dir(logs_url, self.dir)
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # lazy: TensorBoard's writer, on rank 0 only
 
         self.tb = SummaryWriter(os.path.join(self.dir, "tensorboard"))
         if progress_bar == "always" or (progress_bar == "auto" and sys.stderr.isatty()):
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total_steps, dynamic_ncols=True, desc="train")
 
     def start_at(self, step: int) -> None:
@@ -68,8 +68,6 @@ class RunLog:
     def images(self, step: int, previews: list[tuple[str, Image.Image]]) -> list[str]:
         if not self.enabled or not previews:
             return []
-        import numpy as np
-
         paths = []
         for name, image in previews:
             path = os.path.join(self.dir, "previews", f"step_{step:07d}-{name}.png")

@@ -59,7 +59,7 @@ def share(p: torch.Tensor, read_partition: bool) -> torch.Tensor:
 
 def gathered(module: torch.nn.Module, zero_stage: int):
     """Every parameter whole inside the block (a collective under ZeRO-3: every rank enters it)."""
-    import deepspeed
+    import deepspeed  # lazy: DeepSpeed picks its accelerator when imported, in a rank after apply_in_rank
 
     if zero_stage == 3:
         return deepspeed.zero.GatheredParameters(list(module.parameters()))

@@ -21,6 +21,7 @@ the URL and the operation. Other object stores use their client's own retries (g
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import os
@@ -307,8 +308,6 @@ def _modified(entry: dict[str, Any]) -> float:
     if value is None:
         return time.time()
     if isinstance(value, str):  # gcsfs: ISO 8601
-        import datetime
-
         return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
     return value.timestamp() if hasattr(value, "timestamp") else float(value)
 

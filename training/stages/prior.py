@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from data_pipeline.store import StoreError
 from models import prior
@@ -45,11 +48,6 @@ class PriorStage(Stage):
 
     def preview(self, model: torch.nn.Module, count: int = 4) -> list[tuple[str, Any]]:
         """Per caption: the true image, then the store image nearest to the predicted embedding."""
-        import io
-
-        import numpy as np
-        from PIL import Image
-
         if "image_64" not in self.store.manifest["columns"]:
             return []
         if not hasattr(self, "_bank"):
