@@ -37,6 +37,7 @@ def bare_encoders(cfg, batches, threads: int) -> float:
     import torch
 
     from models.encoders import FrozenClip, FrozenVae
+    from models.imaging import to_minus_one_one, to_zero_one
 
     torch.set_num_threads(threads)
     clip, vae = FrozenClip(cfg.encoders.clip), FrozenVae(cfg.encoders.vae)

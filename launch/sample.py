@@ -24,7 +24,7 @@ from data_pipeline.store import open_store
 from launch.config import Config
 from launch.trained import Trained, available_stages, in_batches, load_trained
 from models import chains
-from models.imaging import grid, to_pil
+from models.imaging import grid, to_pil, to_zero_one
 
 CHAIN_STAGES = {"ldm": ["ldm"], "unclip": ["prior", "decoder", "upsampler"]}
 

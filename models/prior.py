@@ -7,8 +7,6 @@ Dropped text (for classifier-free guidance) is all-zero tokens and embedding wit
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from diffusers import PriorTransformer
 
