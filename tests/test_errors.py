@@ -78,15 +78,22 @@ def test_a_store_part_with_flipped_bytes_is_found_before_training_reads_it(store
     assert not os.path.exists(root / "runs" / "prior" / "main" / "latest")  # nothing trained on it
 
 
+@pytest.fixture(scope="module")
+def random_encoders(tmp_path_factory) -> list[str]:
+    """Small random encoders, written once for the tests that only need some to exist."""
+    folder = tmp_path_factory.mktemp("encoders")
+    encoders = ["encoders.clip.model=local-dir:" + str(folder / "clip"), f"encoders.vae.path={folder / 'vae'}"]
+    assert unclip("encoders", "init", f"root={folder}", *encoders).returncode == 0
+    return encoders
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("content", [b"", b"this is not a tar file" * 100], ids=["empty", "unreadable"])
-def test_an_empty_or_unreadable_shard(tmp_path, content):
+def test_an_empty_or_unreadable_shard(tmp_path, content, random_encoders):
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "00000.tar").write_bytes(content)
-    encoders = ["encoders.clip.model=local-dir:" + str(tmp_path / "enc" / "clip"), f"encoders.vae.path={tmp_path / 'enc' / 'vae'}"]
-    assert unclip("encoders", "init", f"root={tmp_path}", *encoders).returncode == 0
-    result = unclip("embed", f"root={tmp_path}", f"embed.input={shards}", "ray.num_cpus=2", *encoders)
+    result = unclip("embed", f"root={tmp_path}", f"embed.input={shards}", "ray.num_cpus=2", *random_encoders)
     assert_one_line(result, "embed", 2, "00000.tar", "cannot read it")
 
 

@@ -68,6 +68,9 @@ def inject(faults: FaultInjection, loss: torch.Tensor, step: int, rank: int, res
     if faults.kill_rank == rank and step == faults.kill_step and not resumed:
         os.kill(os.getpid(), signal.SIGKILL)
     if faults.hang_rank == rank and step == faults.hang_step:
+        # SIGTERM ends it: torchrun, once the other ranks failed, would otherwise wait its fixed 30 s
+        # before the SIGKILL (the preemption handler only sets a flag); what is tested is the timeout
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         while True:  # stops answering collectives, as a wedged node does
             time.sleep(3600)
     if step in faults.nan_loss_steps:
