@@ -19,11 +19,12 @@ from typing import Any
 from data_pipeline.base import storage
 from data_pipeline.base.configlib import to_yaml
 from data_pipeline.base.errors import JobFailed
-from data_pipeline.store import open_store
+from data_pipeline.store import Store, StoreError, open_store
 from launch import config as config_mod
 from launch.config import Config
 from launch.environment import rank_environment
 from launch.rank import RANK_ERRORS, run_rank, stage_for
+from models.encoders import RECORDED_BEFORE
 from training.checkpoint import STAGING_DIR, read_latest, read_trainer_state
 from training.ds_config import check_runtime
 from training.engine import SUMMARY
@@ -42,8 +43,22 @@ def check_before_launch(cfg: Config, stage: str) -> Config:
     get (the stage's own train settings applied)."""
     cfg = config_mod.for_stage(cfg, stage)
     check_runtime(cfg.train)
-    stage_for(cfg, stage, open_store(cfg.store_url))  # refuses an unsuitable store
+    store = open_store(cfg.store_url)
+    check_text_conditioning(cfg, store)
+    stage_for(cfg, stage, store)  # refuses an unsuitable store
     return cfg
+
+
+def check_text_conditioning(cfg: Config, store: Store) -> None:
+    """The text conditioning the config asks for (`encoders.clip.text_layer`, `text_padding`) is
+    the one the store's text columns were embedded with: a stage trained on another would be
+    sampled with text states unlike the ones it learnt from."""
+    recorded = {**RECORDED_BEFORE, **store.manifest["encoders"]["clip"]}
+    for key in RECORDED_BEFORE:
+        wanted = getattr(cfg.encoders.clip, key)
+        if recorded[key] != wanted:
+            raise StoreError(f"store '{store.url}': manifest field 'encoders.clip.{key}' is {recorded[key]!r}, but "
+                             f"encoders.clip.{key} is {wanted!r}: embed a store with it, or train with the store's")  # fmt: skip
 
 
 def config_url(cfg: Config, stage: str) -> str:

@@ -15,6 +15,15 @@ class ClipConfig:
         doc="open_clip model name (ViT-L-14) or 'local-dir:PATH' (open_clip_config.json + weights)",
     )
     pretrained: str | None = option(None, doc="with a model name: a tag ('openai') or a weights file")
+    # What public models were conditioned on: Stable Diffusion 2.x's UNet on OpenCLIP ViT-H-14's
+    # penultimate layer through the final layer norm, its tokenizer padding with zeros; OpenAI
+    # CLIP's tokenizer (Stable Diffusion 1.x, Karlo) pads with the end-of-text token.
+    text_layer: Literal["last", "penultimate"] = option(
+        "last", doc="the text layer that becomes clip_text_tokens: the last, or the penultimate through the final layer norm (SD 2.x)"
+    )
+    text_padding: Literal["zeros", "eos"] = option(
+        "zeros", doc="what fills the tokens after a caption's end-of-text token: zeros (open_clip, SD 2.x) or end-of-text (OpenAI CLIP, SD 1.x, Karlo)"
+    )
 
 
 @dataclass

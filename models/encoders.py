@@ -106,6 +106,8 @@ def clip_identity(cfg: ClipConfig) -> dict[str, Any]:
         "text_width": int(text.get("width", CLIPTextCfg.width)),
         "context_length": int(text.get("context_length", CLIPTextCfg.context_length)),
         "image_size": clip_preprocess(cfg).image_size,
+        "text_layer": cfg.text_layer,
+        "text_padding": cfg.text_padding,
     }
 
 
@@ -164,7 +166,13 @@ class FrozenClip:
         self.tokenizer = open_clip.get_tokenizer(cfg.model)
         text_tower = getattr(model, "text", model)
         self._ln_final = getattr(text_tower, "ln_final")
-        self.pad_id = getattr(self.tokenizer, "pad_token_id", None) or 0
+        blocks = getattr(getattr(text_tower, "transformer", None), "resblocks", None)
+        if cfg.text_layer == "penultimate" and (blocks is None or len(blocks) < 2):
+            raise ValueError(f"config key 'encoders.clip.text_layer': {cfg.model} has no penultimate text layer of its own (a Hugging Face text tower?)")
+        # what clip_text_tokens are read from: the final layer norm's output, or the penultimate
+        # block's, which then goes through that same layer norm
+        self._token_source = self._ln_final if cfg.text_layer == "last" else blocks[-2]
+        self._batch_first = getattr(text_tower.transformer, "batch_first", True) if blocks is not None else True
         self.context_length = int(self.tokenizer.context_length)
         self.text_width = int(self._ln_final.normalized_shape[0])
         self.embed_dim = int(self.model.text_projection.shape[-1] if torch.is_tensor(self.model.text_projection) else self.model.text_projection.out_features)
@@ -180,17 +188,31 @@ class FrozenClip:
         x = ((images.to(self.device) - self._mean) / self._std).to(self.dtype)
         return self.model.encode_image(x).float()
 
+    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [B, L] padded as `text_padding` says, and the mask [B, L] of each caption's
+        tokens up to and including its end-of-text token (the largest id, where CLIP pools)."""
+        tokens = self.tokenizer(captions).to(self.device)
+        end = tokens.argmax(-1, keepdim=True)
+        after = torch.arange(tokens.shape[1], device=self.device)[None] > end
+        if self.cfg.text_padding == "eos":
+            tokens = torch.where(after, tokens.gather(1, end), tokens)
+        return tokens, ~after
+
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """Pooled embedding [B, D], per-token hidden states [B, L, W] and mask [B, L]."""
-        tokens = self.tokenizer(captions).to(self.device)
+        """Pooled embedding [B, D] (always from the last layer), per-token hidden states [B, L, W]
+        from `text_layer`, and the mask [B, L]."""
+        tokens, mask = self.tokenize(captions)
         captured: list[torch.Tensor] = []
-        handle = self._ln_final.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        handle = self._token_source.register_forward_hook(lambda _m, _i, out: captured.append(out))
         try:
             emb = self.model.encode_text(tokens).float()
         finally:
             handle.remove()
-        return {"emb": emb, "tokens": captured[-1].float(), "mask": tokens != self.pad_id}
+        states = captured[-1]
+        if self._token_source is not self._ln_final:
+            states = self._ln_final(states if self._batch_first else states.permute(1, 0, 2))
+        return {"emb": emb, "tokens": states.float(), "mask": mask}
 
     def identity(self) -> dict[str, Any]:
         weights = clip_weights_file(self.cfg)
@@ -204,6 +226,8 @@ class FrozenClip:
             "text_width": self.text_width,
             "context_length": self.context_length,
             "image_size": self.image_size,
+            "text_layer": self.cfg.text_layer,
+            "text_padding": self.cfg.text_padding,
         }
 
 
@@ -288,6 +312,8 @@ def write_tiny_encoders(cfg: EncodersConfig) -> dict[str, str]:
 
 
 LOCATION_FIELDS = ("model", "path", "subfolder", "weights_file", "pretrained")
+# What a store embedded before a field was recorded was made with (the only behaviour there was).
+RECORDED_BEFORE = {"text_layer": "last", "text_padding": "zeros"}
 
 
 def identity_mismatch(recorded: dict[str, Any], current: dict[str, Any]) -> tuple[str, Any, Any] | None:
@@ -295,6 +321,8 @@ def identity_mismatch(recorded: dict[str, Any], current: dict[str, Any]) -> tupl
 
     With a weights hash on both sides the hash decides, so weights moved to another path are the
     same encoder; without one (weights not in a local file), name and location must match."""
+    if recorded.get("library") == "open_clip":
+        recorded = {**RECORDED_BEFORE, **recorded}
     hashed = bool(recorded.get("weights_sha256") and current.get("weights_sha256"))
     for field in sorted(set(recorded) | set(current)):
         if field == "weights_file" or (hashed and field in LOCATION_FIELDS):

@@ -82,3 +82,98 @@ def test_identity_mismatch_names_the_field():
 def test_write_tiny_encoders_needs_a_local_dir():
     with pytest.raises(ValueError, match="expected 'local-dir:PATH'"):
         encoders.write_tiny_encoders(EncodersConfig(clip=ClipConfig(model="ViT-B-32")))
+
+
+def test_text_layer_and_padding_follow_the_public_conventions(tiny):
+    """penultimate: the second-to-last block's output through the final layer norm (SD 2.x's
+    conditioning), here computed by hand from open_clip's own modules; eos padding (OpenAI's
+    tokenizer): the same pooled embedding and the same states up to the end-of-text token, and
+    the end-of-text id after it. Both are part of the encoder's identity."""
+    import dataclasses
+
+    _, cfg = tiny
+    captions = ["a red circle on a blue background", "x"]
+    last = encoders.FrozenClip(cfg.clip)
+    penultimate = encoders.FrozenClip(dataclasses.replace(cfg.clip, text_layer="penultimate"))
+    eos = encoders.FrozenClip(dataclasses.replace(cfg.clip, text_padding="eos"))
+    a, p, e = (m.encode_text(captions) for m in (last, penultimate, eos))
+
+    model = last.model
+    tokens, mask = last.tokenize(captions)
+    with torch.no_grad():
+        x = model.token_embedding(tokens) + model.positional_embedding
+        for block in model.transformer.resblocks[:-1]:
+            x = block(x, attn_mask=model.attn_mask)
+        assert torch.allclose(p["tokens"], model.ln_final(x), atol=1e-6)
+        x = model.transformer.resblocks[-1](x, attn_mask=model.attn_mask)
+        assert torch.allclose(a["tokens"], model.ln_final(x), atol=1e-6)
+    assert not torch.allclose(p["tokens"], a["tokens"])
+    assert torch.equal(p["emb"], a["emb"]) and torch.equal(p["mask"], a["mask"])  # pooled from the last layer either way
+
+    ids, _ = eos.tokenize(captions)
+    end = mask.sum(1) - 1
+    assert all(bool((ids[i, end[i] :] == ids.max()).all()) for i in range(len(captions)))
+    assert torch.equal(tokens[mask], ids[mask]) and int(tokens[~mask].max()) == 0  # open_clip pads with zeros
+    assert torch.allclose(e["emb"], a["emb"], atol=1e-6) and torch.equal(e["mask"], a["mask"])
+    assert torch.allclose(e["tokens"][mask], a["tokens"][mask], atol=1e-6)  # causal: padding never reaches earlier states
+    assert not torch.allclose(e["tokens"][~mask], a["tokens"][~mask])
+
+    assert penultimate.identity()["text_layer"] == encoders.clip_identity(penultimate.cfg)["text_layer"] == "penultimate"
+    before = {k: v for k, v in last.identity().items() if k not in encoders.RECORDED_BEFORE}  # a store from before the options
+    assert encoders.identity_mismatch(before, last.identity()) is None
+    assert encoders.identity_mismatch(before, penultimate.identity()) == ("text_layer", "last", "penultimate")
+    assert encoders.identity_mismatch(before, eos.identity()) == ("text_padding", "zeros", "eos")
+
+
+def test_training_refuses_a_store_embedded_with_other_text_conditioning(tmp_path):
+    from data_pipeline.store import StoreError
+    from launch import config
+    from launch.train import check_before_launch
+    from tests.storefactory import make_store
+
+    make_store(str(tmp_path / "store"))  # recorded before the options: the last layer, zero padding
+    check_before_launch(config.load(None, [f"root={tmp_path}"]), "prior")
+    with pytest.raises(StoreError, match=r"manifest field 'encoders.clip.text_layer' is 'last', but encoders.clip.text_layer is 'penultimate'"):
+        check_before_launch(config.load(None, [f"root={tmp_path}", "encoders.clip.text_layer=penultimate"]), "prior")
+
+
+@pytest.mark.parametrize("text_layer", ["last", "penultimate"])
+def test_tokens_equal_a_transformers_text_encoder_converted_from_the_same_weights(tiny, text_layer):
+    """Stable Diffusion 2.x's text encoder is open_clip's, converted by diffusers into a
+    transformers CLIPTextModel (the penultimate layer's model has one layer fewer: its final layer
+    norm then gives what SD 2.x conditions on). Our clip_text_tokens equal that model's
+    last_hidden_state, and our pooled embedding equals CLIPTextModelWithProjection's text_embeds."""
+    import dataclasses
+
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    _, cfg = tiny
+    ours = encoders.FrozenClip(dataclasses.replace(cfg.clip, text_layer=text_layer))
+    model = ours.model
+    layers = len(model.transformer.resblocks)
+    config = dict(vocab_size=model.vocab_size, hidden_size=ours.text_width, intermediate_size=4 * ours.text_width,
+                  num_attention_heads=model.transformer.resblocks[0].attn.num_heads, max_position_embeddings=ours.context_length,
+                  hidden_act="gelu", projection_dim=ours.embed_dim, bos_token_id=49406, eos_token_id=49407, pad_token_id=0)  # fmt: skip
+    checkpoint = {f"cond_stage_model.model.{k}": v for k, v in model.state_dict().items()}
+
+    def converted(cls, num_layers: int):
+        theirs = cls(CLIPTextConfig(**config, num_hidden_layers=num_layers)).eval()
+        weights = convert_open_clip_checkpoint(theirs, checkpoint)
+        if cls is CLIPTextModelWithProjection:  # SD 2.x never uses the projection, so its conversion leaves it out
+            weights["text_projection.weight"] = model.text_projection.detach().T.contiguous()  # the converter's own rule
+        dropped = f"text_model.encoder.layers.{num_layers}."  # SD 2.x's conversion drops the last layer so
+        names = set(theirs.state_dict())  # transformers 5 names CLIPTextModel's weights without `text_model.`
+        weights = {k if k in names else k.removeprefix("text_model."): v for k, v in weights.items() if not k.startswith(dropped)}
+        missing, unexpected = theirs.load_state_dict(weights, strict=False)
+        assert [k for k in missing if "position_ids" not in k] == [] and unexpected == [], (missing, unexpected)
+        return theirs
+
+    captions = ["a red circle on a blue background", "a green triangle", "x"]
+    tokens, _ = ours.tokenize(captions)
+    text = ours.encode_text(captions)
+    with torch.no_grad():
+        states = converted(CLIPTextModel, layers - (text_layer == "penultimate"))(input_ids=tokens).last_hidden_state
+        pooled = converted(CLIPTextModelWithProjection, layers)(input_ids=tokens).text_embeds
+    assert torch.allclose(text["tokens"], states, atol=1e-5), (text["tokens"] - states).abs().max()
+    assert torch.allclose(text["emb"], pooled, atol=1e-5), (text["emb"] - pooled).abs().max()

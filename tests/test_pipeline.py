@@ -110,6 +110,7 @@ def test_store_manifest_follows_the_contract(pipeline):
     cfg, _, _ = pipeline
     manifest = storage.read_json(storage.join(cfg.store_url, "manifest.json"))
     clip, vae = manifest["encoders"]["clip"], manifest["encoders"]["vae"]
+    assert (clip["text_layer"], clip["text_padding"]) == ("last", "zeros")
     assert clip["weights_sha256"] == storage.sha256_file(os.path.join(cfg.root, "encoders", "clip", "open_clip_model.safetensors"))
     assert vae["weights_sha256"] == storage.sha256_file(os.path.join(cfg.root, "encoders", "vae", "diffusion_pytorch_model.safetensors"))
     assert manifest["columns"]["vae_latent"] == {"dtype": "float16", "shape": [4, 16, 16], "image_side": 64}
