@@ -1,6 +1,6 @@
 """The whole system end to end, on a smaller configuration than the demo:
-generate -> serve -> ingest -> encoders -> embed -> train ldm, prior, decoder, upsampler (2 ranks,
-DeepSpeed) -> sample both chains -> eval; then resume, variations and interpolation, export to
+generate -> serve -> ingest -> encoders -> embed -> train ldm, prior, decoder, upsampler (DeepSpeed,
+one rank through torchrun) -> sample both chains -> eval; then resume, variations and interpolation, export to
 diffusers checked output for output against plain diffusers, and refusals."""
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ SMALL = [
     "embed.batch_size=16",
     "embed.holdout_fraction=0.2",
     "train.steps=8",
+    "train.nproc=1",  # ranks are the engine tests' subject; one trains the four stages end to end sooner
     "train.batch_size=8",
     "train.log_every=2",
     "train.checkpoint_every=4",
