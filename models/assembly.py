@@ -11,7 +11,6 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import ModelMixin
 
 from models.decoder import UnclipDecoder, text_proj_class
 
@@ -23,6 +22,8 @@ def module_class(name: str):
 
 
 def modules_of(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    from diffusers import ModelMixin  # lazy: diffusers' models (3-4 s) only where a network is built; `unclip train` checks the store without it
+
     return {"model": model} if isinstance(model, ModelMixin) else dict(model.named_children())
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 
 import torch
-from diffusers import UNet2DConditionModel
 
 from models.config import DecoderConfig
 from models.diffusion import Diffusion, device_of
@@ -79,6 +78,8 @@ def build_decoder(cfg: DecoderConfig, embed_dim: int, text_width: int, image_siz
     # attention where it is cheap: at 64 px (patch 1) it would cost more than everything else
     attends = [side // 2**level <= cfg.attention_side or level == n - 1 for level in range(n)]
     time_embed_dim = cfg.block_channels[0] * 4
+    from diffusers import UNet2DConditionModel  # lazy: diffusers (3-4 s) only where a network is built; `unclip train` checks the store without it
+
     unet = UNet2DConditionModel(
         sample_size=side,
         in_channels=channels * patch**2,

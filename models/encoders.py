@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
 from data_pipeline.base import storage
@@ -113,6 +112,8 @@ def clip_identity(cfg: ClipConfig) -> dict[str, Any]:
 
 def vae_identity(cfg: VaeConfig) -> dict[str, Any]:
     """What the store records about the VAE, from its config and weights file (no model built)."""
+    from diffusers import AutoencoderKL  # lazy: diffusers' models (3-4 s) only where a network is built; `unclip train` checks the store without it
+
     config = AutoencoderKL.load_config(cfg.path, subfolder=cfg.subfolder)
     weights = _vae_weights_file(cfg)
     return {
@@ -235,6 +236,8 @@ class FrozenVae:
     """diffusers AutoencoderKL in eval mode: latents are the posterior mean, unscaled."""
 
     def __init__(self, cfg: VaeConfig, device: str = "cpu", precision: str = "fp32"):
+        from diffusers import AutoencoderKL  # lazy: diffusers' models (3-4 s) only where a network is built; `unclip train` checks the store without it
+
         self.cfg = cfg
         self.device = torch.device(device)
         self.dtype = DTYPES[precision]
@@ -291,6 +294,7 @@ def tiny_vae_config(t: TinyEncodersConfig) -> dict[str, Any]:
 def write_tiny_encoders(cfg: EncodersConfig) -> dict[str, str]:
     """Write small random encoders where `cfg` expects to load them; returns their locations."""
     import open_clip  # lazy: open_clip (a second); trainers only need text_conditioning
+    from diffusers import AutoencoderKL
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
     folder = _local_dir(cfg.clip)

@@ -8,7 +8,6 @@ plain diffusers pipeline given that sequence as `prompt_embeds`. Dropped text is
 from __future__ import annotations
 
 import torch
-from diffusers import UNet2DConditionModel
 
 from models.config import LdmConfig
 from models.diffusion import Diffusion, device_of
@@ -17,6 +16,8 @@ from models.normalization import norm_groups
 
 def build_unet(cfg: LdmConfig, latent_channels: int, latent_size: int, text_width: int):
     n = len(cfg.block_channels)
+    from diffusers import UNet2DConditionModel  # lazy: diffusers (3-4 s) only where a network is built; `unclip train` checks the store without it
+
     return UNet2DConditionModel(
         sample_size=latent_size,
         in_channels=latent_channels,

@@ -8,13 +8,14 @@ Dropped text (for classifier-free guidance) is all-zero tokens and embedding wit
 from __future__ import annotations
 
 import torch
-from diffusers import PriorTransformer
 
 from models.config import PriorConfig
 from models.diffusion import Diffusion, device_of
 
 
 def build_prior(cfg: PriorConfig, embed_dim: int, context_length: int, mean: list[float], std: list[float]):
+    from diffusers import PriorTransformer  # lazy: diffusers (3-4 s) only where a network is built; `unclip train` checks the store without it
+
     model = PriorTransformer(
         num_attention_heads=cfg.heads,
         attention_head_dim=cfg.head_dim,

@@ -13,7 +13,6 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DModel
 
 from models.config import UpsamplerConfig
 from models.diffusion import Diffusion, device_of
@@ -22,6 +21,8 @@ from models.normalization import norm_groups
 
 def build_upsampler(cfg: UpsamplerConfig):
     n = len(cfg.block_channels)
+    from diffusers import UNet2DModel  # lazy: diffusers (3-4 s) only where a network is built; `unclip train` checks the store without it
+
     return UNet2DModel(
         sample_size=cfg.high,
         in_channels=6,
