@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from data_pipeline.base.configlib import option
-from data_pipeline.base.storage import DEFAULT_ATTEMPTS, DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_READ_TIMEOUT_S
+from data_pipeline.base.storage_s3 import DEFAULT_ATTEMPTS, DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_READ_TIMEOUT_S
 
 # Columns `unclip embed` can write (plus image_<side> for any side); `data_pipeline/store.py`,
 # the embedding store contract, defines each one.

@@ -33,6 +33,7 @@ import torch
 
 from data_pipeline import sources, store, store_writer, tasks
 from data_pipeline.base import storage
+from data_pipeline.base.errors import StorageUnavailable
 from data_pipeline.config import EmbedConfig, RayConfig
 from data_pipeline.embed_worker import Encoder, ShardJob, embed_shard
 from data_pipeline.ray_runtime import ray_session
@@ -178,7 +179,7 @@ def _encode(todo: list[int], job: ShardJob, encoders: EncodersConfig, cfg: Embed
             except Exception as err:  # one shard's failure must not cost the others their work
                 cause = getattr(err, "cause", None) or err
                 # bad input, or a store that stays down: one line, at once (every other shard would meet it too)
-                if isinstance(cause, (sources.SourceError, store.StoreError, storage.StorageUnavailable)):
+                if isinstance(cause, (sources.SourceError, store.StoreError, StorageUnavailable)):
                     tasks.raise_cause(err)
                 failed[shard] = f"{type(cause).__name__}: {cause}"
                 log(f"embed: shard {shard} failed: {failed[shard]}")

@@ -31,7 +31,7 @@ import ray
 
 from data_pipeline import content_dedup, filters, plan, raw, tasks, url_list
 from data_pipeline.base import storage
-from data_pipeline.base.errors import JobFailed
+from data_pipeline.base.errors import JobFailed, StorageUnavailable
 from data_pipeline.config import IngestConfig, RayConfig
 from data_pipeline.ray_runtime import ray_session
 
@@ -260,7 +260,7 @@ def _download(todo: list[int], planned: plan.Plan, totals: Totals, raw_url: str,
                 results = ray.get(ref)
             except Exception as err:  # one bad shard must not cost the others their work
                 cause = getattr(err, "cause", None) or err
-                if isinstance(cause, storage.StorageUnavailable):  # every other shard would meet it too: stop now
+                if isinstance(cause, StorageUnavailable):  # every other shard would meet it too: stop now
                     for other in pending:
                         ray.cancel(other, force=True)
                     raise cause from None

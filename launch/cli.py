@@ -115,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     configuration, 1: a job that failed), with the traceback only under --debug."""
     _setup_environment()
     args = _parse(argv)
-    from data_pipeline.base.errors import JobFailed, UserError
-    from data_pipeline.base.storage import StorageUnavailable
+    from data_pipeline.base.errors import JobFailed, StorageUnavailable, UserError
     from launch import config as config_mod
 
     log = lambda msg: print(msg, flush=True)  # noqa: E731

@@ -20,9 +20,8 @@ import warnings
 from typing import Any, Callable
 
 from data_pipeline.base.configlib import read_yaml, to_yaml
-from data_pipeline.base.errors import UserError
+from data_pipeline.base.errors import StorageUnavailable, UserError
 from data_pipeline.base.ports import free_port
-from data_pipeline.base.storage import StorageUnavailable
 from data_pipeline.store import Store, open_store
 from launch import config as config_mod
 from launch.config import Config
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # DeepSpeed's ZeRO calls a collective torch has renamed; the notice repeats every step.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
-    cfg = config_mod.from_dict(read_yaml(args.config))
+    cfg = config_mod.for_stage(config_mod.from_dict(read_yaml(args.config)), args.stage)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     try:
         run_rank(cfg, args.stage, args.resume_from, args.init_from, log=log)

@@ -14,6 +14,7 @@ import uuid
 import pytest
 
 from data_pipeline.base import storage
+from data_pipeline.base.errors import StorageUnavailable
 
 
 @pytest.fixture(params=["local", "memory", "s3"])
@@ -162,7 +163,7 @@ def test_an_s3_outage_is_one_error_naming_the_url(faults, s3_prefix):
     for kind, action in actions.items():
         faults.outage(kind)
         started = time.time()
-        with pytest.raises(storage.StorageUnavailable) as failure:
+        with pytest.raises(StorageUnavailable) as failure:
             action()
         assert time.time() - started < 20
         message = str(failure.value)

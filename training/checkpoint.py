@@ -195,9 +195,10 @@ class Checkpointer:
             final = storage.join(self.run_url, tag)
             if self.local:
                 self._write_json(os.path.join(staging, CHECKSUMS), sums)
-            else:
+                storage.commit_folder(staging, final)
+            else:  # the ranks uploaded their files already
                 storage.write_json(storage.join(final, CHECKSUMS), sums)
-            storage.commit_folder(staging, final, uploaded=not self.local)
+                storage.mark_committed(final)
             storage.write_text(storage.join(self.run_url, LATEST), tag + "\n")
             self._prune()
         _barrier()

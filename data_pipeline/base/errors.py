@@ -15,6 +15,14 @@ class UserError(ValueError):
     exit_code = 2
 
 
+class StorageUnavailable(Exception):
+    """The object store kept failing (5xx, resets, timeouts) after every retry its client allows.
+    Not an OSError: nothing may take an outage for a missing or malformed file; not a JobFailed
+    either, whose message says what is kept: this one names the URL and the operation."""
+
+    exit_code = 1
+
+
 class JobFailed(RuntimeError):
     """A job that could not finish; the message says what is kept and how to go on."""
 

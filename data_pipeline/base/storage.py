@@ -13,7 +13,7 @@ The commit rules readers may rely on:
 Temporary names start with `.tmp-`; `remove_stale_temporaries` clears those a killed job left.
 
 `s3://` goes through `storage_s3.S3FileSystem`: botocore retries every request (`storage.*` keys,
-`configure_object_store`), and a fault that outlasts the retries is `StorageUnavailable`, naming
+`configure_object_store`), and a fault that outlasts the retries is `errors.StorageUnavailable`, naming
 the URL and the operation. Other object stores use their client's own retries (gcsfs retries
 5xx and connection errors by itself).
 """
@@ -38,25 +38,12 @@ from fsspec.implementations.local import LocalFileSystem
 COMMIT_MARKER = "_COMMITTED"
 TMP_PREFIX = ".tmp-"
 
-# botocore's own default of attempts for standard mode is 3; a job that runs for days rides out a
-# longer S3 brown-out before giving up. A read timeout of 60 s is the AWS SDKs' own default.
-DEFAULT_ATTEMPTS = 5
-DEFAULT_CONNECT_TIMEOUT_S = 10.0
-DEFAULT_READ_TIMEOUT_S = 60.0
 # How the settings reach processes started from this one (ranks, a local Ray's workers, and Ray
 # jobs, which forward them): fsspec reads FSSPEC_<PROTOCOL>_<KWARG> at import, JSON-decoded.
 S3_SETTINGS_ENV = ("FSSPEC_S3_ATTEMPTS", "FSSPEC_S3_CONNECT_TIMEOUT", "FSSPEC_S3_READ_TIMEOUT")
 
 
-class StorageUnavailable(Exception):
-    """The object store kept failing (5xx, resets, timeouts) after every retry its client allows.
-    Not an OSError: nothing may take an outage for a missing or malformed file."""
-
-    exit_code = 1
-
-
-def configure_object_store(attempts: int = DEFAULT_ATTEMPTS, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
-                           read_timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> None:  # fmt: skip
+def configure_object_store(attempts: int, connect_timeout_s: float, read_timeout_s: float) -> None:
     """Retries and timeouts of every S3 client made from now on, here and in processes started
     from here. Each request is tried `attempts` times, with botocore's backoff (up to 20 s apart);
     a stalled connection counts as failed after `read_timeout_s`. `storage_s3.S3FileSystem` turns
@@ -247,16 +234,18 @@ def atomic_dir(url: str) -> Iterator[str]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def commit_folder(staging: str, url: str, uploaded: bool = False) -> None:
+def mark_committed(url: str) -> None:
+    """The last write of a folder committed on object storage, once every file is there (the ranks
+    of a checkpoint upload their own shares, then one of them calls this)."""
+    write_text(join(url, COMMIT_MARKER), "ok\n")
+
+
+def commit_folder(staging: str, url: str) -> None:
     """The folder-commit protocol, the one place it is written: the finished local folder `staging`
     becomes folder `url`, with `_COMMITTED` last, replacing any folder there. On local disk that is
     one rename of the staging folder (which must sit beside `url`); elsewhere the files are uploaded,
-    then the marker. `uploaded`: the caller has put the files there itself (the ranks of a
-    checkpoint upload their own shares in parallel), so only the marker is written."""
+    then the marker."""
     fs, path = url_to_fs(url)
-    if uploaded:
-        write_text(url.rstrip("/") + "/" + COMMIT_MARKER, "ok\n")
-        return
     with open(os.path.join(staging, COMMIT_MARKER), "w") as f:
         f.write("ok\n")
     if isinstance(fs, LocalFileSystem):

@@ -7,7 +7,7 @@ request up to `attempts` times, and s3fs's own loop re-reads a response body tha
 midway (botocore hands the body over once the headers arrive, so it cannot). What this subclass
 adds is what neither client knows: which of our URLs was being read or written when they gave up.
 `storage` registers it for `s3://`; its `configure_object_store` sets the knobs for this
-process and every process started from it. A base module: it imports only `storage`.
+process and every process started from it. A base module: it imports only `errors`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,13 @@ import s3fs
 from fsspec.asyn import sync_wrapper
 from botocore.exceptions import BotoCoreError, ClientError
 
-from data_pipeline.base.storage import DEFAULT_ATTEMPTS, DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_READ_TIMEOUT_S, StorageUnavailable
+from data_pipeline.base.errors import StorageUnavailable
+
+# botocore's own default of attempts for standard mode is 3; a job that runs for days rides out a
+# longer S3 brown-out before giving up. A read timeout of 60 s is the AWS SDKs' own default.
+DEFAULT_ATTEMPTS = 5
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+DEFAULT_READ_TIMEOUT_S = 60.0
 
 log = logging.getLogger("unclip.storage")
 
