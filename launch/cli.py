@@ -11,6 +11,8 @@ import os
 import re
 import sys
 
+from data_pipeline.base.process import exit_now
+
 COMMANDS = {
     "ingest": "download a URL list into ROOT/raw/ (Ray + img2dataset)",
     "encoders": "`encoders init`: small random encoders; `encoders fit`: train them on ROOT/raw/ (the embedded default)",
@@ -224,5 +226,10 @@ def _launch(args: argparse.Namespace, cfg, log) -> int:
     return 0
 
 
+def run() -> None:
+    """The `unclip` command: `main`, then exit without tearing the interpreter down."""
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

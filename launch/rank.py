@@ -22,6 +22,7 @@ from typing import Any, Callable
 from data_pipeline.base.configlib import read_yaml, to_yaml
 from data_pipeline.base.errors import StorageUnavailable, UserError
 from data_pipeline.base.ports import free_port
+from data_pipeline.base.process import exit_now
 from data_pipeline.store import Store, open_store
 from launch import config as config_mod
 from launch.config import Config
@@ -111,4 +112,4 @@ def report(stage: str, message: str, status: int, cli_code: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

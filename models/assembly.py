@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import diffusers
 import torch
 
 from models.decoder import UnclipDecoder, text_proj_class
 
 
 def module_class(name: str):
+    import diffusers  # lazy: diffusers costs 1.5 s before any model; `unclip train` checks the store without it
+
     if name == "UnCLIPTextProjModel":
         return text_proj_class()
     return getattr(diffusers, name)

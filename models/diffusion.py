@@ -8,10 +8,10 @@ classifier-free guidance around the scheduler's step.
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Callable
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
 
 from models.config import DiffusionConfig
 
@@ -51,7 +51,13 @@ class Diffusion:
         """`sampler` ("ddim" or "ddpm"): the reverse process `sample` and `make_scheduler` use unless told."""
         self.cfg = cfg
         self.sampler = sampler
-        self.scheduler_config = {
+
+    # The tables are built on first use, so that a stage checks its store (`unclip train` before
+    # any rank starts) without importing diffusers.
+    @cached_property
+    def scheduler_config(self) -> dict:
+        cfg = self.cfg
+        config = {
             "num_train_timesteps": cfg.timesteps,
             "beta_schedule": BETA_SCHEDULES[cfg.schedule],
             "prediction_type": PREDICTION_TYPES[cfg.prediction],
@@ -62,10 +68,18 @@ class Diffusion:
         if cfg.snr_shift != 1.0:
             # As explicit betas, so every diffusers scheduler built from (and exported with) this
             # config runs the shifted schedule.
-            self.scheduler_config["trained_betas"] = shifted_betas(self.make_scheduler("ddpm").alphas_cumprod.double(), cfg.snr_shift)
-        self.alphas_cumprod = self.make_scheduler("ddpm").alphas_cumprod.double()
+            from diffusers import DDPMScheduler  # lazy: see above
+
+            config["trained_betas"] = shifted_betas(DDPMScheduler(**config).alphas_cumprod.double(), cfg.snr_shift)
+        return config
+
+    @cached_property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.make_scheduler("ddpm").alphas_cumprod.double()
 
     def make_scheduler(self, sampler: str | None = None):
+        from diffusers import DDIMScheduler, DDPMScheduler  # lazy: see scheduler_config
+
         sampler = sampler or self.sampler
         if sampler == "ddim":
             return DDIMScheduler(**self.scheduler_config, set_alpha_to_one=True)  # the last step lands on x_0

@@ -245,3 +245,16 @@ def test_a_store_that_cannot_give_every_rank_a_batch_is_refused(tmp_path):
     s = make_store(str(tmp_path), (6, 6, 7))  # 19 rows: enough in all for 2 x 8, not per rank
     with pytest.raises(StoreError, match=r"3 row groups \(19 rows\) dealt to 2 ranks leave a rank fewer than train.batch_size=8"):
         StoreLoader(s, ["clip_image_emb"], 8, seed=0, world_size=2)
+
+
+def test_closing_mid_epoch_ends_the_reader_even_when_it_has_read_everything(tmp_path):
+    """A run that stops before the epoch ends leaves the prefetch queue full behind a reader that
+    has made its last batch: close must end that thread, not wait out a join timeout."""
+    s = make_store(str(tmp_path), PARTS)
+    loader = StoreLoader(s, ["clip_image_emb"], 16, seed=7, prefetch=8)  # 9 batches an epoch, 8 held ahead
+    next(loader)
+    _, _, thread = loader._reader
+    while loader._reader[0].qsize() < 8:  # the reader made every batch of the epoch
+        thread.join(timeout=0.01)
+    loader.close()
+    assert not thread.is_alive()

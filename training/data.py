@@ -196,10 +196,12 @@ class StoreLoader:
     def _produce(self, out: queue.Queue, stop: threading.Event, skip: int, target: int) -> None:
         """Background thread: read this rank's row groups ahead and cut them into `target` batches."""
 
-        def put(batch: dict[str, np.ndarray]) -> bool:
+        def put(item: dict[str, torch.Tensor] | BaseException | None) -> bool:
+            # never a blocking put: a run that ends mid-epoch stops consuming with the queue full,
+            # and `close` must find this thread gone, not waiting for room
             while not stop.is_set():
                 try:
-                    out.put(batch, timeout=0.1)
+                    out.put(item, timeout=0.1)
                     return True
                 except queue.Full:
                     continue
@@ -234,9 +236,9 @@ class StoreLoader:
                     if not put(self._tensors(batch)):
                         return
                     made += 1
-            out.put(None)
+            put(None)
         except BaseException as err:  # surfaces in the training loop, not lost in a thread
-            out.put(err)
+            put(err)
 
     def _tensors(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         tensors = {c: torch.from_numpy(np.ascontiguousarray(v)) for c, v in batch.items()}
