@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 
             p.add_argument("stage", choices=STAGE_NAMES)
             p.add_argument("--resume-from", help="resume from this step_NNNNNNN folder (default: the run's newest)")
-            p.add_argument("--init-from", help="start from these EMA weights (a step folder or run folder)")
+            p.add_argument("--init-from", help="start from these weights: our step or run folder (its EMA), or public diffusers weights (a StableDiffusionPipeline or UnCLIPPipeline folder, one component's folder, or a hub repo id)")
         if name == "encoders":
             p.add_argument("action", choices=["init", "fit"])
         if name in ("inspect", "manifest"):

@@ -180,7 +180,7 @@ def launch_train(cfg: Config, stage: str, resume_from: str | None = None, init_f
                 log(re.sub(r"^(export (\w+)=).*$", lambda m: m.group(1) + ("***" if SECRET_NAME.search(m.group(2)) else m.group(0)[len(m.group(1)):]),
                            step.script, flags=re.M))  # fmt: skip
         return None
-    check_before_launch(cfg, stage)
+    check_before_launch(cfg, stage, init_from)
     storage.write_text(config_url(cfg, stage), to_yaml(cfg))
     backend = cfg.launch.backend
     if backend == "torchrun":

@@ -25,6 +25,7 @@ from launch.config import Config
 from launch.environment import rank_environment
 from launch.rank import RANK_ERRORS, run_rank, stage_for
 from models.encoders import RECORDED_BEFORE
+from models.public import find_public
 from training.checkpoint import STAGING_DIR, read_latest, read_trainer_state
 from training.ds_config import check_runtime
 from training.engine import SUMMARY
@@ -38,14 +39,19 @@ class RanksFailed(JobFailed):
         self.exit_code = exit_code
 
 
-def check_before_launch(cfg: Config, stage: str) -> Config:
+def check_before_launch(cfg: Config, stage: str, init_from: str | None = None) -> Config:
     """Everything that can be refused before a rank starts; returns the configuration the ranks
-    get (the stage's own train settings applied)."""
+    get (the stage's own train settings applied). Public weights to start from are checked
+    against the store from their configs (a run that already has checkpoints resumes instead,
+    but its command usually still names them)."""
     cfg = config_mod.for_stage(cfg, stage)
     check_runtime(cfg.train)
     store = open_store(cfg.store_url)
     check_text_conditioning(cfg, store)
-    stage_for(cfg, stage, store)  # refuses an unsuitable store
+    built = stage_for(cfg, stage, store)  # refuses an unsuitable store
+    public = find_public(init_from, stage) if init_from else None
+    if public:
+        built.check_public(public)
     return cfg
 
 
@@ -67,7 +73,7 @@ def config_url(cfg: Config, stage: str) -> str:
 
 
 def train_local(cfg: Config, stage: str, resume_from: str | None = None, init_from: str | None = None, log=print) -> dict[str, Any]:
-    cfg = check_before_launch(cfg, stage)
+    cfg = check_before_launch(cfg, stage, init_from)
     run_url = cfg.run_url(stage)
     config_yaml = to_yaml(cfg)
     if "WORLD_SIZE" in os.environ:

@@ -59,7 +59,9 @@ class UnclipDecoder(torch.nn.Module):
         )
         folded = torch.nn.functional.pixel_unshuffle(x_t, self.patch)
         out = self.unet(folded, t, encoder_hidden_states=context, class_labels=time_extra).sample
-        return torch.nn.functional.pixel_shuffle(out, self.patch)
+        # a public decoder with a learned variance (Karlo's) gives twice the channels: the
+        # prediction is the first half, which is what our diffusion trains and samples with
+        return torch.nn.functional.pixel_shuffle(out[:, : folded.shape[1]], self.patch)
 
 
 def build_decoder(cfg: DecoderConfig, embed_dim: int, text_width: int, image_size: int,

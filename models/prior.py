@@ -30,6 +30,11 @@ def build_prior(cfg: PriorConfig, embed_dim: int, context_length: int, mean: lis
     with torch.no_grad():
         model.clip_mean.copy_(torch.tensor(mean).view(1, -1))
         model.clip_std.copy_(torch.tensor(std).view(1, -1))
+    return hold_statistics(model)
+
+
+def hold_statistics(model):
+    """The CLIP statistics a prior normalises with are data, not weights to train."""
     model.clip_mean.requires_grad_(False)
     model.clip_std.requires_grad_(False)
     return model

@@ -82,7 +82,8 @@ def random_crops(high: np.ndarray, low: np.ndarray, crop: int, rng: np.random.Ge
 
 def predict(model, x_t: torch.Tensor, t: torch.Tensor, low_up: torch.Tensor) -> torch.Tensor:
     dtype = getattr(model, "module", model).dtype
-    return model(torch.cat([x_t, low_up], 1).to(dtype), t).sample.float()
+    # [:, :3]: a public upsampler with a learned variance (Karlo's) predicts it in channels 3-5
+    return model(torch.cat([x_t, low_up], 1).to(dtype), t).sample[:, :3].float()
 
 
 def sample(model, diffusion: Diffusion, low: torch.Tensor, factor: int, steps: int, generator: torch.Generator) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from data_pipeline.base.process import exit_now
 from launch import config
 from training.ds_config import deepspeed_config, make_optimizer
 from training.ema import EMA
@@ -84,3 +85,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    exit_now(0)  # as our ranks do: interpreter teardown after gloo sometimes aborts ("terminate called ...")

@@ -44,6 +44,7 @@ LATEST = "latest"
 STAGING_DIR = "UNCLIP_STAGING_DIR"  # set by `unclip train`: where its ranks stage, removed when they exit
 CHECKSUMS = "checksums.json"
 TRAINER_STATE = "trainer_state.json"
+STAGE_INFO = "stage.json"
 STEP_DIR = re.compile(r"step_(\d{7,})")
 
 
@@ -185,7 +186,7 @@ class Checkpointer:
         _barrier()
         if self.rank == 0:
             save_file({k: v.contiguous() for k, v in ema_state.items()}, os.path.join(staging, "ema.safetensors"))
-            self._write_json(os.path.join(staging, "stage.json"), stage_info)
+            self._write_json(os.path.join(staging, STAGE_INFO), stage_info)
             self._write_json(os.path.join(staging, TRAINER_STATE), {**trainer_state, "step": step, "world_size": self.world_size})
             with open(os.path.join(staging, "config.yaml"), "w") as f:
                 f.write(config_yaml)
@@ -315,7 +316,7 @@ def read_latest(run_url: str) -> str | None:
 def load_ema_model(folder: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The network of a checkpoint with its EMA weights, without DeepSpeed (for sampling/export)."""
     with _local_copy(folder) as local:
-        with open(os.path.join(local, "stage.json")) as f:
+        with open(os.path.join(local, STAGE_INFO)) as f:
             info = json.load(f)
         model = rebuild(info)
         model.load_state_dict(load_file(os.path.join(local, "ema.safetensors")))
@@ -332,8 +333,13 @@ def _local_copy(folder_url: str):
         yield storage.download_dir(folder_url, tmp)
 
 
-def load_ema_weights(folder_or_run: str) -> dict[str, torch.Tensor]:
-    """EMA weights of a step folder, or of a run's newest checkpoint (for --init-from)."""
+def read_stage_info(folder: str) -> dict[str, Any]:
+    """What a checkpoint's stage.json says: its networks' classes and configs, extras, diffusion."""
+    return storage.read_json(storage.join(folder, STAGE_INFO))
+
+
+def load_ema_checkpoint(folder_or_run: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(stage.json, EMA weights) of a step folder, or of a run's newest checkpoint (--init-from)."""
     folder = folder_or_run if STEP_DIR.fullmatch(os.path.basename(folder_or_run.rstrip("/"))) else read_latest(folder_or_run)
     if folder is None:
         raise CheckpointError(f"--init-from '{folder_or_run}': no committed checkpoint there")
@@ -341,4 +347,6 @@ def load_ema_weights(folder_or_run: str) -> dict[str, torch.Tensor]:
     if problems:
         raise CheckpointError("--init-from: " + "; ".join(problems))
     with _local_copy(folder) as local:
-        return load_file(os.path.join(local, "ema.safetensors"))
+        with open(os.path.join(local, STAGE_INFO)) as f:
+            info = json.load(f)
+        return info, load_file(os.path.join(local, "ema.safetensors"))

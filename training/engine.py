@@ -22,7 +22,8 @@ from torch.distributed import distributed_c10d
 from data_pipeline.base import storage
 from data_pipeline.store import Store
 from models.assembly import rebuild
-from training.checkpoint import Checkpointer, CheckpointError, choose, load_ema_weights, read_trainer_state
+from models.public import find_public
+from training.checkpoint import Checkpointer, CheckpointError, choose, load_ema_checkpoint, read_stage_info, read_trainer_state
 from training.config import TrainConfig
 from training.data import StoreLoader
 from training.ds_config import deepspeed_config, lr_factor, make_optimizer
@@ -86,6 +87,30 @@ def ema_model(stage_info: dict[str, Any], weights: dict[str, torch.Tensor], devi
     return model.eval().requires_grad_(False)
 
 
+def initial_model(stage: Stage, folder: str | None, init_from: str | None, say: Callable[[str], None]) -> torch.nn.Module:
+    """The network a run starts from. Resuming (`folder`): the architecture its checkpoint
+    records, whose state DeepSpeed then loads. Else from `init_from`: public diffusers weights
+    (models/public.py), or one of our checkpoints, each network built from the weights' own config
+    with those weights; the optimizer and the data order start fresh, the EMA from these weights.
+    Else the stage's own network, from its settings."""
+    if folder:
+        return stage.hold_fixed(rebuild(read_stage_info(folder)))
+    if not init_from:
+        return stage.hold_fixed(stage.build_model())
+    public = find_public(init_from, stage.name)
+    if public:
+        model = stage.model_from_public(public)
+        say(f"{stage.name}: weights from {init_from}: {public.describe()}, built from their own configs; optimizer and data order start fresh")
+        return model
+    info, weights = load_ema_checkpoint(init_from)
+    if info["stage"] != stage.name:
+        raise CheckpointError(f"--init-from '{init_from}': a checkpoint of stage {info['stage']}, not {stage.name}")
+    model = stage.hold_fixed(rebuild(info))
+    model.load_state_dict(weights)
+    say(f"{stage.name}: weights from {init_from} (EMA); optimizer and data order start fresh")
+    return model
+
+
 def train(
     t: TrainConfig,
     stage: Stage,
@@ -104,15 +129,12 @@ def train(
     rank, world, local_rank, device = init_distributed(t.collective_timeout_s)
     say = log if rank == 0 else (lambda *_: None)
     preemption = Preemption()
-    torch.manual_seed(t.seed)  # identical initial weights on every rank
-    model = stage.build_model()
     checkpointer = Checkpointer(run_url, t.keep_last, rank, world, local_rank)
     folder = from_rank0(lambda: choose(run_url, resume_from, t.verify_checkpoints, say), rank)
-    if init_from and not folder:
-        model.load_state_dict(load_ema_weights(init_from))
-        say(f"{stage_name}: weights from {init_from} (EMA); optimizer and data order start fresh")
-    elif init_from:
+    if init_from and folder:
         say(f"{stage_name}: the run already has checkpoints; resuming from {folder}, not initialising from {init_from}")
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    model = initial_model(stage, folder, None if folder else init_from, say)
     stage_info = stage.describe(model)
     verify_store(store, run_url, rank, world)
     loader = StoreLoader(store, stage.columns, t.batch_size, t.seed, rank, world, t.prefetch, transform=stage.prepare,

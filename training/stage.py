@@ -16,6 +16,10 @@ from data_pipeline.store import Store, StoreError
 from models.assembly import describe
 from models.config import VaeConfig
 from models.encoders import FrozenVae, identity_mismatch, vae_identity
+from models.public import COMPONENTS, PublicWeights, expect_class, load_public, mismatch
+
+# (the weights' config field, its value, what the store or the stage's settings give, that value)
+Check = tuple[str, Any, str, Any]
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,31 @@ class Stage:
 
     def build_model(self) -> torch.nn.Module:
         raise NotImplementedError
+
+    def hold_fixed(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What training keeps fixed in this stage's network, however it was built (from the
+        stage's settings, from public weights, or from a checkpoint's stage.json)."""
+        return model
+
+    # -- public weights (models/public.py) --------------------------------------------------------
+    def public_checks(self, configs: dict[str, dict[str, Any]]) -> list[Check]:
+        """What the public weights' configs must agree on with the store."""
+        raise NotImplementedError
+
+    def from_public_modules(self, modules: dict[str, torch.nn.Module]) -> torch.nn.Module:
+        return modules["model"]
+
+    def check_public(self, weights: PublicWeights) -> None:
+        """Refuse weights this stage cannot start from on this store, from their configs alone:
+        `unclip train` calls it before any rank starts."""
+        for name, component in COMPONENTS[self.name].items():
+            expect_class(weights, name, component)
+        mismatch(weights, self.public_checks(weights.configs))
+
+    def model_from_public(self, weights: PublicWeights) -> torch.nn.Module:
+        """The network built from the public weights' own configs, holding their weights."""
+        self.check_public(weights)
+        return self.hold_fixed(self.from_public_modules(load_public(weights)))
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ from models import decoder
 from models.config import DecoderConfig
 from models.diffusion import Diffusion, device_of, row_mask
 from models.imaging import decode, grid, to_pil, to_minus_one_one
-from training.stage import Preview, Stage, latent_scale
+from training.stage import Check, Preview, Stage, latent_scale
 
 CONDITIONS = ("clip_image_emb", "clip_text_emb", "clip_text_tokens")
 
@@ -45,6 +46,28 @@ class DecoderStage(Stage):
             channels, size, _ = self.store.shape("vae_latent")
             return decoder.build_decoder(self.section, dim, width, size, latent_channels=channels)
         return decoder.build_decoder(self.section, dim, width, self.store.shape("image_64")[0])
+
+    def public_checks(self, configs: dict[str, dict[str, Any]]) -> list[Check]:
+        unet, proj = configs["unet"], configs["text_proj"]
+        channels, side = (self.store.shape("vae_latent")[:2]) if self.latent else (3, self.store.shape("image_64")[0])
+        pictures = "the store's vae_latent (columns.vae_latent.shape)" if self.latent else "the store's image_64 (columns.image_64.shape)"
+        inputs = unet.get("in_channels", 0)
+        patch = math.isqrt(inputs // channels)
+        folds = channels * patch**2 == inputs and patch > 0  # pictures folded p x p into channels
+        return [
+            ("text_proj/config.json clip_embeddings_dim", proj.get("clip_embeddings_dim"), "the store's embedding size (columns.clip_image_emb.shape)",
+             self.store.shape("clip_image_emb")[0]),
+            ("decoder/config.json class_embed_type", unet.get("class_embed_type"), "how the decoder adds the image embedding", "identity"),
+            ("decoder/config.json cross_attention_dim", unet.get("cross_attention_dim"), "text_proj/config.json cross_attention_dim", proj.get("cross_attention_dim")),
+            ("decoder/config.json in_channels", inputs, f"decoder.space={self.section.space} on {pictures} (its channels, folded p x p)",
+             inputs if folds else f"{channels} x p^2"),
+            # a learned variance (Karlo's decoder) doubles the output; training reads the first half
+            ("decoder/config.json out_channels", unet.get("out_channels") if unet.get("out_channels") != 2 * inputs else inputs, "its in_channels (or twice them)", inputs),
+            ("decoder/config.json sample_size x p", (unet.get("sample_size") or 0) * patch, f"the side of {pictures}", side),
+        ]
+
+    def from_public_modules(self, modules: dict[str, torch.nn.Module]) -> torch.nn.Module:
+        return decoder.UnclipDecoder(modules["unet"], modules["text_proj"], self.store.shape("vae_latent")[0] if self.latent else None)
 
     def prepare(self, batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         if self.latent:

@@ -12,7 +12,7 @@ from models.config import LdmConfig
 from models.diffusion import Diffusion, device_of, row_mask
 from models.encoders import text_conditioning
 from models.imaging import grid, to_pil
-from training.stage import Preview, Stage, latent_scale
+from training.stage import Check, Preview, Stage, latent_scale
 
 
 class LdmStage(Stage):
@@ -39,6 +39,21 @@ class LdmStage(Stage):
     def build_model(self) -> torch.nn.Module:
         channels, size, _ = self.store.shape("vae_latent")
         return ldm.build_unet(self.section, channels, size, self.store.shape("clip_text_tokens")[1])
+
+    def public_checks(self, configs: dict[str, dict[str, Any]]) -> list[Check]:
+        unet = configs["model"]
+        channels, size, _ = self.store.shape("vae_latent")
+        latents, tokens = "the store's latents (columns.vae_latent.shape)", "the store's clip_text_tokens (columns.clip_text_tokens.shape)"
+        return [
+            ("unet/config.json cross_attention_dim", unet.get("cross_attention_dim"), f"the width of {tokens}", self.store.shape("clip_text_tokens")[1]),
+            ("unet/config.json in_channels", unet.get("in_channels"), f"the channels of {latents}", channels),
+            ("unet/config.json out_channels", unet.get("out_channels"), f"the channels of {latents}", channels),
+            ("unet/config.json sample_size", unet.get("sample_size"), f"the side of {latents}", size),
+            # conditioning the ldm does not give (SDXL's micro-conditioning, class labels)
+            ("unet/config.json class_embed_type", unet.get("class_embed_type"), "what the ldm conditions on", None),
+            ("unet/config.json addition_embed_type", unet.get("addition_embed_type") if unet.get("addition_embed_type") != "text" else None,
+             "what the ldm conditions on (text only)", None),
+        ]
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         x0 = batch["vae_latent"].float() * self.latent_scale

@@ -14,7 +14,8 @@ from models import prior
 from models.diffusion import Diffusion, row_mask
 from models.encoders import TEXT_COLUMNS, text_conditioning
 from models.imaging import grid
-from training.stage import Stage
+from models.public import PublicWeightsError
+from training.stage import Check, Stage
 
 
 class PriorStage(Stage):
@@ -37,6 +38,33 @@ class PriorStage(Stage):
         m = self.store.manifest
         dim, length = self.store.shape("clip_image_emb")[0], self.store.shape("clip_text_tokens")[0]
         return prior.build_prior(self.section, dim, length, m["clip_image_emb_mean"], m["clip_image_emb_std"])
+
+    def hold_fixed(self, model: torch.nn.Module) -> torch.nn.Module:
+        return prior.hold_statistics(model)
+
+    def from_public_modules(self, modules: dict[str, torch.nn.Module]) -> torch.nn.Module:
+        model = modules["model"]
+        if not bool((model.clip_std > 0).all()):
+            raise PublicWeightsError("--init-from: the prior's clip_std has entries <= 0: it carries no CLIP statistics to normalise with")
+        return model
+
+    def public_checks(self, configs: dict[str, dict[str, Any]]) -> list[Check]:
+        # A public prior keeps the CLIP statistics it was trained with (clip_mean, clip_std): its
+        # targets are normalised with them, not with the store's.
+        p = configs["model"]
+        dim, text_dim = self.store.shape("clip_image_emb")[0], self.store.shape("clip_text_emb")[0]
+        length, width = self.store.shape("clip_text_tokens")
+        embedding = p.get("embedding_dim")
+        token_width = embedding if p.get("encoder_hid_proj_type", "linear") == "linear" else p.get("num_attention_heads", 0) * p.get("attention_head_dim", 0)
+        tokens = "the store's clip_text_tokens (columns.clip_text_tokens.shape)"
+        return [
+            ("prior/config.json clip_embed_dim", p.get("clip_embed_dim") or embedding, "the store's image embedding size (columns.clip_image_emb.shape)", dim),
+            ("prior/config.json embedding_proj_dim", p.get("embedding_proj_dim") or embedding, "the store's text embedding size (columns.clip_text_emb.shape)", text_dim),
+            ("prior/config.json num_embeddings", p.get("num_embeddings"), f"the length of {tokens}", length),
+            ("prior/config.json text-token width", token_width, f"the width of {tokens}", width),
+            # the inputs the prior is fed: text embedding, timestep, noisy image embedding, query
+            ("prior/config.json additional_embeddings", p.get("additional_embeddings", 4), "the prior's inputs besides the tokens", 4),
+        ]
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         module = getattr(model, "module", model)

@@ -12,7 +12,7 @@ from models import upsampler
 from models.config import UpsamplerConfig
 from models.diffusion import Diffusion
 from models.imaging import decode, grid, to_pil, to_minus_one_one
-from training.stage import Preview, Stage
+from training.stage import Check, Preview, Stage
 
 
 class UpsamplerStage(Stage):
@@ -33,6 +33,16 @@ class UpsamplerStage(Stage):
 
     def build_model(self) -> torch.nn.Module:
         return upsampler.build_upsampler(self.section)
+
+    def public_checks(self, configs: dict[str, dict[str, Any]]) -> list[Check]:
+        m = configs["model"]
+        outputs = m.get("out_channels")
+        return [
+            ("super_res/config.json in_channels", m.get("in_channels"), "the noisy picture and the upsampled low resolution (3 + 3)", 6),
+            # a learned variance (Karlo's) doubles the output; training reads the first half
+            ("super_res/config.json out_channels", 3 if outputs == 6 else outputs, "RGB (3, or 6 with a learned variance)", 3),
+            ("super_res/config.json sample_size", m.get("sample_size"), "upsampler.high", self.section.high),
+        ]
 
     def prepare(self, batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         high, low = upsampler.random_crops(decode(batch[self.high_col]), decode(batch[self.low_col]), self.section.crop, rng)
