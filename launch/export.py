@@ -1,15 +1,20 @@
 """`unclip export --out DIR`: every trained stage's EMA weights as diffusers folders.
 
-DIR/<stage>/<module>/   save_pretrained of each network (prior: PriorTransformer with the store's
-                        CLIP mean/std inside; decoder: UNet2DConditionModel + UnCLIPTextProjModel;
-                        upsampler-<run>: UNet2DModel; ldm: UNet2DConditionModel)
+DIR/ldm/                the ldm chain as a diffusers pipeline: unet/, vae/ (the store's), text_encoder/
+                        and tokenizer/ (the store's CLIP in transformers' classes), scheduler/, and
+                        ldm_pipeline.py: `DiffusionPipeline.from_pretrained(DIR/ldm, trust_remote_code=True)`
+                        draws what `unclip sample` draws (a custom pipeline: models/ldm_pipeline.py)
+DIR/<stage>/<module>/   the other stages: save_pretrained of each network (prior: PriorTransformer with
+                        the store's CLIP mean/std inside; decoder: UNet2DConditionModel +
+                        UnCLIPTextProjModel; upsampler-<run>: UNet2DModel)
 DIR/<stage>/scheduler/  the scheduler it samples with (`sample.sampler`: DDIM or DDPM)
 DIR/<stage>/unclip_stage.json  how to condition it (what stage.json says, and the diffusion settings)
 DIR/vae/, DIR/clip/     the frozen encoders, copied when they are local folders
 DIR/README.md           a model card: each stage's training config and the store's identity
 
 Plain diffusers loads each folder with `from_pretrained`; driven by its scheduler it gives the same
-outputs as `unclip sample` on the same seed (tests/test_pipeline.py checks every stage).
+outputs as `unclip sample` on the same seed (tests/test_pipeline.py checks every stage and the
+ldm's pipeline).
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ import yaml
 
 from data_pipeline.base import storage
 from data_pipeline.base.configlib import read_yaml
-from data_pipeline.store import open_store
+from data_pipeline.store import Store, open_store
 from launch.config import Config
-from launch.trained import recorded_diffusion
+from launch.trained import check_identity, recorded_diffusion
+from models import hf_text, ldm_pipeline
 from models.assembly import modules_of
 from models.diffusion import Diffusion
-from models.encoders import LOCAL_DIR
+from models.encoders import LOCAL_DIR, FrozenClip, vae_identity
+from models.ldm_pipeline import UnclipLdmPipeline
 from training.checkpoint import load_ema_model, read_latest
 
 
@@ -53,9 +60,12 @@ def run(cfg: Config, out: str, log=print) -> dict[str, Any]:
             model, info = load_ema_model(folder)
             diffusion_cfg = recorded_diffusion(folder, info)
             diffusion = Diffusion(diffusion_cfg, cfg.sample.sampler)
-            for module_name, module in modules_of(model).items():
-                module.save_pretrained(os.path.join(staging, name, module_name))
-            diffusion.make_scheduler().save_pretrained(os.path.join(staging, name, "scheduler"))
+            if stage == "ldm":
+                _ldm_pipeline(cfg, store, model, diffusion, info["extras"], os.path.join(staging, name))
+            else:
+                for module_name, module in modules_of(model).items():
+                    module.save_pretrained(os.path.join(staging, name, module_name))
+                diffusion.make_scheduler().save_pretrained(os.path.join(staging, name, "scheduler"))
             description = {"stage": stage, "run": run_name, "checkpoint": folder, "modules": list(info["modules"]),
                            "extras": info["extras"], "diffusion": dataclasses.asdict(diffusion_cfg),
                            "null_condition": NULL_CONDITION[stage]}  # fmt: skip
@@ -68,6 +78,32 @@ def run(cfg: Config, out: str, log=print) -> dict[str, Any]:
             f.write(model_card(store.manifest, card_sections))
     log(f"export: {', '.join(exported)} -> {out}")
     return exported
+
+
+def _ldm_pipeline(cfg: Config, store: Store, unet, diffusion: Diffusion, extras: dict[str, Any], folder: str) -> None:
+    """The ldm chain as a diffusers pipeline folder: the UNet, the store's VAE, its CLIP text
+    encoder and tokenizer in transformers' classes, the scheduler, and the pipeline's code
+    (models/ldm_pipeline.py), which `trust_remote_code=True` loads."""
+    from diffusers import AutoencoderKL  # lazy: diffusers' models load only for the stages exported
+
+    clip = FrozenClip(cfg.encoders.clip)
+    check_identity("clip", store.manifest["encoders"]["clip"], clip.identity())
+    check_identity("vae", store.manifest["encoders"]["vae"], vae_identity(cfg.encoders.vae))
+    pipe = UnclipLdmPipeline(
+        unet=unet, vae=AutoencoderKL.from_pretrained(cfg.encoders.vae.path, subfolder=cfg.encoders.vae.subfolder),
+        text_encoder=hf_text.text_encoder(clip), tokenizer=hf_text.tokenizer(clip), scheduler=diffusion.make_scheduler(),
+        text_layer=cfg.encoders.clip.text_layer, text_embedding_token=extras.get("text_embedding_token", False),
+        latent_scale=extras["latent_scale"],
+    )  # fmt: skip
+    pipe.save_pretrained(folder)
+    module = os.path.splitext(os.path.basename(ldm_pipeline.__file__))[0]
+    shutil.copy(ldm_pipeline.__file__, os.path.join(folder, f"{module}.py"))
+    index = os.path.join(folder, "model_index.json")
+    with open(index) as f:
+        described = json.load(f)
+    described["_class_name"] = [module, UnclipLdmPipeline.__name__]  # diffusers loads the class from the file beside it
+    with open(index, "w") as f:
+        json.dump(described, f, indent=2)
 
 
 def _card_section(name: str, stage: str, folder: str) -> str:
@@ -112,8 +148,11 @@ def model_card(manifest: dict[str, Any], sections: list[str]) -> str:
     }
     return (
         "# unclip export\n\nText-to-image stages trained with unclip (unCLIP prior, decoder and upsamplers; latent "
-        "diffusion), as diffusers folders. Load each with `from_pretrained` and drive it with the `scheduler` "
-        "folder beside it; `unclip_stage.json` says how each is conditioned.\n\n## Data\n\n```json\n"
+        "diffusion), as diffusers folders. `ldm/` is a whole text-to-image pipeline, a custom one because its "
+        "conditioning is unclip's (the pooled text embedding as one more token, an all-zero unconditional input): "
+        "`DiffusionPipeline.from_pretrained('ldm', trust_remote_code=True)(prompt)`. Load each other stage's "
+        "networks with `from_pretrained` and drive them with the `scheduler` folder beside them; "
+        "`unclip_stage.json` says how each is conditioned.\n\n## Data\n\n```json\n"
         + json.dumps(identity, indent=2)
         + "\n```\n\n"
         + "\n".join(sections)

@@ -137,43 +137,44 @@ def test_training_refuses_a_store_embedded_with_other_text_conditioning(tmp_path
         check_before_launch(config.load(None, [f"root={tmp_path}", "encoders.clip.text_layer=penultimate"]), "prior")
 
 
-@pytest.mark.parametrize("text_layer", ["last", "penultimate"])
-def test_tokens_equal_a_transformers_text_encoder_converted_from_the_same_weights(tiny, text_layer):
-    """Stable Diffusion 2.x's text encoder is open_clip's, converted by diffusers into a
-    transformers CLIPTextModel (the penultimate layer's model has one layer fewer: its final layer
-    norm then gives what SD 2.x conditions on). Our clip_text_tokens equal that model's
-    last_hidden_state, and our pooled embedding equals CLIPTextModelWithProjection's text_embeds."""
+@pytest.mark.parametrize("text_layer, text_padding", [("last", "eos"), ("penultimate", "zeros")])
+def test_tokens_equal_a_transformers_text_encoder_converted_from_the_same_weights(tiny, text_layer, text_padding):
+    """What an exported pipeline encodes prompts with: open_clip's weights converted by diffusers'
+    SD 2.x conversion into a transformers CLIPTextModelWithProjection, and open_clip's vocabulary
+    as a CLIPTokenizer (models/hf_text.py). The tokenizer gives our ids, padding included; the last
+    hidden state (last) or the final layer norm over the penultimate one (penultimate, as SD 2.x's
+    text encoder of one layer fewer gives it) equals our clip_text_tokens, and text_embeds our
+    pooled embedding. SD 2.x's own CLIPTextModel, one layer fewer, gives the same tokens."""
     import dataclasses
 
-    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel
+
+    from models import hf_text
 
     _, cfg = tiny
-    ours = encoders.FrozenClip(dataclasses.replace(cfg.clip, text_layer=text_layer))
-    model = ours.model
-    layers = len(model.transformer.resblocks)
-    config = dict(vocab_size=model.vocab_size, hidden_size=ours.text_width, intermediate_size=4 * ours.text_width,
-                  num_attention_heads=model.transformer.resblocks[0].attn.num_heads, max_position_embeddings=ours.context_length,
-                  hidden_act="gelu", projection_dim=ours.embed_dim, bos_token_id=49406, eos_token_id=49407, pad_token_id=0)  # fmt: skip
-    checkpoint = {f"cond_stage_model.model.{k}": v for k, v in model.state_dict().items()}
+    ours = encoders.FrozenClip(dataclasses.replace(cfg.clip, text_layer=text_layer, text_padding=text_padding))
+    converted = hf_text.text_encoder(ours)
+    tokenizer = hf_text.tokenizer(ours)
 
-    def converted(cls, num_layers: int):
-        theirs = cls(CLIPTextConfig(**config, num_hidden_layers=num_layers)).eval()
-        weights = convert_open_clip_checkpoint(theirs, checkpoint)
-        if cls is CLIPTextModelWithProjection:  # SD 2.x never uses the projection, so its conversion leaves it out
-            weights["text_projection.weight"] = model.text_projection.detach().T.contiguous()  # the converter's own rule
-        dropped = f"text_model.encoder.layers.{num_layers}."  # SD 2.x's conversion drops the last layer so
-        names = set(theirs.state_dict())  # transformers 5 names CLIPTextModel's weights without `text_model.`
-        weights = {k if k in names else k.removeprefix("text_model."): v for k, v in weights.items() if not k.startswith(dropped)}
-        missing, unexpected = theirs.load_state_dict(weights, strict=False)
-        assert [k for k in missing if "position_ids" not in k] == [] and unexpected == [], (missing, unexpected)
-        return theirs
-
-    captions = ["a red circle on a blue background", "a green triangle", "x"]
+    # no "!": with zero padding the tokenizer's pad token is "!" (id 0), which transformers splits
+    # out of a prompt as SD 2.x's own tokenizer does, where open_clip reads "!</w>" (models/hf_text.py)
+    captions = ["a red circle on a blue background", "A Green  triangle, Tiny.", "x", ""]
     tokens, _ = ours.tokenize(captions)
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(ids, tokens)
     text = ours.encode_text(captions)
     with torch.no_grad():
-        states = converted(CLIPTextModel, layers - (text_layer == "penultimate"))(input_ids=tokens).last_hidden_state
-        pooled = converted(CLIPTextModelWithProjection, layers)(input_ids=tokens).text_embeds
+        out = converted(input_ids=ids, output_hidden_states=True)
+        states = out.last_hidden_state if text_layer == "last" else converted.text_model.final_layer_norm(out.hidden_states[-2])
     assert torch.allclose(text["tokens"], states, atol=1e-5), (text["tokens"] - states).abs().max()
-    assert torch.allclose(text["emb"], pooled, atol=1e-5), (text["emb"] - pooled).abs().max()
+    assert torch.allclose(text["emb"], out.text_embeds, atol=1e-5), (text["emb"] - out.text_embeds).abs().max()
+
+    if text_layer == "penultimate":  # Stable Diffusion 2.x's layout: the last layer dropped
+        layers = converted.config.num_hidden_layers
+        sd2 = CLIPTextModel(dataclasses.replace(converted.config, num_hidden_layers=layers - 1)).eval()
+        names = set(sd2.state_dict())  # transformers 5 names CLIPTextModel's weights without `text_model.`
+        weights = {k.removeprefix("text_model."): v for k, v in converted.state_dict().items()
+                   if not k.startswith(f"text_model.encoder.layers.{layers - 1}.") and k.removeprefix("text_model.") in names}  # fmt: skip
+        sd2.load_state_dict(weights)
+        with torch.no_grad():
+            assert torch.allclose(sd2(input_ids=ids).last_hidden_state, text["tokens"], atol=1e-5)

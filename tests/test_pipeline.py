@@ -170,7 +170,7 @@ def test_sampling_with_other_encoders_is_refused(pipeline, tmp_path):
 
 
 def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_path):
-    from diffusers import AutoencoderKL, PriorTransformer, UNet2DConditionModel, UNet2DModel
+    from diffusers import AutoencoderKL, DiffusionPipeline, PriorTransformer, UNet2DConditionModel, UNet2DModel
 
     from launch.trained import load_trained
     from models import chains, decoder, ldm, prior, upsampler
@@ -184,11 +184,12 @@ def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_pat
     assert "weights_sha256" in card and "## decoder" in card and "block_channels" in card
 
     trained = load_trained(cfg, open_store(cfg.store_url), ["prior", "decoder", "upsampler", "ldm"])
-    text = trained.encode_text(["a red circle on a blue background", "a green square on a white background"])
+    prompts = ["a red circle on a blue background", "a green square on a white background"]
+    text = trained.encode_text(prompts)
     steps, w, seed = 4, 3.0, 7
 
     # ldm
-    unet = UNet2DConditionModel.from_pretrained(os.path.join(out, "ldm", "model"))
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(out, "ldm", "unet"))
     assert exported["ldm"]["extras"]["text_embedding_token"]  # the default: as NULL_CONDITION says, emb after the tokens
     hidden = torch.cat([text["tokens"], text["emb"][:, None]], 1)
     ldm_net = trained.nets["ldm"]
@@ -199,6 +200,13 @@ def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_pat
     # the chain reads text_embedding_token from the checkpoint's stage.json and samples the same
     images = chains.latent_diffusion(ldm_net, text, steps, w, torch.Generator().manual_seed(seed))
     assert torch.allclose(images, chains.latent_pictures(ldm_net, ours), atol=1e-5)
+    # the whole chain as the exported pipeline, from the prompts through its own text encoder,
+    # draws what `unclip sample` draws (Trained.generate, one batch: its noise from `seed`)
+    pipe = DiffusionPipeline.from_pretrained(os.path.join(out, "ldm"), trust_remote_code=True)
+    assert type(pipe).__name__ == "UnclipLdmPipeline"
+    drawn = pipe(prompts, num_inference_steps=steps, guidance_scale=w, generator=torch.Generator().manual_seed(seed), output_type="pt").images
+    sampled = trained.generate("ldm", text, steps, (w, 1.0), seed, batch_size=len(prompts))
+    assert torch.allclose(drawn, (sampled + 1) / 2, atol=1e-4), (drawn - (sampled + 1) / 2).abs().max()
 
     # prior
     pri = PriorTransformer.from_pretrained(os.path.join(out, "prior", "model"))
