@@ -131,10 +131,11 @@ def run(
     log(f"embed: {len(source.ids)} {source.kind} shards, {len(source.ids) - len(todo)} already in the store, {len(todo)} to encode")
     job = ShardJob(source, store_url, specs, cfg.holdout_fraction, cfg.batch_size, clip_preprocess(encoders.clip).image_size,
                    cfg.latent_columns(), [c for c in specs if c.startswith("image_")])  # fmt: skip
-    if not todo:
+    null_missing = "clip_text_tokens" in specs and not storage.exists(storage.join(store_url, store.NULL_CAPTION))
+    if not todo and not null_missing:
         return store_writer.build_manifest(store_url, lock, config, log)
     with ray_session(ray_cfg):
-        failed = _encode(todo, job, encoders, cfg, started, log)
+        failed = _encode(todo, job, encoders, cfg, started, log, null_missing)
         if failed:
             raise store.StoreError(
                 f"store '{store_url}': shards {sorted(failed)[:5]} did not complete ({next(iter(failed.values()))}); "
@@ -145,8 +146,10 @@ def run(
     return manifest
 
 
-def _encode(todo: list[int], job: ShardJob, encoders: EncodersConfig, cfg: EmbedConfig, started: float, log) -> dict[int, str]:
-    """Run the shard tasks, a bounded number at once; returns the shards that failed, with why."""
+def _encode(todo: list[int], job: ShardJob, encoders: EncodersConfig, cfg: EmbedConfig, started: float, log,
+            null_caption: bool = False) -> dict[int, str]:  # fmt: skip
+    """Run the shard tasks, a bounded number at once; returns the shards that failed, with why.
+    `null_caption`: an encoder also embeds the empty caption (the driver loads no model)."""
     device = _device(cfg)
     actor = ray.remote(Encoder).options(num_cpus=cfg.actor_cpus, num_gpus=1 if device == "cuda" else 0,
                                         max_restarts=2, max_task_retries=2)  # fmt: skip
@@ -158,6 +161,7 @@ def _encode(todo: list[int], job: ShardJob, encoders: EncodersConfig, cfg: Embed
             f"leave embed.decode_cpus={cfg.decode_cpus} for the shard tasks"
         )
     task = ray.remote(num_cpus=cfg.decode_cpus, memory=cfg.decode_memory_gb * 2**30, max_retries=2)(embed_shard)
+    null_ref = pool[0].write_null_caption.remote(job.store_url) if null_caption else None
     job_ref = ray.put(job)
     waiting = collections.deque(todo)
     pending: dict[Any, int] = {}
@@ -189,6 +193,11 @@ def _encode(todo: list[int], job: ShardJob, encoders: EncodersConfig, cfg: Embed
             counts.update(part["counts"])
             log(f"embed: {store.part_name(shard)} written ({written}/{len(todo)}), "
                 f"{counts['kept'] / (time.time() - started):.1f} samples/s")  # fmt: skip
+        if null_ref is not None:
+            try:
+                ray.get(null_ref)
+            except ray.exceptions.RayTaskError as err:  # a store that stays down: its one line
+                tasks.raise_cause(err)
     finally:  # stopped early: a driver that goes on (a notebook, a retrying job) gets the CPUs back
         for ref in pending:
             ray.cancel(ref, force=True)

@@ -20,6 +20,7 @@ import ray
 from PIL import Image
 
 from data_pipeline import sources, store, store_writer
+from data_pipeline.base import storage
 
 IN_FLIGHT = 2  # chunks of one shard at the encoders at once: the next decodes while one encodes
 FLOAT16_MAX = 65504.0
@@ -95,6 +96,12 @@ def invalid_rows(outputs: dict[str, np.ndarray], specs: dict[str, dict], n: int)
     return reasons
 
 
+def as_stored(value: np.ndarray) -> np.ndarray:
+    """An encoder output as the store keeps it: float16, non-finite values zeroed (their rows are
+    rejected by `invalid_rows`)."""
+    return np.nan_to_num(value, posinf=0.0, neginf=0.0).clip(-FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
+
+
 class Encoder:
     """Encoder actor: loads the frozen encoders once, then encodes one chunk per call."""
 
@@ -114,6 +121,16 @@ class Encoder:
         self.clip = FrozenClip(encoders.clip, device, precision)
         self.vae = FrozenVae(encoders.vae, device, precision) if any(k.startswith("vae_latent") for k in specs) else None
 
+    def write_null_caption(self, store_url: str) -> None:
+        """Embed the empty caption as every caption is embedded, and write it beside the parts
+        (store.NULL_CAPTION; the manifest records its sha256)."""
+        from safetensors.numpy import save  # lazy: as torch, only in the encoder actors
+
+        text = self.clip.encode_text([""])
+        arrays = {"clip_text_emb": as_stored(text["emb"][0].numpy()), "clip_text_tokens": as_stored(text["tokens"][0].numpy()),
+                  "text_mask": text["mask"][0].numpy()}  # fmt: skip
+        storage.write_bytes(storage.join(store_url, store.NULL_CAPTION), save(arrays))
+
     def encode(self, chunk: dict[str, Any]) -> dict[str, Any]:
         torch = self.torch
         n = len(chunk["key"])
@@ -130,7 +147,7 @@ class Encoder:
             for i, reason in invalid_rows(outputs, self.specs, n).items():
                 chunk["rejected"][i] = chunk["rejected"][i] or reason
             for name, value in outputs.items():
-                chunk[name] = np.nan_to_num(value, posinf=0.0, neginf=0.0).clip(-FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
+                chunk[name] = as_stored(value)
             if "text_mask" in self.specs:
                 chunk["text_mask"] = text["mask"].numpy()
             if self.min_clip_score is not None:

@@ -20,6 +20,7 @@ the trainer expects and names the field that differs. Writing lives in store_wri
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from safetensors.numpy import load as load_arrays
 
 from data_pipeline.base import storage
 from data_pipeline.base.errors import UserError
@@ -36,7 +38,10 @@ from data_pipeline.base.errors import UserError
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 LAYOUT_COLUMNS = ["part", "rows", "row_groups", "train_rows"]  # what a reader of the layout loads
-ENCODERS_LOCK = "_encoders.json"  # what a store is being built with: encoders, columns, settings
+ENCODERS_LOCK = "_encoders.json"
+# The empty caption's text columns, embedded as every caption is: the unconditional input of a
+# stage that drops text to it (ldm.null_text=empty_caption), as Stable Diffusion drops captions.
+NULL_CAPTION = "null_caption.safetensors"  # what a store is being built with: encoders, columns, settings
 BASE_COLUMNS = {"key": pa.string(), "caption": pa.string(), "url": pa.string(), "width": pa.int32(),
                 "height": pa.int32(), "clip_score": pa.float32()}  # fmt: skip
 ROW_GROUP = 1024  # rows per row group of a part
@@ -246,6 +251,18 @@ class Store:
                 node = node.get(part) if isinstance(node, dict) else None
             if node != want:
                 raise StoreError(f"store '{self.url}': manifest field '{dotted}' is {node!r}, expected {want!r}")
+
+    def null_caption(self) -> dict[str, np.ndarray]:
+        """The empty caption's clip_text_emb [D], clip_text_tokens [L, W] and text_mask [L]."""
+        recorded = self.manifest.get("null_caption")
+        if recorded is None:
+            raise StoreError(f"store '{self.url}': manifest lacks 'null_caption' (embedded before it was recorded); "
+                             "rerun `unclip embed`, which adds it and keeps every part")  # fmt: skip
+        url = storage.join(self.url, recorded["file"])
+        data = storage.read_bytes(url)
+        if hashlib.sha256(data).hexdigest() != recorded["sha256"]:
+            raise StoreError(f"store '{self.url}': {recorded['file']} does not match the manifest's sha256 (rerun `unclip manifest {self.url}`)")
+        return load_arrays(data)
 
     def read(self, columns: Sequence[str], files: Sequence[str] | None = None, split: str = "all",
              limit: int | None = None) -> dict[str, np.ndarray]:  # fmt: skip

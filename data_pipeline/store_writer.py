@@ -30,7 +30,7 @@ from data_pipeline import tasks
 from data_pipeline.base import storage
 from data_pipeline.ray_runtime import ray_session
 from data_pipeline.store import (
-    BASE_COLUMNS, ENCODERS_LOCK, HOLDOUT_SEED, MANIFEST, ROW_GROUP, SCHEMA_VERSION, StoreError, arrow_schema, column_numpy,
+    BASE_COLUMNS, ENCODERS_LOCK, HOLDOUT_SEED, MANIFEST, NULL_CAPTION, ROW_GROUP, SCHEMA_VERSION, StoreError, arrow_schema, column_numpy,
     heldout_mask, part_name,
 )  # fmt: skip
 
@@ -269,6 +269,8 @@ def build_manifest(store_url: str, lock: dict[str, Any], config: dict[str, Any],
             var = np.sum([decode_floats(s["sumsq"]) for s in stats], axis=0) / count - mean**2
             manifest[f"{name}_mean"] = mean.tolist() if stat_axis(name) == 0 else float(mean[0])
             manifest[f"{name}_std"] = np.sqrt(np.maximum(var, 0.0)).tolist() if stat_axis(name) == 0 else float(np.sqrt(max(var[0], 0.0)))
+    if NULL_CAPTION in names:
+        manifest["null_caption"] = {"file": NULL_CAPTION, "sha256": storage.sha256_file(storage.join(store_url, NULL_CAPTION))}
     previous = [n for n in names if re.fullmatch(r"parts-[0-9a-f]{8}", n)]
     storage.write_json(storage.join(store_url, MANIFEST), manifest)
     for old in previous:  # the manifest names the new index: the old ones have no reader left

@@ -1,20 +1,24 @@
 """`unclip export --out DIR`: every trained stage's EMA weights as diffusers folders.
 
-DIR/ldm/                the ldm chain as a diffusers pipeline: unet/, vae/ (the store's), text_encoder/
-                        and tokenizer/ (the store's CLIP in transformers' classes), scheduler/, and
-                        ldm_pipeline.py: `DiffusionPipeline.from_pretrained(DIR/ldm, trust_remote_code=True)`
-                        draws what `unclip sample` draws (a custom pipeline: models/ldm_pipeline.py)
-DIR/<stage>/<module>/   the other stages: save_pretrained of each network (prior: PriorTransformer with
-                        the store's CLIP mean/std inside; decoder: UNet2DConditionModel +
-                        UnCLIPTextProjModel; upsampler-<run>: UNet2DModel)
-DIR/<stage>/scheduler/  the scheduler it samples with (`sample.sampler`: DDIM or DDPM)
-DIR/<stage>/unclip_stage.json  how to condition it (what stage.json says, and the diffusion settings)
+DIR/ldm/                the ldm chain as a diffusers pipeline, prompt to picture: unet/, vae/ (the
+                        store's), text_encoder/ and tokenizer/ (the store's CLIP in transformers'
+                        classes), scheduler/. A `StableDiffusionPipeline` when conditioned as SD is
+                        (ldm.text_embedding_token false, ldm.null_text empty_caption); else a custom
+                        one (models/ldm_pipeline.py, shipped as ldm_pipeline.py)
+DIR/unclip/             the unCLIP chain (prior, decoder + text_proj, up to two upsamplers in
+                        sample.upsampler_runs' order) as one custom pipeline with each network's
+                        scheduler, the text encoder and, for a latent decoder, the VAE
+                        (models/unclip_pipeline.py); unclip_stages.json says how each is conditioned
+DIR/<stage>/<module>/   a stage outside a whole chain: save_pretrained of each network (prior:
+                        PriorTransformer with the store's CLIP mean/std inside; decoder:
+                        UNet2DConditionModel + UnCLIPTextProjModel; upsampler-<run>: UNet2DModel),
+                        scheduler/ (`sample.sampler`: DDIM or DDPM) and unclip_stage.json
 DIR/vae/, DIR/clip/     the frozen encoders, copied when they are local folders
-DIR/README.md           a model card: each stage's training config and the store's identity
+DIR/README.md           a model card: each stage's training config, how to load it, the store's identity
 
-Plain diffusers loads each folder with `from_pretrained`; driven by its scheduler it gives the same
-outputs as `unclip sample` on the same seed (tests/test_pipeline.py checks every stage and the
-ldm's pipeline).
+`DiffusionPipeline.from_pretrained(DIR/ldm or DIR/unclip, trust_remote_code=True)(prompt, generator=...)`
+draws what `unclip sample` draws at the same seed, steps and guidance; each network alone, driven
+by its scheduler, gives the same outputs too (tests/test_pipeline.py checks both).
 """
 
 from __future__ import annotations
@@ -32,11 +36,12 @@ from data_pipeline.base.configlib import read_yaml
 from data_pipeline.store import Store, open_store
 from launch.config import Config
 from launch.trained import check_identity, recorded_diffusion
-from models import hf_text, ldm_pipeline
+from models import hf_text, ldm_pipeline, unclip_pipeline
 from models.assembly import modules_of
 from models.diffusion import Diffusion
 from models.encoders import LOCAL_DIR, FrozenClip, vae_identity
 from models.ldm_pipeline import UnclipLdmPipeline
+from models.unclip_pipeline import UnclipChainPipeline
 from training.checkpoint import load_ema_model, read_latest
 
 
@@ -54,25 +59,38 @@ def run(cfg: Config, out: str, log=print) -> dict[str, Any]:
         raise FileNotFoundError(f"export: no trained stage under {cfg.root}/runs (run {cfg.sample.run})")
     exported: dict[str, Any] = {}
     card_sections = []
+    loaded = []
+    for stage, run_name, name in runs:
+        folder = read_latest(cfg.run_url(stage, run_name))
+        model, info = load_ema_model(folder)
+        diffusion_cfg = recorded_diffusion(folder, info)
+        loaded.append((stage, run_name, name, folder, model, info, diffusion_cfg, Diffusion(diffusion_cfg, cfg.sample.sampler)))
+    # the unCLIP chain, when it is whole, is one pipeline folder holding its networks
+    chain = [item for item in loaded if item[0] in ("prior", "decoder", "upsampler")]
+    whole = {item[0] for item in chain} >= {"prior", "decoder"} and sum(item[0] == "upsampler" for item in chain) <= MAX_SUPER_RES
     with storage.atomic_dir(out) as staging:
-        for stage, run_name, name in runs:
-            folder = read_latest(cfg.run_url(stage, run_name))
-            model, info = load_ema_model(folder)
-            diffusion_cfg = recorded_diffusion(folder, info)
-            diffusion = Diffusion(diffusion_cfg, cfg.sample.sampler)
+        for stage, run_name, name, folder, model, info, diffusion_cfg, diffusion in loaded:
+            pipeline, where = None, name
             if stage == "ldm":
-                _ldm_pipeline(cfg, store, model, diffusion, info["extras"], os.path.join(staging, name))
+                pipeline = _ldm_pipeline(cfg, store, model, diffusion, info["extras"], os.path.join(staging, name))
+            elif whole:
+                pipeline, where = UnclipChainPipeline.__name__, UNCLIP_FOLDER
             else:
                 for module_name, module in modules_of(model).items():
                     module.save_pretrained(os.path.join(staging, name, module_name))
                 diffusion.make_scheduler().save_pretrained(os.path.join(staging, name, "scheduler"))
             description = {"stage": stage, "run": run_name, "checkpoint": folder, "modules": list(info["modules"]),
                            "extras": info["extras"], "diffusion": dataclasses.asdict(diffusion_cfg),
-                           "null_condition": NULL_CONDITION[stage]}  # fmt: skip
-            with open(os.path.join(staging, name, "unclip_stage.json"), "w") as f:
-                json.dump(description, f, indent=2, default=str)
+                           "null_condition": NULL_CONDITION[stage], "pipeline": pipeline, "folder": where}  # fmt: skip
+            if where == name:
+                with open(os.path.join(staging, name, "unclip_stage.json"), "w") as f:
+                    json.dump(description, f, indent=2, default=str)
             exported[name] = description
-            card_sections.append(_card_section(name, stage, folder))
+            card_sections.append(_card_section(name, stage, folder, pipeline, where))
+        if whole:
+            _unclip_pipeline(cfg, store, chain, os.path.join(staging, UNCLIP_FOLDER))
+            with open(os.path.join(staging, UNCLIP_FOLDER, "unclip_stages.json"), "w") as f:
+                json.dump({item[2]: exported[item[2]] for item in chain}, f, indent=2, default=str)
         _copy_encoders(cfg, staging, exported)
         with open(os.path.join(staging, "README.md"), "w") as f:
             f.write(model_card(store.manifest, card_sections))
@@ -80,38 +98,99 @@ def run(cfg: Config, out: str, log=print) -> dict[str, Any]:
     return exported
 
 
-def _ldm_pipeline(cfg: Config, store: Store, unet, diffusion: Diffusion, extras: dict[str, Any], folder: str) -> None:
-    """The ldm chain as a diffusers pipeline folder: the UNet, the store's VAE, its CLIP text
-    encoder and tokenizer in transformers' classes, the scheduler, and the pipeline's code
-    (models/ldm_pipeline.py), which `trust_remote_code=True` loads."""
-    from diffusers import AutoencoderKL  # lazy: diffusers' models load only for the stages exported
+UNCLIP_FOLDER = "unclip"
+MAX_SUPER_RES = 2  # the chain pipeline's super-resolution slots (64 -> 256 -> 1024)
 
-    clip = FrozenClip(cfg.encoders.clip)
-    check_identity("clip", store.manifest["encoders"]["clip"], clip.identity())
-    check_identity("vae", store.manifest["encoders"]["vae"], vae_identity(cfg.encoders.vae))
-    pipe = UnclipLdmPipeline(
-        unet=unet, vae=AutoencoderKL.from_pretrained(cfg.encoders.vae.path, subfolder=cfg.encoders.vae.subfolder),
-        text_encoder=hf_text.text_encoder(clip), tokenizer=hf_text.tokenizer(clip), scheduler=diffusion.make_scheduler(),
-        text_layer=cfg.encoders.clip.text_layer, text_embedding_token=extras.get("text_embedding_token", False),
-        latent_scale=extras["latent_scale"],
-    )  # fmt: skip
-    pipe.save_pretrained(folder)
-    module = os.path.splitext(os.path.basename(ldm_pipeline.__file__))[0]
-    shutil.copy(ldm_pipeline.__file__, os.path.join(folder, f"{module}.py"))
+
+def _ship_code(folder: str, module, pipe) -> None:
+    """Put a custom pipeline's source beside its components and name it in model_index.json, so
+    that DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) loads the class from it.
+    A component diffusers no longer exports at its top level (UnCLIPTextProjModel) is named by its
+    module, which the pipeline's source imports before its components load."""
+    import diffusers  # lazy: as the pipelines above
+
+    name = os.path.splitext(os.path.basename(module.__file__))[0]
+    shutil.copy(module.__file__, os.path.join(folder, f"{name}.py"))
     index = os.path.join(folder, "model_index.json")
     with open(index) as f:
         described = json.load(f)
-    described["_class_name"] = [module, UnclipLdmPipeline.__name__]  # diffusers loads the class from the file beside it
+    described["_class_name"] = [name, type(pipe).__name__]
+    for component, value in described.items():
+        if isinstance(value, list) and value[:1] == ["diffusers"] and not hasattr(diffusers, value[1]):
+            described[component] = [type(getattr(pipe, component)).__module__, value[1]]
     with open(index, "w") as f:
         json.dump(described, f, indent=2)
 
 
-def _card_section(name: str, stage: str, folder: str) -> str:
-    """The stage's part of the model card: the settings it was trained with, as its config.yaml
-    recorded them (plain YAML: the card describes the run, whatever today's schema)."""
+def _unclip_pipeline(cfg: Config, store: Store, chain: list[tuple], folder: str) -> None:
+    """prior -> decoder -> upsamplers (in sample.upsampler_runs' order) as one custom pipeline
+    (models/unclip_pipeline.py) with the store's CLIP text encoder and, for a latent decoder, its VAE."""
+    from diffusers import AutoencoderKL  # lazy: diffusers' models load only for an export
+
+    by_stage = {item[0]: item for item in chain if item[0] != "upsampler"}
+    upsamplers = [item for item in chain if item[0] == "upsampler"]
+    prior_model, prior_diffusion = by_stage["prior"][4], by_stage["prior"][7]
+    dec, dec_extras, dec_diffusion = by_stage["decoder"][4], by_stage["decoder"][5]["extras"], by_stage["decoder"][7]
+    clip = FrozenClip(cfg.encoders.clip)
+    check_identity("clip", store.manifest["encoders"]["clip"], clip.identity())
+    vae = None
+    if dec.latent:
+        check_identity("vae", store.manifest["encoders"]["vae"], vae_identity(cfg.encoders.vae))
+        vae = AutoencoderKL.from_pretrained(cfg.encoders.vae.path, subfolder=cfg.encoders.vae.subfolder)
+    super_res = {}
+    for i, item in enumerate(upsamplers):
+        super_res[f"super_res_{i}"], super_res[f"super_res_{i}_scheduler"] = item[4], item[7].make_scheduler()
+    pipe = UnclipChainPipeline(
+        text_encoder=hf_text.text_encoder(clip), tokenizer=hf_text.tokenizer(clip), prior=prior_model,
+        prior_scheduler=prior_diffusion.make_scheduler(), decoder=dec.unet, text_proj=dec.text_proj,
+        decoder_scheduler=dec_diffusion.make_scheduler(), vae=vae, **super_res, text_layer=cfg.encoders.clip.text_layer,
+        decoder_latent_scale=dec_extras.get("latent_scale") if dec.latent else None,
+    )  # fmt: skip
+    pipe.save_pretrained(folder)
+    _ship_code(folder, unclip_pipeline, pipe)
+
+
+def _ldm_pipeline(cfg: Config, store: Store, unet, diffusion: Diffusion, extras: dict[str, Any], folder: str) -> str:
+    """The ldm chain as a diffusers pipeline folder: the UNet, the store's VAE, its CLIP text
+    encoder and tokenizer in transformers' classes, and the scheduler. Conditioned as Stable
+    Diffusion is (the text states alone, the empty caption's as unconditional) it is a
+    `StableDiffusionPipeline`; else our own (models/ldm_pipeline.py, shipped beside it, which
+    `trust_remote_code=True` loads). Returns the pipeline's class name."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline  # lazy: diffusers' pipelines load only for an export
+
+    clip = FrozenClip(cfg.encoders.clip)
+    check_identity("clip", store.manifest["encoders"]["clip"], clip.identity())
+    check_identity("vae", store.manifest["encoders"]["vae"], vae_identity(cfg.encoders.vae))
+    vae = AutoencoderKL.from_pretrained(cfg.encoders.vae.path, subfolder=cfg.encoders.vae.subfolder)
+    common = {"unet": unet, "vae": vae, "tokenizer": hf_text.tokenizer(clip), "scheduler": diffusion.make_scheduler()}
+    if extras.get("null_text") == "empty_caption" and not extras.get("text_embedding_token", False):
+        vae.register_to_config(scaling_factor=extras["latent_scale"])  # what the pipeline divides latents by
+        pipe = StableDiffusionPipeline(**common, text_encoder=hf_text.stable_diffusion_text_encoder(clip), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+        pipe.save_pretrained(folder)
+        return type(pipe).__name__
+    pipe = UnclipLdmPipeline(**common, text_encoder=hf_text.text_encoder(clip), text_layer=cfg.encoders.clip.text_layer,
+                             text_embedding_token=extras.get("text_embedding_token", False), null_text=extras.get("null_text", "zeros"),
+                             latent_scale=extras["latent_scale"])  # fmt: skip
+    pipe.save_pretrained(folder)
+    _ship_code(folder, ldm_pipeline, pipe)
+    return UnclipLdmPipeline.__name__
+
+
+def _card_section(name: str, stage: str, folder: str, pipeline: str | None, where: str) -> str:
+    """The stage's part of the model card: how to load it, and the settings it was trained with, as
+    its config.yaml recorded them (plain YAML: the card describes the run, whatever today's schema)."""
     trained_with = read_yaml(storage.join(folder, "config.yaml"))
     settings = yaml.safe_dump({stage: trained_with.get(stage), "train": trained_with.get("train")}, sort_keys=False)
-    return f"## {name}\n\nFrom `{folder}`.\n\n```yaml\n{settings}```\n"
+    load = {
+        "StableDiffusionPipeline": f"A standard `StableDiffusionPipeline`: `StableDiffusionPipeline.from_pretrained('{where}')`.",
+        UnclipLdmPipeline.__name__: f"A custom pipeline (its conditioning is unclip's): "
+                                    f"`DiffusionPipeline.from_pretrained('{where}', trust_remote_code=True)`.",
+        UnclipChainPipeline.__name__: f"Part of the unCLIP chain's custom pipeline (its conditioning is unclip's): "
+                                      f"`DiffusionPipeline.from_pretrained('{where}', trust_remote_code=True)`.",
+        None: "Diffusers networks with the scheduler they sample with: see `unclip_stage.json`.",
+    }[pipeline]  # fmt: skip
+    return f"## {name}\n\n{load} From `{folder}`.\n\n```yaml\n{settings}```\n"
 
 
 NULL_CONDITION = {
@@ -148,11 +227,10 @@ def model_card(manifest: dict[str, Any], sections: list[str]) -> str:
     }
     return (
         "# unclip export\n\nText-to-image stages trained with unclip (unCLIP prior, decoder and upsamplers; latent "
-        "diffusion), as diffusers folders. `ldm/` is a whole text-to-image pipeline, a custom one because its "
-        "conditioning is unclip's (the pooled text embedding as one more token, an all-zero unconditional input): "
-        "`DiffusionPipeline.from_pretrained('ldm', trust_remote_code=True)(prompt)`. Load each other stage's "
-        "networks with `from_pretrained` and drive them with the `scheduler` folder beside them; "
-        "`unclip_stage.json` says how each is conditioned.\n\n## Data\n\n```json\n"
+        "diffusion), as diffusers folders. `ldm/` is a whole text-to-image pipeline: a `StableDiffusionPipeline` "
+        "when it is conditioned as Stable Diffusion is, else a custom one (loaded with `trust_remote_code=True`); "
+        "each section below says which. Load each other stage's networks with `from_pretrained` and drive "
+        "them with the `scheduler` folder beside them; `unclip_stage.json` says how each is conditioned.\n\n## Data\n\n```json\n"
         + json.dumps(identity, indent=2)
         + "\n```\n\n"
         + "\n".join(sections)

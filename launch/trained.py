@@ -74,7 +74,8 @@ class Trained:
         as `SampleConfig.scales` gives them."""
         if chain == "ldm":
             ldm = self.nets["ldm"]
-            return in_batches(text, seed, batch_size, lambda part, g: chains.latent_diffusion(ldm, part, steps, scales[0], g))
+            empty = self.encode_text([""]) if ldm.extras.get("null_text") == "empty_caption" else None
+            return in_batches(text, seed, batch_size, lambda part, g: chains.latent_diffusion(ldm, part, steps, scales[0], g, empty))
         return self.unclip(text, steps, scales, seed, batch_size, upsampler_steps)[1][-1]
 
     def unclip(self, text: dict[str, torch.Tensor], steps: int, scales: tuple[float, float], seed: int, batch_size: int,

@@ -65,11 +65,19 @@ def unclip(pri: Net, dec: Net, upsamplers: list[Net], text: dict[str, torch.Tens
     return image_emb, decode_embeddings(dec, upsamplers, image_emb, text, steps, guidance, generator, upsampler_steps)
 
 
-def latent_diffusion(net: Net, text: dict[str, torch.Tensor], steps: int, guidance: float, generator: torch.Generator) -> torch.Tensor:
-    """text (tokens, emb) -> latents -> VAE decode; images in [-1, 1]."""
+def latent_diffusion(net: Net, text: dict[str, torch.Tensor], steps: int, guidance: float, generator: torch.Generator,
+                     empty_caption: dict[str, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+    """text (tokens, emb) -> latents -> VAE decode; images in [-1, 1]. `empty_caption`: the text
+    conditioning of "", the unconditional input of an ldm trained with ldm.null_text=empty_caption."""
     # An ldm trained before ldm.text_embedding_token existed has no such key: it saw tokens only.
-    context = ldm.context(text, net.extras.get("text_embedding_token", False))
-    return latent_pictures(net, ldm.sample(net.model, net.diffusion, context, steps, guidance, generator))
+    embedding_token = net.extras.get("text_embedding_token", False)
+    null = None
+    if net.extras.get("null_text", "zeros") == "empty_caption":
+        if empty_caption is None:
+            raise ValueError("this ldm was trained with ldm.null_text=empty_caption: sample it with the empty caption's text conditioning")
+        null = ldm.context(empty_caption, embedding_token)
+    context = ldm.context(text, embedding_token)
+    return latent_pictures(net, ldm.sample(net.model, net.diffusion, context, steps, guidance, generator, null))
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:

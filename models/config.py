@@ -127,6 +127,10 @@ class LdmConfig:
     latent_scale: Literal["store", "vae"] = option(
         "store", doc="'store': 1/std of the store's latents (how SD derived 0.18215); 'vae': the VAE config's factor"
     )
+    null_text: Literal["zeros", "empty_caption"] = option(
+        "zeros", doc="what dropped text becomes: all zeros, or the empty caption's states (as Stable Diffusion was trained; "
+                     "then the export is a StableDiffusionPipeline)",
+    )  # fmt: skip
     # v prediction with min-SNR weighting: on the embedded default it follows prompts after a third
     # of the steps eps prediction needs (benchmarks/quality.py); cosine reaches pure noise at the end.
     diffusion: DiffusionConfig = option(factory=lambda: DiffusionConfig(prediction="v", loss_weighting="min_snr"))

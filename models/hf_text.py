@@ -47,6 +47,23 @@ def text_encoder(clip) -> torch.nn.Module:
     return converted.requires_grad_(False)
 
 
+def stable_diffusion_text_encoder(clip) -> torch.nn.Module:
+    """`clip` as Stable Diffusion's CLIPTextModel, whose last hidden state is what its UNet attends
+    to: for the penultimate layer, the model has one layer fewer (as SD 2.x's has)."""
+    from transformers import CLIPTextModel  # lazy: transformers (a second) only where a pipeline is exported
+
+    full = text_encoder(clip)
+    layers = full.config.num_hidden_layers - (clip.cfg.text_layer == "penultimate")
+    config = full.config.to_dict()
+    config.update(num_hidden_layers=layers, architectures=["CLIPTextModel"])
+    model = CLIPTextModel(type(full.config)(**config)).eval()
+    names = set(model.state_dict())  # transformers 5 names CLIPTextModel's weights without `text_model.`
+    weights = {k.removeprefix("text_model."): v for k, v in full.state_dict().items()
+               if not k.startswith(f"text_model.encoder.layers.{layers}.") and k.removeprefix("text_model.") in names}  # fmt: skip
+    model.load_state_dict(weights)
+    return model.requires_grad_(False)
+
+
 def tokenizer(clip):
     """open_clip's tokenizer for `clip` as a transformers CLIPTokenizer (its padding as the
     store's `encoders.clip.text_padding`), to be saved with the pipeline."""

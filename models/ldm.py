@@ -2,7 +2,8 @@
 
 It cross-attends to CLIP's per-token text states, like Stable Diffusion, and (ldm.text_embedding_token)
 to CLIP's pooled text embedding as one more token; no attention mask, so the exported UNet runs in a
-plain diffusers pipeline given that sequence as `prompt_embeds`. Dropped text is all zeros.
+plain diffusers pipeline given that sequence as `prompt_embeds`. Dropped text is all zeros, or
+(ldm.null_text: empty_caption) the empty caption's states, as Stable Diffusion was trained.
 """
 
 from __future__ import annotations
@@ -57,11 +58,13 @@ def sample(
     steps: int,
     guidance: float,
     generator: torch.Generator,
+    null: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Text context [B, L, W] (see `context`) -> scaled latents [B, C, h, w]."""
+    """Text context [B, L, W] (see `context`) -> scaled latents [B, C, h, w]. `null` [1, L, W]:
+    the unconditional context (ldm.null_text: the empty caption's), else all zeros."""
     device = device_of(unet)
     context = context.to(device)
-    null = torch.zeros_like(context)
+    null = torch.zeros_like(context) if null is None else null.to(device).expand_as(context)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor, conditional: bool) -> torch.Tensor:
         return predict(unet, x, t, context if conditional else null)

@@ -3,10 +3,11 @@ loaded with `DiffusionPipeline.from_pretrained(EXPORT/ldm, trust_remote_code=Tru
 
 It is a custom pipeline because the ldm's conditioning is ours, not Stable Diffusion's: the UNet
 attends to the text tokens followed by CLIP's pooled text embedding as one more token
-(`text_embedding_token`), and the unconditional input is all zeros, not the empty prompt's
-states. Everything else is a standard text-to-image loop, and it draws what `unclip sample` draws
+(`text_embedding_token`), and the unconditional input may be all zeros (`null_text`). An ldm
+conditioned as Stable Diffusion is (neither) is exported as a `StableDiffusionPipeline` instead. Everything else is a standard text-to-image loop, and it draws what `unclip sample` draws
 at the same seed, steps and guidance. This file imports nothing of unclip's: it runs where only
-torch, diffusers and transformers are installed.
+torch, diffusers and transformers are installed, so it repeats models/diffusion.py's sampling loop
+and the pictures' conversion to PIL (tests/test_pipeline.py checks that it draws the same).
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ class UnclipLdmPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet->vae"
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, text_layer: str = "last",
-                 text_embedding_token: bool = True, latent_scale: float = 0.18215):  # fmt: skip
+                 text_embedding_token: bool = True, null_text: str = "zeros", latent_scale: float = 0.18215):  # fmt: skip
         """`text_layer`: the text states the UNet was trained on (`last`, or `penultimate` through
-        the final layer norm); `latent_scale`: what the UNet's latents are, times the VAE's."""
+        the final layer norm); `null_text`: its unconditional input (`zeros`, or `empty_caption`:
+        the empty prompt's); `latent_scale`: what the UNet's latents are, times the VAE's."""
         super().__init__()
         self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
-        self.register_to_config(text_layer=text_layer, text_embedding_token=text_embedding_token, latent_scale=latent_scale)
+        self.register_to_config(text_layer=text_layer, text_embedding_token=text_embedding_token, null_text=null_text,
+                                latent_scale=latent_scale)  # fmt: skip
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
@@ -48,7 +51,7 @@ class UnclipLdmPipeline(DiffusionPipeline):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         device, dtype = self.unet.device, self.unet.dtype
         context = self.encode_prompt(prompts).to(device)
-        null = torch.zeros_like(context)
+        null = torch.zeros_like(context) if self.config.null_text == "zeros" else self.encode_prompt([""]).to(device).expand_as(context)
         self.scheduler.set_timesteps(num_inference_steps)
         c, size = self.unet.config.in_channels, self.unet.config.sample_size
         x = torch.randn((len(prompts), c, size, size), generator=generator).to(device) * self.scheduler.init_noise_sigma

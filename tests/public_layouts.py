@@ -34,14 +34,15 @@ def tiny_text_config(width: int = DIM, projection: int = DIM):
                           max_position_embeddings=TOKENS, vocab_size=64, projection_dim=projection, bos_token_id=0, eos_token_id=1, pad_token_id=2)  # fmt: skip
 
 
-def stable_diffusion(folder: str, cross_attention_dim: int = DIM, seed: int = 0) -> str:
-    """A StableDiffusionPipeline whose UNet works on the store's latents (4 x 8 x 8) and text
-    tokens (width DIM), with a VAE that maps 32 px pictures to them."""
+def stable_diffusion(folder: str, cross_attention_dim: int = DIM, latent: tuple[int, int] = LATENT[:2], seed: int = 0) -> str:
+    """A StableDiffusionPipeline whose UNet works on a store's latents (`latent`: channels, side;
+    by default tests/storefactory's) and text tokens (width `cross_attention_dim`), with a VAE that
+    maps pictures 4 times wider to them."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
-    channels, side, _ = LATENT
+    channels, side = latent
     unet = UNet2DConditionModel(
         sample_size=side, in_channels=channels, out_channels=channels, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),

@@ -244,6 +244,13 @@ def test_parts_hold_exactly_what_the_encoders_give_each_chunk(env):
             want = np.concatenate([c[name][k_] for c, k_ in zip(chunks, keep) if len(c["key"])])
             assert np.array_equal(got[name], want), (shard, name)
         assert got["image_64"].tolist() == [b for c, k_ in zip(chunks, keep) for b, kept in zip(c["image_64"], k_) if kept]
+    # the empty caption, embedded as every caption is (the unconditional input of ldm.null_text=empty_caption)
+    text = encoder.clip.encode_text([""])
+    empty = s.null_caption()
+    assert s.manifest["null_caption"]["sha256"] == storage.sha256_file(storage.join(s.url, store.NULL_CAPTION))
+    assert np.array_equal(empty["clip_text_tokens"], text["tokens"][0].numpy().astype(np.float16))
+    assert np.array_equal(empty["clip_text_emb"], text["emb"][0].numpy().astype(np.float16))
+    assert empty["text_mask"].tolist() == [True, True] + [False] * (len(empty["text_mask"]) - 2)
 
 
 @pytest.mark.slow

@@ -147,8 +147,6 @@ def test_tokens_equal_a_transformers_text_encoder_converted_from_the_same_weight
     pooled embedding. SD 2.x's own CLIPTextModel, one layer fewer, gives the same tokens."""
     import dataclasses
 
-    from transformers import CLIPTextModel
-
     from models import hf_text
 
     _, cfg = tiny
@@ -169,12 +167,7 @@ def test_tokens_equal_a_transformers_text_encoder_converted_from_the_same_weight
     assert torch.allclose(text["tokens"], states, atol=1e-5), (text["tokens"] - states).abs().max()
     assert torch.allclose(text["emb"], out.text_embeds, atol=1e-5), (text["emb"] - out.text_embeds).abs().max()
 
-    if text_layer == "penultimate":  # Stable Diffusion 2.x's layout: the last layer dropped
-        layers = converted.config.num_hidden_layers
-        sd2 = CLIPTextModel(dataclasses.replace(converted.config, num_hidden_layers=layers - 1)).eval()
-        names = set(sd2.state_dict())  # transformers 5 names CLIPTextModel's weights without `text_model.`
-        weights = {k.removeprefix("text_model."): v for k, v in converted.state_dict().items()
-                   if not k.startswith(f"text_model.encoder.layers.{layers - 1}.") and k.removeprefix("text_model.") in names}  # fmt: skip
-        sd2.load_state_dict(weights)
-        with torch.no_grad():
-            assert torch.allclose(sd2(input_ids=ids).last_hidden_state, text["tokens"], atol=1e-5)
+    sd = hf_text.stable_diffusion_text_encoder(ours)  # SD 2.x's layout for penultimate: one layer fewer
+    assert sd.config.num_hidden_layers == converted.config.num_hidden_layers - (text_layer == "penultimate")
+    with torch.no_grad():
+        assert torch.allclose(sd(input_ids=ids).last_hidden_state, text["tokens"], atol=1e-5)

@@ -169,6 +169,37 @@ def test_sampling_with_other_encoders_is_refused(pipeline, tmp_path):
         sample.run(other, log=print)
 
 
+def test_a_fine_tuned_public_stable_diffusion_unet_exports_as_a_stable_diffusion_pipeline(pipeline, tmp_path):
+    """A public-layout StableDiffusionPipeline (tiny, its UNet fitting this store) fine-tuned with
+    --init-from, conditioned as Stable Diffusion is (the text states alone; dropped captions are
+    the empty caption's, which the store records), exported again: a StableDiffusionPipeline,
+    loaded without remote code, that draws what `unclip sample` draws."""
+    from diffusers import DiffusionPipeline
+
+    from launch.trained import load_trained
+    from tests import public_layouts
+
+    cfg, _, _ = pipeline
+    store = open_store(cfg.store_url)
+    empty = store.null_caption()
+    assert set(empty) == {"clip_text_emb", "clip_text_tokens", "text_mask"} and empty["text_mask"].sum() == 2  # start, end
+    channels, side, _ = store.shape("vae_latent")
+    sd = public_layouts.stable_diffusion(str(tmp_path / "sd"), cross_attention_dim=store.shape("clip_text_tokens")[1], latent=(channels, side))
+    tuned = replace(cfg, **{"ldm.null_text": "empty_caption", "ldm.text_embedding_token": False, "train.steps": 2, "train.run": "sd",
+                            "sample.run": "sd"})  # fmt: skip
+    train_local(tuned, "ldm", init_from=sd, log=print)
+    out = str(tmp_path / "export")
+    exported = export.run(tuned, out, log=print)
+    assert set(exported) >= {"ldm"} and exported["ldm"]["pipeline"] == "StableDiffusionPipeline"
+    pipe = DiffusionPipeline.from_pretrained(os.path.join(out, "ldm"))
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and not os.path.exists(os.path.join(out, "ldm", "ldm_pipeline.py"))
+    prompts, steps, w, seed = ["a red circle on a blue background", "a green square on a white background"], 4, 3.0, 7
+    trained = load_trained(tuned, store, ["ldm"])
+    drawn = pipe(prompts, num_inference_steps=steps, guidance_scale=w, generator=torch.Generator().manual_seed(seed), output_type="pt").images
+    sampled = trained.generate("ldm", trained.encode_text(prompts), steps, (w, 1.0), seed, batch_size=len(prompts))
+    assert torch.allclose(drawn, (sampled + 1) / 2, atol=1e-4), (drawn - (sampled + 1) / 2).abs().max()
+
+
 def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_path):
     from diffusers import AutoencoderKL, DiffusionPipeline, PriorTransformer, UNet2DConditionModel, UNet2DModel
 
@@ -209,20 +240,20 @@ def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_pat
     assert torch.allclose(drawn, (sampled + 1) / 2, atol=1e-4), (drawn - (sampled + 1) / 2).abs().max()
 
     # prior
-    pri = PriorTransformer.from_pretrained(os.path.join(out, "prior", "model"))
+    pri = PriorTransformer.from_pretrained(os.path.join(out, "unclip", "prior"))
     ours = trained.image_embeddings(text, steps, w, seed, batch_size=2)  # one batch: its noise from `seed`
     # batch i draws from seed + i: the second prompt alone at seed + 1 gets the same embedding
     second = trained.image_embeddings({k: v[1:] for k, v in text.items()}, steps, w, seed + 1, batch_size=1)
     assert torch.allclose(trained.image_embeddings(text, steps, w, seed, batch_size=1)[1:], second)
     null = prior.drop_text(text, torch.ones(2, dtype=torch.bool))
-    theirs = plain_loop(os.path.join(out, "prior", "scheduler"), (2, pri.config.embedding_dim),
+    theirs = plain_loop(os.path.join(out, "unclip", "prior_scheduler"), (2, pri.config.embedding_dim),
                          lambda x, t, c: pri(x, t, proj_embedding=(text if c else null)["emb"], encoder_hidden_states=(text if c else null)["tokens"],
                                              attention_mask=(text if c else null)["mask"]).predicted_image_embedding, w, seed, steps)  # fmt: skip
     assert torch.allclose(ours, pri.post_process_latents(theirs), atol=1e-5)
 
     # decoder (the embedded default's draws VAE latents: pictures come from the exported VAE)
-    unet = UNet2DConditionModel.from_pretrained(os.path.join(out, "decoder", "unet"))
-    proj = text_proj_class().from_pretrained(os.path.join(out, "decoder", "text_proj"))
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(out, "unclip", "decoder"))
+    proj = text_proj_class().from_pretrained(os.path.join(out, "unclip", "text_proj"))
     extras = exported["decoder"]["extras"]
     assert extras["latent_channels"] == unet.config.in_channels  # the embedded default's decoder space
     image_emb = ours.detach()
@@ -231,7 +262,7 @@ def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_pat
     mine_latents = decoder.sample(dec.model, dec.diffusion, cond, steps, w, torch.Generator().manual_seed(seed))
 
     decoder_fn = plain_decoder(unet, proj, image_emb, text["emb"], text["tokens"], patch=1)
-    theirs_latents = plain_loop(os.path.join(out, "decoder", "scheduler"), mine_latents.shape, decoder_fn, w, seed, steps)
+    theirs_latents = plain_loop(os.path.join(out, "unclip", "decoder_scheduler"), mine_latents.shape, decoder_fn, w, seed, steps)
     assert torch.allclose(mine_latents, theirs_latents, atol=1e-5)
     mine = chains.decoder_images(dec, cond, steps, w, torch.Generator().manual_seed(seed))
     vae = AutoencoderKL.from_pretrained(os.path.join(out, "vae"))
@@ -241,14 +272,25 @@ def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_pat
     # upsampler
     # channels-last, as load_trained samples it: one forward in the other memory format already
     # differs by about 1.3e-5 (the convolutions sum in another order), which is not the export's doing
-    sr = UNet2DModel.from_pretrained(os.path.join(out, "upsampler-main", "model")).to(memory_format=torch.channels_last)
+    sr = UNet2DModel.from_pretrained(os.path.join(out, "unclip", "super_res_0")).to(memory_format=torch.channels_last)
     factor = exported["upsampler-main"]["extras"]["high"] // exported["upsampler-main"]["extras"]["low"]
     net = trained.upsamplers[0]
     mine_sr = upsampler.sample(net.model, net.diffusion, mine, factor, steps, torch.Generator().manual_seed(seed))
     low_up = torch.nn.functional.interpolate(mine, scale_factor=factor, mode="bicubic", align_corners=False).clamp(-1, 1)
-    theirs_sr = plain_loop(os.path.join(out, "upsampler-main", "scheduler"), mine_sr.shape,
+    theirs_sr = plain_loop(os.path.join(out, "unclip", "super_res_0_scheduler"), mine_sr.shape,
                             lambda x, t, c: sr(torch.cat([x, low_up], 1), t).sample, 1.0, seed, steps).clamp(-1, 1)  # fmt: skip
     assert torch.allclose(mine_sr, theirs_sr, atol=1e-5)
+
+    # the whole unCLIP chain as the exported pipeline, from the prompts: what `unclip sample` draws
+    # (Trained.generate, one batch); the upsampler in its default memory format, hence 1e-4
+    pipe = DiffusionPipeline.from_pretrained(os.path.join(out, "unclip"), trust_remote_code=True)
+    assert type(pipe).__name__ == "UnclipChainPipeline" and exported["prior"]["folder"] == exported["upsampler-main"]["folder"] == "unclip"
+    drawn = pipe(prompts, num_inference_steps=steps, guidance_scale=w, prior_guidance_scale=w, upsampler_inference_steps=steps,
+                 generator=torch.Generator().manual_seed(seed), output_type="pt").images  # fmt: skip
+    sampled = trained.generate("unclip", text, steps, (w, w), seed, batch_size=len(prompts), upsampler_steps=steps)
+    assert drawn.shape == (2, 3, 256, 256) and torch.allclose(drawn, (sampled + 1) / 2, atol=1e-4), (drawn - (sampled + 1) / 2).abs().max()
+    card = open(os.path.join(out, "README.md")).read()
+    assert "trust_remote_code=True" in card and "StableDiffusionPipeline" in card
 
 
 def test_checkpoints_outlive_the_config_schema(pipeline, tmp_path):
@@ -315,8 +357,8 @@ def test_sample_sampler_reaches_every_stage_and_the_export(pipeline, tmp_path):
     assert {net.diffusion.sampler for net in [*trained.nets.values(), *trained.upsamplers]} == {"ddpm"}
     out = tmp_path / "export"
     export.run(ddpm, str(out), log=print)
-    for name in ("prior", "decoder", "ldm", "upsampler-main"):
-        assert json.loads((out / name / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "DDPMScheduler"
+    for folder in ("unclip/prior_scheduler", "unclip/decoder_scheduler", "ldm/scheduler", "unclip/super_res_0_scheduler"):
+        assert json.loads((out / folder / "scheduler_config.json").read_text())["_class_name"] == "DDPMScheduler"
 
 
 def test_in_batches_draws_batch_i_from_seed_plus_i_and_joins_nested_outputs():

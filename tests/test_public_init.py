@@ -71,12 +71,10 @@ def assert_started_from(step_folder: str, modules: dict[str, str]) -> None:
 @pytest.mark.slow
 def test_every_stage_starts_from_its_public_layout_and_resumes_as_it(public):
     root, sd, karlo = public["root"], public["sd"], public["karlo"]
-    # the three Karlo stages at once (one rank each, on two cores), the ldm meanwhile
-    running = {stage: train(root, stage, karlo, "train.steps=1", wait=False) for stage in ("prior", "decoder")}
-    ldm = train(root, "ldm", sd, "train.steps=1", "train.checkpoint_every=1")
-    running["upsampler"] = train(root, "upsampler", os.path.join(karlo, "super_res_last"), "train.steps=1", wait=False)
-    done = {stage: finish(proc) for stage, proc in running.items()}
-    for result in (ldm, *done.values()):
+    # the four stages at once, one rank each: their start-up (imports) is most of their time
+    sources = {"ldm": sd, "prior": karlo, "decoder": karlo, "upsampler": os.path.join(karlo, "super_res_last")}
+    running = {stage: train(root, stage, source, "train.steps=1", "train.checkpoint_every=1", wait=False) for stage, source in sources.items()}
+    for result in (finish(proc) for proc in running.values()):
         assert result.returncode == 0, result.stderr[-3000:]
         assert "built from their own configs; optimizer and data order start fresh" in result.stdout
     assert_started_from(checkpoint(root, "ldm"), {"model": os.path.join(sd, "unet")})
@@ -85,9 +83,11 @@ def test_every_stage_starts_from_its_public_layout_and_resumes_as_it(public):
     assert_started_from(checkpoint(root, "upsampler"), {"model": os.path.join(karlo, "super_res_last")})
     # The same command again, for more steps: it resumes the run, with the public architecture
     # (its stage.json's), not the stage's settings; and a new run starts from that run's EMA.
-    resumed = train(root, "ldm", sd, "train.steps=2", "train.checkpoint_every=1")
+    first = checkpoint(root, "ldm")
+    resuming = train(root, "ldm", sd, "train.steps=2", "train.checkpoint_every=1", wait=False)
+    tuned = finish(train(root, "ldm", first, "train.steps=1", "train.run=again", wait=False))
+    resumed = finish(resuming)
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout and "at step 1" in resumed.stdout, resumed.stderr[-3000:]
-    tuned = train(root, "ldm", os.path.join(root, "runs", "ldm", "main"), "train.steps=1", "train.run=again")
     assert tuned.returncode == 0 and "(EMA); optimizer and data order start fresh" in tuned.stdout, tuned.stderr[-3000:]
     info = json.load(open(os.path.join(checkpoint(root, "ldm", "again"), "stage.json")))
     assert info["modules"]["model"]["config"]["attention_head_dim"] == 2  # the public UNet's, not ldm.heads
@@ -111,6 +111,8 @@ def test_weights_that_do_not_fit_the_store_are_refused_before_any_rank_starts(pu
         ("upsampler", os.path.join(karlo, "decoder")): "'super_res_first' is a UNet2DConditionModel, expected a UNet2DModel",
         ("upsampler", str(tmp_path)): "neither a checkpoint of ours nor a diffusers folder",
     }
+    with pytest.raises(UserError, match="manifest lacks 'null_caption'"):  # a store embedded before it was recorded
+        check_before_launch(config.load(None, [f"root={root}", "ldm.null_text=empty_caption"]), "ldm")
     for (stage, source), message in refusals.items():
         with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
             check_before_launch(cfg, stage, source)

@@ -27,6 +27,10 @@ class LdmStage(Stage):
     def check_store(self) -> None:
         self.diffusion = Diffusion(self.section.diffusion)
         self.latent_scale = latent_scale(self.store, self.section.latent_scale, "ldm.latent_scale")
+        self.null = None  # dropped text: all zeros
+        if self.section.null_text == "empty_caption":
+            empty = {k: torch.from_numpy(v)[None] for k, v in self.store.null_caption().items()}
+            self.null = ldm.context(text_conditioning(empty, self.text_columns), self.embedding_token)
         if not self.embedding_token:
             return
         width, dim = self.store.shape("clip_text_tokens")[1], self.store.shape("clip_text_emb")[0]
@@ -58,12 +62,14 @@ class LdmStage(Stage):
     def loss(self, model: Any, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         x0 = batch["vae_latent"].float() * self.latent_scale
         drop = row_mask(len(x0), self.section.text_drop, generator, x0.device)
-        context = ldm.context(text_conditioning(batch, self.text_columns), self.embedding_token) * (~drop).float()[:, None, None]
+        context = ldm.context(text_conditioning(batch, self.text_columns), self.embedding_token)
+        null = torch.zeros_like(context) if self.null is None else self.null.to(context.device).expand_as(context)
+        context = torch.where(drop[:, None, None], null, context)
         t, noise = self.diffusion.draw(x0, generator)
         return self.diffusion.loss(ldm.predict(model, self.diffusion.q_sample(x0, t, noise), t, context), x0, noise, t)
 
     def extras(self) -> dict[str, Any]:
-        return {"latent_scale": self.latent_scale, "text_embedding_token": self.embedding_token}
+        return {"latent_scale": self.latent_scale, "text_embedding_token": self.embedding_token, "null_text": self.section.null_text}
 
     def preview(self, model: torch.nn.Module, count: int = 4) -> list[tuple[str, Any]]:
         """Samples for the first captions of the store, decoded with the store's VAE."""
@@ -72,5 +78,6 @@ class LdmStage(Stage):
             return []
         rows = self.preview_rows(list(self.text_columns), count)
         context = ldm.context(text_conditioning(rows, self.text_columns), self.embedding_token)
-        latents = ldm.sample(model, self.diffusion, context, self.preview_settings.steps, self.preview_settings.guidance, torch.Generator().manual_seed(0))
+        latents = ldm.sample(model, self.diffusion, context, self.preview_settings.steps, self.preview_settings.guidance,
+                             torch.Generator().manual_seed(0), self.null)  # fmt: skip
         return [("ldm", grid([to_pil(vae.decode(latents / self.latent_scale))]))]
