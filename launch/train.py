@@ -84,7 +84,7 @@ def train_local(cfg: Config, stage: str, resume_from: str | None = None, init_fr
         f.write(config_yaml)
         f.flush()
         command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.train.nproc}",
+            sys.executable, "-m", "launch.agent", "--standalone", f"--nproc_per_node={cfg.train.nproc}",
             f"--shutdown-timeout={cfg.train.preemption_grace_s}", *rank_command(stage, f.name, resume_from, init_from),
         ]  # fmt: skip
         log(f"train {stage}: {cfg.train.nproc} ranks -> {run_url}")
