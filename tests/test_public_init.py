@@ -110,6 +110,8 @@ def test_weights_that_do_not_fit_the_store_are_refused_before_any_rank_starts(pu
         ("decoder", karlo): "decoder/config.json in_channels is 3, but decoder.space=latent on the store's vae_latent",
         ("upsampler", os.path.join(karlo, "decoder")): "'super_res_first' is a UNet2DConditionModel, expected a UNet2DModel",
         ("upsampler", str(tmp_path)): "neither a checkpoint of ours nor a diffusers folder",
+        # a repo id goes to the hub for its configs: offline here (HF_HUB_OFFLINE), one line naming what it wanted
+        ("ldm", "stabilityai/stable-diffusion-2-base"): "'stabilityai/stable-diffusion-2-base': cannot read unet/config.json from the hub",
     }
     with pytest.raises(UserError, match="manifest lacks 'null_caption'"):  # a store embedded before it was recorded
         check_before_launch(config.load(None, [f"root={root}", "ldm.null_text=empty_caption"]), "ldm")
