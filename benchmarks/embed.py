@@ -82,7 +82,7 @@ def main() -> None:
     from data_pipeline.config import SyntheticConfig
     from data_pipeline.ray_runtime import ray_session
     from launch import config
-    from data_pipeline.base.configlib import to_dict
+    from models.base.configlib import to_dict
     from models.encoders import write_tiny_encoders
 
     work = tempfile.mkdtemp(prefix="unclip-bench-embed-")

@@ -130,7 +130,7 @@ def check_content(raw_url: str, shards: int, buckets: int, sample: int) -> dict:
     import pyarrow.parquet as pq
 
     from data_pipeline import dedup, raw
-    from data_pipeline.base import storage
+    from models.base import storage
 
     chosen = set(np.random.default_rng(0).choice(buckets, size=min(sample, buckets), replace=False).tolist())
     first: dict[bytes, str] = {}

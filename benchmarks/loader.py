@@ -26,7 +26,7 @@ COLUMNS = ["vae_latent", "clip_text_tokens"]  # the ldm stage's columns, less cl
 def bare_scan(store) -> int:
     import pyarrow.parquet as pq
 
-    from data_pipeline.base import storage
+    from models.base import storage
     from data_pipeline.store import column_numpy
 
     rows = 0

@@ -53,7 +53,7 @@ def main() -> None:
     from data_pipeline.store import open_store
     from launch import config as config_mod
     from launch import demo, evaluate
-    from data_pipeline.base.configlib import read_yaml
+    from models.base.configlib import read_yaml
     from data_pipeline.synthetic_quality import clip_retrieval, vae_psnr
     from models.metrics import guidance_gain
 

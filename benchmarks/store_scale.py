@@ -42,7 +42,7 @@ def generate_index(store_url: str, parts: int, rows_per_part: int, stats_dim: in
     import pyarrow.parquet as pq
 
     from data_pipeline import dedup, store
-    from data_pipeline.base import storage
+    from models.base import storage
     from data_pipeline.store_writer import INDEX_SLICE
 
     rng = np.random.default_rng(seed)
@@ -78,7 +78,7 @@ def child_layout(store_url: str) -> dict:
     import psutil
 
     from data_pipeline import store
-    from data_pipeline.base import storage
+    from models.base import storage
     from training.data import StoreLoader
 
     base = psutil.Process().memory_info().rss
@@ -98,7 +98,7 @@ def child_embed(workdir: str, shard_size: int) -> dict:
     from data_pipeline import embed, synthetic
     from data_pipeline.config import SyntheticConfig
     from launch import config
-    from data_pipeline.base.configlib import to_dict
+    from models.base.configlib import to_dict
     from models.encoders import write_tiny_encoders
 
     site, wds = os.path.join(workdir, "site"), os.path.join(workdir, f"wds-{shard_size}")

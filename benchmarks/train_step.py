@@ -70,7 +70,7 @@ def plain_loop(cfg, steps: int, device) -> tuple[float, object]:
 
 
 def engine_steps(cfg, steps: int, run: str) -> float:
-    from data_pipeline.base.configlib import replace
+    from models.base.configlib import replace
     from launch.rank import run_rank
 
     # metrics every 10 steps, as a real run logs; the first window (warm-up) is left out

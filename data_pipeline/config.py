@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from data_pipeline.base.configlib import option
-from data_pipeline.base.storage_s3 import DEFAULT_ATTEMPTS, DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_READ_TIMEOUT_S
+from models.base.configlib import option
+from models.base.storage_s3 import DEFAULT_ATTEMPTS, DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_READ_TIMEOUT_S
 
 # Columns `unclip embed` can write (plus image_<side> for any side); `data_pipeline/store.py`,
 # the embedding store contract, defines each one.
@@ -36,7 +36,7 @@ class RayConfig:
 
 @dataclass
 class StorageConfig:
-    """How long a job waits out a failing object store (S3; `data_pipeline/base/storage_s3.py`) before it
+    """How long a job waits out a failing object store (S3; `models/base/storage_s3.py`) before it
     stops, with what it committed kept. A persistent outage stops a job within about
     attempts × (read_timeout_s + 20 s of backoff) per request."""
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipeline import dedup, raw, tasks
-from data_pipeline.base import storage
+from models.base import storage
 
 
 def layout(raw_url: str, shards: int, samples_hint: int, plan_task_rows: int, shard_size: int, bucket_rows: int) -> dict[str, int]:

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from data_pipeline.base import storage
+from models.base import storage
 
 KEY = pa.binary(32)
 ROW_BITS = 32  # order = major << ROW_BITS | row: a piece or shard holds fewer than 2**32 rows

@@ -32,8 +32,8 @@ import ray
 import torch
 
 from data_pipeline import sources, store, store_writer, tasks
-from data_pipeline.base import storage
-from data_pipeline.base.errors import StorageUnavailable
+from models.base import storage
+from models.base.errors import StorageUnavailable
 from data_pipeline.config import EmbedConfig, RayConfig
 from data_pipeline.embed_worker import Encoder, ShardJob, embed_shard
 from data_pipeline.ray_runtime import ray_session

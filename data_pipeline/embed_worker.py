@@ -20,7 +20,7 @@ import ray
 from PIL import Image
 
 from data_pipeline import sources, store, store_writer
-from data_pipeline.base import storage
+from models.base import storage
 
 IN_FLIGHT = 2  # chunks of one shard at the encoders at once: the next decodes while one encodes
 FLOAT16_MAX = 65504.0

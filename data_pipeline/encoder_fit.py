@@ -26,7 +26,7 @@ from open_clip.loss import ClipLoss
 from PIL import Image
 from safetensors.torch import save_file
 
-from data_pipeline.base import storage
+from models.base import storage
 from data_pipeline.sources import Source, iter_samples
 from data_pipeline.synthetic_quality import clip_retrieval, vae_psnr
 from models.config import EncodersConfig

@@ -30,8 +30,8 @@ import pyarrow as pa
 import ray
 
 from data_pipeline import content_dedup, filters, plan, raw, tasks, url_list
-from data_pipeline.base import storage
-from data_pipeline.base.errors import JobFailed, StorageUnavailable
+from models.base import storage
+from models.base.errors import JobFailed, StorageUnavailable
 from data_pipeline.config import IngestConfig, RayConfig
 from data_pipeline.ray_runtime import ray_session
 

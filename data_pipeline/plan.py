@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import ray
 
 from data_pipeline import dedup, filters, raw, tasks, url_list
-from data_pipeline.base import storage
+from models.base import storage
 from data_pipeline.config import IngestConfig, IngestFilters
 from data_pipeline.url_list import NON_UTF8, UrlListError
 

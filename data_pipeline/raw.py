@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_pipeline.base import storage
+from models.base import storage
 
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count
 STATS_SUFFIX = "_stats.json"

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 import ray
 
-from data_pipeline.base import storage
+from models.base import storage
 from data_pipeline.config import RayConfig
 
 # Environment every Ray worker needs: img2dataset's albumentations calls out at import without

@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipeline import raw
-from data_pipeline.base import storage
-from data_pipeline.base.errors import UserError
+from models.base import storage
+from models.base.errors import UserError
 from data_pipeline.url_list import stable_key
 
 IMAGE_COLUMNS = ("jpg", "png", "webp", "image", "img")

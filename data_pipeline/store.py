@@ -32,8 +32,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from safetensors.numpy import load as load_arrays
 
-from data_pipeline.base import storage
-from data_pipeline.base.errors import UserError
+from models.base import storage
+from models.base.errors import UserError
 
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import ray
 
 from data_pipeline import tasks
-from data_pipeline.base import storage
+from models.base import storage
 from data_pipeline.ray_runtime import ray_session
 from data_pipeline.store import (
     BASE_COLUMNS, ENCODERS_LOCK, HOLDOUT_SEED, MANIFEST, NULL_CAPTION, ROW_GROUP, SCHEMA_VERSION, StoreError, arrow_schema, column_numpy,

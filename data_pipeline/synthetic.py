@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from data_pipeline.base import storage
+from models.base import storage
 from data_pipeline.config import SyntheticConfig
 
 COLORS: dict[str, tuple[int, int, int]] = {

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import ray
 
-from data_pipeline.base import storage
+from models.base import storage
 
 PEAK_RSS = "peak_rss_bytes"  # every marker carries its worker's peak resident memory
 READ_THREADS = 16

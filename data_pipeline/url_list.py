@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 from pyarrow import csv
 from pyarrow import json as pa_json
 
-from data_pipeline.base import storage
-from data_pipeline.base.errors import UserError
+from models.base import storage
+from models.base.errors import UserError
 
 URL_COLUMNS = ("URL", "url")
 CAPTION_COLUMNS = ("TEXT", "caption", "text")

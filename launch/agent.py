@@ -1,7 +1,7 @@
 """torchrun for `unclip train` on this machine: `python -m launch.agent [torchrun's arguments]`.
 
 torchrun's own agent, unchanged, except that a finished launch exits as our commands do (after the
-exit handlers, without the interpreter's teardown: data_pipeline/base/process.py), which costs
+exit handlers, without the interpreter's teardown: models/base/process.py), which costs
 every training launch half a second otherwise. A failed launch raises as torchrun does.
 Multi-node launches keep `python -m torch.distributed.run`, the command their users know.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch.distributed.run import main
 
-from data_pipeline.base.process import exit_now
+from models.base.process import exit_now
 
 if __name__ == "__main__":
     try:

@@ -11,7 +11,7 @@ import os
 import re
 import sys
 
-from data_pipeline.base.process import exit_now
+from models.base.process import exit_now
 
 COMMANDS = {
     "ingest": "download a URL list into ROOT/raw/ (Ray + img2dataset)",
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     configuration, 1: a job that failed), with the traceback only under --debug."""
     _setup_environment()
     args = _parse(argv)
-    from data_pipeline.base.errors import JobFailed, StorageUnavailable, UserError
+    from models.base.errors import JobFailed, StorageUnavailable, UserError
     from launch import config as config_mod
 
     log = lambda msg: print(msg, flush=True)  # noqa: E731
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, cfg, log) -> int:
-    from data_pipeline.base.configlib import to_dict, to_yaml
+    from models.base.configlib import to_dict, to_yaml
 
     if args.command == "ingest":
         from data_pipeline import ingest

@@ -10,8 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
-from data_pipeline.base import configlib, storage
-from data_pipeline.base.configlib import option
+from models.base import configlib, storage
+from models.base.configlib import option
 from data_pipeline.config import EmbedConfig, IngestConfig, RayConfig, StorageConfig, SyntheticConfig
 from models.config import DecoderConfig, EncodersConfig, LdmConfig, PriorConfig, UpsamplerConfig
 from training.config import TrainConfig

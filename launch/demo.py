@@ -14,8 +14,8 @@ import time
 from typing import Any, Iterator
 
 from data_pipeline import embed, encoder_fit, ingest, synthetic
-from data_pipeline.base import storage
-from data_pipeline.base.configlib import replace, to_dict, to_yaml
+from models.base import storage
+from models.base.configlib import replace, to_dict, to_yaml
 from data_pipeline.ray_runtime import ray_session
 from data_pipeline.sources import open_source
 from launch import evaluate, sample

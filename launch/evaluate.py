@@ -27,8 +27,8 @@ import torch
 from PIL import Image
 from PIL import ImageDraw
 
-from data_pipeline.base import storage
-from data_pipeline.base.configlib import to_yaml
+from models.base import storage
+from models.base.configlib import to_yaml
 from data_pipeline.store import Store, StoreError, open_store
 from data_pipeline.synthetic_reader import prompt_following
 from launch.config import Config

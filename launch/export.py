@@ -31,8 +31,8 @@ from typing import Any
 
 import yaml
 
-from data_pipeline.base import storage
-from data_pipeline.base.configlib import read_yaml
+from models.base import storage
+from models.base.configlib import read_yaml
 from data_pipeline.store import Store, open_store
 from launch.config import Config
 from launch.trained import check_identity, recorded_diffusion

@@ -16,8 +16,8 @@ from typing import Any
 
 from ray.job_submission import JobSubmissionClient
 
-from data_pipeline.base import storage
-from data_pipeline.base.configlib import ConfigError, replace, to_yaml
+from models.base import storage
+from models.base.configlib import ConfigError, replace, to_yaml
 from data_pipeline.ray_runtime import forwarded_env, masked
 from launch.config import Config
 

@@ -23,8 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.base import storage
-from data_pipeline.base.configlib import ConfigError, to_yaml
+from models.base import storage
+from models.base.configlib import ConfigError, to_yaml
 from data_pipeline.ray_runtime import SECRET_NAME, masked
 from launch import config as config_mod
 from launch import ray_train

@@ -19,10 +19,10 @@ import sys
 import warnings
 from typing import Any, Callable
 
-from data_pipeline.base.configlib import read_yaml, to_yaml
-from data_pipeline.base.errors import StorageUnavailable, UserError
-from data_pipeline.base.ports import free_port
-from data_pipeline.base.process import exit_now
+from models.base.configlib import read_yaml, to_yaml
+from models.base.errors import StorageUnavailable, UserError
+from models.base.ports import free_port
+from models.base.process import exit_now
 from data_pipeline.store import Store, open_store
 from launch import config as config_mod
 from launch.config import Config

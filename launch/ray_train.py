@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from data_pipeline.base import storage
-from data_pipeline.base.configlib import read_yaml
+from models.base import storage
+from models.base.configlib import read_yaml
 from data_pipeline.ray_runtime import ray_session
 from launch import config as config_mod
 from launch.config import Config

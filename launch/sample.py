@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipeline.base import storage
-from data_pipeline.base.configlib import to_yaml
+from models.base import storage
+from models.base.configlib import to_yaml
 from data_pipeline.embed_worker import resize_center_crop
 from data_pipeline.store import open_store
 from launch.config import Config

@@ -16,9 +16,9 @@ import tempfile
 import threading
 from typing import Any
 
-from data_pipeline.base import storage
-from data_pipeline.base.configlib import to_yaml
-from data_pipeline.base.errors import JobFailed
+from models.base import storage
+from models.base.configlib import to_yaml
+from models.base.errors import JobFailed
 from data_pipeline.store import Store, StoreError, open_store
 from launch import config as config_mod
 from launch.config import Config

@@ -9,8 +9,8 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from data_pipeline.base import configlib, storage
-from data_pipeline.base.configlib import read_yaml
+from models.base import configlib, storage
+from models.base.configlib import read_yaml
 from data_pipeline.store import Store, StoreError
 from launch.config import Config
 from models import chains, prior

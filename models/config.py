@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from data_pipeline.base.configlib import option
+from models.base.configlib import option
 
 
 @dataclass

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from data_pipeline.base import storage
+from models.base import storage
 from models.config import ClipConfig, EncodersConfig, TinyEncodersConfig, VaeConfig
 from models.normalization import norm_groups
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from data_pipeline.base.errors import UserError
+from models.base.errors import UserError
 
 PIPELINE_INDEX = "model_index.json"
 COMPONENTS = {

@@ -84,7 +84,7 @@ def local_ray(s3_endpoint):
     after the S3 server so its workers inherit the endpoint and credentials."""
     import ray
 
-    from data_pipeline.base import storage
+    from models.base import storage
     from data_pipeline.config import RayConfig
     from data_pipeline.ray_runtime import ray_session
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from data_pipeline.base.configlib import ConfigError, parse_override
+from models.base.configlib import ConfigError, parse_override
 from launch import cli, config
 
 
@@ -83,7 +83,7 @@ def test_override_syntax():
 
 
 def test_saved_config_round_trips(tmp_path):
-    from data_pipeline.base.configlib import read_yaml, to_yaml
+    from models.base.configlib import read_yaml, to_yaml
 
     cfg = config.load(None, [f"root={tmp_path}", "train.steps=11", "train.deepspeed={zero_optimization: {overlap_comm: true}}"])
     (tmp_path / "saved.yaml").write_text(to_yaml(cfg))

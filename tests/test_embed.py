@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from data_pipeline import embed, sources, store, store_writer, synthetic
-from data_pipeline.base import storage
-from data_pipeline.base.configlib import to_dict
+from models.base import storage
+from models.base.configlib import to_dict
 from data_pipeline.config import SyntheticConfig
 from data_pipeline.embed_worker import invalid_rows
 from launch import cli, config

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_pipeline.base import storage
+from models.base import storage
 from tests.storefactory import make_store
 
 pytestmark = pytest.mark.slow

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from data_pipeline import filters, ingest, plan, raw, url_list
-from data_pipeline.base import storage
+from models.base import storage
 from data_pipeline.config import IngestConfig, IngestFilters, RayConfig, Threshold
 from launch import config
 from tests import images

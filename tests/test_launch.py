@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from data_pipeline.base.ports import free_port
+from models.base.ports import free_port
 from launch import cli
 from launch import config as config_mod
 from tests.storefactory import make_store

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from data_pipeline.base import storage
+from models.base import storage
 from tests import storefactory
 from training.data import StoreLoader, deal
 

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from data_pipeline.base import storage
-from data_pipeline.base.configlib import ConfigError, read_yaml, replace
+from models.base import storage
+from models.base.configlib import ConfigError, read_yaml, replace
 from data_pipeline.store import StoreError, open_store
 from launch import config, demo, export, sample
 from launch.train import train_local

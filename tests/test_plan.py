@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_pipeline import content_dedup, dedup, filters, plan, raw, tasks, url_list
-from data_pipeline.base import storage
+from models.base import storage
 from data_pipeline.config import IngestConfig, IngestFilters, Threshold
 
 QUIET = lambda _msg: None  # noqa: E731

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_pipeline.base.errors import UserError
+from models.base.errors import UserError
 from launch import config
 from launch.train import check_before_launch
 from tests import public_layouts

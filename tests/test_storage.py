@@ -13,8 +13,8 @@ import uuid
 
 import pytest
 
-from data_pipeline.base import storage
-from data_pipeline.base.errors import StorageUnavailable
+from models.base import storage
+from models.base.errors import StorageUnavailable
 
 
 @pytest.fixture(params=["local", "memory", "s3"])
@@ -81,7 +81,7 @@ def test_failed_folder_write_is_not_committed(base):
 KILLED_WRITER = textwrap.dedent(
     """
     import sys, time
-    from data_pipeline.base import storage
+    from models.base import storage
     with storage.atomic_open(sys.argv[1]) as f:
         f.write(b"first half ")
         f.flush()

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from data_pipeline.base.process import exit_now
+from models.base.process import exit_now
 from launch import config
 from training.ds_config import deepspeed_config, make_optimizer
 from training.ema import EMA

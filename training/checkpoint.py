@@ -36,8 +36,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from data_pipeline.base import storage
-from data_pipeline.base.errors import JobFailed
+from models.base import storage
+from models.base.errors import JobFailed
 from models.assembly import rebuild
 
 LATEST = "latest"

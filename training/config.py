@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from data_pipeline.base.configlib import ConfigError, build, dotted, merge, option, to_dict
+from models.base.configlib import ConfigError, build, dotted, merge, option, to_dict
 from training.stages import STAGE_NAMES
 
 # DeepSpeed keys derived from our own settings; passing them raw would contradict those.

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from data_pipeline.base import storage
+from models.base import storage
 from data_pipeline.store import Store, StoreError, column_numpy, heldout_mask
 
 

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import torch
 
-from data_pipeline.base.configlib import ConfigError
+from models.base.configlib import ConfigError
 from models.schedules import warmup_then_decay
 from training.config import OptimConfig, TrainConfig
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
-from data_pipeline.base import storage
+from models.base import storage
 from data_pipeline.store import Store
 from models.assembly import rebuild
 from models.public import find_public

@@ -11,7 +11,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from data_pipeline.base.errors import JobFailed
+from models.base.errors import JobFailed
 from training.config import FaultInjection
 
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data_pipeline.base import storage
+from models.base import storage
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from data_pipeline.base import storage
+from models.base import storage
 from data_pipeline.store import Store, StoreError, read_index
 
 VERIFIED = "store_verified.json"

@@ -57,11 +57,11 @@ def configure_object_store(attempts: int, connect_timeout_s: float, read_timeout
 def _register_s3() -> None:
     for protocol in ("s3", "s3a"):
         if protocol in fsspec.registry:  # already imported by someone: replace the class itself
-            from data_pipeline.base.storage_s3 import S3FileSystem  # lazy: s3fs and botocore, for s3:// only
+            from models.base.storage_s3 import S3FileSystem  # lazy: s3fs and botocore, for s3:// only
 
             fsspec.register_implementation(protocol, S3FileSystem, clobber=True)
         else:
-            fsspec.register_implementation(protocol, "data_pipeline.base.storage_s3.S3FileSystem", clobber=True)
+            fsspec.register_implementation(protocol, "models.base.storage_s3.S3FileSystem", clobber=True)
 
 
 _register_s3()

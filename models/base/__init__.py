@@ -7,6 +7,7 @@ each other.
 - `errors`: the two kinds of failure a user sees (bad input, exit 2; a failed job, exit 1).
 - `ports`, `process`: a free TCP port; how a finished command exits without interpreter teardown.
 
-They sit inside data_pipeline/ only because the repository's top level is fixed; nothing else of
-data_pipeline/ may be imported by the packages below it (tests/test_layers.py checks that).
+They sit inside models/, the lowest package, only because the repository's top level is fixed:
+every package may import models/, and these import nothing of it but each other
+(tests/test_layers.py checks that).
 """

@@ -21,7 +21,7 @@ import s3fs
 from fsspec.asyn import sync_wrapper
 from botocore.exceptions import BotoCoreError, ClientError
 
-from data_pipeline.base.errors import StorageUnavailable
+from models.base.errors import StorageUnavailable
 
 # botocore's own default of attempts for standard mode is 3; a job that runs for days rides out a
 # longer S3 brown-out before giving up. A read timeout of 60 s is the AWS SDKs' own default.

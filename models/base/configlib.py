@@ -29,8 +29,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
-from data_pipeline.base import storage
-from data_pipeline.base.errors import UserError
+from models.base import storage
+from models.base.errors import UserError
 
 T = TypeVar("T")
 
