@@ -43,7 +43,10 @@ class SampleConfig:
     guidance: float = option(3.0, ge=0, doc="the ldm's classifier-free guidance scale; 1 turns it off, 0 is unconditional")
     decoder_guidance: float = option(1.5, ge=0, doc="the unCLIP decoder's guidance scale (also for variations and interpolation)")
     prior_guidance: float = option(1.0, ge=0, doc="the unCLIP prior's guidance scale")
-    sampler: Literal["ddim", "ddpm"] = "ddim"
+    sampler: Literal["ddim", "ddpm", "unclip"] = option(
+        "ddim", doc="every stage's reverse process: DDIM, DDPM, or unclip (diffusers' UnCLIPScheduler, as UnCLIPPipeline samples Karlo; "
+                    "cosine schedule, eps or x0 prediction)",
+    )  # fmt: skip
     device: Literal["auto", "cpu", "cuda"] = option("auto", doc="where sample and eval run the networks; auto: the GPU when torch sees one")
     seed: int = 0
     run: str = option("main", doc="which run of prior, decoder and ldm to sample from")
@@ -64,6 +67,9 @@ class SampleConfig:
     def validate(self) -> None:
         if not self.prompts:
             raise ValueError("config key 'sample.prompts': expected at least one prompt")
+        if self.sampler == "unclip" and min(self.steps, self.upsampler_steps) < 2:
+            raise ValueError(f"config key 'sample.sampler' is 'unclip', whose timesteps need sample.steps and sample.upsampler_steps >= 2; "
+                             f"got {self.steps} and {self.upsampler_steps}")  # fmt: skip
         if self.interpolate and len(self.interpolate) != 2:
             raise ValueError(f"config key 'sample.interpolate': expected two prompts, got {len(self.interpolate)}")
 

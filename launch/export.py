@@ -6,8 +6,10 @@ DIR/ldm/                the ldm chain as a diffusers pipeline, prompt to picture
                         (ldm.text_embedding_token false, ldm.null_text empty_caption); else a custom
                         one (models/ldm_pipeline.py, shipped as ldm_pipeline.py)
 DIR/unclip/             the unCLIP chain (prior, decoder + text_proj, up to two upsamplers in
-                        sample.upsampler_runs' order) as one custom pipeline with each network's
-                        scheduler, the text encoder and, for a latent decoder, the VAE
+                        sample.upsampler_runs' order) as one pipeline with the text encoder: diffusers'
+                        `UnCLIPPipeline` where the chain is conditioned and sampled as Karlo is
+                        (`unclip_pipeline_misfits` says what that takes), else a custom one with each
+                        network's scheduler and, for a latent decoder, the VAE
                         (models/unclip_pipeline.py); unclip_stages.json says how each is conditioned
 DIR/<stage>/<module>/   a stage outside a whole chain: save_pretrained of each network (prior:
                         PriorTransformer with the store's CLIP mean/std inside; decoder:
@@ -17,7 +19,7 @@ DIR/vae/, DIR/clip/     the frozen encoders, copied when they are local folders
 DIR/README.md           a model card: each stage's training config, how to load it, the store's identity
 
 `DiffusionPipeline.from_pretrained(DIR/ldm or DIR/unclip, trust_remote_code=True)(prompt, generator=...)`
-draws what `unclip sample` draws at the same seed, steps and guidance; each network alone, driven
+(no remote code for the standard pipelines) draws what `unclip sample` draws at the same seed, steps and guidance; each network alone, driven
 by its scheduler, gives the same outputs too (tests/test_pipeline.py checks both).
 """
 
@@ -68,17 +70,19 @@ def run(cfg: Config, out: str, log=print) -> dict[str, Any]:
     # the unCLIP chain, when it is whole, is one pipeline folder holding its networks
     chain = [item for item in loaded if item[0] in ("prior", "decoder", "upsampler")]
     whole = {item[0] for item in chain} >= {"prior", "decoder"} and sum(item[0] == "upsampler" for item in chain) <= MAX_SUPER_RES
+    misfits = unclip_pipeline_misfits(cfg, chain) if whole else []
+    chain_pipeline = "UnCLIPPipeline" if whole and not misfits else UnclipChainPipeline.__name__
     with storage.atomic_dir(out) as staging:
         for stage, run_name, name, folder, model, info, diffusion_cfg, diffusion in loaded:
             pipeline, where = None, name
             if stage == "ldm":
                 pipeline = _ldm_pipeline(cfg, store, model, diffusion, info["extras"], os.path.join(staging, name))
             elif whole:
-                pipeline, where = UnclipChainPipeline.__name__, UNCLIP_FOLDER
+                pipeline, where = chain_pipeline, UNCLIP_FOLDER
             else:
                 for module_name, module in modules_of(model).items():
                     module.save_pretrained(os.path.join(staging, name, module_name))
-                diffusion.make_scheduler().save_pretrained(os.path.join(staging, name, "scheduler"))
+                diffusion.make_scheduler(learned_variance=getattr(model, "learned_variance", False)).save_pretrained(os.path.join(staging, name, "scheduler"))
             description = {"stage": stage, "run": run_name, "checkpoint": folder, "modules": list(info["modules"]),
                            "extras": info["extras"], "diffusion": dataclasses.asdict(diffusion_cfg),
                            "null_condition": NULL_CONDITION[stage], "pipeline": pipeline, "folder": where}  # fmt: skip
@@ -86,11 +90,12 @@ def run(cfg: Config, out: str, log=print) -> dict[str, Any]:
                 with open(os.path.join(staging, name, "unclip_stage.json"), "w") as f:
                     json.dump(description, f, indent=2, default=str)
             exported[name] = description
-            card_sections.append(_card_section(name, stage, folder, pipeline, where))
+            card_sections.append(_card_section(name, stage, folder, pipeline, where, misfits))
         if whole:
-            _unclip_pipeline(cfg, store, chain, os.path.join(staging, UNCLIP_FOLDER))
+            build = _unclip_pipeline if misfits else _standard_unclip_pipeline
+            build(cfg, store, chain, os.path.join(staging, UNCLIP_FOLDER))
             with open(os.path.join(staging, UNCLIP_FOLDER, "unclip_stages.json"), "w") as f:
-                json.dump({item[2]: exported[item[2]] for item in chain}, f, indent=2, default=str)
+                json.dump({**{item[2]: exported[item[2]] for item in chain}, "not_an_UnCLIPPipeline_because": misfits}, f, indent=2, default=str)
         _copy_encoders(cfg, staging, exported)
         with open(os.path.join(staging, "README.md"), "w") as f:
             f.write(model_card(store.manifest, card_sections))
@@ -104,22 +109,85 @@ MAX_SUPER_RES = 2  # the chain pipeline's super-resolution slots (64 -> 256 -> 1
 
 def _ship_code(folder: str, module, pipe) -> None:
     """Put a custom pipeline's source beside its components and name it in model_index.json, so
-    that DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) loads the class from it.
-    A component diffusers no longer exports at its top level (UnCLIPTextProjModel) is named by its
-    module, which the pipeline's source imports before its components load."""
-    import diffusers  # lazy: as the pipelines above
-
+    that DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) loads the class from it."""
     name = os.path.splitext(os.path.basename(module.__file__))[0]
     shutil.copy(module.__file__, os.path.join(folder, f"{name}.py"))
+    _name_components_by_module(folder, pipe, class_name=[name, type(pipe).__name__])
+
+
+def _name_components_by_module(folder: str, pipe, class_name: list[str] | None = None) -> None:
+    """A component diffusers no longer exports at its top level (UnCLIPTextProjModel) is named in
+    model_index.json by its module: diffusers' own save_pretrained names it by the top level, which
+    from_pretrained (0.42) then cannot load, even into an UnCLIPPipeline."""
+    import diffusers  # lazy: as the pipelines above
+
     index = os.path.join(folder, "model_index.json")
     with open(index) as f:
         described = json.load(f)
-    described["_class_name"] = [name, type(pipe).__name__]
+    if class_name:
+        described["_class_name"] = class_name
     for component, value in described.items():
         if isinstance(value, list) and value[:1] == ["diffusers"] and not hasattr(diffusers, value[1]):
             described[component] = [type(getattr(pipe, component)).__module__, value[1]]
     with open(index, "w") as f:
         json.dump(described, f, indent=2)
+
+
+# The decoder blocks to which UnCLIPPipeline's `attention_mask` is the text's mask: diffusers'
+# CrossAttn* blocks would apply it to their self-attention (they take the text's as encoder_attention_mask).
+_TEXT_MASKED_BLOCKS = ("SimpleCrossAttnDownBlock2D", "SimpleCrossAttnUpBlock2D", "UNetMidBlock2DSimpleCrossAttn",
+                       "ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D", "DownBlock2D", "UpBlock2D")  # fmt: skip
+
+
+def unclip_pipeline_misfits(cfg: Config, chain: list[tuple]) -> list[str]:
+    """What keeps the whole unCLIP chain from being diffusers' UnCLIPPipeline, which draws as Karlo
+    does: the UnCLIPScheduler for every network, the empty caption as unconditional text, the
+    decoder's text mask, one upsampler (run as its first and last UNet) over an antialiased bicubic
+    enlargement, on the last text layer. [] when it is one."""
+    by_stage = {item[0]: item for item in chain if item[0] != "upsampler"}
+    upsamplers = [item for item in chain if item[0] == "upsampler"]
+    prior_extras, dec, dec_extras = by_stage["prior"][5]["extras"], by_stage["decoder"][4], by_stage["decoder"][5]["extras"]
+    unet = dec.unet.config
+    found = []
+    if cfg.sample.sampler != "unclip":
+        found.append(f"sample.sampler is {cfg.sample.sampler!r}, not 'unclip' (UnCLIPScheduler)")
+    if cfg.encoders.clip.text_layer != "last":
+        found.append(f"encoders.clip.text_layer is {cfg.encoders.clip.text_layer!r}: UnCLIPPipeline reads the last")
+    for stage, extras in (("prior", prior_extras), ("decoder", dec_extras)):
+        if extras.get("null_text", "zeros") != "empty_caption":
+            found.append(f"{stage}.null_text is {extras.get('null_text', 'zeros')!r}: UnCLIPPipeline's unconditional text is the empty caption")
+    if not dec_extras.get("text_mask"):
+        found.append("decoder.text_mask is off: UnCLIPPipeline masks the caption's padding")
+    if dec.latent or dec.patch != 1:
+        found.append("the decoder draws VAE latents" if dec.latent else f"the decoder folds {dec.patch} x {dec.patch} pixels into channels")
+    blocks = [*unet.down_block_types, *unet.up_block_types, unet.mid_block_type]
+    if any(b not in _TEXT_MASKED_BLOCKS for b in blocks if b):
+        found.append(f"the decoder's blocks {sorted(set(b for b in blocks if b and b not in _TEXT_MASKED_BLOCKS))} would take "
+                     "UnCLIPPipeline's text mask for their self-attention (Karlo's are SimpleCrossAttn blocks)")  # fmt: skip
+    if len(upsamplers) != 1:
+        found.append(f"{len(upsamplers)} upsamplers: UnCLIPPipeline runs exactly one")
+    elif upsamplers[0][5]["extras"].get("resize", "bicubic_clamped") != "bicubic_antialias":
+        found.append("upsampler.resize is not bicubic_antialias, the enlargement UnCLIPPipeline gives its upsampler")
+    return found
+
+
+def _standard_unclip_pipeline(cfg: Config, store: Store, chain: list[tuple], folder: str) -> None:
+    """The chain as diffusers' UnCLIPPipeline (`unclip_pipeline_misfits` found nothing against it):
+    its one upsampler is both super_res_first and super_res_last, as one network ran every step."""
+    from diffusers import UnCLIPPipeline  # lazy: diffusers' pipelines load only for an export
+
+    by_stage = {item[0]: item for item in chain}
+    dec, upsampler = by_stage["decoder"][4], by_stage["upsampler"][4]
+    clip = FrozenClip(cfg.encoders.clip)
+    check_identity("clip", store.manifest["encoders"]["clip"], clip.identity())
+    pipe = UnCLIPPipeline(
+        prior=by_stage["prior"][4], decoder=dec.unet, text_proj=dec.text_proj, text_encoder=hf_text.text_encoder(clip),
+        tokenizer=hf_text.tokenizer(clip), super_res_first=upsampler, super_res_last=upsampler,
+        prior_scheduler=by_stage["prior"][7].make_scheduler(), decoder_scheduler=by_stage["decoder"][7].make_scheduler(learned_variance=dec.learned_variance),
+        super_res_scheduler=by_stage["upsampler"][7].make_scheduler(),
+    )  # fmt: skip
+    pipe.save_pretrained(folder)
+    _name_components_by_module(folder, pipe)
 
 
 def _unclip_pipeline(cfg: Config, store: Store, chain: list[tuple], folder: str) -> None:
@@ -143,8 +211,11 @@ def _unclip_pipeline(cfg: Config, store: Store, chain: list[tuple], folder: str)
     pipe = UnclipChainPipeline(
         text_encoder=hf_text.text_encoder(clip), tokenizer=hf_text.tokenizer(clip), prior=prior_model,
         prior_scheduler=prior_diffusion.make_scheduler(), decoder=dec.unet, text_proj=dec.text_proj,
-        decoder_scheduler=dec_diffusion.make_scheduler(), vae=vae, **super_res, text_layer=cfg.encoders.clip.text_layer,
-        decoder_latent_scale=dec_extras.get("latent_scale") if dec.latent else None,
+        decoder_scheduler=dec_diffusion.make_scheduler(learned_variance=dec.learned_variance), vae=vae, **super_res,
+        text_layer=cfg.encoders.clip.text_layer, decoder_latent_scale=dec_extras.get("latent_scale") if dec.latent else None,
+        prior_null_text=by_stage["prior"][5]["extras"].get("null_text", "zeros"), decoder_null_text=dec_extras.get("null_text", "zeros"),
+        decoder_text_mask=bool(dec_extras.get("text_mask")),
+        super_res_resize=[item[5]["extras"].get("resize", "bicubic_clamped") for item in upsamplers] + ["bicubic_clamped"] * (MAX_SUPER_RES - len(upsamplers)),
     )  # fmt: skip
     pipe.save_pretrained(folder)
     _ship_code(folder, unclip_pipeline, pipe)
@@ -177,7 +248,7 @@ def _ldm_pipeline(cfg: Config, store: Store, unet, diffusion: Diffusion, extras:
     return UnclipLdmPipeline.__name__
 
 
-def _card_section(name: str, stage: str, folder: str, pipeline: str | None, where: str) -> str:
+def _card_section(name: str, stage: str, folder: str, pipeline: str | None, where: str, misfits: list[str]) -> str:
     """The stage's part of the model card: how to load it, and the settings it was trained with, as
     its config.yaml recorded them (plain YAML: the card describes the run, whatever today's schema)."""
     trained_with = read_yaml(storage.join(folder, "config.yaml"))
@@ -186,19 +257,21 @@ def _card_section(name: str, stage: str, folder: str, pipeline: str | None, wher
         "StableDiffusionPipeline": f"A standard `StableDiffusionPipeline`: `StableDiffusionPipeline.from_pretrained('{where}')`.",
         UnclipLdmPipeline.__name__: f"A custom pipeline (its conditioning is unclip's): "
                                     f"`DiffusionPipeline.from_pretrained('{where}', trust_remote_code=True)`.",
-        UnclipChainPipeline.__name__: f"Part of the unCLIP chain's custom pipeline (its conditioning is unclip's): "
-                                      f"`DiffusionPipeline.from_pretrained('{where}', trust_remote_code=True)`.",
+        "UnCLIPPipeline": f"Part of the unCLIP chain as a standard `UnCLIPPipeline`: `UnCLIPPipeline.from_pretrained('{where}')`.",
+        UnclipChainPipeline.__name__: f"Part of the unCLIP chain's custom pipeline, not an `UnCLIPPipeline` because "
+                                      f"{'; '.join(misfits)}: `DiffusionPipeline.from_pretrained('{where}', trust_remote_code=True)`.",
         None: "Diffusers networks with the scheduler they sample with: see `unclip_stage.json`.",
     }[pipeline]  # fmt: skip
     return f"## {name}\n\n{load} From `{folder}`.\n\n```yaml\n{settings}```\n"
 
 
 NULL_CONDITION = {
-    "prior": "text dropped: zero text embedding and tokens, full attention mask",
-    "decoder": "image embedding dropped: text_proj.learned_classifier_free_guidance_embeddings; text dropped: zero text embedding and tokens; "
-               "the unet sees pixel_unshuffle(image, p) and its output goes through pixel_shuffle(., p), p = sqrt(unet.in_channels / 3); "
+    "prior": "text dropped: zero text embedding and tokens, full attention mask (extras.null_text zeros), or the empty caption's (empty_caption)",
+    "decoder": "image embedding dropped: text_proj.learned_classifier_free_guidance_embeddings; text dropped: zero text embedding and tokens "
+               "(extras.null_text zeros) or the empty caption's (empty_caption); with extras.text_mask the unet's encoder_attention_mask is "
+               "[context tokens: true, then the caption's mask]; the unet sees pixel_unshuffle(image, p) and its output goes through pixel_shuffle(., p), p = sqrt(unet.in_channels / 3); "
                "with extras.latent_channels it draws VAE latents instead (p = 1): pictures are vae.decode(latents / extras.latent_scale)",
-    "upsampler": "not conditioned on text; input is [noisy high-res, bicubic-upsampled low-res] on the channel axis",
+    "upsampler": "not conditioned on text; input is [noisy high-res, low-res enlarged as extras.resize says] on the channel axis",
     "ldm": "encoder_hidden_states: clip_text_tokens, then clip_text_emb as one more token when extras.text_embedding_token; "
            "text dropped: all zeros",
 }

@@ -120,10 +120,10 @@ def _variations(trained: Trained, log) -> dict[str, Any]:
     pixels = np.stack([np.asarray(resize_center_crop(im, clip.image_size)) for im in sources])
     embeddings = clip.encode_images(to_zero_one(pixels))
     n = s.images_per_prompt
-    no_text = {"emb": torch.zeros_like(embeddings), "tokens": torch.zeros(len(sources), clip.context_length, clip.text_width)}
-    conditioning = {"image_emb": embeddings, **no_text}
+    conditioning = {"image_emb": embeddings, **trained.no_caption(len(sources))}
+    empty = trained.empty_caption("decoder")
     levels = in_batches(_repeat(conditioning, n), s.seed, s.batch_size, lambda part, g: chains.decode_embeddings(
-        trained.nets["decoder"], trained.upsamplers, part["image_emb"], part, s.steps, s.decoder_guidance, g, s.upsampler_steps))  # fmt: skip
+        trained.nets["decoder"], trained.upsamplers, part["image_emb"], part, s.steps, s.decoder_guidance, g, s.upsampler_steps, empty))  # fmt: skip
     pictures = to_pil(levels[-1])
     side = pictures[0].width
     rows = [[src.resize((side, side))] + pictures[i * n : (i + 1) * n] for i, src in enumerate(sources)]
@@ -138,12 +138,12 @@ def _interpolation(trained: Trained, log) -> dict[str, Any]:
     text = trained.encode_text(s.interpolate)
     ends = trained.image_embeddings(text, s.steps, s.prior_guidance, s.seed, batch_size=len(s.interpolate))
     weights = np.linspace(0, 1, s.interpolation_steps)
-    no_text = {"emb": torch.zeros_like(ends[:1]), "tokens": torch.zeros(1, *text["tokens"].shape[1:])}
+    no_text, empty = trained.no_caption(1), trained.empty_caption("decoder")
     row = []
     for w in weights:  # the same noise at every point, so only the embedding changes along the row
         embedding = chains.slerp(ends[0], ends[1], float(w))[None]
         levels = chains.decode_embeddings(trained.nets["decoder"], trained.upsamplers, embedding, no_text, s.steps,
-                                          s.decoder_guidance, torch.Generator().manual_seed(s.seed), s.upsampler_steps)  # fmt: skip
+                                          s.decoder_guidance, torch.Generator().manual_seed(s.seed), s.upsampler_steps, empty)  # fmt: skip
         row += to_pil(levels[-1])
     path = save_png(grid([row]), storage.join(s.out, "interpolation.png"))
     log(f"sample: interpolation '{s.interpolate[0]}' -> '{s.interpolate[1]}' in {len(weights)} steps -> {path}")

@@ -52,6 +52,10 @@ def load_net(cfg: Config, stage: str, run: str, device: torch.device | str = "cp
     model, info = load_ema_model(folder)
     model.to(device)
     diffusion = Diffusion(recorded_diffusion(folder, info), cfg.sample.sampler)  # the schedule it was trained with
+    misfit = diffusion.unclip_sampler_misfit() if cfg.sample.sampler == "unclip" else None
+    if misfit:
+        raise ValueError(f"config key 'sample.sampler' is 'unclip' (diffusers' UnCLIPScheduler), which cannot sample stage {stage} "
+                         f"(run {run}): {misfit}")  # fmt: skip
     return Net(model, diffusion, info["extras"]), folder
 
 
@@ -67,14 +71,30 @@ class Trained:
     def encode_text(self, captions: list[str]):
         return self.clip.encode_text(captions)
 
+    def empty_caption(self, *stages: str) -> dict[str, torch.Tensor] | None:
+        """The text conditioning of "" where one of `stages` was trained with null_text=empty_caption
+        (sampling's unconditional input then), else None."""
+        if any(self.nets[s].extras.get("null_text") == "empty_caption" for s in stages if s in self.nets):
+            return self.encode_text([""])
+        return None
+
+    def no_caption(self, n: int) -> dict[str, torch.Tensor]:
+        """`n` rows of the decoder's "no caption" (variations, interpolation): what its training
+        dropped captions to, zeros attending everywhere or the empty caption."""
+        empty = self.empty_caption("decoder")
+        if empty is not None:
+            return {k: v.expand(n, *v.shape[1:]) for k, v in empty.items()}
+        clip = self.clip
+        return {"emb": torch.zeros(n, clip.embed_dim), "tokens": torch.zeros(n, clip.context_length, clip.text_width),
+                "mask": torch.ones(n, clip.context_length, dtype=torch.bool)}  # fmt: skip
+
     def generate(self, chain: str, text: dict[str, torch.Tensor], steps: int, scales: tuple[float, float], seed: int,
                  batch_size: int, upsampler_steps: int | None = None) -> torch.Tensor:  # fmt: skip
         """Images in [-1, 1] from text conditioning (emb, tokens, mask) by the ldm or the unCLIP
         chain (at its last resolution). `scales` is (ldm's or decoder's guidance, prior's guidance),
         as `SampleConfig.scales` gives them."""
         if chain == "ldm":
-            ldm = self.nets["ldm"]
-            empty = self.encode_text([""]) if ldm.extras.get("null_text") == "empty_caption" else None
+            ldm, empty = self.nets["ldm"], self.empty_caption("ldm")
             return in_batches(text, seed, batch_size, lambda part, g: chains.latent_diffusion(ldm, part, steps, scales[0], g, empty))
         return self.unclip(text, steps, scales, seed, batch_size, upsampler_steps)[1][-1]
 
@@ -82,14 +102,15 @@ class Trained:
                upsampler_steps: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
         """The unCLIP chain: (the prior's CLIP image embeddings, the pictures at every resolution)."""
         guidance, prior_guidance = scales
+        empty = self.empty_caption("prior", "decoder")
         return in_batches(text, seed, batch_size, lambda part, g: chains.unclip(
-            self.nets["prior"], self.nets["decoder"], self.upsamplers, part, steps, guidance, prior_guidance, g, upsampler_steps))  # fmt: skip
+            self.nets["prior"], self.nets["decoder"], self.upsamplers, part, steps, guidance, prior_guidance, g, upsampler_steps, empty))  # fmt: skip
 
     def image_embeddings(self, text: dict[str, torch.Tensor], steps: int, prior_guidance: float, seed: int, batch_size: int) -> torch.Tensor:
         """The prior's CLIP image embeddings for text conditioning: what the unCLIP chain decodes
         (the same noise as `unclip` at the same seed and batch size)."""
-        pri = self.nets["prior"]
-        return in_batches(text, seed, batch_size, lambda part, g: prior.sample(pri.model, pri.diffusion, part, steps, prior_guidance, g))
+        pri, empty = self.nets["prior"], chains.null_text(self.nets["prior"], self.empty_caption("prior"))
+        return in_batches(text, seed, batch_size, lambda part, g: prior.sample(pri.model, pri.diffusion, part, steps, prior_guidance, g, empty))
 
 
 Drawn = TypeVar("Drawn")

@@ -29,9 +29,20 @@ def latent_pictures(net: Net, latents: torch.Tensor) -> torch.Tensor:
     return net.vae.decode(latents / net.extras["latent_scale"])
 
 
-def decoder_images(dec: Net, cond: dict[str, torch.Tensor], steps: int, guidance: float, generator: torch.Generator) -> torch.Tensor:
+def null_text(net: Net, empty_caption: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """What `net` takes for dropped text: None (zeros) or, for a stage trained with
+    null_text=empty_caption, `empty_caption` (the text conditioning of "")."""
+    if net.extras.get("null_text", "zeros") != "empty_caption":
+        return None
+    if empty_caption is None:
+        raise ValueError("this stage was trained with null_text=empty_caption: sample it with the empty caption's text conditioning")
+    return empty_caption
+
+
+def decoder_images(dec: Net, cond: dict[str, torch.Tensor], steps: int, guidance: float, generator: torch.Generator,
+                   empty_caption: dict[str, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
     """The decoder's pictures in [-1, 1]: its samples, or a latent decoder's samples decoded by its VAE."""
-    out = decoder.sample(dec.model, dec.diffusion, cond, steps, guidance, generator)
+    out = decoder.sample(dec.model, dec.diffusion, cond, steps, guidance, generator, null_text(dec, empty_caption))
     return latent_pictures(dec, out) if dec.model.latent else out
 
 
@@ -43,26 +54,28 @@ def upsample_all(images: torch.Tensor, upsamplers: list[Net], steps: int, genera
             raise ValueError(f"an upsampler trained from {net.extras['low']} px (upsampler.low) was given {out[-1].shape[-1]} px "
                              "pictures: list sample.upsampler_runs in order from the decoder's resolution up")  # fmt: skip
         factor = net.extras["high"] // net.extras["low"]
-        out.append(upsampler.sample(net.model, net.diffusion, out[-1], factor, steps, generator))
+        # an upsampler trained before upsampler.resize existed saw bicubic_clamped
+        out.append(upsampler.sample(net.model, net.diffusion, out[-1], factor, steps, generator, net.extras.get("resize", "bicubic_clamped")))
     return out
 
 
 def decode_embeddings(dec: Net, upsamplers: list[Net], image_emb: torch.Tensor, text: dict[str, torch.Tensor],
-                      steps: int, guidance: float, generator: torch.Generator,
-                      upsampler_steps: int | None = None) -> list[torch.Tensor]:  # fmt: skip
-    """`upsampler_steps` (default: `steps`) for the upsamplers, which start from a picture already there."""
-    cond = decoder.conditioning(image_emb, text["emb"], text["tokens"])
-    images = decoder_images(dec, cond, steps, guidance, generator)
+                      steps: int, guidance: float, generator: torch.Generator, upsampler_steps: int | None = None,
+                      empty_caption: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:  # fmt: skip
+    """`upsampler_steps` (default: `steps`) for the upsamplers, which start from a picture already
+    there. `empty_caption`: the text conditioning of "", for stages trained with null_text=empty_caption."""
+    cond = decoder.conditioning(image_emb, text["emb"], text["tokens"], text["mask"] if dec.extras.get("text_mask") else None)
+    images = decoder_images(dec, cond, steps, guidance, generator, empty_caption)
     return upsample_all(images, upsamplers, upsampler_steps or steps, generator)
 
 
 def unclip(pri: Net, dec: Net, upsamplers: list[Net], text: dict[str, torch.Tensor], steps: int, guidance: float,
-           prior_guidance: float, generator: torch.Generator,
-           upsampler_steps: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+           prior_guidance: float, generator: torch.Generator, upsampler_steps: int | None = None,
+           empty_caption: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
     """text -> prior -> CLIP image embedding -> decoder -> upsamplers; (embeddings, images per resolution).
     `prior_guidance` scales the prior's guidance, `guidance` the decoder's."""
-    image_emb = prior.sample(pri.model, pri.diffusion, text, steps, prior_guidance, generator)
-    return image_emb, decode_embeddings(dec, upsamplers, image_emb, text, steps, guidance, generator, upsampler_steps)
+    image_emb = prior.sample(pri.model, pri.diffusion, text, steps, prior_guidance, generator, null_text(pri, empty_caption))
+    return image_emb, decode_embeddings(dec, upsamplers, image_emb, text, steps, guidance, generator, upsampler_steps, empty_caption)
 
 
 def latent_diffusion(net: Net, text: dict[str, torch.Tensor], steps: int, guidance: float, generator: torch.Generator,
@@ -71,11 +84,8 @@ def latent_diffusion(net: Net, text: dict[str, torch.Tensor], steps: int, guidan
     conditioning of "", the unconditional input of an ldm trained with ldm.null_text=empty_caption."""
     # An ldm trained before ldm.text_embedding_token existed has no such key: it saw tokens only.
     embedding_token = net.extras.get("text_embedding_token", False)
-    null = None
-    if net.extras.get("null_text", "zeros") == "empty_caption":
-        if empty_caption is None:
-            raise ValueError("this ldm was trained with ldm.null_text=empty_caption: sample it with the empty caption's text conditioning")
-        null = ldm.context(empty_caption, embedding_token)
+    empty = null_text(net, empty_caption)
+    null = None if empty is None else ldm.context(empty, embedding_token)
     context = ldm.context(text, embedding_token)
     return latent_pictures(net, ldm.sample(net.model, net.diffusion, context, steps, guidance, generator, null))
 

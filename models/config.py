@@ -93,6 +93,16 @@ class DiffusionConfig:
         doc="divide the schedule's signal-to-noise ratio by shift**2 at every step (Hoogeboom et al. 2023, SD3): "
             "more training and sampling at the noise levels where a picture's layout forms",
     )  # fmt: skip
+    clip_sample: float | None = option(
+        None, gt=0, doc="while sampling, clip each step's predicted x_0 to [-clip_sample, clip_sample] (null: never); "
+                        "Karlo clips its pictures to 1 and its prior's normalised embeddings to 5",
+    )  # fmt: skip
+
+
+# What dropped text becomes in training, and the unconditional input of guidance in sampling: all
+# zeros (our default), or the empty caption's states, as Stable Diffusion and Karlo were trained
+# (their pipelines encode "" for it); the store keeps the empty caption's embedding for training.
+NullText = Literal["zeros", "empty_caption"]
 
 
 @dataclass
@@ -101,6 +111,7 @@ class PriorConfig:
     heads: int = option(4, ge=1)
     head_dim: int = option(32, ge=4)
     text_drop: float = option(0.1, ge=0, le=1)
+    null_text: NullText = option("zeros", doc="what dropped text becomes: all zeros (with a full mask), or the empty caption's states")
     diffusion: DiffusionConfig = option(factory=lambda: DiffusionConfig(prediction="x0"))
 
 
@@ -127,7 +138,7 @@ class LdmConfig:
     latent_scale: Literal["store", "vae"] = option(
         "store", doc="'store': 1/std of the store's latents (how SD derived 0.18215); 'vae': the VAE config's factor"
     )
-    null_text: Literal["zeros", "empty_caption"] = option(
+    null_text: NullText = option(
         "zeros", doc="what dropped text becomes: all zeros, or the empty caption's states (as Stable Diffusion was trained; "
                      "then the export is a StableDiffusionPipeline)",
     )  # fmt: skip
@@ -168,6 +179,10 @@ class DecoderConfig:
     context_tokens: int = option(4, ge=1, doc="extra context tokens projected from the image embedding")
     image_drop: float = option(0.1, ge=0, le=1)
     text_drop: float = option(0.5, ge=0, le=1)
+    null_text: NullText = option("zeros", doc="what dropped text becomes: all zeros, or the empty caption's states")
+    text_mask: bool = option(
+        False, doc="mask the caption's padding out of the UNet's cross-attention (text_mask column), as Karlo's decoder does"
+    )
     latent_scale: Literal["store", "vae"] = option("store", doc="latent space: as ldm.latent_scale")
     # The ldm's recipe, for the same latents. A pixel decoder wants x0 prediction, weighted
     # uniformly, with snr_shift 4: the folded UNet has no exact per-pixel path from its input to its
@@ -193,6 +208,11 @@ class UpsamplerConfig:
     crop: int = option(32, ge=0, doc="train on random high-res crops of this side (0: whole images)")
     blur_sigma: list[float] = option(factory=lambda: [0.4, 0.6], doc="Gaussian blur of the conditioning, sigma range")
     noise_aug: float = option(0.1, ge=0, le=1, doc="Gaussian noise added to the conditioning, up to this std")
+    # How the low resolution is enlarged to the UNet's side, in training and sampling alike.
+    # diffusers' UnCLIPPipeline (Karlo) enlarges with antialiased bicubic and does not clip.
+    resize: Literal["bicubic_clamped", "bicubic_antialias"] = option(
+        "bicubic_clamped", doc="bicubic_clamped: bicubic, clipped to [-1, 1]; bicubic_antialias: antialiased bicubic, unclipped (Karlo's)"
+    )
     # v prediction (as Imagen's super-resolution models): at high noise the target is the picture
     # itself, which the conditioning nearly gives; eps prediction sampled to noise after short training.
     diffusion: DiffusionConfig = option(factory=lambda: DiffusionConfig(prediction="v"))

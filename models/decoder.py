@@ -4,7 +4,9 @@ As in Ramesh et al. 2022 (and diffusers' UnCLIP pipeline), `UnCLIPTextProjModel`
 image embedding into the UNet's timestep embedding and into extra context tokens placed before
 the text tokens; the UNet is a diffusers `UNet2DConditionModel` whose class embedding is that
 additive timestep term. A dropped image embedding is the learned null embedding the projection
-model carries; a dropped caption is all-zero tokens and text embedding.
+model carries; a dropped caption is all-zero tokens and text embedding, or (decoder.null_text:
+empty_caption) the empty caption's. With decoder.text_mask the caption's padding is masked out of
+the cross-attention (the image's context tokens always attend), as Karlo's decoder does.
 
 With `patch` p > 1 the UNet sees the image with each p x p block of pixels folded into channels
 (`pixel_unshuffle`, as Hoogeboom et al. 2023 "simple diffusion" do for high-resolution pixel
@@ -41,6 +43,9 @@ class UnclipDecoder(torch.nn.Module):
         self.latent = latent_channels is not None  # draws VAE latents, not pixels
         self.channels = latent_channels or 3
         self.patch = math.isqrt(unet.config.in_channels // self.channels)
+        # a public decoder with a learned variance (Karlo's) gives twice the channels: the
+        # prediction is the first half, which is what our diffusion trains with
+        self.learned_variance = unet.config.out_channels == 2 * unet.config.in_channels
 
     @property
     def image_size(self) -> int:
@@ -51,17 +56,24 @@ class UnclipDecoder(torch.nn.Module):
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
 
-    def forward(self, x_t, t, image_emb, text_emb, tokens, image_dropped):
+    def forward(self, x_t, t, image_emb, text_emb, tokens, image_dropped, text_mask=None, with_variance: bool = False):
+        """`text_mask` [B, L]: the caption's tokens to attend to (None: all). `with_variance`: a
+        learned-variance decoder's variance channels too, after the prediction's."""
         null = self.text_proj.learned_classifier_free_guidance_embeddings.to(image_emb.dtype)
         image_emb = torch.where(image_dropped[:, None], null.expand_as(image_emb), image_emb)
         context, time_extra = self.text_proj(
             image_embeddings=image_emb, prompt_embeds=text_emb, text_encoder_hidden_states=tokens, do_classifier_free_guidance=False
         )
+        mask = None
+        if text_mask is not None:  # the context tokens text_proj puts before the caption's always attend
+            mask = torch.nn.functional.pad(text_mask, (self.text_proj.clip_extra_context_tokens, 0), value=True)
         folded = torch.nn.functional.pixel_unshuffle(x_t, self.patch)
-        out = self.unet(folded, t, encoder_hidden_states=context, class_labels=time_extra).sample
-        # a public decoder with a learned variance (Karlo's) gives twice the channels: the
-        # prediction is the first half, which is what our diffusion trains and samples with
-        return torch.nn.functional.pixel_shuffle(out[:, : folded.shape[1]], self.patch)
+        out = self.unet(folded, t, encoder_hidden_states=context, class_labels=time_extra, encoder_attention_mask=mask).sample
+        channels = folded.shape[1]
+        prediction = torch.nn.functional.pixel_shuffle(out[:, :channels], self.patch)
+        if not with_variance:
+            return prediction
+        return torch.cat([prediction, torch.nn.functional.pixel_shuffle(out[:, channels:], self.patch)], 1)
 
 
 def build_decoder(cfg: DecoderConfig, embed_dim: int, text_width: int, image_size: int,
@@ -104,41 +116,57 @@ def build_decoder(cfg: DecoderConfig, embed_dim: int, text_width: int, image_siz
     return UnclipDecoder(unet, text_proj, latent_channels)
 
 
-def predict(model, x_t, t, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+def predict(model, x_t, t, cond: dict[str, torch.Tensor], with_variance: bool = False) -> torch.Tensor:
     """`model` is an UnclipDecoder or an engine wrapping one; inputs are cast to its dtype."""
     dtype = getattr(model, "module", model).dtype
     return model(
-        x_t.to(dtype), t, cond["image_emb"].to(dtype), cond["text_emb"].to(dtype), cond["tokens"].to(dtype), cond["image_dropped"]
-    ).float()
+        x_t.to(dtype), t, cond["image_emb"].to(dtype), cond["text_emb"].to(dtype), cond["tokens"].to(dtype), cond["image_dropped"],
+        cond.get("mask"), with_variance,
+    ).float()  # fmt: skip
 
 
-def drop(cond: dict[str, torch.Tensor], drop_image: torch.Tensor, drop_text: torch.Tensor) -> dict[str, torch.Tensor]:
-    keep_text = (~drop_text).float()
-    return {
-        **cond,
-        "image_dropped": cond["image_dropped"] | drop_image,
-        "text_emb": cond["text_emb"] * keep_text[:, None],
-        "tokens": cond["tokens"] * keep_text[:, None, None],
-    }
+def drop(cond: dict[str, torch.Tensor], drop_image: torch.Tensor, drop_text: torch.Tensor,
+         empty_caption: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Dropped text becomes zeros (attending to every token), or `empty_caption`'s (emb [1, D],
+    tokens [1, L, W], mask [1, L])."""
+    rows = drop_text[:, None]
+    dropped = {"image_dropped": cond["image_dropped"] | drop_image}
+    if empty_caption is not None:
+        dropped["text_emb"] = torch.where(rows, empty_caption["emb"].to(cond["text_emb"]), cond["text_emb"])
+        dropped["tokens"] = torch.where(rows[:, :, None], empty_caption["tokens"].to(cond["tokens"]), cond["tokens"])
+        if "mask" in cond:
+            dropped["mask"] = torch.where(rows, empty_caption["mask"].to(cond["mask"]), cond["mask"])
+    else:
+        keep_text = (~drop_text).float()
+        dropped["text_emb"], dropped["tokens"] = cond["text_emb"] * keep_text[:, None], cond["tokens"] * keep_text[:, None, None]
+        if "mask" in cond:
+            dropped["mask"] = cond["mask"] | rows
+    return {**cond, **dropped}
 
 
-def conditioning(image_emb: torch.Tensor, text_emb: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"image_emb": image_emb, "text_emb": text_emb, "tokens": tokens, "image_dropped": torch.zeros(len(image_emb), dtype=torch.bool, device=image_emb.device)}
+def conditioning(image_emb: torch.Tensor, text_emb: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """`mask` [B, L]: for a decoder trained with decoder.text_mask, the caption's tokens to attend to."""
+    cond = {"image_emb": image_emb, "text_emb": text_emb, "tokens": tokens, "image_dropped": torch.zeros(len(image_emb), dtype=torch.bool, device=image_emb.device)}
+    return cond if mask is None else {**cond, "mask": mask.to(torch.bool)}
 
 
 def sample(model, diffusion: Diffusion, cond: dict[str, torch.Tensor], steps: int, guidance: float,
-           generator: torch.Generator) -> torch.Tensor:  # fmt: skip
+           generator: torch.Generator, empty_caption: dict[str, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
     """CLIP image embeddings (+ caption) -> images in [-1, 1] (or latents, for a latent decoder);
-    guidance against the fully unconditional model (null image embedding, no caption), as in unCLIP."""
+    guidance against the fully unconditional model (null image embedding, no caption: zeros, or
+    `empty_caption` for a decoder trained with decoder.null_text=empty_caption), as in unCLIP."""
     n = len(cond["image_emb"])
     device = device_of(model)
     cond = {k: v.to(device) for k, v in cond.items()}
     everything = torch.ones(n, dtype=torch.bool, device=device)
-    null = drop(cond, everything, everything)
+    empty = {k: v.to(device) for k, v in empty_caption.items()} if empty_caption is not None else None
+    null = drop(cond, everything, everything, empty)
+    # the unclip sampler reads a learned variance; the others sample with their own
+    with_variance = model.learned_variance and diffusion.sampler == "unclip"
 
     def model_fn(x, t, conditional):
-        return predict(model, x, t, cond if conditional else null)
+        return predict(model, x, t, cond if conditional else null, with_variance)
 
     size, channels = model.image_size, model.channels
-    out = diffusion.sample(model_fn, (n, channels, size, size), steps, guidance, generator, device=device)
+    out = diffusion.sample(model_fn, (n, channels, size, size), steps, guidance, generator, device=device, learned_variance=with_variance)
     return out if model.latent else out.clamp(-1, 1)

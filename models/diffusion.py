@@ -46,9 +46,15 @@ def shifted_betas(alphas_cumprod: torch.Tensor, shift: float) -> list[float]:
     return (1 - shifted / previous).clamp(max=0.999).tolist()  # the cap diffusers' cosine table has
 
 
+SAMPLERS = ("ddim", "ddpm", "unclip")
+
+
 class Diffusion:
     def __init__(self, cfg: DiffusionConfig, sampler: str = "ddim"):
-        """`sampler` ("ddim" or "ddpm"): the reverse process `sample` and `make_scheduler` use unless told."""
+        """`sampler` ("ddim", "ddpm" or "unclip"): the reverse process `sample` and `make_scheduler`
+        use unless told. "unclip" is diffusers' UnCLIPScheduler, which UnCLIPPipeline (Karlo) samples
+        every network with: ancestral steps between unevenly spaced timesteps, each network's learned
+        variance where it has one."""
         self.cfg = cfg
         self.sampler = sampler
 
@@ -61,7 +67,8 @@ class Diffusion:
             "num_train_timesteps": cfg.timesteps,
             "beta_schedule": BETA_SCHEDULES[cfg.schedule],
             "prediction_type": PREDICTION_TYPES[cfg.prediction],
-            "clip_sample": False,
+            "clip_sample": cfg.clip_sample is not None,
+            **({"clip_sample_range": cfg.clip_sample} if cfg.clip_sample is not None else {}),
             "timestep_spacing": "trailing",  # sampling starts at the last trained step (pure noise), Lin et al. 2024
             **({"beta_start": 0.00085, "beta_end": 0.012} if cfg.schedule == "scaled_linear" else {}),
         }
@@ -77,15 +84,37 @@ class Diffusion:
     def alphas_cumprod(self) -> torch.Tensor:
         return self.make_scheduler("ddpm").alphas_cumprod.double()
 
-    def make_scheduler(self, sampler: str | None = None):
-        from diffusers import DDIMScheduler, DDPMScheduler  # lazy: see scheduler_config
+    def make_scheduler(self, sampler: str | None = None, learned_variance: bool = False):
+        """`learned_variance`: the network also predicts its variance (Karlo's decoder), which only
+        the unclip sampler uses."""
+        from diffusers import DDIMScheduler, DDPMScheduler, UnCLIPScheduler  # lazy: see scheduler_config
 
         sampler = sampler or self.sampler
         if sampler == "ddim":
             return DDIMScheduler(**self.scheduler_config, set_alpha_to_one=True)  # the last step lands on x_0
         if sampler == "ddpm":
             return DDPMScheduler(**self.scheduler_config)
-        raise ValueError(f"unknown sampler {sampler!r} (expected 'ddim' or 'ddpm')")
+        if sampler == "unclip":
+            self.check_unclip_sampler()
+            cfg = self.cfg
+            return UnCLIPScheduler(num_train_timesteps=cfg.timesteps, variance_type="learned_range" if learned_variance else "fixed_small_log",
+                                   clip_sample=cfg.clip_sample is not None, clip_sample_range=cfg.clip_sample or 1.0,
+                                   prediction_type=PREDICTION_TYPES[cfg.prediction])  # fmt: skip
+        raise ValueError(f"unknown sampler {sampler!r} (expected one of {', '.join(SAMPLERS)})")
+
+    def unclip_sampler_misfit(self) -> str | None:
+        """Why the unclip sampler (UnCLIPScheduler) cannot sample this diffusion, or None."""
+        cfg = self.cfg
+        if cfg.schedule != "cosine" or cfg.snr_shift != 1.0:
+            return f"it takes the cosine schedule, unshifted; this stage trained on {cfg.schedule} with snr_shift {cfg.snr_shift}"
+        if cfg.prediction == "v":
+            return "it takes eps or x0 predictions; this stage predicts v"
+        return None
+
+    def check_unclip_sampler(self) -> None:
+        misfit = self.unclip_sampler_misfit()
+        if misfit:
+            raise ValueError(f"config key 'sample.sampler' is 'unclip' (diffusers' UnCLIPScheduler): {misfit}")
 
     def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randint(0, self.cfg.timesteps, (n,), generator=generator)
@@ -136,20 +165,38 @@ class Diffusion:
         generator: torch.Generator,
         sampler: str | None = None,
         device: torch.device | str = "cpu",
+        learned_variance: bool = False,
     ) -> torch.Tensor:
         """Draw x_0 by the scheduler's reverse process with classifier-free guidance.
 
         guidance w: pred = uncond + w (cond - uncond); w = 1 is the conditional model alone and
-        w = 0 the unconditional one.
+        w = 0 the unconditional one. `learned_variance`: model_fn returns the prediction and then,
+        on axis 1, the variance (Nichol & Dhariwal's interpolation, as Karlo's decoder predicts it):
+        the conditional model's is kept, as diffusers' UnCLIPPipeline does, and only the unclip
+        sampler reads it.
         """
-        scheduler = self.make_scheduler(sampler)
+        sampler = sampler or self.sampler
+        if sampler == "unclip" and steps < 2:
+            raise ValueError("config key 'sample.sampler' is 'unclip': UnCLIPScheduler needs at least 2 steps (sample.steps)")
+        scheduler = self.make_scheduler(sampler, learned_variance)
         scheduler.set_timesteps(steps)
+        timesteps = scheduler.timesteps
         x = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
+        channels = shape[1]
+        for i, t in enumerate(timesteps):
             tt = torch.full((shape[0],), int(t), dtype=torch.long, device=device)
             pred = model_fn(x, tt, True)
+            variance = None
+            if learned_variance:
+                pred, variance = pred[:, :channels], pred[:, channels:]
             if guidance != 1.0:
-                uncond = model_fn(x, tt, False)
+                uncond = model_fn(x, tt, False)[:, :channels]
                 pred = uncond + guidance * (pred - uncond)
-            x = scheduler.step(pred, t, x, generator=generator).prev_sample
+            step = {}
+            if sampler == "unclip":
+                # UnCLIPScheduler is told the next timestep (None at the last), as UnCLIPPipeline tells it
+                step["prev_timestep"] = timesteps[i + 1] if i + 1 < len(timesteps) else None
+                if variance is not None:
+                    pred = torch.cat([pred, variance], 1)
+            x = scheduler.step(pred, t, x, generator=generator, **step).prev_sample
         return x

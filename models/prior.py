@@ -2,7 +2,8 @@
 
 Inputs are [text tokens, text embedding, timestep, noised image embedding] and a learned
 query token, as in Ramesh et al. 2022; it predicts the clean (normalised) image embedding.
-Dropped text (for classifier-free guidance) is all-zero tokens and embedding with a full mask.
+Dropped text (for classifier-free guidance) is all-zero tokens and embedding with a full mask, or
+(prior.null_text: empty_caption) the empty caption's, as Karlo's prior was trained.
 """
 
 from __future__ import annotations
@@ -40,8 +41,11 @@ def hold_statistics(model):
     return model
 
 
-def drop_text(text: dict[str, torch.Tensor], drop: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Replace the text of rows where `drop` is true by the null condition."""
+def drop_text(text: dict[str, torch.Tensor], drop: torch.Tensor, empty_caption: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Replace the text of rows where `drop` is true by the null condition: zeros with a full mask,
+    or `empty_caption` (emb [1, D], tokens [1, L, W], mask [1, L]: the text conditioning of "")."""
+    if empty_caption is not None:
+        return {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), empty_caption[k].to(v), v) for k, v in text.items()}
     keep = (~drop).float()
     return {
         "emb": text["emb"] * keep[:, None],
@@ -73,12 +77,15 @@ def sample(
     steps: int,
     guidance: float,
     generator: torch.Generator,
+    empty_caption: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Text conditioning -> CLIP image embeddings (un-normalised, in the store's space)."""
+    """Text conditioning -> CLIP image embeddings (un-normalised, in the store's space).
+    `empty_caption`: the unconditional input of a prior trained with prior.null_text=empty_caption."""
     n = len(text["emb"])
     device = device_of(model)
     text = {k: v.to(device) for k, v in text.items()}
-    null = drop_text(text, torch.ones(n, dtype=torch.bool, device=device))
+    empty = {k: v.to(device) for k, v in empty_caption.items()} if empty_caption is not None else None
+    null = drop_text(text, torch.ones(n, dtype=torch.bool, device=device), empty)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor, conditional: bool) -> torch.Tensor:
         return predict(model, x, t, text if conditional else null)

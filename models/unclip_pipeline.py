@@ -2,10 +2,11 @@
 and loaded with `DiffusionPipeline.from_pretrained(EXPORT/unclip, trust_remote_code=True)`.
 
 prompt -> CLIP text encoder -> prior -> CLIP image embedding -> decoder (+ text_proj) -> pictures
--> each super-resolution UNet in turn. It is a custom pipeline because the conditioning is ours,
-not Karlo's: dropped text is all zeros (with a full attention mask for the prior), the decoder may
-fold p x p pixels into channels or draw VAE latents, the upsamplers see a bicubic upsampling of
-the picture below, and each network samples with its own scheduler. It draws what `unclip sample`
+-> each super-resolution UNet in turn. `unclip export` writes diffusers' own UnCLIPPipeline where a
+chain is conditioned and sampled as Karlo is; this pipeline draws every other: dropped text may be
+all zeros (with a full attention mask for the prior), the decoder may fold p x p pixels into
+channels, draw VAE latents or attend to padding, there may be no upsampler or two, each sees its
+own enlargement of the picture below, and each network samples with its own scheduler. It draws what `unclip sample`
 draws at the same seed, steps and guidance. This file imports nothing of unclip's: it runs where
 only torch, diffusers and transformers are installed, so it repeats models/diffusion.py's sampling loop
 and the pictures' conversion to PIL (tests/test_pipeline.py checks that it draws the same).
@@ -25,17 +26,35 @@ from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 
 
 def _denoise(scheduler, predict, shape: tuple[int, ...], steps: int, guidance: float, generator, device) -> torch.Tensor:
-    """The reverse process with classifier-free guidance: uncond + w (cond - uncond)."""
+    """The reverse process with classifier-free guidance: uncond + w (cond - uncond). An
+    UnCLIPScheduler is told the next timestep, and with a learned variance `predict` returns it
+    after the prediction (the conditional model's is kept)."""
+    unclip = type(scheduler).__name__ == "UnCLIPScheduler"
+    learned = unclip and scheduler.config.variance_type == "learned_range"
     scheduler.set_timesteps(steps)
+    timesteps, channels = scheduler.timesteps, shape[1]
     x = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
+    for i, t in enumerate(timesteps):
         tt = torch.full((shape[0],), int(t), dtype=torch.long, device=device)
         pred = predict(x, tt, True)
+        pred, variance = (pred[:, :channels], pred[:, channels:]) if learned else (pred[:, :channels], None)
         if guidance != 1.0:
-            uncond = predict(x, tt, False)
+            uncond = predict(x, tt, False)[:, :channels]
             pred = uncond + guidance * (pred - uncond)
-        x = scheduler.step(pred, t, x, generator=generator).prev_sample
+        step = {}
+        if unclip:
+            step["prev_timestep"] = timesteps[i + 1] if i + 1 < len(timesteps) else None
+            if variance is not None:
+                pred = torch.cat([pred, variance], 1)
+        x = scheduler.step(pred, t, x, generator=generator, **step).prev_sample
     return x
+
+
+def _resize(low: torch.Tensor, size: int, resize: str) -> torch.Tensor:
+    """upsampler.resize: bicubic clipped to [-1, 1], or antialiased bicubic unclipped."""
+    if resize == "bicubic_antialias":
+        return F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    return F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
 class UnclipChainPipeline(DiffusionPipeline):
@@ -44,15 +63,21 @@ class UnclipChainPipeline(DiffusionPipeline):
 
     def __init__(self, text_encoder, tokenizer, prior, prior_scheduler, decoder, text_proj: UnCLIPTextProjModel, decoder_scheduler, vae=None,
                  super_res_0=None, super_res_0_scheduler=None, super_res_1=None, super_res_1_scheduler=None,
-                 text_layer: str = "last", decoder_latent_scale: float | None = None):  # fmt: skip
+                 text_layer: str = "last", decoder_latent_scale: float | None = None, prior_null_text: str = "zeros",
+                 decoder_null_text: str = "zeros", decoder_text_mask: bool = False,
+                 super_res_resize: list[str] | None = None):  # fmt: skip
         """`vae` and `decoder_latent_scale`: a decoder that draws VAE latents, and what they are
-        times the VAE's. Each super-resolution UNet enlarges to its sample_size, in turn."""
+        times the VAE's. Each super-resolution UNet enlarges to its sample_size, in turn, from the
+        picture below resized as `super_res_resize` says. `*_null_text`: what each network's
+        unconditional text is (zeros, or the empty caption's encoding)."""
         super().__init__()
         self.register_modules(text_encoder=text_encoder, tokenizer=tokenizer, prior=prior, prior_scheduler=prior_scheduler,
                               decoder=decoder, text_proj=text_proj, decoder_scheduler=decoder_scheduler, vae=vae,
                               super_res_0=super_res_0, super_res_0_scheduler=super_res_0_scheduler,
                               super_res_1=super_res_1, super_res_1_scheduler=super_res_1_scheduler)  # fmt: skip
-        self.register_to_config(text_layer=text_layer, decoder_latent_scale=decoder_latent_scale)
+        self.register_to_config(text_layer=text_layer, decoder_latent_scale=decoder_latent_scale, prior_null_text=prior_null_text,
+                                decoder_null_text=decoder_null_text, decoder_text_mask=decoder_text_mask,
+                                super_res_resize=super_res_resize or ["bicubic_clamped"] * 2)  # fmt: skip
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -69,10 +94,18 @@ class UnclipChainPipeline(DiffusionPipeline):
         mask = torch.arange(ids.shape[1], device=ids.device)[None] <= end
         return {"emb": out.text_embeds.float(), "tokens": tokens.float(), "mask": mask}
 
+    def _null_text(self, text, kind: str):
+        """The unconditional text: zeros attending everywhere, or the empty caption's encoding."""
+        n = len(text["emb"])
+        if kind == "empty_caption":
+            empty = {k: v.to(text[k].device) for k, v in self.encode_prompt([""]).items()}
+            return {k: v.expand(n, *v.shape[1:]) for k, v in empty.items()}
+        return {"emb": text["emb"] * 0, "tokens": text["tokens"] * 0, "mask": torch.ones_like(text["mask"])}
+
     def _image_embeddings(self, text, steps, guidance, generator, device):
         prior = self.prior
         n = len(text["emb"])
-        null = {"emb": text["emb"] * 0, "tokens": text["tokens"] * 0, "mask": torch.ones_like(text["mask"])}
+        null = self._null_text(text, self.config.prior_null_text)
 
         def predict(x, t, conditional):
             c = text if conditional else null
@@ -88,16 +121,19 @@ class UnclipChainPipeline(DiffusionPipeline):
         channels = self.vae.config.latent_channels if latent else 3
         patch = math.isqrt(unet.config.in_channels // channels)
         dtype = unet.dtype
+        null = self._null_text(text, self.config.decoder_null_text)
 
         def predict(x, t, conditional):
             n = len(x)
             emb = image_emb if conditional else proj.learned_classifier_free_guidance_embeddings.float().expand(n, -1)
-            keep = 1.0 if conditional else 0.0
-            context, extra = proj(image_embeddings=emb.to(dtype), prompt_embeds=(text["emb"] * keep).to(dtype),
-                                  text_encoder_hidden_states=(text["tokens"] * keep).to(dtype), do_classifier_free_guidance=False)  # fmt: skip
+            c = text if conditional else null
+            context, extra = proj(image_embeddings=emb.to(dtype), prompt_embeds=c["emb"].to(dtype),
+                                  text_encoder_hidden_states=c["tokens"].to(dtype), do_classifier_free_guidance=False)  # fmt: skip
+            mask = F.pad(c["mask"], (proj.clip_extra_context_tokens, 0), value=True) if self.config.decoder_text_mask else None
             folded = F.pixel_unshuffle(x.to(dtype), patch)
-            out = unet(folded, t, encoder_hidden_states=context, class_labels=extra).sample
-            return F.pixel_shuffle(out[:, : folded.shape[1]], patch).float()
+            out = unet(folded, t, encoder_hidden_states=context, class_labels=extra, encoder_attention_mask=mask).sample
+            k = folded.shape[1]  # a learned variance follows the prediction
+            return torch.cat([F.pixel_shuffle(out[:, :k], patch), F.pixel_shuffle(out[:, k:], patch)], 1).float()
 
         size = unet.config.sample_size * patch
         out = _denoise(self.decoder_scheduler, predict, (len(image_emb), channels, size, size), steps, guidance, generator, device)
@@ -105,9 +141,9 @@ class UnclipChainPipeline(DiffusionPipeline):
             return out.clamp(-1, 1)
         return self.vae.decode((out / self.config.decoder_latent_scale).to(self.vae.dtype)).sample.float().clamp(-1, 1)
 
-    def _upsample(self, unet, scheduler, low, steps, generator, device):
+    def _upsample(self, unet, scheduler, low, steps, generator, device, resize):
         size = unet.config.sample_size
-        low_up = F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
+        low_up = _resize(low, size, resize)
 
         def predict(x, t, conditional):
             return unet(torch.cat([x, low_up], 1).to(unet.dtype), t).sample[:, :3].float()
@@ -128,7 +164,7 @@ class UnclipChainPipeline(DiffusionPipeline):
         for i in range(2):
             unet, scheduler = getattr(self, f"super_res_{i}", None), getattr(self, f"super_res_{i}_scheduler", None)
             if unet is not None:
-                images = self._upsample(unet, scheduler, images, upsampler_inference_steps, generator, device)
+                images = self._upsample(unet, scheduler, images, upsampler_inference_steps, generator, device, self.config.super_res_resize[i])
         images = (images + 1) / 2
         if output_type == "pt":
             result = images.cpu()

@@ -38,7 +38,14 @@ def build_upsampler(cfg: UpsamplerConfig):
     )
 
 
-def upsample(low: torch.Tensor, size: int) -> torch.Tensor:
+def upsample(low: torch.Tensor, size: int, resize: str = "bicubic_clamped") -> torch.Tensor:
+    """The low resolution at the UNet's side (upsampler.resize): bicubic clipped to [-1, 1], or
+    antialiased bicubic unclipped, as diffusers' UnCLIPPipeline enlarges for Karlo's upsampler
+    (antialiasing changes the kernel even when enlarging)."""
+    if resize == "bicubic_antialias":
+        return F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    if resize != "bicubic_clamped":
+        raise ValueError(f"upsampler.resize {resize!r}: expected bicubic_clamped or bicubic_antialias")
     return F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
@@ -86,12 +93,13 @@ def predict(model, x_t: torch.Tensor, t: torch.Tensor, low_up: torch.Tensor) -> 
     return model(torch.cat([x_t, low_up], 1).to(dtype), t).sample[:, :3].float()
 
 
-def sample(model, diffusion: Diffusion, low: torch.Tensor, factor: int, steps: int, generator: torch.Generator) -> torch.Tensor:
+def sample(model, diffusion: Diffusion, low: torch.Tensor, factor: int, steps: int, generator: torch.Generator,
+           resize: str = "bicubic_clamped") -> torch.Tensor:  # fmt: skip
     """Low-res images in [-1, 1] -> `factor` times larger images in [-1, 1] (no guidance: nothing
-    is dropped in training)."""
+    is dropped in training). `resize`: how it was trained to see the low resolution (upsampler.resize)."""
     size = low.shape[-1] * factor
     device = device_of(model)
-    low_up = upsample(low.to(device), size)
+    low_up = upsample(low.to(device), size, resize)
 
     def model_fn(x, t, conditional):
         return predict(model, x, t, low_up)

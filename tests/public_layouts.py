@@ -59,15 +59,16 @@ def stable_diffusion(folder: str, cross_attention_dim: int = DIM, latent: tuple[
     return folder
 
 
-def karlo(folder: str, seed: int = 0) -> str:
+def karlo(folder: str, seed: int = 0, dim: int = DIM, tokens: int = TOKENS) -> str:
     """An UnCLIPPipeline as Karlo's: prior, 64 px decoder with its text_proj and a learned variance,
-    two 64 -> 256 super-resolution UNets (first and last step), on CLIP embeddings of size DIM."""
+    two 64 -> 256 super-resolution UNets (first and last step; RGB out, as Karlo's are), on CLIP
+    embeddings and text tokens of width `dim` (`tokens` of them; by default tests/storefactory's)."""
     from diffusers import PriorTransformer, UnCLIPPipeline, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
     from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    prior = PriorTransformer(num_attention_heads=2, attention_head_dim=8, num_layers=1, embedding_dim=DIM, num_embeddings=TOKENS)
+    prior = PriorTransformer(num_attention_heads=2, attention_head_dim=8, num_layers=1, embedding_dim=dim, num_embeddings=tokens)
     with torch.no_grad():  # the statistics of the CLIP it was trained on, as Karlo's prior carries them
         prior.clip_mean.normal_(0, 1)
         prior.clip_std.uniform_(0.5, 2)
@@ -77,15 +78,15 @@ def karlo(folder: str, seed: int = 0) -> str:
         mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=32, attention_head_dim=4, resnet_time_scale_shift="scale_shift",
         class_embed_type="identity",
     )  # fmt: skip
-    text_proj = UnCLIPTextProjModel(clip_embeddings_dim=DIM, time_embed_dim=128, cross_attention_dim=32)
+    text_proj = UnCLIPTextProjModel(clip_embeddings_dim=dim, time_embed_dim=128, cross_attention_dim=32)
 
     def super_res():
-        return UNet2DModel(sample_size=256, in_channels=6, out_channels=6, layers_per_block=1, block_out_channels=(32, 64),
+        return UNet2DModel(sample_size=256, in_channels=6, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
                            down_block_types=("ResnetDownsampleBlock2D", "ResnetDownsampleBlock2D"),
                            up_block_types=("ResnetUpsampleBlock2D", "ResnetUpsampleBlock2D"), resnet_time_scale_shift="scale_shift")  # fmt: skip
 
     pipe = UnCLIPPipeline(
-        prior=prior, decoder=decoder, text_proj=text_proj, text_encoder=CLIPTextModelWithProjection(tiny_text_config()),
+        prior=prior, decoder=decoder, text_proj=text_proj, text_encoder=CLIPTextModelWithProjection(tiny_text_config(dim, dim)),
         tokenizer=tiny_tokenizer(), super_res_first=super_res(), super_res_last=super_res(),
         prior_scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample", clip_sample_range=5.0),
         decoder_scheduler=UnCLIPScheduler(variance_type="learned_range"),

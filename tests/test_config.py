@@ -21,7 +21,7 @@ from launch import cli, config
         ("ingest.shard_size=0", "config key 'ingest.shard_size': expected a number >= 1, got 0"),
         ("prior.text_drop=1.5", "config key 'prior.text_drop': expected a number <= 1, got 1.5"),
         ("embed.columns=[clip_image_emb,nope]", "config key 'embed.columns': unknown column 'nope'"),
-        ("sample.sampler=euler", "config key 'sample.sampler': expected one of 'ddim', 'ddpm', got 'euler'"),
+        ("sample.sampler=euler", "config key 'sample.sampler': expected one of 'ddim', 'ddpm', 'unclip', got 'euler'"),
         ("ldm.block_channels=[12]", "config key 'ldm.block_channels': expected multiples of 8"),
         ("train.optim.betas=[0.9]", "config key 'train.optim.betas': expected two numbers in [0, 1)"),
     ],

@@ -50,6 +50,34 @@ def test_folding_keeps_each_pixel_in_its_own_channel_slot():
     assert torch.equal(model(x, torch.tensor([3]), cond["image_emb"], cond["text_emb"], cond["tokens"], cond["image_dropped"]), x)
 
 
+def test_the_text_mask_hides_the_captions_padding_from_the_cross_attention():
+    """decoder.text_mask: tokens after the mask change nothing; without it they do. The image's
+    context tokens before the caption always attend."""
+    model = small(patch=2, attention_side=16)
+    x, t = torch.randn(1, 3, 32, 32), torch.tensor([300])
+    tokens = torch.randn(1, 5, 8)
+    padded = tokens.clone()
+    padded[:, 3:] = torch.randn(1, 2, 8)
+    mask = torch.tensor([[True, True, True, False, False]])
+    draw = lambda toks, m=None: decoder.predict(model, x, t, decoder.conditioning(torch.randn(1, 8, generator=torch.Generator().manual_seed(0)),  # noqa: E731
+                                                                                 torch.ones(1, 8), toks, m))  # fmt: skip
+    torch.testing.assert_close(draw(tokens, mask), draw(padded, mask))
+    assert not torch.allclose(draw(tokens), draw(padded))
+    assert not torch.allclose(draw(tokens, mask), draw(tokens))
+
+
+def test_dropped_text_becomes_zeros_or_the_empty_caption():
+    cond = decoder.conditioning(torch.ones(2, 8), torch.ones(2, 8), torch.ones(2, 5, 8), torch.tensor([[True] * 2 + [False] * 3] * 2))
+    empty = {"emb": torch.full((1, 8), 2.0), "tokens": torch.full((1, 5, 8), 3.0), "mask": torch.tensor([[True, True, False, False, False]])}
+    text_dropped = torch.tensor([True, False])
+    zeros = decoder.drop(cond, torch.zeros(2, dtype=torch.bool), text_dropped)
+    assert zeros["text_emb"][0].eq(0).all() and zeros["tokens"][0].eq(0).all() and zeros["mask"][0].all()  # attends everywhere
+    assert zeros["text_emb"][1].eq(1).all() and zeros["mask"][1].sum() == 2
+    caption = decoder.drop(cond, torch.zeros(2, dtype=torch.bool), text_dropped, empty)
+    assert caption["text_emb"][0].eq(2).all() and caption["tokens"][0].eq(3).all() and caption["mask"][0].tolist() == empty["mask"][0].tolist()
+    assert caption["text_emb"][1].eq(1).all() and caption["tokens"][1].eq(1).all()
+
+
 def test_attention_sits_at_the_levels_no_wider_than_attention_side():
     assert small(patch=1, attention_side=8).unet.config.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D")
     assert small(patch=2, attention_side=16).unet.config.down_block_types == ("CrossAttnDownBlock2D",) * 2
@@ -173,7 +201,7 @@ def test_a_pixel_decoder_samples_the_same_in_plain_diffusers_by_the_exported_lay
 
 
 @pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))])
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "unclip"])
 def test_every_stage_samples_where_its_network_is(sampler, device):
     """Conditioning made on the CPU, networks elsewhere (as `sample.device: cuda` places them): every
     sampler moves what it is given to its network. Without a GPU "meta" stands in for it (a CPU

@@ -200,6 +200,57 @@ def test_a_fine_tuned_public_stable_diffusion_unet_exports_as_a_stable_diffusion
     assert torch.allclose(drawn, (sampled + 1) / 2, atol=1e-4), (drawn - (sampled + 1) / 2).abs().max()
 
 
+KARLO_SAMPLING = {
+    # sampled as UnCLIPPipeline samples Karlo: its scheduler, the empty caption as unconditional
+    # text, the decoder's text mask, the upsampler's antialiased enlargement
+    "sample.sampler": "unclip", "prior.null_text": "empty_caption", "decoder.null_text": "empty_caption", "decoder.text_mask": True,
+    "decoder.space": "pixel", "upsampler.resize": "bicubic_antialias",
+    # Karlo's schedules and clipping (configs/karlo-finetune.yaml), with x0 targets where Karlo's
+    # decoder and upsampler predict eps: at UnCLIPScheduler's first step (t = 999) an eps
+    # prediction's x_0 is divided by sqrt(abar) = 4.9e-5, so float noise of 1e-7 between two
+    # implementations' convolutions (batched otherwise here) reaches 2e-3 in the pixels its clip
+    # does not saturate. With x0 targets the two draw the same within 1e-4.
+    "prior.diffusion": {"schedule": "cosine", "prediction": "x0", "clip_sample": 5.0},
+    "decoder.diffusion": {"schedule": "cosine", "prediction": "x0", "clip_sample": 1.0},
+    "upsampler.diffusion": {"schedule": "cosine", "prediction": "x0", "clip_sample": 1.0},
+}
+
+
+def test_a_fine_tuned_karlo_chain_exports_as_an_unclip_pipeline(pipeline, tmp_path):
+    """A public-layout UnCLIPPipeline (tiny, as Karlo's, fitting this store): its prior, decoder
+    (+ text_proj, with its learned variance) and super-resolution UNet fine-tuned with --init-from
+    and sampled as Karlo is, exported again: diffusers' own UnCLIPPipeline, loaded without remote
+    code, that draws what `unclip sample` draws."""
+    from diffusers import DiffusionPipeline
+
+    from launch.trained import load_trained
+    from tests import public_layouts
+
+    cfg, _, _ = pipeline
+    store = open_store(cfg.store_url)
+    karlo = public_layouts.karlo(str(tmp_path / "karlo"), dim=store.shape("clip_image_emb")[0], tokens=store.shape("clip_text_tokens")[0])
+    tuned = replace(cfg, **{**KARLO_SAMPLING, "train.steps": 2, "train.run": "karlo", "sample.run": "karlo", "sample.upsampler_runs": ["karlo"]})
+    for stage in ("prior", "decoder", "upsampler"):
+        train_local(tuned, stage, init_from=karlo, log=print)
+    out = str(tmp_path / "export")
+    exported = export.run(tuned, out, log=print)
+    assert exported["prior"]["pipeline"] == exported["upsampler-karlo"]["pipeline"] == "UnCLIPPipeline", \
+        json.load(open(os.path.join(out, "unclip", "unclip_stages.json")))["not_an_UnCLIPPipeline_because"]  # fmt: skip
+    pipe = DiffusionPipeline.from_pretrained(os.path.join(out, "unclip"))
+    assert type(pipe).__name__ == "UnCLIPPipeline" and not os.path.exists(os.path.join(out, "unclip", "unclip_pipeline.py"))
+    assert pipe.decoder_scheduler.config.variance_type == "learned_range"  # Karlo's decoder's, kept through fine-tuning
+    prompts, steps, seed = ["a red circle on a blue background", "a green square on a white background"], 4, 7
+    w_decoder, w_prior = 3.0, 2.0
+    drawn = pipe(prompts, prior_num_inference_steps=steps, decoder_num_inference_steps=steps, super_res_num_inference_steps=steps,
+                 prior_guidance_scale=w_prior, decoder_guidance_scale=w_decoder, generator=torch.Generator().manual_seed(seed),
+                 output_type="np").images  # fmt: skip
+    trained = load_trained(tuned, store, ["prior", "decoder", "upsampler"])
+    sampled = trained.generate("unclip", trained.encode_text(prompts), steps, (w_decoder, w_prior), seed, batch_size=len(prompts), upsampler_steps=steps)
+    ours = ((sampled + 1) / 2).permute(0, 2, 3, 1).numpy()
+    assert drawn.shape == (2, 256, 256, 3) and np.abs(drawn - ours).max() < 1e-4, np.abs(drawn - ours).max()
+    assert "standard `UnCLIPPipeline`" in open(os.path.join(out, "README.md")).read()
+
+
 def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_path):
     from diffusers import AutoencoderKL, DiffusionPipeline, PriorTransformer, UNet2DConditionModel, UNet2DModel
 
@@ -285,6 +336,8 @@ def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_pat
     # (Trained.generate, one batch); the upsampler in its default memory format, hence 1e-4
     pipe = DiffusionPipeline.from_pretrained(os.path.join(out, "unclip"), trust_remote_code=True)
     assert type(pipe).__name__ == "UnclipChainPipeline" and exported["prior"]["folder"] == exported["upsampler-main"]["folder"] == "unclip"
+    misfits = json.load(open(os.path.join(out, "unclip", "unclip_stages.json")))["not_an_UnCLIPPipeline_because"]
+    assert "sample.sampler is 'ddim', not 'unclip' (UnCLIPScheduler)" in misfits and "the decoder draws VAE latents" in misfits
     drawn = pipe(prompts, num_inference_steps=steps, guidance_scale=w, prior_guidance_scale=w, upsampler_inference_steps=steps,
                  generator=torch.Generator().manual_seed(seed), output_type="pt").images  # fmt: skip
     sampled = trained.generate("unclip", text, steps, (w, w), seed, batch_size=len(prompts), upsampler_steps=steps)

@@ -15,7 +15,7 @@ import torch
 from data_pipeline.store import Store, StoreError
 from models.assembly import describe
 from models.config import VaeConfig
-from models.encoders import FrozenVae, identity_mismatch, vae_identity
+from models.encoders import FrozenVae, identity_mismatch, text_conditioning, vae_identity
 from models.public import COMPONENTS, PublicWeights, expect_class, load_public, mismatch
 
 # (the weights' config field, its value, what the store or the stage's settings give, that value)
@@ -111,6 +111,12 @@ class Stage:
     # Called by the loader's thread on each batch of numpy columns (e.g. to decode images), with
     # randomness that is a function of the batch's place in the run; None: batches pass as read.
     prepare: Any = None
+
+
+def empty_caption(store: Store) -> dict[str, torch.Tensor]:
+    """The store's embedding of "" (what dropped text becomes with null_text=empty_caption) as text
+    conditioning of one row: emb [1, D], tokens [1, L, W], mask [1, L]."""
+    return text_conditioning({k: torch.from_numpy(v)[None] for k, v in store.null_caption().items()})
 
 
 def latent_scale(store: Store, choice: str, key: str) -> float:

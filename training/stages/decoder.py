@@ -15,7 +15,7 @@ from models import decoder
 from models.config import DecoderConfig
 from models.diffusion import Diffusion, device_of, row_mask
 from models.imaging import decode, grid, to_pil, to_minus_one_one
-from training.stage import Check, Preview, Stage, latent_scale
+from training.stage import Check, Preview, Stage, empty_caption, latent_scale
 
 CONDITIONS = ("clip_image_emb", "clip_text_emb", "clip_text_tokens")
 
@@ -25,7 +25,8 @@ class DecoderStage(Stage):
 
     def __init__(self, section: DecoderConfig, store: Store, preview: Preview = Preview()):
         self.latent = section.space == "latent"
-        self.columns = ("vae_latent" if self.latent else "image_64",) + CONDITIONS
+        self.conditions = CONDITIONS + (("text_mask",) if section.text_mask else ())
+        self.columns = ("vae_latent" if self.latent else "image_64",) + self.conditions
         super().__init__(section, store, preview)
 
     def check_store(self) -> None:
@@ -37,6 +38,7 @@ class DecoderStage(Stage):
                 f"decoder's text projection needs it equal to the embedding size {dim}"
             )
         self.diffusion = Diffusion(self.section.diffusion)
+        self.empty_caption = empty_caption(self.store) if self.section.null_text == "empty_caption" else None
         if self.latent:
             self.latent_scale = latent_scale(self.store, self.section.latent_scale, "decoder.latent_scale")
 
@@ -76,19 +78,27 @@ class DecoderStage(Stage):
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         x0 = batch["vae_latent"].float() * self.latent_scale if self.latent else to_minus_one_one(batch["image"])
-        cond = decoder.conditioning(*(batch[c].float() for c in CONDITIONS))
+        cond = self.conditioning(batch)
         n = len(x0)
         s = self.section
         drop_image = row_mask(n, s.image_drop, generator, x0.device)
-        cond = decoder.drop(cond, drop_image, row_mask(n, s.text_drop, generator, x0.device))
+        empty = None if self.empty_caption is None else {k: v.to(x0.device) for k, v in self.empty_caption.items()}
+        cond = decoder.drop(cond, drop_image, row_mask(n, s.text_drop, generator, x0.device), empty)
         t, noise = self.diffusion.draw(x0, generator)
         prediction = decoder.predict(model, self.diffusion.q_sample(x0, t, noise), t, cond)
         return self.diffusion.loss(prediction, x0, noise, t)
 
+    def conditioning(self, rows: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The decoder's conditioning from store rows (tensors or arrays) of self.conditions."""
+        as_tensor = lambda v: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v))  # noqa: E731
+        mask = as_tensor(rows["text_mask"]) if self.section.text_mask else None
+        return decoder.conditioning(*(as_tensor(rows[c]).float() for c in CONDITIONS), mask)
+
     def extras(self) -> dict[str, Any]:
+        text = {"null_text": self.section.null_text, "text_mask": self.section.text_mask}
         if not self.latent:
-            return {}
-        return {"latent_channels": self.store.shape("vae_latent")[0], "latent_scale": self.latent_scale}
+            return text
+        return {**text, "latent_channels": self.store.shape("vae_latent")[0], "latent_scale": self.latent_scale}
 
     def preview(self, model: torch.nn.Module, count: int = 4) -> list[tuple[str, Any]]:
         """Per row: the true image (where the store keeps image_64), then the decoder's from its CLIP
@@ -97,9 +107,10 @@ class DecoderStage(Stage):
         if self.latent and vae is None:
             return []
         truth = ["image_64"] if "image_64" in self.store.manifest["columns"] else []
-        rows = self.preview_rows([*truth, *CONDITIONS], count)
-        cond = decoder.conditioning(*(torch.from_numpy(rows[c].astype(np.float32)) for c in CONDITIONS))
+        rows = self.preview_rows([*truth, *self.conditions], count)
+        cond = self.conditioning(rows)
         net = chains.Net(model, self.diffusion, self.extras(), vae)
-        sampled = to_pil(chains.decoder_images(net, cond, self.preview_settings.steps, self.preview_settings.guidance, torch.Generator().manual_seed(0)))
+        sampled = to_pil(chains.decoder_images(net, cond, self.preview_settings.steps, self.preview_settings.guidance,
+                                               torch.Generator().manual_seed(0), self.empty_caption))  # fmt: skip
         pairs = zip(to_pil(to_minus_one_one(decode(rows["image_64"]))), sampled) if truth else ((s,) for s in sampled)
         return [("decoder_true_vs_sampled", grid([list(p) for p in pairs]))]

@@ -12,7 +12,7 @@ from models.config import LdmConfig
 from models.diffusion import Diffusion, device_of, row_mask
 from models.encoders import text_conditioning
 from models.imaging import grid, to_pil
-from training.stage import Check, Preview, Stage, latent_scale
+from training.stage import Check, Preview, Stage, empty_caption, latent_scale
 
 
 class LdmStage(Stage):
@@ -29,8 +29,7 @@ class LdmStage(Stage):
         self.latent_scale = latent_scale(self.store, self.section.latent_scale, "ldm.latent_scale")
         self.null = None  # dropped text: all zeros
         if self.section.null_text == "empty_caption":
-            empty = {k: torch.from_numpy(v)[None] for k, v in self.store.null_caption().items()}
-            self.null = ldm.context(text_conditioning(empty, self.text_columns), self.embedding_token)
+            self.null = ldm.context(empty_caption(self.store), self.embedding_token)
         if not self.embedding_token:
             return
         width, dim = self.store.shape("clip_text_tokens")[1], self.store.shape("clip_text_emb")[0]

@@ -15,7 +15,7 @@ from models.diffusion import Diffusion, row_mask
 from models.encoders import TEXT_COLUMNS, text_conditioning
 from models.imaging import grid
 from models.public import PublicWeightsError
-from training.stage import Check, Stage
+from training.stage import Check, Stage, empty_caption
 
 
 class PriorStage(Stage):
@@ -33,6 +33,7 @@ class PriorStage(Stage):
         if "clip_image_emb_mean" not in self.store.manifest:
             raise StoreError(f"store '{self.store.url}': manifest lacks 'clip_image_emb_mean' (rerun `unclip embed`)")
         self.diffusion = Diffusion(self.section.diffusion)
+        self.empty_caption = empty_caption(self.store) if self.section.null_text == "empty_caption" else None
 
     def build_model(self) -> torch.nn.Module:
         m = self.store.manifest
@@ -69,10 +70,14 @@ class PriorStage(Stage):
     def loss(self, model: Any, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         module = getattr(model, "module", model)
         x0 = prior.normalize(module, batch["clip_image_emb"].float())
-        text = prior.drop_text(text_conditioning(batch), row_mask(len(x0), self.section.text_drop, generator, x0.device))
+        empty = None if self.empty_caption is None else {k: v.to(x0.device) for k, v in self.empty_caption.items()}
+        text = prior.drop_text(text_conditioning(batch), row_mask(len(x0), self.section.text_drop, generator, x0.device), empty)
         t, noise = self.diffusion.draw(x0, generator)
         prediction = prior.predict(model, self.diffusion.q_sample(x0, t, noise), t, text)
         return self.diffusion.loss(prediction, x0, noise, t)
+
+    def extras(self) -> dict[str, Any]:
+        return {"null_text": self.section.null_text}
 
     def preview(self, model: torch.nn.Module, count: int = 4) -> list[tuple[str, Any]]:
         """Per caption: the true image, then the store image nearest to the predicted embedding."""
@@ -84,7 +89,8 @@ class PriorStage(Stage):
             self._bank = (bank, data["image_64"])
         bank, pictures = self._bank
         rows = self.preview_rows([*TEXT_COLUMNS, "image_64"], count)
-        predicted = prior.sample(model, self.diffusion, text_conditioning(rows), self.preview_settings.steps, self.preview_settings.guidance, torch.Generator().manual_seed(0))
+        predicted = prior.sample(model, self.diffusion, text_conditioning(rows), self.preview_settings.steps, self.preview_settings.guidance,
+                                 torch.Generator().manual_seed(0), self.empty_caption)  # fmt: skip
         nearest = (torch.nn.functional.normalize(predicted.cpu(), dim=-1) @ bank.T).argmax(1)
         decode = lambda data: Image.open(io.BytesIO(data)).convert("RGB")  # noqa: E731
         pairs = [[decode(rows["image_64"][i]), decode(pictures[int(j)])] for i, j in enumerate(nearest)]

@@ -52,12 +52,12 @@ class UpsamplerStage(Stage):
         device = batch["high"].device
         x0 = to_minus_one_one(batch["high"])
         low = upsampler.degrade(to_minus_one_one(batch["low"]).cpu(), self.section, generator).to(device)
-        low_up = upsampler.upsample(low, x0.shape[-1])
+        low_up = upsampler.upsample(low, x0.shape[-1], self.section.resize)
         t, noise = self.diffusion.draw(x0, generator)
         return self.diffusion.loss(upsampler.predict(model, self.diffusion.q_sample(x0, t, noise), t, low_up), x0, noise, t)
 
     def extras(self) -> dict[str, Any]:
-        return {"low": self.section.low, "high": self.section.high}
+        return {"low": self.section.low, "high": self.section.high, "resize": self.section.resize}
 
     def preview(self, model: torch.nn.Module, count: int = 4) -> list[tuple[str, Any]]:
         """Per row: bicubic upsampling, the model's upsampling, the true high-res image."""
@@ -65,6 +65,6 @@ class UpsamplerStage(Stage):
         low = to_minus_one_one(decode(rows[self.low_col]))
         factor = self.section.high // self.section.low
         steps = self.preview_settings.steps  # as `unclip sample` draws it
-        sampled = upsampler.sample(model, self.diffusion, low, factor, steps, torch.Generator().manual_seed(0))
+        sampled = upsampler.sample(model, self.diffusion, low, factor, steps, torch.Generator().manual_seed(0), self.section.resize)
         columns = [to_pil(upsampler.upsample(low, sampled.shape[-1])), to_pil(sampled), to_pil(to_minus_one_one(decode(rows[self.high_col])))]
         return [("upsampler_bicubic_sampled_true", grid([list(row) for row in zip(*columns)]))]
