@@ -5,8 +5,10 @@
 #   benchmarks/gpu_check.sh fetch   here, with a package index: wheels of what such an image lacks,
 #                                   at constraints.txt's versions, into .whl/ (about 14 MiB)
 #   benchmarks/gpu_check.sh run     there: installs .whl/ (if present) beside the image's torch, then
-#                                   the step benchmark (small fp32; Stable Diffusion-sized bf16, with
-#                                   samples/s and MFU) and the tests that compare GPU with CPU results;
+#                                   the step benchmark (small fp32; the SD-2-base-sized UNet in bf16 at
+#                                   batch 64, compiled block by block with activation checkpointing:
+#                                   samples/s, TFLOP per step, MFU, engine/plain, compiled/eager) and
+#                                   the tests that compare GPU with CPU results;
 #                                   figures and logs under $OUT (default gpu-check/), at most 6 files
 #
 # PYTHON (default python3) runs everything. SMALL_ARGS and SD_ARGS replace the two benchmark runs'
@@ -16,7 +18,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 CARRIED="deepspeed diffusers open_clip_torch ftfy wcwidth hjson pydantic pydantic_core annotated-types typing-inspection importlib_metadata"
 SMALL_ARGS=${SMALL_ARGS:---steps 30 --rounds 2}
-SD_ARGS=${SD_ARGS:---model sd --precision bf16 --batch-size 64 --steps 40 --rounds 2}
+SD_ARGS=${SD_ARGS:---model sd --precision bf16 --batch-size 64 --steps 40 --rounds 2 --compile blocks --activation-checkpointing blocks}
 
 pinned() {  # name==version as constraints.txt pins it
     grep -i -E "^$(echo "$1" | sed 's/[-_]/[-_]/g')==" constraints.txt || { echo "constraints.txt does not pin $1" >&2; exit 2; }

@@ -148,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace, cfg, log) -> int:
     from models.base.configlib import to_dict, to_yaml
 
+    if args.command in ("encoders", "sample", "eval", "export", "demo"):
+        from launch.environment import use_machine
+
+        use_machine()  # the in-process work (fitting, sampling) on every usable core; ranks and actors set their own
+
     if args.command == "ingest":
         from data_pipeline import ingest
 

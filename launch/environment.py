@@ -2,7 +2,7 @@
 
 | variable | value | why |
 |---|---|---|
-| `OMP_NUM_THREADS` | 1 (unless set) | ranks share the node's cores; more threads per rank only contend |
+| `OMP_NUM_THREADS` | a local `unclip train`: the usable cores / ranks (`local_ranks`); else 1 (unless set) | ranks share the node's cores |
 | `PYTHONUNBUFFERED` | 1 | rank logs reach the launcher (and SLURM/Ray logs) as they are written |
 | `TORCH_NCCL_ASYNC_ERROR_HANDLING` | 1 | a rank whose collective failed or timed out tears its process down, so the launcher sees a failure instead of a job that hangs |
 | `TORCH_NCCL_DUMP_ON_TIMEOUT` | 1 | a timed-out collective leaves a flight-recorder trace of who waited on what |
@@ -45,6 +45,41 @@ def _node_variables() -> dict[str, str]:
 def rank_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The full environment for a launcher or rank process started on this node."""
     return {**os.environ, **rank_variables(extra), **_node_variables()}
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: taskset, cgroups, SLURM's binding)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def local_ranks(nproc: int | str, gpus: int | None = None, cores: int | None = None) -> tuple[int, int]:
+    """(ranks, threads per rank) a local `unclip train` starts for `train.nproc`. auto: one rank per
+    visible GPU; on CPUs two ranks (one on one core), since train.batch_size is per rank and the
+    shipped configs were tuned at a global batch of two ranks' (the demo trains the same batches on
+    any machine); the usable cores are shared among the ranks as intra-op threads. More ranks than
+    GPUs is refused (a second rank on one GPU would share it, or find none)."""
+    from models.base.configlib import ConfigError
+
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    cores = usable_cores() if cores is None else cores
+    if gpus and nproc != "auto" and int(nproc) > gpus:
+        raise ConfigError(f"config key 'train.nproc' is {nproc}, but this machine has {gpus} GPU{'s' if gpus > 1 else ''}: "
+                          f"one rank per GPU, at most {gpus} (or train.nproc=auto)")  # fmt: skip
+    if nproc != "auto":
+        ranks = int(nproc)
+    else:
+        ranks = gpus or min(2, cores)
+    return ranks, max(1, cores // ranks)
+
+
+def use_machine() -> int:
+    """A command that computes in this process (encoder fitting, sample, eval, export) uses every
+    usable core; returns how many. torch's default is the machine's physical cores, whatever this
+    process may use."""
+    cores = usable_cores()
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(cores)
+    return cores
 
 
 def apply_in_rank(extra: dict[str, str] | None = None) -> None:

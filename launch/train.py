@@ -1,4 +1,5 @@
-"""`unclip train <stage>` on this machine: validate, then start `train.nproc` ranks with torchrun.
+"""`unclip train <stage>` on this machine: validate, then start `train.nproc` ranks with torchrun
+(auto: one per GPU, or two sharing the CPU cores as threads; launch/environment.local_ranks).
 
 Inside an existing launch (torchrun, deepspeed, srun and Ray set WORLD_SIZE) it trains in-process.
 SIGTERM (preemption) is passed to the ranks, which save at the next step boundary; the command
@@ -22,7 +23,7 @@ from models.base.errors import JobFailed
 from data_pipeline.store import Store, StoreError, open_store
 from launch import config as config_mod
 from launch.config import Config
-from launch.environment import rank_environment
+from launch.environment import local_ranks, rank_environment
 from launch.rank import RANK_ERRORS, run_rank, stage_for
 from models.encoders import RECORDED_BEFORE
 from models.public import find_public
@@ -46,6 +47,8 @@ def check_before_launch(cfg: Config, stage: str, init_from: str | None = None) -
     but its command usually still names them)."""
     cfg = config_mod.for_stage(cfg, stage)
     check_runtime(cfg.train)
+    if "WORLD_SIZE" not in os.environ:
+        local_ranks(cfg.train.nproc)  # refuses more ranks than GPUs
     store = open_store(cfg.store_url)
     check_text_conditioning(cfg, store)
     built = stage_for(cfg, stage, store)  # refuses an unsuitable store
@@ -83,12 +86,14 @@ def train_local(cfg: Config, stage: str, resume_from: str | None = None, init_fr
             tempfile.TemporaryDirectory(prefix="unclip-staging-") as staging:  # removed however the ranks end  # fmt: skip
         f.write(config_yaml)
         f.flush()
+        ranks, threads = local_ranks(cfg.train.nproc)
+        threads = int(os.environ.get("OMP_NUM_THREADS", threads))
         command = [
-            sys.executable, "-m", "launch.agent", "--standalone", f"--nproc_per_node={cfg.train.nproc}",
+            sys.executable, "-m", "launch.agent", "--standalone", f"--nproc_per_node={ranks}",
             f"--shutdown-timeout={cfg.train.preemption_grace_s}", *rank_command(stage, f.name, resume_from, init_from),
         ]  # fmt: skip
-        log(f"train {stage}: {cfg.train.nproc} ranks -> {run_url}")
-        env = rank_environment({RANK_ERRORS: errors, STAGING_DIR: staging})
+        log(f"train {stage}: {ranks} ranks x {threads} threads -> {run_url}")
+        env = rank_environment({RANK_ERRORS: errors, STAGING_DIR: staging, "OMP_NUM_THREADS": str(threads)})
         returncode, preempted = run_forwarding_sigterm(command, env, quiet_after=errors)
         return outcome(cfg, stage, returncode, preempted, log, errors)
 

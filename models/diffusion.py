@@ -84,6 +84,14 @@ class Diffusion:
     def alphas_cumprod(self) -> torch.Tensor:
         return self.make_scheduler("ddpm").alphas_cumprod.double()
 
+    def _abar(self, t: torch.Tensor) -> torch.Tensor:
+        """alphas_cumprod at `t`, looked up where `t` is: indexing a host table with device
+        timesteps would copy them back, and the training step would wait for the device."""
+        tables = self.__dict__.setdefault("_tables", {})
+        if t.device not in tables:
+            tables[t.device] = self.alphas_cumprod.to(t.device, torch.float64 if t.device.type in ("cpu", "cuda") else torch.float32)
+        return tables[t.device][t]
+
     def make_scheduler(self, sampler: str | None = None, learned_variance: bool = False):
         """`learned_variance`: the network also predicts its variance (Karlo's decoder), which only
         the unclip sampler uses."""
@@ -127,7 +135,7 @@ class Diffusion:
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
-        abar = _expand(self.alphas_cumprod[t.cpu()], x0)
+        abar = _expand(self._abar(t), x0)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -135,17 +143,17 @@ class Diffusion:
             return noise
         if self.cfg.prediction == "x0":
             return x0
-        abar = _expand(self.alphas_cumprod[t.cpu()], x0)
+        abar = _expand(self._abar(t), x0)
         return abar.sqrt() * noise - (1 - abar).sqrt() * x0  # v
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
-        abar = self.alphas_cumprod[t.cpu()]
+        abar = self._abar(t)
         return (abar / (1 - abar)).float()
 
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
         """Per-sample weight; min-SNR-gamma (Hang et al. 2023) expressed for each target."""
         if self.cfg.loss_weighting == "uniform":
-            return torch.ones(len(t))
+            return torch.ones(len(t), device=t.device)
         snr = self.snr(t)
         clipped = torch.minimum(snr, torch.full_like(snr, self.cfg.snr_gamma))
         return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[self.cfg.prediction]

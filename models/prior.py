@@ -66,10 +66,6 @@ def predict(model, x_t: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Ten
     ).predicted_image_embedding.float()
 
 
-def normalize(model, image_emb: torch.Tensor) -> torch.Tensor:
-    return (image_emb - model.clip_mean) / model.clip_std
-
-
 def sample(
     model,
     diffusion: Diffusion,

@@ -49,13 +49,15 @@ def upsample(low: torch.Tensor, size: int, resize: str = "bicubic_clamped") -> t
     return F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
-def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """Per-image Gaussian blur ([B, C, H, W], one sigma per image; sigma 0 leaves it alone)."""
-    radius = max(1, int(math.ceil(3 * float(sigmas.max()))))
+def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor, largest: float | None = None) -> torch.Tensor:
+    """Per-image Gaussian blur ([B, C, H, W], one sigma per host tensor's entry; sigma 0 leaves it
+    alone), applied where the images are. `largest`: the largest sigma there can be, which sizes
+    the kernels without reading `sigmas` (default: their maximum)."""
+    radius = max(1, int(math.ceil(3 * (largest if largest is not None else float(sigmas.max())))))
     offsets = torch.arange(-radius, radius + 1, dtype=images.dtype)
     kernels = torch.exp(-(offsets[None, :] ** 2) / (2 * sigmas.clamp(min=1e-3)[:, None] ** 2))
     kernels = torch.where(sigmas[:, None] > 0, kernels, (offsets == 0).to(images.dtype)[None, :])
-    kernels = kernels / kernels.sum(1, keepdim=True)
+    kernels = (kernels / kernels.sum(1, keepdim=True)).to(images.device)
     b, c, h, w = images.shape
     x = images.reshape(1, b * c, h, w)
     k = kernels.repeat_interleave(c, 0)
@@ -65,12 +67,14 @@ def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
 
 
 def degrade(low: torch.Tensor, cfg: UpsamplerConfig, generator: torch.Generator) -> torch.Tensor:
+    """Blur, then noise, drawn on the host (the same on any device) and applied where `low` is."""
     n = len(low)
     lo, hi = cfg.blur_sigma
     sigmas = lo + (hi - lo) * torch.rand(n, generator=generator)
-    blurred = gaussian_blur(low, sigmas)
+    blurred = gaussian_blur(low, sigmas, largest=hi)
     levels = cfg.noise_aug * torch.rand(n, generator=generator)
-    return (blurred + levels[:, None, None, None] * torch.randn(low.shape, generator=generator)).clamp(-1, 1)
+    noise = levels[:, None, None, None] * torch.randn(low.shape, generator=generator)
+    return (blurred + noise.to(low)).clamp(-1, 1)
 
 
 def random_crops(high: np.ndarray, low: np.ndarray, crop: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,8 @@ from launch import cli, config
     "override, message",
     [
         ("train.zero_stage=5", "config key 'train.zero_stage': expected one of 0, 1, 2, 3, got 5"),
+        ("train.nproc=0", "config key 'train.nproc': expected auto or a number >= 1, got 0"),
+        ("train.nproc=many", "config key 'train.nproc': expected an integer or one of 'auto', got 'many'"),
         ("train.batch_size=-4", "config key 'train.batch_size': expected a number >= 1, got -4"),
         ("train.batch_size=abc", "config key 'train.batch_size': expected an integer, got 'abc'"),
         ("train.batch_size=2.5", "config key 'train.batch_size': expected an integer, got 2.5"),
@@ -265,3 +267,8 @@ def test_the_docs_name_only_real_config_keys():
                 stale.append(f"{document.relative_to(repo)}: {key}")
     assert not stale, stale
     assert "train.ema.on_cpu" in keys and "launch.env." in free  # the walk itself
+
+
+def test_compile_under_zero3_is_refused_by_name():
+    with pytest.raises(ConfigError, match="config key 'train.compile': not with train.zero_stage=3"):
+        config.load(None, ["train.compile=blocks", "train.zero_stage=3"])

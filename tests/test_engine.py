@@ -31,7 +31,9 @@ SMALL = ["ldm.block_channels=[32, 64]", "ldm.diffusion.prediction=eps", "ldm.dif
 
 
 def command(root, *overrides, stage="ldm", nproc=2, flags=()):
-    return [sys.executable, "-m", "launch.cli", "train", stage, f"root={root}", f"train.nproc={nproc}", *SMALL, *overrides, *flags]
+    """nproc None: train.nproc's default (auto)."""
+    ranks = [f"train.nproc={nproc}"] if nproc is not None else []
+    return [sys.executable, "-m", "launch.cli", "train", stage, f"root={root}", *ranks, *SMALL, *overrides, *flags]
 
 
 def launch(root, *overrides, stage="ldm", nproc=2, flags=(), check=True, tmpdir=None):
@@ -330,3 +332,78 @@ def s3_metrics(run_url: str) -> dict[int, dict]:
         record = json.loads(line)
         out[record["step"]] = record
     return out
+
+
+def test_the_step_loop_reads_nothing_from_the_device_outside_log_steps(root, tmp_path):
+    """Each stage trained N and 2N steps (one log step, at the end) makes as many host reads of
+    tensors from our code (tests/count_syncs.py): none comes once a step. On a GPU each would
+    wait for the step's kernels. Before the losses stayed on the device, an ldm step made 6."""
+    shutil.copytree(os.path.join(root, "store"), tmp_path / "store")
+    specs = ["ldm", "ldm:train.zero_stage=0", "upsampler"]
+    result = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "count_syncs.py"), str(tmp_path), "3", *specs],
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    for spec in specs:
+        short, long = counts[spec]
+        assert short > 0, spec  # the counter sees reads: the last log step's and the checkpoint's
+        assert long == short, f"{spec}: {long - short} more host reads in 3 more steps"
+
+
+@pytest.mark.parametrize("zero, which", [(0, "blocks"), (3, "selective")])
+def test_activation_checkpointing_gives_the_losses_without_and_resumes(root, zero, which):
+    off = short_run(root, str(zero), f"train.zero_stage={zero}")  # test_zero_stages_precisions_and_offload_train's run
+    on = short_run(root, f"{zero}-ckpt", f"train.zero_stage={zero}", f"train.activation_checkpointing={which}")
+    for step, record in off.items():
+        assert on[step]["loss"] == pytest.approx(record["loss"], rel=1e-5, abs=1e-7), step
+    result = launch(root, "train.steps=6", "train.checkpoint_every=2", f"train.run={zero}-ckpt", f"train.zero_stage={zero}",
+                    f"train.activation_checkpointing={which}")  # fmt: skip
+    # the ldm's UNet of two levels: 2 down, mid, 2 up blocks; selective leaves the deepest level's 3
+    blocks = {"blocks": 5, "selective": 2}[which]
+    assert "resumed from" in result.stdout and "at step 4" in result.stdout and f"activation checkpointing of {blocks} blocks" in result.stdout
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in metrics(root, f"{zero}-ckpt").values())
+
+
+def prior_run(root, run: str, *settings: str, steps: int = 4, flags=()) -> dict[int, dict]:
+    launch(root, f"train.steps={steps}", "train.checkpoint_every=2", f"train.run={run}", *settings, stage="prior", flags=flags)
+    return metrics(root, run, "prior")
+
+
+def test_compiled_runs_train_as_eager_ones_and_their_checkpoints_interchange(root, tmp_path):
+    """The prior compiled block by block (ZeRO-2, 2 ranks, one compile cache) and eager: the same
+    losses within float tolerance (inductor orders sums its own way); a compiled run resumes
+    eager and an eager one compiled, with the same losses; saved names carry no `_orig_mod.`.
+    The prior's blocks repeat, so it compiles in seconds; activation checkpointing of its blocks
+    (ZeRO-3) is checked on the same run."""
+    cache = str(tmp_path / "compile-cache")
+    eager = prior_run(root, "eager")
+    compiled = prior_run(root, "compiled", "train.compile=blocks", f"train.compile_cache={cache}", steps=2)
+    for step in (1, 2):
+        assert compiled[step]["loss"] == pytest.approx(eager[step]["loss"], rel=1e-4), step
+    assert os.listdir(cache)  # inductor's caches went where they were told
+    as_eager = prior_run(root, "compiled")  # the same run, resumed without compile
+    eager_step2 = os.path.join(run_dir(root, "eager", "prior"), "step_0000002")
+    as_compiled = prior_run(root, "from-eager", "train.compile=blocks", f"train.compile_cache={cache}", flags=["--resume-from", eager_step2])
+    for step in (3, 4):
+        assert as_eager[step]["loss"] == pytest.approx(eager[step]["loss"], rel=1e-4), step
+        assert as_compiled[step]["loss"] == pytest.approx(eager[step]["loss"], rel=1e-4), step
+    names = set(load_file(os.path.join(run_dir(root, "compiled", "prior"), "step_0000002", "ema.safetensors")))
+    assert names == set(load_file(os.path.join(eager_step2, "ema.safetensors"))) and not any("_orig_mod" in n for n in names)
+    checkpointed = prior_run(root, "prior-ckpt", "train.zero_stage=3", "train.activation_checkpointing=blocks", steps=2)
+    reference = prior_run(root, "prior-zero3", "train.zero_stage=3", steps=2)
+    for step in (1, 2):
+        assert checkpointed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5), step
+
+
+def test_channels_last_and_nproc_auto(root, straight):
+    """Channels-last inputs give the losses of channels-first ones; train.nproc=auto (the default)
+    starts the ranks local_ranks chooses for this machine, each with its share of the cores."""
+    from launch.environment import local_ranks
+
+    result = launch(root, "train.steps=2", "train.run=channels-last", "train.channels_last=true", "train.checkpoint_every=2", nproc=None)
+    ranks, threads = local_ranks("auto")
+    assert f"{ranks} ranks x {os.environ.get('OMP_NUM_THREADS', threads)} threads" in result.stdout
+    log = metrics(root, "channels-last")
+    if ranks == 2:  # the reference run's world size: the same batches
+        for step in (1, 2):
+            assert log[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-5), step

@@ -318,3 +318,23 @@ def test_ingest_submitted_to_a_ray_head_completes(ray_head, tmp_path):
         while "STOPPED" not in (status := _unclip("launch", "status", slow_job, *common).communicate()[0]):
             assert time.time() < deadline, status
             time.sleep(1)
+
+
+def test_nproc_auto_fits_the_machine_and_too_many_ranks_for_the_gpus_are_refused(tmp_path, monkeypatch):
+    from models.base.configlib import ConfigError
+    from launch.environment import local_ranks
+    from launch.train import check_before_launch
+
+    assert local_ranks("auto", gpus=8, cores=64) == (8, 8)  # one rank per GPU
+    assert local_ranks("auto", gpus=0, cores=16) == (2, 8)  # two ranks, the cores shared as threads
+    assert local_ranks("auto", gpus=0, cores=1) == (1, 1)
+    assert local_ranks(3, gpus=0, cores=2) == (3, 1)
+    with pytest.raises(ConfigError, match="'train.nproc' is 2, but this machine has 1 GPU: one rank per GPU, at most 1"):
+        local_ranks(2, gpus=1, cores=16)
+    # before any rank starts: the command's own check
+    make_store(str(tmp_path / "store"), (20,))
+    cfg = config_mod.load(None, [f"root={tmp_path}", "train.nproc=4"])
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError, match="'train.nproc' is 4, but this machine has 2 GPUs"):
+        check_before_launch(cfg, "ldm")

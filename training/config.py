@@ -28,6 +28,9 @@ class OptimConfig:
     warmup_steps: int = option(20, ge=0)
     schedule: Literal["constant", "cosine"] = "cosine"
     min_lr_ratio: float = option(0.1, ge=0, le=1)
+    fused: Literal["auto", "on", "off"] = option(
+        "auto", doc="torch's fused AdamW kernel: auto uses it on a GPU; ZeRO-0 always does (it skips non-finite steps on the device)"
+    )
 
     def validate(self) -> None:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -71,7 +74,9 @@ class TrainConfig:
     checkpoint_every: int = option(100, ge=1)
     keep_last: int = option(3, ge=1)
     verify_checkpoints: bool = option(True, doc="check every file's sha256 before resuming from a checkpoint")
-    max_skipped_steps: int = option(10, ge=1, doc="stop after this many non-finite steps in a row")
+    max_skipped_steps: int = option(
+        10, ge=1, doc="stop after this many non-finite steps in a row (ZeRO-0: counted at log steps, where the device's count is read)"
+    )
     collective_timeout_s: int = option(1800, ge=1, doc="a collective waiting longer fails the run")
     preemption_grace_s: int = option(600, ge=1, doc="after SIGTERM, time ranks get to reach a step boundary and save")
     log_every: int = option(10, ge=1)
@@ -79,7 +84,24 @@ class TrainConfig:
     progress_bar: Literal["auto", "always", "never"] = option("auto", doc="auto: when stderr is a terminal")
     prefetch: int = option(4, ge=1, doc="batches the loader reads ahead")
     seed: int = 0
-    nproc: int = option(2, ge=1, doc="processes `unclip train` starts on this machine (torchrun)")
+    nproc: int | Literal["auto"] = option(
+        "auto", doc="ranks `unclip train` starts on this machine (torchrun); auto: one per visible GPU, or on CPUs two (one if one "
+                    "core), the cores the process may use shared among them as threads (launch/environment.py)",
+    )  # fmt: skip
+    activation_checkpointing: Literal["off", "blocks", "selective"] = option(
+        "off", doc="blocks: recompute each block's activations in the backward pass (diffusers' gradient checkpointing for the "
+                   "UNets, each transformer block of the prior): less memory for more compute; selective: not the UNets' deepest "
+                   "level, which holds the fewest activations for its compute (training/performance.py)",
+    )  # fmt: skip
+    compile: Literal["off", "blocks", "whole"] = option(
+        "off", doc="torch.compile each network's blocks (as torchtitan: the repeated blocks compile once each) or the whole "
+                   "network; weights and checkpoints stay those of the eager network. ZeRO 0-2",
+    )  # fmt: skip
+    compile_cache: str | None = option(
+        None, doc="a local folder for torch.compile's caches (TORCHINDUCTOR_CACHE_DIR), shared by this machine's ranks and reused by "
+                  "restarts; null: torch's default",
+    )  # fmt: skip
+    channels_last: bool = option(False, doc="the convolutional stages' UNets take their inputs channels-last (faster convolutions on GPUs)")
     deepspeed: dict[str, Any] = field(default_factory=dict)
     fault_injection: FaultInjection = option(factory=FaultInjection)
     stages: dict[str, dict[str, Any]] = option(
@@ -106,6 +128,11 @@ class TrainConfig:
             if "stages" in settings:
                 raise ValueError(f"config key 'train.stages.{stage}.stages': per-stage settings do not nest")
             self.for_stage(stage)  # each stage's settings, checked as a whole
+        if self.nproc != "auto" and self.nproc < 1:
+            raise ValueError(f"config key 'train.nproc': expected auto or a number >= 1, got {self.nproc}")
+        if self.compile != "off" and self.zero_stage == 3:
+            raise ValueError("config key 'train.compile': not with train.zero_stage=3, whose parameter gathering DeepSpeed does in module "
+                             "hooks that graph capture would cut through; use ZeRO 0-2, or compile off")  # fmt: skip
         if self.offload_params != "none" and self.zero_stage != 3:
             raise ValueError(
                 f"config key 'train.offload_params': parameter offload needs train.zero_stage=3, got {self.zero_stage}"

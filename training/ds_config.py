@@ -49,25 +49,33 @@ def deepspeed_config(train: TrainConfig, load_universal: bool = False) -> dict[s
 
 
 class GuardedAdamW(torch.optim.AdamW):
-    """torch AdamW that refuses a step with non-finite gradients.
+    """torch's fused AdamW that skips a step with non-finite gradients, without the host waiting
+    for the device: the fused kernel reads `found_inf` (as torch's GradScaler drives it) and then
+    leaves weights, moments and step counts as they were. `skipped` counts such steps on the
+    device; the engine reads it at log steps.
 
-    ZeRO 1-3 and fp16 already skip such steps; without ZeRO, DeepSpeed steps whatever it gets.
-    Setting `overflow` is how DeepSpeed's own optimizers report a skip: the engine then counts it
-    in `skipped_steps` and holds the learning-rate schedule.
+    For ZeRO-0 only: ZeRO 1-3 and fp16 skip such steps in DeepSpeed, which counts them itself.
+    DeepSpeed is not told of a skip here (it would need the host to know at once), so the
+    learning-rate schedule still advances on one.
     """
 
-    overflow = False
+    def __init__(self, params, **kwargs):
+        super().__init__(params, fused=True, **kwargs)
+        device = next(p.device for group in self.param_groups for p in group["params"])
+        self.skipped = torch.zeros((), device=device)
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        self.overflow = bool(grads) and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
-        if self.overflow:
-            return None
+        if grads:
+            self.found_inf = (~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()).float()
+            self.skipped += self.found_inf
         return super().step(closure)
 
 
-def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig, device: torch.device | None = None) -> torch.optim.Optimizer:
+    """AdamW: DeepSpeed's CPU Adam with optimizer offload; without ZeRO our GuardedAdamW; else
+    torch's, fused on a GPU (train.optim.fused: auto) or as asked."""
     o = train.optim
     kwargs = {"lr": o.lr, "betas": tuple(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
     if train.offload_optimizer != "none":
@@ -75,7 +83,10 @@ def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torc
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # lazy: DeepSpeed picks its accelerator when imported, in a rank after apply_in_rank
 
         return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
-    return GuardedAdamW(params, **kwargs)
+    if train.zero_stage == 0:
+        return GuardedAdamW(params, **kwargs)
+    fused = o.fused == "on" or (o.fused == "auto" and device is not None and device.type == "cuda")
+    return torch.optim.AdamW(params, fused=fused, **kwargs)
 
 
 def lr_factor(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:

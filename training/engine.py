@@ -31,6 +31,7 @@ from training.ema import EMA
 from training.failures import Preempted, Preemption, SkipTracker, inject
 from training.observe import RunLog, memory_stats
 from training.partitions import across_ranks, full_numel, gathered, weights_are_finite, weights_checksum
+from training.performance import prepare
 from training.stage import Stage
 from training.verify import verify_store
 
@@ -136,6 +137,8 @@ def train(
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = initial_model(stage, folder, None if folder else init_from, say)
     stage_info = stage.describe(model)
+    for done in prepare(model, t):  # after describe: stage.json records the network, not how it runs
+        say(f"{stage_name}: {done}")
     verify_store(store, run_url, rank, world)
     loader = StoreLoader(store, stage.columns, t.batch_size, t.seed, rank, world, t.prefetch, transform=stage.prepare,
                          pin_memory=device.type == "cuda")  # fmt: skip
@@ -147,7 +150,7 @@ def train(
         if (saved["world_size"], saved["zero_stage"]) != (world, t.zero_stage) and (saved["zero_stage"] or t.zero_stage):
             deepspeed_folder, universal = checkpointer.universal_copy(local_folder), True
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(trainable, t)
+    optimizer = make_optimizer(trainable, t, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(t.optim, t.steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(t, universal))
     # Under ZeRO-3 each rank averages its own partitions (training/ema.py), except with parameters
@@ -190,13 +193,19 @@ def train(
         return path
 
     last_checkpoint = folder
-    window: list[float] = []
+    # The step never waits for the device: losses add up there and are read at log steps, the
+    # preemption flag is agreed on over the host (training/failures.py), and DeepSpeed's skip
+    # count is a host integer. ZeRO-0's optimizer counts its skipped steps on the device too.
+    loss_sum, finite_losses = torch.zeros((), device=device), torch.zeros((), device=device)
+    micro_steps, shown = 0, ""
     data_wait = 0.0
     tick = time.time()
     skipped_seen = engine.skipped_steps
+    counted_on_device = getattr(optimizer, "skipped", None) is not None  # ZeRO-0: GuardedAdamW
+    skipped_read, window_start = 0, start_step
     try:
         for step in range(start_step, t.steps):
-            if preemption.agreed(device):
+            if preemption.agreed():
                 if last_checkpoint is None or read_trainer_state(last_checkpoint)["step"] != step:
                     last_checkpoint = save(step, "preempted")
                 raise Preempted(f"{stage_name}: preempted at step {step}; checkpoint {last_checkpoint}")
@@ -208,28 +217,39 @@ def train(
                 loss = inject(t.fault_injection, loss, step + 1, rank, resumed=start_step > 0)
                 engine.backward(loss)
                 engine.step()
-                window.append(loss.item())
+                finite = torch.isfinite(loss.detach())
+                loss_sum += torch.where(finite, loss.detach().float(), 0.0)
+                finite_losses += finite
+                micro_steps += 1
             skipped = engine.skipped_steps > skipped_seen
             skipped_seen = engine.skipped_steps
-            skips.record(skipped, step + 1, last_checkpoint)
+            done = step + 1
+            log_step = done % t.log_every == 0 or done == t.steps
+            if counted_on_device:
+                # ZeRO-0 skips on the device; its count is read with the losses, at log steps
+                if log_step:
+                    now = int(optimizer.skipped)
+                    skips.record_window(now - skipped_read, done - window_start, done, last_checkpoint)
+                    skipped_read, window_start = now, done
+            else:
+                skips.record(skipped, done, last_checkpoint)
             if skipped:
-                say(f"{stage_name} step {step + 1}: non-finite loss or gradients, step skipped ({skips.total} so far)")
+                say(f"{stage_name} step {done}: non-finite loss or gradients, step skipped ({skips.total} so far)")
             else:
                 with gathered(engine.module, 3 if ema_gathers else 0):
                     ema.update(engine.module)
-            done = step + 1
-            runlog.advance(f"loss {window[-1]:.4f}")
-            if done % t.log_every == 0 or done == t.steps:
+            runlog.advance(shown)
+            if log_step:
                 elapsed = time.time() - tick
-                finite = [x for x in window if np.isfinite(x)]
+                total, count = torch.stack([loss_sum, finite_losses]).tolist()  # the window's one read of the device
                 grad_norm = engine.get_global_grad_norm()
                 record = {
                     "step": done,
-                    "loss": across_ranks(float(np.mean(finite)) if finite else float("nan"), dist.ReduceOp.SUM, device) / world,
+                    "loss": across_ranks(total / count if count else float("nan"), dist.ReduceOp.SUM, device) / world,
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    "samples_per_s": len(window) * t.batch_size * world / elapsed,
-                    "step_time_s": elapsed / (len(window) / t.grad_accum),
+                    "samples_per_s": micro_steps * t.batch_size * world / elapsed,
+                    "step_time_s": elapsed / (micro_steps / t.grad_accum),
                     "data_wait_s": data_wait,
                     "skipped_steps": skips.total,
                     "epoch": loader.epoch,
@@ -241,7 +261,10 @@ def train(
                 if runlog.bar is None:
                     say(f"{stage_name} step {done}/{t.steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
                         f"{record['samples_per_s']:.0f} samples/s  data wait {data_wait:.2f}s")  # fmt: skip
-                window, data_wait, tick = [], 0.0, time.time()
+                shown = f"loss {record['loss']:.4f}"
+                loss_sum.zero_()
+                finite_losses.zero_()
+                micro_steps, data_wait, tick = 0, 0.0, time.time()
             if t.preview_every and done % t.preview_every == 0:
                 weights = ema.state_dict()  # every rank: the ranks' shares are gathered
                 if rank == 0:

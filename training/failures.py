@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,10 +25,15 @@ class Preempted(Exception):
 
 
 class Preemption:
-    """SIGTERM sets a flag; ranks agree on it at the next step boundary (one tiny all-reduce)."""
+    """SIGTERM sets a flag; ranks agree on it at the next step boundary (one tiny all-reduce).
+
+    The all-reduce goes over the host (gloo), so that agreeing at every step never makes the host
+    wait for the accelerator's queue: an all-reduce on the GPU would put the flag behind the step's
+    kernels, and reading it would wait for them all."""
 
     def __init__(self) -> None:
         self.requested = False
+        self._group: Any = None
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._handle)
         # else the engine runs inside a host (Ray Train runs it in a worker thread) that owns the
@@ -36,11 +42,13 @@ class Preemption:
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
-    def agreed(self, device: torch.device) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0])
         if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            if self._group is None:  # every rank gets here at the same step: a collective call
+                self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return bool(flag.numpy()[0])  # host memory: numpy() refuses a device tensor
 
 
 class SkipTracker:
@@ -55,6 +63,17 @@ class SkipTracker:
             return
         self.total += 1
         self.streak += 1
+        self._check(step, last_checkpoint)
+
+    def record_window(self, skipped: int, steps: int, step: int, last_checkpoint: str | None) -> None:
+        """`skipped` of the last `steps` steps (up to `step`), counted on the device and read at a log
+        step, which steps not known: a window skipped whole continues the streak; else the streak is
+        taken as its skipped steps, as if they came last (the longest it can be)."""
+        self.total += skipped
+        self.streak = self.streak + skipped if skipped == steps else skipped
+        self._check(step, last_checkpoint)
+
+    def _check(self, step: int, last_checkpoint: str | None) -> None:
         if self.streak >= self.limit:
             raise NonFiniteStreak(
                 f"{self.streak} steps in a row had a non-finite loss or gradients (the last at step {step}); "

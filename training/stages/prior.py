@@ -67,9 +67,21 @@ class PriorStage(Stage):
             ("prior/config.json additional_embeddings", p.get("additional_embeddings", 4), "the prior's inputs besides the tokens", 4),
         ]
 
+    def statistics(self, module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CLIP statistics the prior normalises its targets with, read once: they are held
+        fixed, and under ZeRO-3 they are partitioned like every parameter, so that read gathers
+        them (every rank, at its first step). Read at the first step, not when the network is
+        built, so that a resumed run has its checkpoint's."""
+        if getattr(self, "_statistics", None) is None:
+            import deepspeed  # lazy: as every DeepSpeed import in a rank
+
+            with deepspeed.zero.GatheredParameters([module.clip_mean, module.clip_std]):
+                self._statistics = (module.clip_mean.detach().clone(), module.clip_std.detach().clone())
+        return self._statistics
+
     def loss(self, model: Any, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
-        module = getattr(model, "module", model)
-        x0 = prior.normalize(module, batch["clip_image_emb"].float())
+        mean, std = self.statistics(getattr(model, "module", model))
+        x0 = (batch["clip_image_emb"].float() - mean) / std
         empty = None if self.empty_caption is None else {k: v.to(x0.device) for k, v in self.empty_caption.items()}
         text = prior.drop_text(text_conditioning(batch), row_mask(len(x0), self.section.text_drop, generator, x0.device), empty)
         t, noise = self.diffusion.draw(x0, generator)

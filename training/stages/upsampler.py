@@ -49,9 +49,8 @@ class UpsamplerStage(Stage):
         return {"high": high, "low": low}
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
-        device = batch["high"].device
         x0 = to_minus_one_one(batch["high"])
-        low = upsampler.degrade(to_minus_one_one(batch["low"]).cpu(), self.section, generator).to(device)
+        low = upsampler.degrade(to_minus_one_one(batch["low"]), self.section, generator)
         low_up = upsampler.upsample(low, x0.shape[-1], self.section.resize)
         t, noise = self.diffusion.draw(x0, generator)
         return self.diffusion.loss(upsampler.predict(model, self.diffusion.q_sample(x0, t, noise), t, low_up), x0, noise, t)
