@@ -21,6 +21,8 @@ import os
 
 import torch
 
+from models.base.configlib import ConfigError
+
 MULTINODE_DEFAULTS = {
     "OMP_NUM_THREADS": "1",
     "PYTHONUNBUFFERED": "1",
@@ -58,8 +60,6 @@ def local_ranks(nproc: int | str, gpus: int | None = None, cores: int | None = N
     shipped configs were tuned at a global batch of two ranks' (the demo trains the same batches on
     any machine); the usable cores are shared among the ranks as intra-op threads. More ranks than
     GPUs is refused (a second rank on one GPU would share it, or find none)."""
-    from models.base.configlib import ConfigError
-
     gpus = torch.cuda.device_count() if gpus is None else gpus
     cores = usable_cores() if cores is None else cores
     if gpus and nproc != "auto" and int(nproc) > gpus:

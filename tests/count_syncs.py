@@ -1,10 +1,11 @@
-"""Counts, for tests/test_engine_efficiency.py, the calls our code makes that read a tensor on the
+"""Counts, for tests/test_engine.py, the calls our code makes that read a tensor on the
 host (`.item()`, `.cpu()`, `.tolist()`, `bool()`, `float()`, `int()`): on a GPU each waits for
 everything queued before it. Trains each named stage in this process, one rank, for N and 2N
 steps with one log step at the end, and prints {stage: [calls in N steps, calls in 2N steps]}.
 A call made every step shows as a difference; what runs once (set-up, the last log step, the
 final checkpoint) is in both. Only calls from this repository's files on the training thread
-count: DeepSpeed's own and the loader thread's (host-side batches) do not.
+count: DeepSpeed's own (its ZeRO 1-3 optimizers read an overflow flag or the gradient norm every
+step) and the loader thread's (host-side batches) do not.
 
     python tests/count_syncs.py ROOT N STAGE[:override,...] ...
 """
