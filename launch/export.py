@@ -178,8 +178,7 @@ def _standard_unclip_pipeline(cfg: Config, store: Store, chain: list[tuple], fol
 
     by_stage = {item[0]: item for item in chain}
     dec, upsampler = by_stage["decoder"][4], by_stage["upsampler"][4]
-    clip = FrozenClip(cfg.encoders.clip)
-    check_identity("clip", store.manifest["encoders"]["clip"], clip.identity())
+    clip = store_clip(cfg, store)
     pipe = UnCLIPPipeline(
         prior=by_stage["prior"][4], decoder=dec.unet, text_proj=dec.text_proj, text_encoder=hf_text.text_encoder(clip),
         tokenizer=hf_text.tokenizer(clip), super_res_first=upsampler, super_res_last=upsampler,
@@ -199,8 +198,7 @@ def _unclip_pipeline(cfg: Config, store: Store, chain: list[tuple], folder: str)
     upsamplers = [item for item in chain if item[0] == "upsampler"]
     prior_model, prior_diffusion = by_stage["prior"][4], by_stage["prior"][7]
     dec, dec_extras, dec_diffusion = by_stage["decoder"][4], by_stage["decoder"][5]["extras"], by_stage["decoder"][7]
-    clip = FrozenClip(cfg.encoders.clip)
-    check_identity("clip", store.manifest["encoders"]["clip"], clip.identity())
+    clip = store_clip(cfg, store)
     vae = None
     if dec.latent:
         check_identity("vae", store.manifest["encoders"]["vae"], vae_identity(cfg.encoders.vae))
@@ -229,8 +227,7 @@ def _ldm_pipeline(cfg: Config, store: Store, unet, diffusion: Diffusion, extras:
     `trust_remote_code=True` loads). Returns the pipeline's class name."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline  # lazy: diffusers' pipelines load only for an export
 
-    clip = FrozenClip(cfg.encoders.clip)
-    check_identity("clip", store.manifest["encoders"]["clip"], clip.identity())
+    clip = store_clip(cfg, store)
     check_identity("vae", store.manifest["encoders"]["vae"], vae_identity(cfg.encoders.vae))
     vae = AutoencoderKL.from_pretrained(cfg.encoders.vae.path, subfolder=cfg.encoders.vae.subfolder)
     common = {"unet": unet, "vae": vae, "tokenizer": hf_text.tokenizer(clip), "scheduler": diffusion.make_scheduler()}
@@ -246,6 +243,14 @@ def _ldm_pipeline(cfg: Config, store: Store, unet, diffusion: Diffusion, extras:
     pipe.save_pretrained(folder)
     _ship_code(folder, ldm_pipeline, pipe)
     return UnclipLdmPipeline.__name__
+
+
+def store_clip(cfg: Config, store: Store) -> FrozenClip:
+    """The CLIP an exported pipeline's text encoder is converted from: the configured one, refused
+    unless it is the one the store was embedded with."""
+    clip = FrozenClip(cfg.encoders.clip)
+    check_identity("clip", store.manifest["encoders"]["clip"], clip.identity())
+    return clip
 
 
 def _card_section(name: str, stage: str, folder: str, pipeline: str | None, where: str, misfits: list[str]) -> str:

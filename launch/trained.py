@@ -67,6 +67,7 @@ class Trained:
     upsamplers: list[Net] = field(default_factory=list)
     checkpoints: dict[str, str] = field(default_factory=dict)
     clip: FrozenClip | None = None
+    _empty: dict[str, torch.Tensor] | None = None  # the text conditioning of "", once encoded
 
     def encode_text(self, captions: list[str]):
         return self.clip.encode_text(captions)
@@ -75,7 +76,9 @@ class Trained:
         """The text conditioning of "" where one of `stages` was trained with null_text=empty_caption
         (sampling's unconditional input then), else None."""
         if any(self.nets[s].extras.get("null_text") == "empty_caption" for s in stages if s in self.nets):
-            return self.encode_text([""])
+            if self._empty is None:  # one encoding for every batch and chain
+                self._empty = self.encode_text([""])
+            return self._empty
         return None
 
     def no_caption(self, n: int) -> dict[str, torch.Tensor]:
