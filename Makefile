@@ -27,8 +27,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/unclip demo --workdir $(WORKDIR)
 
+# Two workers, each a module at a time (modules share their runs and services), longest modules
+# first (tests/conftest.py): a test's ranks and Ray leave one of the two cores idle half the time.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow"

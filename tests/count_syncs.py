@@ -1,4 +1,4 @@
-"""Counts, for tests/test_engine.py, the calls our code makes that read a tensor on the
+"""Counts, for tests/test_training_options.py, the calls our code makes that read a tensor on the
 host (`.item()`, `.cpu()`, `.tolist()`, `bool()`, `float()`, `int()`): on a GPU each waits for
 everything queued before it. Trains each named stage in this process, one rank, for N and 2N
 steps with one log step at the end, and prints {stage: [calls in N steps, calls in 2N steps]}.

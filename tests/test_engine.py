@@ -1,7 +1,6 @@
-"""The training engine across real processes: DeepSpeed on 2 CPU ranks (torchrun, gloo).
-
-Runs share a small store and, where they can, each other's checkpoints: every launch costs ~10 s.
-"""
+"""The training engine across real processes (DeepSpeed on 2 CPU ranks, torchrun, gloo): an
+uninterrupted run, and what resume makes of kills, crashes, preemption, corrupt checkpoints,
+other world sizes, hung collectives and S3 outages. The runs are tests/engine_runs.py's."""
 
 from __future__ import annotations
 
@@ -11,7 +10,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -19,91 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 from models.base import storage
+from tests.engine_runs import (  # noqa: F401 (the fixtures root and straight)
+    command, kill_tree, launch, leftovers, metrics, root_fixture, run_dir, short_run, straight_fixture, trainer_state,
+)
 from tests.storefactory import make_store
 
 pytestmark = pytest.mark.slow
-
-# eps prediction, uniformly weighted: its loss falls from ~1 within a few steps, which the resume
-# tests read as "the curve continues"; min-SNR v losses wander too much over 8 steps to tell.
-SMALL = ["ldm.block_channels=[32, 64]", "ldm.diffusion.prediction=eps", "ldm.diffusion.loss_weighting=uniform",
-         "prior.layers=2", "prior.heads=2", "train.batch_size=8",
-         "train.log_every=1", "train.optim.warmup_steps=2", "train.progress_bar=never"]  # fmt: skip
-
-
-def command(root, *overrides, stage="ldm", nproc=2, flags=()):
-    """nproc None: train.nproc's default (auto)."""
-    ranks = [f"train.nproc={nproc}"] if nproc is not None else []
-    return [sys.executable, "-m", "launch.cli", "train", stage, f"root={root}", *ranks, *SMALL, *overrides, *flags]
-
-
-def launch(root, *overrides, stage="ldm", nproc=2, flags=(), check=True, tmpdir=None):
-    env = {**os.environ, "TMPDIR": str(tmpdir)} if tmpdir else None
-    result = subprocess.run(command(root, *overrides, stage=stage, nproc=nproc, flags=flags), capture_output=True, text=True, env=env)
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
-def run_dir(root, run="main", stage="ldm"):
-    return os.path.join(root, "runs", stage, run)
-
-
-def metrics(root, run="main", stage="ldm") -> dict[int, dict]:
-    """The last record logged for each step (a resumed run logs some steps twice)."""
-    out = {}
-    with open(os.path.join(run_dir(root, run, stage), "logs", "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            out[record["step"]] = record
-    return out
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants (torchrun starts ranks in sessions of their own)."""
-    import psutil
-
-    parent = psutil.Process(pid)
-    for process in [parent, *parent.children(recursive=True)]:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-
-
-def leftovers(tmpdir) -> list[str]:
-    """What a run left in its TMPDIR (the launcher's and every rank's temporaries)."""
-    return sorted(name for name in os.listdir(tmpdir) if "unclip" in name or name.startswith(storage.TMP_PREFIX))
-
-
-def trainer_state(folder) -> dict:
-    with open(os.path.join(folder, "trainer_state.json")) as f:
-        return json.load(f)
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine")
-    make_store(str(root / "store"), (40, 30, 50, 24))
-    return str(root)
-
-
-_short_runs: dict[tuple, dict[int, dict]] = {}
-
-
-def short_run(root, run: str, *settings: str) -> dict[int, dict]:
-    """Run `run` for 4 steps with a checkpoint every 2, once per session: tests share it."""
-    key = (root, run, settings)
-    if key not in _short_runs:
-        launch(root, "train.steps=4", "train.checkpoint_every=2", f"train.run={run}", *settings)
-        _short_runs[key] = metrics(root, run)
-    return _short_runs[key]
-
-
-@pytest.fixture(scope="module")
-def straight(root):
-    """The uninterrupted reference run: 2 ranks, ZeRO-2, 24 steps, a checkpoint every 4."""
-    launch(root, "train.steps=24", "train.checkpoint_every=4", "train.keep_last=10")
-    return metrics(root)
 
 
 def test_uninterrupted_run_logs_everything(root, straight):
@@ -241,25 +160,6 @@ def test_a_hung_collective_fails_loudly(root):
     assert "a collective timed out after train.collective_timeout_s=5s" in result.stderr
 
 
-@pytest.mark.parametrize(
-    "settings",
-    [
-        ["train.zero_stage=0"],
-        ["train.zero_stage=1", "train.precision=bf16"],
-        ["train.zero_stage=3"],
-        ["train.zero_stage=3", "train.offload_params=cpu", "train.offload_optimizer=cpu", "train.grad_accum=2"],
-    ],
-    ids=["zero0", "zero1-bf16", "zero3", "zero3-offload-accum"],
-)
-def test_zero_stages_precisions_and_offload_train(root, settings):
-    run = "-".join(s.split("=")[1] for s in settings).replace("/", "")
-    log = short_run(root, run, *settings)
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log.values())
-    assert os.path.exists(os.path.join(run_dir(root, run), "step_0000004", "_COMMITTED"))
-    ema = load_file(os.path.join(run_dir(root, run), "step_0000004", "ema.safetensors"))
-    assert all(torch.isfinite(v).all() for v in ema.values())
-
-
 def test_zero3_resumes_on_more_ranks_with_its_average(root):
     """Each ZeRO-3 rank keeps the average of its own partitions: saved whole from 1 rank, cut into
     2 ranks' partitions on resume, it goes on averaging (decay 0.999 from the start, so 2 more
@@ -334,93 +234,3 @@ def s3_metrics(run_url: str) -> dict[int, dict]:
     return out
 
 
-def test_the_step_loop_reads_nothing_from_the_device_outside_log_steps(root, tmp_path):
-    """Each stage trained N and 2N steps (one log step, at the end) makes as many host reads of
-    tensors from our code (tests/count_syncs.py): none comes once a step. On a GPU each would
-    wait for the step's kernels. Before the losses stayed on the device, an ldm step made 6."""
-    shutil.copytree(os.path.join(root, "store"), tmp_path / "store")
-    specs = ["ldm:train.zero_stage=0", "upsampler"]  # ZeRO-0: our optimizer's path; ZeRO 1-3 leave the step to DeepSpeed
-    result = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "count_syncs.py"), str(tmp_path), "2", *specs],
-                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    counts = json.loads(result.stdout.strip().splitlines()[-1])
-    for spec in specs:
-        short, long = counts[spec]
-        assert short > 0, spec  # the counter sees reads: the last log step's and the checkpoint's
-        assert long == short, f"{spec}: {long - short} more host reads in 2 more steps"
-
-
-def launch_together(*runs: tuple[tuple, dict]) -> list[subprocess.CompletedProcess]:
-    """Several launches at once (args and keywords of `command` each): a launch is mostly its
-    ranks' start-up, one core each, so two at a time take about the time of one."""
-    procs = [subprocess.Popen(command(*args, **kw), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args, kw in runs]
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=900)
-        if proc.returncode != 0:
-            raise AssertionError(f"exit {proc.returncode}\n{out[-3000:]}\n{err[-3000:]}")
-        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    return results
-
-
-def test_activation_checkpointing_and_channels_last_give_the_losses_without(root, straight):
-    """Checkpointed blocks under ZeRO-0 (with channels-last inputs and train.nproc=auto, the
-    default) and selective ones under ZeRO-3 give the losses of the same runs without; the ZeRO-3
-    run resumes, its blocks recomputed. Channels-last inputs are also checked alone against the
-    reference run."""
-    from launch.environment import local_ranks
-
-    off = {zero: short_run(root, str(zero), f"train.zero_stage={zero}") for zero in (0, 3)}  # test_zero_stages_precisions_and_offload_train's
-    short = ("train.steps=4", "train.checkpoint_every=2")
-    auto, _, _ = launch_together(
-        ((root, *short, "train.run=0-ckpt", "train.zero_stage=0", "train.activation_checkpointing=blocks", "train.channels_last=true"), {"nproc": None}),
-        ((root, *short, "train.run=3-ckpt", "train.zero_stage=3", "train.activation_checkpointing=selective"), {}),
-        ((root, "train.steps=2", "train.checkpoint_every=2", "train.run=channels-last", "train.channels_last=true"), {}),
-    )  # fmt: skip
-    ranks, threads = local_ranks("auto")
-    assert f"{ranks} ranks x {os.environ.get('OMP_NUM_THREADS', threads)} threads" in auto.stdout
-    assert "channels-last inputs to 1 networks" in auto.stdout
-    for zero, run in ((0, "0-ckpt"), (3, "3-ckpt")):
-        if zero == 0 and ranks != 2:
-            continue  # auto chose another world size than the reference's: other batches
-        on = metrics(root, run)
-        for step, record in off[zero].items():
-            assert on[step]["loss"] == pytest.approx(record["loss"], rel=1e-5, abs=1e-7), (run, step)
-    for step in (1, 2):
-        assert metrics(root, "channels-last")[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-5), step
-    result = launch(root, "train.steps=6", "train.checkpoint_every=2", "train.run=3-ckpt", "train.zero_stage=3", "train.activation_checkpointing=selective")
-    # the ldm's UNet of two levels: 2 down, mid, 2 up blocks; selective leaves the deepest level's 3
-    assert "resumed from" in result.stdout and "at step 4" in result.stdout and "activation checkpointing of 2 blocks" in result.stdout
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in metrics(root, "3-ckpt").values())
-
-
-def prior_run(root, run: str, *settings: str, steps: int = 4, flags=()) -> tuple[tuple, dict]:
-    return (root, f"train.steps={steps}", "train.checkpoint_every=2", f"train.run={run}", *settings), {"stage": "prior", "flags": flags}
-
-
-def test_compiled_runs_train_as_eager_ones_and_their_checkpoints_interchange(root, tmp_path):
-    """The prior compiled block by block (ZeRO-2, 2 ranks, one compile cache) and eager: the same
-    losses within float tolerance (inductor orders sums its own way); a compiled run resumes
-    eager and an eager one compiled, with the same losses; saved names carry no `_orig_mod.`.
-    The prior's blocks repeat, so it compiles in seconds. Its blocks checkpointed under ZeRO-3
-    give the eager run's losses too."""
-    cache = str(tmp_path / "compile-cache")
-    compiling = ("train.compile=blocks", f"train.compile_cache={cache}")
-    launch_together(prior_run(root, "eager"), prior_run(root, "compiled", *compiling, steps=2))
-    eager, compiled = metrics(root, "eager", "prior"), metrics(root, "compiled", "prior")
-    for step in (1, 2):
-        assert compiled[step]["loss"] == pytest.approx(eager[step]["loss"], rel=1e-4), step
-    assert os.listdir(cache)  # inductor's caches went where they were told
-    eager_step2 = os.path.join(run_dir(root, "eager", "prior"), "step_0000002")
-    launch_together(prior_run(root, "compiled"),  # the same run, resumed without compile
-                    prior_run(root, "from-eager", *compiling, flags=["--resume-from", eager_step2]),
-                    prior_run(root, "prior-ckpt", "train.zero_stage=3", "train.activation_checkpointing=blocks", steps=2))  # fmt: skip
-    as_eager, as_compiled = metrics(root, "compiled", "prior"), metrics(root, "from-eager", "prior")
-    for step in (3, 4):
-        assert as_eager[step]["loss"] == pytest.approx(eager[step]["loss"], rel=1e-4), step
-        assert as_compiled[step]["loss"] == pytest.approx(eager[step]["loss"], rel=1e-4), step
-    names = set(load_file(os.path.join(run_dir(root, "compiled", "prior"), "step_0000002", "ema.safetensors")))
-    assert names == set(load_file(os.path.join(eager_step2, "ema.safetensors"))) and not any("_orig_mod" in n for n in names)
-    checkpointed = metrics(root, "prior-ckpt", "prior")
-    for step in (1, 2):  # against the eager ZeRO-2 run: the same fp32 arithmetic, partitioned otherwise
-        assert checkpointed[step]["loss"] == pytest.approx(eager[step]["loss"], rel=1e-5), step

@@ -1,6 +1,6 @@
 """What training/performance.py does to a stage's networks, in one process: which blocks
 recompute their activations, that compiling leaves the weights' names alone, and that the UNets
-see channels-last inputs. tests/test_engine.py trains with each and compares the losses."""
+see channels-last inputs. tests/test_training_options.py trains with each and compares the losses."""
 
 from __future__ import annotations
 
