@@ -93,7 +93,7 @@ def local_ray(s3_endpoint):
         yield ray
 
 
-# The modules that take longest, longest first (minutes under `make test`'s two workers): xdist
+# The modules that take longest, longest first (as measured under `make test`'s two workers): xdist
 # hands each worker two modules at a time in collection order, so a long module drawn last would
 # leave one worker running it alone at the end. The rest follow in their usual order.
 LONGEST_FIRST = ["test_engine.py", "test_training_options.py", "test_pipeline.py", "test_errors.py", "test_ingest.py",
