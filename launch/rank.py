@@ -74,20 +74,23 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
-def skip_transformers_in_diffusers() -> None:
-    """A rank never runs a transformers model, yet diffusers imports transformers' model code with
-    its own (1.7 s a process, measured: 6.4 -> 4.8 s to build every stage's networks) whenever the
-    package is installed. Told it is not, diffusers skips that, and every rank, and every restart
-    of one, starts that much sooner. Only in a process that is a rank and nothing else: one that
-    goes on to export pipelines needs diffusers to know transformers is there."""
+def skip_unused_imports() -> None:
+    """Imports a rank never uses, each a second or more of every rank's start (and of every
+    restart of one; measured with -X importtime in a CPU rank that spends 8 of its 9 s importing):
+    diffusers imports transformers' model code (1.7 s) whenever that package is installed, and
+    scipy.stats (1.3 s) for a sigma schedule (beta sigmas) no stage uses; told neither is there,
+    it skips both.
+    Only in a process that is a rank and nothing else: one that goes on to export pipelines needs
+    diffusers to know transformers is there."""
     import diffusers.utils.import_utils as available  # lazy: before any diffusers model is imported, here only
 
     available._transformers_available = False
+    available._scipy_available = False
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    skip_transformers_in_diffusers()
+    skip_unused_imports()
     # DeepSpeed's ZeRO calls a collective torch has renamed; the notice repeats every step.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     cfg = config_mod.for_stage(config_mod.from_dict(read_yaml(args.config)), args.stage)

@@ -16,7 +16,7 @@ from models.base.configlib import read_yaml
 from data_pipeline.ray_runtime import ray_session
 from launch import config as config_mod
 from launch.config import Config
-from launch.rank import run_rank
+from launch.rank import run_rank, skip_unused_imports
 from launch.train import RanksFailed, config_url
 from training.engine import SUMMARY
 from training.failures import Preempted
@@ -46,7 +46,9 @@ def describe(cfg: Config, stage: str, resume_from: str | None, init_from: str | 
 
 
 def _worker(loop_config: dict[str, Any]) -> None:
-    """Runs in every Ray Train worker (Ray has set RANK, WORLD_SIZE and the process group)."""
+    """Runs in every Ray Train worker (Ray has set RANK, WORLD_SIZE and the process group), a
+    process that is a rank and nothing else."""
+    skip_unused_imports()
     cfg = config_mod.from_dict(read_yaml(loop_config["config_url"]))
     try:
         run_rank(cfg, loop_config["stage"], loop_config["resume_from"], loop_config["init_from"],

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -100,6 +102,31 @@ LONGEST_FIRST = ["test_engine.py", "test_training_options.py", "test_pipeline.py
                  "test_embed.py", "test_launch.py", "test_secrets.py", "test_public_init.py"]  # fmt: skip
 
 
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected what does not run
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its own order
+    start_cpu_adam_build(items)
+
+
+# DeepSpeed compiles its CPU Adam (ZeRO-Offload's optimizer) on first use: two minutes of both
+# cores on a fresh machine, inside whichever test first offloads, on one of the two workers. Built
+# from the start instead, at low priority, it fills the cores the suite leaves idle (a launch's
+# start-up mostly waits on one core); the test then finds it built, or waits on the build's lock.
+_extension_build: subprocess.Popen | None = None
+
+
+def start_cpu_adam_build(items: list[pytest.Item]) -> None:
+    global _extension_build
+    offloading = any("offload" in item.nodeid for item in items)
+    built = os.path.exists(os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], "cpu_adam", "cpu_adam.so"))
+    if not offloading or built or os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0":  # one worker starts it
+        return
+    build = "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('CPUAdamBuilder').load()"
+    _extension_build = subprocess.Popen(["nice", "-n", "10", sys.executable, "-c", build], env={**os.environ, "DS_ACCELERATOR": "cpu"},
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _extension_build is not None:
+        _extension_build.wait()  # not left running after the session (its lock is the OS's: a kill would be harmless)
