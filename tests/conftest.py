@@ -123,8 +123,10 @@ def start_cpu_adam_build(items: list[pytest.Item]) -> None:
     built = os.path.exists(os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], "cpu_adam", "cpu_adam.so"))
     if not offloading or built or os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0":  # one worker starts it
         return
+    from launch.environment import rank_environment  # the accelerator the ranks get, so the build is the one they load
+
     build = "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('CPUAdamBuilder').load()"
-    _extension_build = subprocess.Popen([sys.executable, "-c", build], env={**os.environ, "DS_ACCELERATOR": "cpu"},
+    _extension_build = subprocess.Popen([sys.executable, "-c", build], env=rank_environment(),
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
 
 
