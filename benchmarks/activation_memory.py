@@ -61,7 +61,11 @@ def arm(work: str, checkpointing: str, batch_size: int, passes: int) -> dict:
         losses.append(loss.item())
         model.zero_grad(set_to_none=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return {"peak_above_start_bytes": peak - before, "seconds_per_pass": statistics.median(times[1:]), "loss": losses[0]}
+    return {
+        "peak_above_start_bytes": peak - before,
+        "seconds_per_pass": statistics.median(times[1:]),
+        "loss": losses[0],
+    }
 
 
 def main() -> None:
@@ -85,12 +89,31 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))}
     for round_ in range(args.rounds):
         for which in runs:
-            out = subprocess.run([sys.executable, __file__, "--arm", which, "--work", work, "--batch-size", str(args.batch_size),
-                                  "--passes", str(args.passes)], capture_output=True, text=True, env=env, check=True)  # fmt: skip
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--arm",
+                    which,
+                    "--work",
+                    work,
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--passes",
+                    str(args.passes),
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=True,
+            )
             runs[which].append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = runs[which][-1]
-            print(f"round {round_ + 1} {which:>6}: {r['peak_above_start_bytes'] / 2**20:7.1f} MiB above start, "
-                  f"{r['seconds_per_pass'] * 1000:7.1f} ms per forward+backward, loss {r['loss']:.6f}", flush=True)
+            print(
+                f"round {round_ + 1} {which:>6}: {r['peak_above_start_bytes'] / 2**20:7.1f} MiB above start, "
+                f"{r['seconds_per_pass'] * 1000:7.1f} ms per forward+backward, loss {r['loss']:.6f}",
+                flush=True,
+            )
     median = lambda which, key: statistics.median(r[key] for r in runs[which])  # noqa: E731
     result = {"batch_size": args.batch_size, "model": MODEL, "runs": runs}
     print()
@@ -99,7 +122,9 @@ def main() -> None:
         seconds = median(which, "seconds_per_pass") / median("off", "seconds_per_pass")
         same = all(a["loss"] == b["loss"] for a, b in zip(runs["off"], runs[which]))
         result[which] = {"memory_ratio": memory, "time_ratio": seconds, "same_loss": same}
-        print(f"{which} / without: peak memory {memory:.2f}x (target <= 0.6), step time {seconds:.2f}x (target <= 1.35); same first loss: {same}")
+        print(
+            f"{which} / without: peak memory {memory:.2f}x (target <= 0.6), step time {seconds:.2f}x (target <= 1.35); same first loss: {same}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -26,10 +26,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Encoders big enough that their forward passes, not bookkeeping, set the pace (as on a GPU).
 ENCODERS = [
-    "encoders.tiny.image_size=128", "encoders.tiny.patch_size=16", "encoders.tiny.vision_width=256",
-    "encoders.tiny.vision_layers=4", "encoders.tiny.embed_dim=256", "encoders.tiny.text_layers=4",
-    "encoders.tiny.heads=8", "encoders.tiny.context_length=32", "encoders.tiny.vae_channels=[32, 64, 64]",
-]  # fmt: skip
+    "encoders.tiny.image_size=128",
+    "encoders.tiny.patch_size=16",
+    "encoders.tiny.vision_width=256",
+    "encoders.tiny.vision_layers=4",
+    "encoders.tiny.embed_dim=256",
+    "encoders.tiny.text_layers=4",
+    "encoders.tiny.heads=8",
+    "encoders.tiny.context_length=32",
+    "encoders.tiny.vae_channels=[32, 64, 64]",
+]
 
 
 def bare_encoders(cfg, batches, threads: int) -> float:
@@ -61,11 +67,13 @@ def decoded_batches(cfg, records, site: str):
     for start in range(0, len(records), cfg.embed.batch_size):
         rows = records[start : start + cfg.embed.batch_size]
         images = [Image.open(os.path.join(site, r["path"])).convert("RGB") for r in rows]
-        batches.append((
-            np.stack([np.asarray(resize_center_crop(im, clip_size)) for im in images]),
-            np.stack([np.asarray(resize_center_crop(im, cfg.embed.vae_resolution)) for im in images]),
-            [r["caption"] for r in rows],
-        ))  # fmt: skip
+        batches.append(
+            (
+                np.stack([np.asarray(resize_center_crop(im, clip_size)) for im in images]),
+                np.stack([np.asarray(resize_center_crop(im, cfg.embed.vae_resolution)) for im in images]),
+                [r["caption"] for r in rows],
+            )
+        )
     return batches
 
 
@@ -89,9 +97,16 @@ def main() -> None:
     site = os.path.join(work, "site")
     records = synthetic.generate(site, SyntheticConfig(count=args.images, image_size=128, broken=False))
     synthetic.write_shards(records, site, os.path.join(work, "wds"), 256)
-    base = [f"embed.input={work}/wds", f"embed.batch_size={args.batch_size}", "embed.vae_resolution=128",
-            f"embed.actor_cpus={args.threads}", "embed.columns=[clip_image_emb, clip_text_emb, clip_text_tokens, text_mask, vae_latent]",
-            f"encoders.clip.model=local-dir:{work}/encoders/clip", f"encoders.vae.path={work}/encoders/vae", *ENCODERS]  # fmt: skip
+    base = [
+        f"embed.input={work}/wds",
+        f"embed.batch_size={args.batch_size}",
+        "embed.vae_resolution=128",
+        f"embed.actor_cpus={args.threads}",
+        "embed.columns=[clip_image_emb, clip_text_emb, clip_text_tokens, text_mask, vae_latent]",
+        f"encoders.clip.model=local-dir:{work}/encoders/clip",
+        f"encoders.vae.path={work}/encoders/vae",
+        *ENCODERS,
+    ]
     cfg = config.load(None, [f"root={work}/run", *base])
     write_tiny_encoders(cfg.encoders)
     batches = decoded_batches(cfg, records, site)
@@ -102,7 +117,15 @@ def main() -> None:
         for round_ in range(args.rounds):
             run_cfg = config.load(None, [f"root={work}/run-{round_}", *base])
             started = time.time()
-            manifest = embed.run(run_cfg.encoders, run_cfg.embed, run_cfg.ray, run_cfg.raw_url, run_cfg.store_url, to_dict(run_cfg), log=lambda _: None)
+            manifest = embed.run(
+                run_cfg.encoders,
+                run_cfg.embed,
+                run_cfg.ray,
+                run_cfg.raw_url,
+                run_cfg.store_url,
+                to_dict(run_cfg),
+                log=lambda _: None,
+            )
             seconds["unclip embed"].append(time.time() - started)
             assert manifest["totals"]["rows"] == args.images
             bytes_per_sample = store.column_bytes(store.open_store(run_cfg.store_url))
@@ -123,7 +146,11 @@ def main() -> None:
         print(f"  {name:<18} {b:10.1f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"samples_per_s": rate, "ratio": ratio, "bytes_per_sample": bytes_per_sample, "images": args.images}, f, indent=2)
+            json.dump(
+                {"samples_per_s": rate, "ratio": ratio, "bytes_per_sample": bytes_per_sample, "images": args.images},
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

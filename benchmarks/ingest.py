@@ -56,10 +56,16 @@ def unclip_ingest(url_list: str, out: str, args: argparse.Namespace) -> int:
     from data_pipeline.config import IngestConfig, IngestFilters, RayConfig
 
     cfg = IngestConfig(
-        url_list=url_list, shard_size=args.shard_size, image_size=args.image_size, resize_mode="center_crop",
-        encode_format="jpg", encode_quality=95, threads_per_task=args.threads, timeout_s=10,
+        url_list=url_list,
+        shard_size=args.shard_size,
+        image_size=args.image_size,
+        resize_mode="center_crop",
+        encode_format="jpg",
+        encode_quality=95,
+        threads_per_task=args.threads,
+        timeout_s=10,
         filters=IngestFilters(drop_empty_caption=False),
-    )  # fmt: skip
+    )
     return ingest.run(cfg, RayConfig(num_cpus=args.cpus), out, "benchmark: true\n", log=lambda _: None)["kept"]
 
 
@@ -80,7 +86,9 @@ def main() -> None:
     from data_pipeline.ray_runtime import ray_session
 
     work = tempfile.mkdtemp(prefix="unclip-bench-ingest-")
-    records = synthetic.generate(os.path.join(work, "site"), SyntheticConfig(count=args.images, image_size=args.source_size, broken=False))
+    records = synthetic.generate(
+        os.path.join(work, "site"), SyntheticConfig(count=args.images, image_size=args.source_size, broken=False)
+    )
     times: dict[str, list[float]] = {"img2dataset": [], "unclip ingest": []}
     kept: dict[str, int] = {}
     ray_start = time.time()
@@ -94,7 +102,10 @@ def main() -> None:
                 kept[name] = fn(url_list, out, args)
                 times[name].append(time.time() - started)
                 shutil.rmtree(out)
-                print(f"round {round_ + 1}: {name:<14} {times[name][-1]:6.1f}s  {kept[name] / times[name][-1]:7.0f} images/s", flush=True)
+                print(
+                    f"round {round_ + 1}: {name:<14} {times[name][-1]:6.1f}s  {kept[name] / times[name][-1]:7.0f} images/s",
+                    flush=True,
+                )
     shutil.rmtree(work, ignore_errors=True)
 
     wall = {name: statistics.median(t) for name, t in times.items()}
@@ -114,8 +125,10 @@ def main() -> None:
     for name in wall:
         print(f"{name:<14} {wall[name]:8.1f} {result['images_per_s'][name]:9.0f}")
     print(f"wall-time ratio unclip/img2dataset: {ratio:.3f} (target <= 1.15)")
-    print(f"with a local Ray started for the job ({ray_start:.1f}s, none on a cluster): "
-          f"{result['wall_ratio_with_local_ray_start']:.3f}")
+    print(
+        f"with a local Ray started for the job ({ray_start:.1f}s, none on a cluster): "
+        f"{result['wall_ratio_with_local_ray_start']:.3f}"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -54,12 +54,17 @@ def generate_list(folder: str, rows: int, files: int, row_group: int, seed: int)
         path = pc.cast(pa.array(ids[part]), pa.string())
         url = pc.binary_join_element_wise("https://img", host, ".cdn.example.com/images/", path, "/full.jpg", "")
         words = [vocab.take(pa.array(rng.integers(0, len(WORDS), n))) for _ in range(8)]
-        table = pa.table({
-            "URL": url,
-            "TEXT": pc.binary_join_element_wise(*words, " "),
-            "WIDTH": rng.integers(64, 2048, n), "HEIGHT": rng.integers(64, 2048, n),
-            "similarity": rng.random(n) * 0.4, "punsafe": rng.random(n), "pwatermark": rng.random(n),
-        })  # fmt: skip
+        table = pa.table(
+            {
+                "URL": url,
+                "TEXT": pc.binary_join_element_wise(*words, " "),
+                "WIDTH": rng.integers(64, 2048, n),
+                "HEIGHT": rng.integers(64, 2048, n),
+                "similarity": rng.random(n) * 0.4,
+                "punsafe": rng.random(n),
+                "pwatermark": rng.random(n),
+            }
+        )
         pq.write_table(table, os.path.join(folder, f"part-{f:05d}.parquet"), row_group_size=row_group)
 
 
@@ -84,11 +89,13 @@ def generate_hashes(raw_url: str, millions: float, shard_size: int, seed: int) -
         n = part.stop - part.start
         ok = rng.random(n) > 0.1
         sha = dedup.to_hex(digests[part], 32)
-        table = pa.table({
-            "uid": dedup.to_hex(rng.integers(0, 256, (n, 12), dtype=np.uint8), 12),
-            "sha256": pa.compute.if_else(pa.array(ok), sha, pa.scalar(None, pa.string())),
-            "status": pa.array(np.where(ok, "success", "failed_to_download")),
-        })  # fmt: skip
+        table = pa.table(
+            {
+                "uid": dedup.to_hex(rng.integers(0, 256, (n, 12), dtype=np.uint8), 12),
+                "sha256": pa.compute.if_else(pa.array(ok), sha, pa.scalar(None, pa.string())),
+                "status": pa.array(np.where(ok, "success", "failed_to_download")),
+            }
+        )
         pq.write_table(table, raw.shard_file(raw_url, shard, ".parquet"))
     return shards
 
@@ -104,9 +111,17 @@ def child_plan(list_dir: str, raw_url: str) -> dict:
         spec = plan.prepare(cfg, raw_url, {}, [], lambda _m: None)
         planned = plan.execute(spec, lambda _m: None)
         seconds = time.time() - started
-    return {"rows": planned.input_rows, "seconds": seconds, "driver_rss": peak_rss(), "task_rss": planned.peak_task_rss,
-            "pieces": len(spec.pieces), "buckets": spec.buckets, "shards": planned.shards, "kept": planned.kept,
-            "duplicate_url": planned.filtered.get("duplicate_url", 0)}  # fmt: skip
+    return {
+        "rows": planned.input_rows,
+        "seconds": seconds,
+        "driver_rss": peak_rss(),
+        "task_rss": planned.peak_task_rss,
+        "pieces": len(spec.pieces),
+        "buckets": spec.buckets,
+        "shards": planned.shards,
+        "kept": planned.kept,
+        "duplicate_url": planned.filtered.get("duplicate_url", 0),
+    }
 
 
 def child_content(raw_url: str, shards: int, shard_size: int) -> dict:
@@ -117,10 +132,18 @@ def child_content(raw_url: str, shards: int, shard_size: int) -> dict:
     cfg = IngestConfig(shard_size=shard_size)
     with ray_session(RayConfig()):
         started = time.time()
-        chosen = content_dedup.layout(raw_url, shards, shards * shard_size, cfg.plan_task_rows, shard_size, cfg.dedup_bucket_rows)
+        chosen = content_dedup.layout(
+            raw_url, shards, shards * shard_size, cfg.plan_task_rows, shard_size, cfg.dedup_bucket_rows
+        )
         result = content_dedup.run(raw_url, chosen, lambda _m: None)
         seconds = time.time() - started
-    return {**chosen, "seconds": seconds, "duplicates": result["duplicates"], "driver_rss": peak_rss(), "task_rss": result["peak_task_rss"]}
+    return {
+        **chosen,
+        "seconds": seconds,
+        "duplicates": result["duplicates"],
+        "driver_rss": peak_rss(),
+        "task_rss": result["peak_task_rss"],
+    }
 
 
 def check_content(raw_url: str, shards: int, buckets: int, sample: int) -> dict:
@@ -154,7 +177,12 @@ def check_content(raw_url: str, shards: int, buckets: int, sample: int) -> dict:
         if storage.exists(path):
             t = pq.read_table(path)
             found.update((u, d) for u, d in zip(t["uid"].to_pylist(), t["duplicate_of"].to_pylist()) if u in in_sample)
-    return {"buckets_checked": len(chosen), "rows_checked": len(in_sample), "repeats_checked": len(expected), "equal": found == expected}
+    return {
+        "buckets_checked": len(chosen),
+        "rows_checked": len(in_sample),
+        "repeats_checked": len(expected),
+        "equal": found == expected,
+    }
 
 
 def _child(*args: str) -> dict:
@@ -166,14 +194,19 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,4,16", help="list sizes, millions of rows")
     parser.add_argument("--files", type=int, default=8)
     parser.add_argument("--row-group", type=int, default=131_072, help="rows per row group of the generated files")
-    parser.add_argument("--hashes", type=float, default=40, help="millions of sha256 values for content dedup (0: skip)")
+    parser.add_argument(
+        "--hashes", type=float, default=40, help="millions of sha256 values for content dedup (0: skip)"
+    )
     args = parser.parse_args()
     if args.child:
         kind, *rest = args.child
-        result = {"plan": lambda: child_plan(*rest), "content": lambda: child_content(rest[0], int(rest[1]), int(rest[2])),
-                  "generate-list": lambda: generate_list(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), 0) or {},
-                  "generate-hashes": lambda: {"shards": generate_hashes(rest[0], float(rest[1]), int(rest[2]), 0)},
-                  "check": lambda: check_content(rest[0], int(rest[1]), int(rest[2]), 4)}[kind]()  # fmt: skip
+        result = {
+            "plan": lambda: child_plan(*rest),
+            "content": lambda: child_content(rest[0], int(rest[1]), int(rest[2])),
+            "generate-list": lambda: generate_list(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), 0) or {},
+            "generate-hashes": lambda: {"shards": generate_hashes(rest[0], float(rest[1]), int(rest[2]), 0)},
+            "check": lambda: check_content(rest[0], int(rest[1]), int(rest[2]), 4),
+        }[kind]()
         print(json.dumps(result))
         return
 
@@ -187,15 +220,20 @@ def main() -> None:
             shutil.rmtree(os.path.join(workdir, f"raw-{size:g}M"), ignore_errors=True)
             shutil.rmtree(folder, ignore_errors=True)
             r = rows[size]
-            print(f"{size:>6g}M rows  {r['seconds'] / size:6.2f} s/M rows  driver {r['driver_rss'] / 2**20:6.0f} MB  "
-                  f"largest task {r['task_rss'] / 2**20:6.0f} MB  ({r['pieces']} pieces, {r['buckets']} URL buckets, "
-                  f"{r['duplicate_url']:,} repeated URLs, {r['shards']} shards)", flush=True)  # fmt: skip
+            print(
+                f"{size:>6g}M rows  {r['seconds'] / size:6.2f} s/M rows  driver {r['driver_rss'] / 2**20:6.0f} MB  "
+                f"largest task {r['task_rss'] / 2**20:6.0f} MB  ({r['pieces']} pieces, {r['buckets']} URL buckets, "
+                f"{r['duplicate_url']:,} repeated URLs, {r['shards']} shards)",
+                flush=True,
+            )
         small, large = rows[sizes[0]], rows[sizes[-1]]
         per_row = (large["seconds"] / sizes[-1]) / (small["seconds"] / sizes[0])
         driver = large["driver_rss"] / small["driver_rss"]
         largest_task = max(r["task_rss"] for r in rows.values())
-        print(f"{sizes[-1]:g}M/{sizes[0]:g}M: s/M rows {per_row:.2f} (target <= 1.2), driver RSS {driver:.2f} (target <= 1.2), "
-              f"largest task {largest_task / GB:.2f} GB (target <= 2)")  # fmt: skip
+        print(
+            f"{sizes[-1]:g}M/{sizes[0]:g}M: s/M rows {per_row:.2f} (target <= 1.2), driver RSS {driver:.2f} (target <= 1.2), "
+            f"largest task {largest_task / GB:.2f} GB (target <= 2)"
+        )
         report = {"sizes": rows, "per_row_ratio": per_row, "driver_rss_ratio": driver, "largest_task_rss": largest_task}
         if args.hashes:
             raw_url = os.path.join(workdir, "content")
@@ -203,10 +241,12 @@ def main() -> None:
             shards = _child("generate-hashes", raw_url, str(args.hashes), str(shard_size))["shards"]
             content = _child("content", raw_url, str(shards), str(shard_size))
             check = _child("check", raw_url, str(shards), str(content["buckets"]))
-            print(f"content dedup {args.hashes:g}M hashes: {content['seconds'] / args.hashes:.2f} s/M, {content['duplicates']:,} repeats, "
-                  f"driver {content['driver_rss'] / 2**20:.0f} MB, largest task {content['task_rss'] / 2**20:.0f} MB; "
-                  f"{check['buckets_checked']} of {content['buckets']} buckets ({check['rows_checked']:,} rows, "
-                  f"{check['repeats_checked']:,} repeats) {'equal to' if check['equal'] else 'DIFFER FROM'} the reference")  # fmt: skip
+            print(
+                f"content dedup {args.hashes:g}M hashes: {content['seconds'] / args.hashes:.2f} s/M, {content['duplicates']:,} repeats, "
+                f"driver {content['driver_rss'] / 2**20:.0f} MB, largest task {content['task_rss'] / 2**20:.0f} MB; "
+                f"{check['buckets_checked']} of {content['buckets']} buckets ({check['rows_checked']:,} rows, "
+                f"{check['repeats_checked']:,} repeats) {'equal to' if check['equal'] else 'DIFFER FROM'} the reference"
+            )
             report["content"] = {**content, **check}
         save_report(args.json, report)
 

@@ -26,8 +26,8 @@ COLUMNS = ["vae_latent", "clip_text_tokens"]  # the ldm stage's columns, less cl
 def bare_scan(store) -> int:
     import pyarrow.parquet as pq
 
-    from models.base import storage
     from data_pipeline.store import column_numpy
+    from models.base import storage
 
     rows = 0
     for file in store.files:
@@ -69,7 +69,10 @@ def main() -> None:
     store = open_store(os.path.join(work, "store"))
     rates: dict[str, list[float]] = {"bare pyarrow scan": [], "StoreLoader": []}
     for round_ in range(args.rounds):
-        for name, fn in (("bare pyarrow scan", lambda: bare_scan(store)), ("StoreLoader", lambda: loader_epoch(store, args.batch_size))):
+        for name, fn in (
+            ("bare pyarrow scan", lambda: bare_scan(store)),
+            ("StoreLoader", lambda: loader_epoch(store, args.batch_size)),
+        ):
             started = time.time()
             rows = fn()
             rates[name].append(rows / (time.time() - started))

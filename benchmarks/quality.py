@@ -51,10 +51,10 @@ def main() -> None:
     log = lambda msg: print(msg, flush=True)  # noqa: E731
 
     from data_pipeline.store import open_store
+    from data_pipeline.synthetic_quality import clip_retrieval, vae_psnr
     from launch import config as config_mod
     from launch import demo, evaluate
     from models.base.configlib import read_yaml
-    from data_pipeline.synthetic_quality import clip_retrieval, vae_psnr
     from models.metrics import guidance_gain
 
     workdir = os.path.abspath(args.workdir)
@@ -67,7 +67,11 @@ def main() -> None:
         report["phases"]["eval"]["wall_s"] = evaluate.run(cfg, log=log)["wall_s"]
     store = open_store(cfg.store_url)
     images, captions = held_out_pairs(store)
-    result = {"workdir": workdir, "heldout_rows": len(captions), "phases_wall_s": {k: v["wall_s"] for k, v in report["phases"].items()}}
+    result = {
+        "workdir": workdir,
+        "heldout_rows": len(captions),
+        "phases_wall_s": {k: v["wall_s"] for k, v in report["phases"].items()},
+    }
     result["vae_psnr_db"] = vae_psnr(cfg.encoders.vae, images, 64)
     result["clip_top1"] = clip_retrieval(cfg.encoders.clip, (images, captions))["top1"]
     evaluation = json.load(open(os.path.join(cfg.eval.out, "eval.json")))
@@ -82,28 +86,40 @@ def main() -> None:
         scale = f"{guidance:g}" if chain == "ldm" else f"{guidance:g} (prior {prior_guidance:g})"
         for key, scores in ((f"{chain}@{scale}", on), (f"{chain}@1", off)):
             if "prompt_following" not in scores:
-                raise SystemExit(f"{workdir}: eval.json has no prompt following for {key} (eval.unguided_baseline off, or captions not the generator's)")
+                raise SystemExit(
+                    f"{workdir}: eval.json has no prompt following for {key} (eval.unguided_baseline off, or captions not the generator's)"
+                )
             result["prompt_following"][key] = scores["prompt_following"]
         result["guidance_off_vs_on"][chain] = guidance_gain(off, on)
     result["grid"] = evaluation["reading_grid"]
     # against eval.reference_rows training images; eval.json from before reference_rows measured against the held-out rows
-    result["frechet_reference"] = evaluation.get("frechet_reference", {"split": "heldout", "rows": evaluation["heldout_rows"]})
+    result["frechet_reference"] = evaluation.get(
+        "frechet_reference", {"split": "heldout", "rows": evaluation["heldout_rows"]}
+    )
     real_distance = result["real_images_frechet_distance_clip"] = evaluation.get("real_images_frechet_distance_clip")
 
     print(f"\n{'figure':50s} {'result':>10s} {'target':>8s}")
     print(f"{'VAE PSNR on held-out images (dB)':50s} {result['vae_psnr_db']:10.1f} {'>= 25':>8s}")
     print(f"{'CLIP top-1 among one-attribute-away captions':50s} {result['clip_top1']:10.1%} {'>= 90%':>8s}")
-    print(f"{'prior cosine (text-embedding baseline)':50s} {result['prior_cosine']:6.3f} ({result['prior_text_baseline']:.3f})")
+    print(
+        f"{'prior cosine (text-embedding baseline)':50s} {result['prior_cosine']:6.3f} ({result['prior_text_baseline']:.3f})"
+    )
     for key, hits in result["prompt_following"].items():
-        print(f"{'following ' + key + ': shape / colour / bg':50s} {hits['shape']:.0%} / {hits['color']:.0%} / {hits['background']:.0%}")
+        print(
+            f"{'following ' + key + ': shape / colour / bg':50s} {hits['shape']:.0%} / {hits['color']:.0%} / {hits['background']:.0%}"
+        )
     for chain, gain in result["guidance_off_vs_on"].items():
         follow, clip_score, distance = gain["prompt_following_mean"], gain["clip_score"], gain["frechet_distance_clip"]
-        print(f"guidance off -> on, {chain}: following {follow[0]:.0%} -> {follow[1]:.0%}, CLIP score {clip_score[0]:.3f} -> "
-              f"{clip_score[1]:.3f}, Fréchet distance {distance[0]:.1f} -> {distance[1]:.1f}: "
-              + ("beats unguided" if gain["beats_unguided"] else "does NOT beat unguided"))  # fmt: skip
+        print(
+            f"guidance off -> on, {chain}: following {follow[0]:.0%} -> {follow[1]:.0%}, CLIP score {clip_score[0]:.3f} -> "
+            f"{clip_score[1]:.3f}, Fréchet distance {distance[0]:.1f} -> {distance[1]:.1f}: "
+            + ("beats unguided" if gain["beats_unguided"] else "does NOT beat unguided")
+        )
     reference = result["frechet_reference"]
-    print(f"Fréchet distances against {reference['rows']} {reference['split']} rows"
-          + (f"; the real held-out images read {real_distance:.1f}" if real_distance is not None else ""))  # fmt: skip
+    print(
+        f"Fréchet distances against {reference['rows']} {reference['split']} rows"
+        + (f"; the real held-out images read {real_distance:.1f}" if real_distance is not None else "")
+    )
     print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result["phases_wall_s"].items()))
     with open(os.path.join(workdir, "quality.json"), "w") as f:
         json.dump(result, f, indent=2)

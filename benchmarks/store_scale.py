@@ -42,36 +42,67 @@ def generate_index(store_url: str, parts: int, rows_per_part: int, stats_dim: in
     import pyarrow.parquet as pq
 
     from data_pipeline import dedup, store
-    from models.base import storage
     from data_pipeline.store_writer import INDEX_SLICE
+    from models.base import storage
 
     rng = np.random.default_rng(seed)
-    specs = {"clip_image_emb": {"dtype": "float16", "shape": [stats_dim]}, "vae_latent": {"dtype": "float16", "shape": [4, 32, 32]}}
+    specs = {
+        "clip_image_emb": {"dtype": "float16", "shape": [stats_dim]},
+        "vae_latent": {"dtype": "float16", "shape": [4, 32, 32]},
+    }
     folder = storage.join(store_url, "parts-0000beef")
     slices = -(-parts // INDEX_SLICE)
     for s in range(slices):
         ids = np.arange(s * INDEX_SLICE, min((s + 1) * INDEX_SLICE, parts))
         n = len(ids)
         one = lambda values: pa.ListArray.from_arrays(np.arange(n + 1, dtype=np.int32), pa.array(values, pa.int32()))  # noqa: E731
-        blobs = lambda width: pa.BinaryArray.from_buffers(pa.binary(), n, [None, pa.py_buffer(np.arange(0, (n + 1) * width, width, dtype=np.int32)),  # noqa: E731
-                                                                             pa.py_buffer(rng.random(n * width // 8).tobytes())])  # fmt: skip
+        blobs = lambda width: pa.BinaryArray.from_buffers(
+            pa.binary(),
+            n,
+            [
+                None,
+                pa.py_buffer(np.arange(0, (n + 1) * width, width, dtype=np.int32)),  # noqa: E731
+                pa.py_buffer(rng.random(n * width // 8).tobytes()),
+            ],
+        )
         table = {
-            "part": pa.array(ids), "file": pa.array([f"part-{i:05d}.parquet" for i in ids]), "rows": pa.array(np.full(n, rows_per_part)),
-            "row_groups": one(np.full(n, rows_per_part)), "train_rows": one(rng.binomial(rows_per_part, 0.95, n)),
-            "sha256": dedup.to_hex(rng.integers(0, 256, (n, 32), dtype=np.uint8), 32), "bytes": pa.array(np.full(n, 9_000_000)),
+            "part": pa.array(ids),
+            "file": pa.array([f"part-{i:05d}.parquet" for i in ids]),
+            "rows": pa.array(np.full(n, rows_per_part)),
+            "row_groups": one(np.full(n, rows_per_part)),
+            "train_rows": one(rng.binomial(rows_per_part, 0.95, n)),
+            "sha256": dedup.to_hex(rng.integers(0, 256, (n, 32), dtype=np.uint8), 32),
+            "bytes": pa.array(np.full(n, 9_000_000)),
             "source": pa.array([f"{i:05d}.tar" for i in ids]),
             **{f"bytes:{c}": pa.array(rng.integers(1000, 100_000, n)) for c in [*store.BASE_COLUMNS, *specs]},
-            "count:clip_image_emb": pa.array(np.full(n, rows_per_part)), "sum:clip_image_emb": blobs(8 * stats_dim),
-            "sumsq:clip_image_emb": blobs(8 * stats_dim), "count:vae_latent": pa.array(np.full(n, rows_per_part * 4096)),
-            "sum:vae_latent": blobs(8), "sumsq:vae_latent": blobs(8),
-        }  # fmt: skip
+            "count:clip_image_emb": pa.array(np.full(n, rows_per_part)),
+            "sum:clip_image_emb": blobs(8 * stats_dim),
+            "sumsq:clip_image_emb": blobs(8 * stats_dim),
+            "count:vae_latent": pa.array(np.full(n, rows_per_part * 4096)),
+            "sum:vae_latent": blobs(8),
+            "sumsq:vae_latent": blobs(8),
+        }
         with storage.atomic_open(storage.join(folder, f"{s:05d}.parquet")) as sink:
             pq.write_table(pa.table(table), sink)
-    storage.write_json(storage.join(store_url, store.MANIFEST), {
-        "schema_version": store.SCHEMA_VERSION, "created": "generated", "encoders": {}, "columns": specs,
-        "totals": {"parts": parts, "empty_parts": 0, "rows": parts * rows_per_part, "row_groups": parts, "bytes": parts * 9_000_000, "counts": {}},
-        "holdout": {"fraction": 0.05, "seed": store.HOLDOUT_SEED}, "index": {"folder": "parts-0000beef", "slices": slices, "slice_parts": INDEX_SLICE},
-    })  # fmt: skip
+    storage.write_json(
+        storage.join(store_url, store.MANIFEST),
+        {
+            "schema_version": store.SCHEMA_VERSION,
+            "created": "generated",
+            "encoders": {},
+            "columns": specs,
+            "totals": {
+                "parts": parts,
+                "empty_parts": 0,
+                "rows": parts * rows_per_part,
+                "row_groups": parts,
+                "bytes": parts * 9_000_000,
+                "counts": {},
+            },
+            "holdout": {"fraction": 0.05, "seed": store.HOLDOUT_SEED},
+            "index": {"folder": "parts-0000beef", "slices": slices, "slice_parts": INDEX_SLICE},
+        },
+    )
 
 
 def child_layout(store_url: str) -> dict:
@@ -90,8 +121,15 @@ def child_layout(store_url: str) -> dict:
     startup_s = time.time() - started  # the index included: what a rank waits before its first read
     folder = storage.join(store_url, opened.manifest["index"]["folder"])
     index_bytes = sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder))
-    return {"rows": loader.rows, "groups": len(loader.sizes), "index_s": index_s, "startup_s": startup_s, "index_bytes": index_bytes,
-            "layout_bytes": peak_rss() - base, "steps_in_epoch": loader.steps_in_epoch}  # fmt: skip
+    return {
+        "rows": loader.rows,
+        "groups": len(loader.sizes),
+        "index_s": index_s,
+        "startup_s": startup_s,
+        "index_bytes": index_bytes,
+        "layout_bytes": peak_rss() - base,
+        "steps_in_epoch": loader.steps_in_epoch,
+    }
 
 
 def child_embed(workdir: str, shard_size: int) -> dict:
@@ -104,12 +142,23 @@ def child_embed(workdir: str, shard_size: int) -> dict:
     site, wds = os.path.join(workdir, "site"), os.path.join(workdir, f"wds-{shard_size}")
     records = [r for r in synthetic.generate(site, SyntheticConfig(count=96, seed=1)) if r["broken"] is None]
     synthetic.write_shards(records, site, wds, shard_size)
-    cfg = config.load(None, [f"root={workdir}/root-{shard_size}", f"embed.input={wds}", "embed.batch_size=8", "ray.num_cpus=2",
-                             f"encoders.clip.model=local-dir:{workdir}/encoders/clip", f"encoders.vae.path={workdir}/encoders/vae"])  # fmt: skip
+    cfg = config.load(
+        None,
+        [
+            f"root={workdir}/root-{shard_size}",
+            f"embed.input={wds}",
+            "embed.batch_size=8",
+            "ray.num_cpus=2",
+            f"encoders.clip.model=local-dir:{workdir}/encoders/clip",
+            f"encoders.vae.path={workdir}/encoders/vae",
+        ],
+    )
     write_tiny_encoders(cfg.encoders)
     lines: list[str] = []
     manifest = embed.run(cfg.encoders, cfg.embed, cfg.ray, cfg.raw_url, cfg.store_url, to_dict(cfg), log=lines.append)
-    received = next(float(m.group(1)) for line in lines if (m := re.search(r"driver received (\d+) bytes a part", line)))
+    received = next(
+        float(m.group(1)) for line in lines if (m := re.search(r"driver received (\d+) bytes a part", line))
+    )
     return {"parts": manifest["totals"]["parts"], "rows": manifest["totals"]["rows"], "bytes_per_part": received}
 
 
@@ -121,13 +170,18 @@ def main() -> None:
     parser = children.parser(__doc__)
     parser.add_argument("--rows", default="10,100,1000", help="store sizes, millions of rows")
     parser.add_argument("--rows-per-part", type=int, default=1000)
-    parser.add_argument("--stats-dim", type=int, default=256, help="the CLIP embedding's width, for the statistics' size")
+    parser.add_argument(
+        "--stats-dim", type=int, default=256, help="the CLIP embedding's width, for the statistics' size"
+    )
     parser.add_argument("--part-sizes", default="8,32", help="images per part of the real embed")
     args = parser.parse_args()
     if args.child:
         kind, *rest = args.child
-        result = {"index": lambda: generate_index(rest[0], int(rest[1]), int(rest[2]), int(rest[3])) or {},
-                  "layout": lambda: child_layout(rest[0]), "embed": lambda: child_embed(rest[0], int(rest[1]))}[kind]()  # fmt: skip
+        result = {
+            "index": lambda: generate_index(rest[0], int(rest[1]), int(rest[2]), int(rest[3])) or {},
+            "layout": lambda: child_layout(rest[0]),
+            "embed": lambda: child_embed(rest[0], int(rest[1])),
+        }[kind]()
         print(json.dumps(result))
         return
 
@@ -139,16 +193,24 @@ def main() -> None:
             _child("index", url, str(parts), str(args.rows_per_part), str(args.stats_dim))
             r = report["layout"][f"{millions:g}M"] = _child("layout", url)
             shutil.rmtree(url, ignore_errors=True)
-            print(f"{millions:>6g}M rows ({parts:,} parts): index {r['index_bytes'] / MB:,.0f} MB, layout columns loaded in {r['index_s']:.2f} s; "
-                  f"loader rank 0 of 8: layout {r['layout_bytes'] / MB:.0f} MB, start-up {r['startup_s']:.2f} s", flush=True)  # fmt: skip
+            print(
+                f"{millions:>6g}M rows ({parts:,} parts): index {r['index_bytes'] / MB:,.0f} MB, layout columns loaded in {r['index_s']:.2f} s; "
+                f"loader rank 0 of 8: layout {r['layout_bytes'] / MB:.0f} MB, start-up {r['startup_s']:.2f} s",
+                flush=True,
+            )
         for size in [int(s) for s in args.part_sizes.split(",")]:
             r = report["embed"][size] = _child("embed", workdir, str(size))
-            print(f"embed, parts of {size} images: {r['parts']} parts, the driver received {r['bytes_per_part']:.0f} bytes a part", flush=True)
+            print(
+                f"embed, parts of {size} images: {r['parts']} parts, the driver received {r['bytes_per_part']:.0f} bytes a part",
+                flush=True,
+            )
         largest = report["layout"][max(report["layout"], key=lambda k: float(k[:-1]))]
         sizes = [r["bytes_per_part"] for r in report["embed"].values()]
-        print(f"largest store: layout {largest['layout_bytes'] / MB:.0f} MB (target <= 256), start-up {largest['startup_s']:.2f} s "
-              f"(target <= 10), index load {largest['index_s']:.2f} s (target <= 2); driver {max(sizes):.0f} bytes a part "
-              f"(target <= 4096), {max(sizes) / min(sizes):.2f}x across part sizes")  # fmt: skip
+        print(
+            f"largest store: layout {largest['layout_bytes'] / MB:.0f} MB (target <= 256), start-up {largest['startup_s']:.2f} s "
+            f"(target <= 10), index load {largest['index_s']:.2f} s (target <= 2); driver {max(sizes):.0f} bytes a part "
+            f"(target <= 4096), {max(sizes) / min(sizes):.2f}x across part sizes"
+        )
         save_report(args.json, report)
 
 

@@ -43,17 +43,18 @@ MODELS = {
 }
 
 
-def plain_loop(cfg, steps: int, device, activation_checkpointing: str = "off", compile: str = "off") -> tuple[float, object]:
+def plain_loop(
+    cfg, steps: int, device, activation_checkpointing: str = "off", compile: str = "off"
+) -> tuple[float, object]:
     """Seconds per step of a bare loop over the network treated as the engine treats it
     (checkpointed, compiled); also returns the stage, an eager copy of its network and the batch
     (for FLOP counting: the model's FLOPs, not the recomputation's)."""
     import torch
 
     from data_pipeline.store import open_store
+    from launch.rank import stage_for
     from training.ds_config import lr_factor
     from training.engine import step_generator
-    from launch.rank import stage_for
-
     from training.performance import checkpoint_activations, compile_networks
 
     torch.manual_seed(0)
@@ -90,11 +91,20 @@ def plain_loop(cfg, steps: int, device, activation_checkpointing: str = "off", c
 
 def engine_steps(cfg, steps: int, run: str, **settings) -> tuple[float, list[float]]:
     """Seconds per step after the first logged window, and the losses logged."""
-    from models.base.configlib import replace
     from launch.rank import run_rank
+    from models.base.configlib import replace
 
     # metrics every 10 steps, as a real run logs; the first window (warm-up) is left out
-    cfg = replace(cfg, **{"train.steps": steps, "train.run": run, "train.checkpoint_every": steps + 1, "train.log_every": 10, **settings})
+    cfg = replace(
+        cfg,
+        **{
+            "train.steps": steps,
+            "train.run": run,
+            "train.checkpoint_every": steps + 1,
+            "train.log_every": 10,
+            **settings,
+        },
+    )
     run_rank(cfg, "ldm", log=lambda _: None)
     records = [json.loads(line) for line in open(os.path.join(cfg.run_url("ldm"), "logs", "metrics.jsonl"))]
     shutil.rmtree(cfg.run_url("ldm"))  # the final checkpoint of a GPU-sized model is many GB
@@ -121,7 +131,9 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="small")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--peak-tflops", type=float, help="accelerator peak for MFU (default: by device name)")
-    parser.add_argument("--compile", choices=["off", "blocks", "whole"], default="off", help="train.compile for the engine")
+    parser.add_argument(
+        "--compile", choices=["off", "blocks", "whole"], default="off", help="train.compile for the engine"
+    )
     parser.add_argument("--activation-checkpointing", choices=["off", "blocks", "selective"], default="off")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -134,8 +146,17 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="unclip-bench-step-")
     # SD-like proportions: latents 4x32x32 (256 px images), so compute, not bookkeeping, dominates
     make_store(os.path.join(work, "store"), (256, 256), latent=(4, 32, 32))
-    cfg = config.load(None, [f"root={work}", f"train.batch_size={args.batch_size}", "train.nproc=1",
-                             "train.progress_bar=never", f"train.precision={args.precision}", *MODELS[args.model]])  # fmt: skip
+    cfg = config.load(
+        None,
+        [
+            f"root={work}",
+            f"train.batch_size={args.batch_size}",
+            "train.nproc=1",
+            "train.progress_bar=never",
+            f"train.precision={args.precision}",
+            *MODELS[args.model],
+        ],
+    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     engine_settings = {"train.compile": args.compile, "train.activation_checkpointing": args.activation_checkpointing}
     compiled = args.compile != "off"
@@ -146,21 +167,37 @@ def main() -> None:
         took, losses["engine"] = engine_steps(cfg, args.steps, f"bench-{round_}", **engine_settings)
         seconds["engine"].append(took)
         if compiled:
-            took, losses["eager engine"] = engine_steps(cfg, args.steps, f"bench-eager-{round_}", **{**engine_settings, "train.compile": "off"})
+            took, losses["eager engine"] = engine_steps(
+                cfg, args.steps, f"bench-eager-{round_}", **{**engine_settings, "train.compile": "off"}
+            )
             seconds["eager engine"].append(took)
         plain, probe = plain_loop(cfg, args.steps, device, args.activation_checkpointing, args.compile)
         seconds["plain PyTorch"].append(plain)
-        print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1] * 1000:.1f} ms/step" for k, v in seconds.items()), flush=True)
+        print(
+            f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1] * 1000:.1f} ms/step" for k, v in seconds.items()),
+            flush=True,
+        )
     step = {name: statistics.median(v) for name, v in seconds.items()}
     ratio = step["engine"] / step["plain PyTorch"]
-    result = {"device": str(device), "model": args.model, "precision": args.precision, "batch_size": args.batch_size, **engine_settings,
-              "ms_per_step": {k: v * 1000 for k, v in step.items()}, "ratio": ratio}  # fmt: skip
+    result = {
+        "device": str(device),
+        "model": args.model,
+        "precision": args.precision,
+        "batch_size": args.batch_size,
+        **engine_settings,
+        "ms_per_step": {k: v * 1000 for k, v in step.items()},
+        "ratio": ratio,
+    }
     print(f"\nengine / plain step time: {ratio:.3f} (target <= {'1.05 on a GPU' if device.type == 'cuda' else '1.10'})")
     if compiled:
         result["compiled_over_eager_engine"] = step["engine"] / step["eager engine"]
-        result["max_relative_loss_difference"] = max(abs(a - b) / abs(b) for a, b in zip(losses["engine"], losses["eager engine"]))
-        print(f"compiled / eager engine step time: {result['compiled_over_eager_engine']:.3f} (target <= 1.00); logged losses differ by at most "
-              f"{result['max_relative_loss_difference']:.1e} (relative)")  # fmt: skip
+        result["max_relative_loss_difference"] = max(
+            abs(a - b) / abs(b) for a, b in zip(losses["engine"], losses["eager engine"])
+        )
+        print(
+            f"compiled / eager engine step time: {result['compiled_over_eager_engine']:.3f} (target <= 1.00); logged losses differ by at most "
+            f"{result['max_relative_loss_difference']:.1e} (relative)"
+        )
     # counted on every device, so the GPU figures' code runs wherever the benchmark does
     flops = model_flops(probe)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

@@ -29,29 +29,38 @@ def rank_main(out: str) -> None:
 
     from data_pipeline.store import open_store
     from launch import config
+    from launch.rank import stage_for
     from training.ds_config import deepspeed_config, make_optimizer
     from training.ema import EMA
     from training.engine import init_distributed, step_generator
-    from launch.rank import stage_for
 
     rank, world, _, _ = init_distributed(600)
     cfg = config.load(None, [f"root={out}", "train.zero_stage=2", "train.batch_size=4", *MODEL])
     stage = stage_for(cfg, "ldm", open_store(cfg.store_url))
     torch.manual_seed(0)
     model = stage.build_model()
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(list(model.parameters()), cfg.train),
-                                           config=deepspeed_config(cfg.train))  # fmt: skip
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=make_optimizer(list(model.parameters()), cfg.train), config=deepspeed_config(cfg.train)
+    )
     data = stage.store.read(list(stage.columns))
     batch = {k: torch.from_numpy(v[:4].copy()) for k, v in data.items()}
     engine.backward(stage.loss(engine, batch, step_generator(0, rank, 0, 0)))
     engine.step()
     zero = engine.optimizer
-    state_bytes = sum(t.numel() * t.element_size() for s in zero.optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    state_bytes = sum(
+        t.numel() * t.element_size() for s in zero.optimizer.state.values() for t in s.values() if torch.is_tensor(t)
+    )
     master_bytes = sum(t.numel() * t.element_size() for t in zero.single_partition_of_fp32_groups)
     params = sum(p.numel() for p in model.parameters())
     ema = EMA(engine.module, cfg.train.ema.decay)  # as the engine keeps it: this rank's share of every weight
     ema_bytes = sum(v.numel() * v.element_size() for v in ema.shadow.values())
-    report = {"rank": rank, "world_size": world, "optimizer_state_bytes": state_bytes + master_bytes, "ema_bytes": ema_bytes, "parameters": params}
+    report = {
+        "rank": rank,
+        "world_size": world,
+        "optimizer_state_bytes": state_bytes + master_bytes,
+        "ema_bytes": ema_bytes,
+        "parameters": params,
+    }
     gathered = [None] * world
     dist.all_gather_object(gathered, report)
     if rank == 0:
@@ -72,22 +81,53 @@ def main() -> None:
 
     work = tempfile.mkdtemp(prefix="unclip-bench-zero-")
     make_store(os.path.join(work, "store"), (64,))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "PYTHONPATH": ROOT}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+        "PYTHONPATH": ROOT,
+    }
     per_rank, ema_per_rank = {}, {}
     for world in (1, 2):
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-                        os.path.abspath(__file__), "--rank-main", work], check=True, env=env, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={world}",
+                os.path.abspath(__file__),
+                "--rank-main",
+                work,
+            ],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
         reports = json.load(open(os.path.join(work, f"memory-{world}.json")))
         per_rank[world] = max(r["optimizer_state_bytes"] for r in reports)
         ema_per_rank[world] = max(r["ema_bytes"] for r in reports)
-        print(f"world size {world}: {per_rank[world] / 2**20:.2f} MiB of optimizer state per rank "
-              f"({reports[0]['parameters'] / 1e6:.2f}M parameters)")  # fmt: skip
+        print(
+            f"world size {world}: {per_rank[world] / 2**20:.2f} MiB of optimizer state per rank "
+            f"({reports[0]['parameters'] / 1e6:.2f}M parameters)"
+        )
     ratio, ema_ratio = per_rank[2] / per_rank[1], ema_per_rank[2] / ema_per_rank[1]
     print(f"\nZeRO-2 per-rank optimizer state, world 2 / world 1: {ratio:.3f} (target about 0.5)")
-    print(f"per-rank EMA ({ema_per_rank[1] / 2**20:.2f} vs {ema_per_rank[2] / 2**20:.2f} MiB), world 2 / world 1: {ema_ratio:.3f}")
+    print(
+        f"per-rank EMA ({ema_per_rank[1] / 2**20:.2f} vs {ema_per_rank[2] / 2**20:.2f} MiB), world 2 / world 1: {ema_ratio:.3f}"
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"bytes_per_rank": per_rank, "ratio": ratio, "ema_bytes_per_rank": ema_per_rank, "ema_ratio": ema_ratio}, f, indent=2)
+            json.dump(
+                {
+                    "bytes_per_rank": per_rank,
+                    "ratio": ratio,
+                    "ema_bytes_per_rank": ema_per_rank,
+                    "ema_ratio": ema_ratio,
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -40,9 +40,18 @@ class StorageConfig:
     stops, with what it committed kept. A persistent outage stops a job within about
     attempts × (read_timeout_s + 20 s of backoff) per request."""
 
-    attempts: int = option(DEFAULT_ATTEMPTS, ge=1, le=50, doc="tries of each request (503 SlowDown, resets, timeouts), botocore's standard retry mode")
-    connect_timeout_s: float = option(DEFAULT_CONNECT_TIMEOUT_S, gt=0, doc="a connection not made in this long is a failed try")
-    read_timeout_s: float = option(DEFAULT_READ_TIMEOUT_S, gt=0, doc="a store that stalls this long mid-answer is a failed try")
+    attempts: int = option(
+        DEFAULT_ATTEMPTS,
+        ge=1,
+        le=50,
+        doc="tries of each request (503 SlowDown, resets, timeouts), botocore's standard retry mode",
+    )
+    connect_timeout_s: float = option(
+        DEFAULT_CONNECT_TIMEOUT_S, gt=0, doc="a connection not made in this long is a failed try"
+    )
+    read_timeout_s: float = option(
+        DEFAULT_READ_TIMEOUT_S, gt=0, doc="a store that stalls this long mid-answer is a failed try"
+    )
 
 
 @dataclass
@@ -95,9 +104,13 @@ class IngestConfig:
     max_in_flight: int | None = option(None, ge=1, doc="Ray tasks at once; null: as many as the CPUs allow")
     progress_every_s: float = option(5.0, gt=0, doc="seconds between progress lines")
     plan_task_rows: int = option(
-        1_000_000, ge=1, doc="list rows one planning task reads (parquet files split by row group); content dedup groups shards alike"
+        1_000_000,
+        ge=1,
+        doc="list rows one planning task reads (parquet files split by row group); content dedup groups shards alike",
     )
-    dedup_bucket_rows: int = option(4_000_000, ge=1, doc="keys per dedup task (URL and content dedup): buckets = rows / this")
+    dedup_bucket_rows: int = option(
+        4_000_000, ge=1, doc="keys per dedup task (URL and content dedup): buckets = rows / this"
+    )
     filters: IngestFilters = option(factory=IngestFilters)
 
 
@@ -105,7 +118,9 @@ class IngestConfig:
 class EmbedConfig:
     input: str = option("", doc="webdataset/parquet image shards to embed; empty: ingest's ROOT/raw/")
     input_format: Literal["auto", "webdataset", "parquet"] = "auto"
-    shards: str = option("", doc="shard ids to embed, 'first-last' inclusive (empty: all); jobs over disjoint ranges fill one store")
+    shards: str = option(
+        "", doc="shard ids to embed, 'first-last' inclusive (empty: all); jobs over disjoint ranges fill one store"
+    )
     image_col: str | None = option(None, doc="parquet input: image bytes column (null: jpg, png, webp, image, img)")
     caption_col: str | None = option(None, doc="parquet input: caption column (null: txt, caption, TEXT, text)")
     columns: list[str] = option(factory=lambda: list(STORE_COLUMNS))
@@ -116,16 +131,22 @@ class EmbedConfig:
     batch_size: int = option(64, ge=1, doc="rows per encoder forward pass (fixed per shard: outputs are reproducible)")
     encoder_actors: int = option(1, ge=1, doc="size of the encoder actor pool")
     actor_cpus: float = option(1.0, gt=0, doc="CPUs reserved by each encoder actor (its torch threads)")
-    decode_cpus: float = option(1.0, gt=0, doc="CPUs reserved by each shard's task (it decodes the shard and writes its part)")
+    decode_cpus: float = option(
+        1.0, gt=0, doc="CPUs reserved by each shard's task (it decodes the shard and writes its part)"
+    )
     decode_memory_gb: float = option(
-        0.5, gt=0, doc="memory reserved by each shard's task: the shard's image bytes, a few chunks and one 1,024-row row group of output"
+        0.5,
+        gt=0,
+        doc="memory reserved by each shard's task: the shard's image bytes, a few chunks and one 1,024-row row group of output",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
 
     def validate(self) -> None:
         if self.shards and not re.fullmatch(r"\d+-\d+", self.shards):
-            raise ValueError(f"config key 'embed.shards': expected 'first-last' (e.g. '0-499') or empty, got {self.shards!r}")
+            raise ValueError(
+                f"config key 'embed.shards': expected 'first-last' (e.g. '0-499') or empty, got {self.shards!r}"
+            )
         unknown = [c for c in self.columns if c not in STORE_COLUMNS and not re.fullmatch(r"image_\d+", c)]
         if unknown:
             raise ValueError(
@@ -133,7 +154,10 @@ class EmbedConfig:
             )
         if self.extra_vae_resolutions and "vae_latent" not in self.columns:
             raise ValueError("config key 'embed.extra_vae_resolutions': needs 'vae_latent' in embed.columns")
-        if any(r < 8 for r in self.extra_vae_resolutions) or len(set(self.extra_vae_resolutions) | {self.vae_resolution}) != len(self.extra_vae_resolutions) + 1:
+        if (
+            any(r < 8 for r in self.extra_vae_resolutions)
+            or len(set(self.extra_vae_resolutions) | {self.vae_resolution}) != len(self.extra_vae_resolutions) + 1
+        ):
             raise ValueError(
                 f"config key 'embed.extra_vae_resolutions': expected distinct sides >= 8 other than embed.vae_resolution, "
                 f"got {self.extra_vae_resolutions}"

@@ -24,7 +24,9 @@ from data_pipeline import dedup, raw, tasks
 from models.base import storage
 
 
-def layout(raw_url: str, shards: int, samples_hint: int, plan_task_rows: int, shard_size: int, bucket_rows: int) -> dict[str, int]:
+def layout(
+    raw_url: str, shards: int, samples_hint: int, plan_task_rows: int, shard_size: int, bucket_rows: int
+) -> dict[str, int]:
     """Shards per group and buckets: recorded by the first run, so a resumed one agrees."""
     path = storage.join(raw_url, raw.DEDUP_DIR, "layout.json")
     if storage.exists(path):
@@ -47,11 +49,33 @@ def run(raw_url: str, chosen: dict[str, int], log, progress_every_s: float = 5.0
     groups = -(-chosen["shards"] // chosen["group_shards"])
     buckets = chosen["buckets"]
     args = (raw_url, chosen)
-    tasks.run_stage("content dedup: keys", storage.join(folder, "keys"), write_group_keys, lambda g: (*args, g), groups, log, progress_every_s)
-    reduced = tasks.run_stage("content dedup: buckets", storage.join(folder, "buckets"), reduce_content_bucket,
-                              lambda b: (*args, b), buckets, log, progress_every_s)  # fmt: skip
-    delivered = tasks.run_stage("content dedup: shard lists", storage.join(folder, "deliver"), deliver_group,
-                                lambda g: (*args, g), groups, log, progress_every_s)  # fmt: skip
+    tasks.run_stage(
+        "content dedup: keys",
+        storage.join(folder, "keys"),
+        write_group_keys,
+        lambda g: (*args, g),
+        groups,
+        log,
+        progress_every_s,
+    )
+    reduced = tasks.run_stage(
+        "content dedup: buckets",
+        storage.join(folder, "buckets"),
+        reduce_content_bucket,
+        lambda b: (*args, b),
+        buckets,
+        log,
+        progress_every_s,
+    )
+    delivered = tasks.run_stage(
+        "content dedup: shard lists",
+        storage.join(folder, "deliver"),
+        deliver_group,
+        lambda g: (*args, g),
+        groups,
+        log,
+        progress_every_s,
+    )
     repeats = sum(r["repeats"] for r in delivered.values())
     if repeats != sum(r["repeats"] for r in reduced.values()):
         raise RuntimeError(f"content dedup under '{folder}': the shard lists do not add up to the buckets' repeats")
@@ -79,8 +103,13 @@ def write_group_keys(raw_url: str, chosen: dict[str, int], group: int) -> dict[s
         uids.append(status["uid"].take(pa.array(rows)))
     keys = np.concatenate(digests) if digests else np.zeros((0, 32), np.uint8)
     uid = pa.concat_arrays([u.combine_chunks() for u in uids]) if uids else pa.array([], pa.string())
-    dedup.write_keys(_file(raw_url, "keys", group), keys, np.concatenate(orders) if orders else np.zeros(0, np.int64),
-                     {"uid": uid}, chosen["buckets"])  # fmt: skip
+    dedup.write_keys(
+        _file(raw_url, "keys", group),
+        keys,
+        np.concatenate(orders) if orders else np.zeros(0, np.int64),
+        {"uid": uid},
+        chosen["buckets"],
+    )
     return {"samples": len(keys)}
 
 
@@ -93,8 +122,12 @@ def reduce_content_bucket(raw_url: str, chosen: dict[str, int], bucket: int) -> 
 def deliver_group(raw_url: str, chosen: dict[str, int], group: int) -> dict[str, Any]:
     """Task: each shard of the group gets its own list of the samples it drops."""
     shards = _group_shards(chosen, group)
-    repeats = dedup.read_repeats([_file(raw_url, "buckets", b) for b in range(chosen["buckets"])],
-                                 int(dedup.order_of(shards.start, 0)), int(dedup.order_of(shards.stop, 0)), ["uid", "uid_of_first"])  # fmt: skip
+    repeats = dedup.read_repeats(
+        [_file(raw_url, "buckets", b) for b in range(chosen["buckets"])],
+        int(dedup.order_of(shards.start, 0)),
+        int(dedup.order_of(shards.stop, 0)),
+        ["uid", "uid_of_first"],
+    )
     shard_of = np.asarray(repeats["order"]) >> dedup.ROW_BITS
     bounds = np.searchsorted(shard_of, [*shards, shards.stop])
     for i, shard in enumerate(shards):

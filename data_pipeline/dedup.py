@@ -24,8 +24,8 @@ with no 2 GiB string table anywhere.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -80,7 +80,9 @@ def from_hex(hex_strings: pa.Array | pa.ChunkedArray, chunk: int = 65_536) -> tu
     data = np.frombuffer(strings.buffers()[2], np.uint8)
     present = np.asarray(strings.is_valid())
     for start in range(0, n, chunk):  # bounded temporaries: an index of 64 int64s per row
-        rows = start + np.flatnonzero((np.diff(offsets[start : start + chunk + 1]) == 64) & present[start : start + chunk])
+        rows = start + np.flatnonzero(
+            (np.diff(offsets[start : start + chunk + 1]) == 64) & present[start : start + chunk]
+        )
         nibbles = _NIBBLE[data[offsets[rows][:, None] + np.arange(64)]]
         good = (nibbles != 255).all(axis=1)
         out[rows[good]] = (nibbles[good, 0::2] << 4) | nibbles[good, 1::2]
@@ -121,8 +123,13 @@ def write_keys(url: str, digests: np.ndarray, order: np.ndarray, payload: dict[s
     """One producer's key file: row group b holds its keys of bucket b, every bucket present."""
     bucket = bucket_of(digests, buckets)
     ranked = np.argsort(bucket, kind="stable")
-    table = pa.table({"key": key_array(digests[ranked]), "order": pa.array(order[ranked], pa.int64()),
-                      **{name: column.take(pa.array(ranked)) for name, column in payload.items()}})  # fmt: skip
+    table = pa.table(
+        {
+            "key": key_array(digests[ranked]),
+            "order": pa.array(order[ranked], pa.int64()),
+            **{name: column.take(pa.array(ranked)) for name, column in payload.items()},
+        }
+    )
     bounds = np.searchsorted(bucket[ranked], np.arange(buckets + 1))
     with storage.atomic_open(url) as sink, pq.ParquetWriter(sink, table.schema) as writer:
         for b in range(buckets):
@@ -166,7 +173,11 @@ def read_repeats(drop_urls: Iterable[str], start: int, stop: int, columns: list[
         with fs.open(path, "rb", block_size=1 << 16) as f:
             parquet = pq.ParquetFile(f)
             column = parquet.schema_arrow.get_field_index("order")
-            groups = [g for g in range(parquet.num_row_groups) if _overlaps(parquet.metadata.row_group(g), column, start, stop)]
+            groups = [
+                g
+                for g in range(parquet.num_row_groups)
+                if _overlaps(parquet.metadata.row_group(g), column, start, stop)
+            ]
             table = parquet.read_row_groups(groups, columns=wanted_columns)
         order = table["order"]
         return table.filter(pc.and_(pc.greater_equal(order, start), pc.less(order, stop)))

@@ -32,11 +32,11 @@ import ray
 import torch
 
 from data_pipeline import sources, store, store_writer, tasks
-from models.base import storage
-from models.base.errors import StorageUnavailable
 from data_pipeline.config import EmbedConfig, RayConfig
 from data_pipeline.embed_worker import Encoder, ShardJob, embed_shard
 from data_pipeline.ray_runtime import ray_session
+from models.base import storage
+from models.base.errors import StorageUnavailable
 from models.config import EncodersConfig
 from models.encoders import clip_identity, clip_preprocess, identity_mismatch, vae_identity
 
@@ -58,18 +58,27 @@ def encoder_identity(encoders: EncodersConfig, cfg: EmbedConfig) -> tuple[dict[s
     return identity, store.column_specs(clip, vae, cfg.columns, cfg.latent_columns())
 
 
-def check_same_encoders(store_url: str, identity: dict[str, Any], specs: dict[str, dict], cfg: EmbedConfig,
-                        config: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+def check_same_encoders(
+    store_url: str, identity: dict[str, Any], specs: dict[str, dict], cfg: EmbedConfig, config: dict[str, Any]
+) -> dict[str, Any]:
     """Record what the store is built with, or refuse to mix in other encoders or settings;
     returns the record (what a manifest is rebuilt from)."""
-    current = {"encoders": identity, "columns": sorted(specs), "specs": specs, "min_clip_score": cfg.min_clip_score,
-               "holdout_fraction": cfg.holdout_fraction, "config": config}  # fmt: skip
+    current = {
+        "encoders": identity,
+        "columns": sorted(specs),
+        "specs": specs,
+        "min_clip_score": cfg.min_clip_score,
+        "holdout_fraction": cfg.holdout_fraction,
+        "config": config,
+    }
     existing = store_writer.read_lock(store_url)
     if existing is None:
         store_writer.write_lock(store_url, current)
         return current
     if "specs" not in existing:
-        raise store.StoreError(f"store '{store_url}' was started by an earlier unclip; convert it with `unclip manifest {store_url}`")
+        raise store.StoreError(
+            f"store '{store_url}' was started by an earlier unclip; convert it with `unclip manifest {store_url}`"
+        )
     for section in ("clip", "vae"):
         differs = identity_mismatch(existing["encoders"].get(section) or {}, identity.get(section) or {})
         if differs:
@@ -86,7 +95,9 @@ def check_same_encoders(store_url: str, identity: dict[str, Any], specs: dict[st
         ("embed.holdout_fraction", existing.get("holdout_fraction"), cfg.holdout_fraction),
     ):
         if old != new:
-            raise store.StoreError(f"store '{store_url}' was built with {key}={old!r}, now {new!r}; embed into a new root")
+            raise store.StoreError(
+                f"store '{store_url}' was built with {key}={old!r}, now {new!r}; embed into a new root"
+            )
     return {**existing, "config": config}
 
 
@@ -119,7 +130,9 @@ def run(
 ) -> dict[str, Any]:
 
     started = time.time()
-    source = sources.open_source(cfg.input, raw_url, cfg.input_format, cfg.image_col, cfg.caption_col).select(cfg.shards)
+    source = sources.open_source(cfg.input, raw_url, cfg.input_format, cfg.image_col, cfg.caption_col).select(
+        cfg.shards
+    )
     identity, specs = encoder_identity(encoders, cfg)
     storage.makedirs(store_url)
     lock = check_same_encoders(store_url, identity, specs, cfg, config)
@@ -128,9 +141,19 @@ def run(
     storage.remove_stale_temporaries(store_url, older_than_s=store_writer.STALE_AFTER_S)
     storage.remove(storage.join(store_url, store.MANIFEST))  # it comes back when every part is in
     todo = [s for s in source.ids if s not in done]
-    log(f"embed: {len(source.ids)} {source.kind} shards, {len(source.ids) - len(todo)} already in the store, {len(todo)} to encode")
-    job = ShardJob(source, store_url, specs, cfg.holdout_fraction, cfg.batch_size, clip_preprocess(encoders.clip).image_size,
-                   cfg.latent_columns(), [c for c in specs if c.startswith("image_")])  # fmt: skip
+    log(
+        f"embed: {len(source.ids)} {source.kind} shards, {len(source.ids) - len(todo)} already in the store, {len(todo)} to encode"
+    )
+    job = ShardJob(
+        source,
+        store_url,
+        specs,
+        cfg.holdout_fraction,
+        cfg.batch_size,
+        clip_preprocess(encoders.clip).image_size,
+        cfg.latent_columns(),
+        [c for c in specs if c.startswith("image_")],
+    )
     null_missing = "clip_text_tokens" in specs and not storage.exists(storage.join(store_url, store.NULL_CAPTION))
     if not todo and not null_missing:
         return store_writer.build_manifest(store_url, lock, config, log)
@@ -142,18 +165,31 @@ def run(
                 "rerun `unclip embed`, which keeps the committed parts"
             )
         manifest = store_writer.build_manifest(store_url, lock, config, log)
-    log(f"embed: {manifest['totals']['rows']} rows in {manifest['totals']['parts']} parts, {time.time() - started:.1f}s")
+    log(
+        f"embed: {manifest['totals']['rows']} rows in {manifest['totals']['parts']} parts, {time.time() - started:.1f}s"
+    )
     return manifest
 
 
-def _encode(todo: list[int], job: ShardJob, encoders: EncodersConfig, cfg: EmbedConfig, started: float, log,
-            null_caption: bool = False) -> dict[int, str]:  # fmt: skip
+def _encode(
+    todo: list[int],
+    job: ShardJob,
+    encoders: EncodersConfig,
+    cfg: EmbedConfig,
+    started: float,
+    log,
+    null_caption: bool = False,
+) -> dict[int, str]:
     """Run the shard tasks, a bounded number at once; returns the shards that failed, with why.
     `null_caption`: an encoder also embeds the empty caption (the driver loads no model)."""
     device = _device(cfg)
-    actor = ray.remote(Encoder).options(num_cpus=cfg.actor_cpus, num_gpus=1 if device == "cuda" else 0,
-                                        max_restarts=2, max_task_retries=2)  # fmt: skip
-    pool = [actor.remote(encoders, job.specs, device, cfg.precision, int(cfg.actor_cpus), cfg.min_clip_score) for _ in range(cfg.encoder_actors)]
+    actor = ray.remote(Encoder).options(
+        num_cpus=cfg.actor_cpus, num_gpus=1 if device == "cuda" else 0, max_restarts=2, max_task_retries=2
+    )
+    pool = [
+        actor.remote(encoders, job.specs, device, cfg.precision, int(cfg.actor_cpus), cfg.min_clip_score)
+        for _ in range(cfg.encoder_actors)
+    ]
     free = ray.cluster_resources().get("CPU", 1) - cfg.encoder_actors * cfg.actor_cpus
     if free < cfg.decode_cpus:
         raise store.StoreError(
@@ -191,8 +227,10 @@ def _encode(todo: list[int], job: ShardJob, encoders: EncodersConfig, cfg: Embed
             written += 1
             received += len(pickle.dumps(part))
             counts.update(part["counts"])
-            log(f"embed: {store.part_name(shard)} written ({written}/{len(todo)}), "
-                f"{counts['kept'] / (time.time() - started):.1f} samples/s")  # fmt: skip
+            log(
+                f"embed: {store.part_name(shard)} written ({written}/{len(todo)}), "
+                f"{counts['kept'] / (time.time() - started):.1f} samples/s"
+            )
         if null_ref is not None:
             try:
                 ray.get(null_ref)
@@ -204,5 +242,7 @@ def _encode(todo: list[int], job: ShardJob, encoders: EncodersConfig, cfg: Embed
         for encoder in pool:
             ray.kill(encoder)
     if written:
-        log(f"embed: the driver received {received / written:.0f} bytes a part ({counts['kept'] / written:.0f} rows a part)")
+        log(
+            f"embed: the driver received {received / written:.0f} bytes a part ({counts['kept'] / written:.0f} rows a part)"
+        )
     return failed

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import io
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import ray
@@ -60,8 +61,14 @@ def _decode(chunk: dict[str, Any], clip_size: int, latent_sides: dict[str, int],
             chunk[column][i] = buf.getvalue()
 
 
-def iter_chunks(source: sources.Source, shard: int, chunk_size: int, clip_size: int, latent_sides: dict[str, int],
-                image_columns: list[str]) -> Iterator[dict[str, Any]]:  # fmt: skip
+def iter_chunks(
+    source: sources.Source,
+    shard: int,
+    chunk_size: int,
+    clip_size: int,
+    latent_sides: dict[str, int],
+    image_columns: list[str],
+) -> Iterator[dict[str, Any]]:
     """One shard's decoded chunks (at least one, so an empty shard completes too), each decoded
     when it is asked for: decoded pixels are large."""
     samples = list(sources.iter_samples(source, shard))
@@ -105,7 +112,9 @@ def as_stored(value: np.ndarray) -> np.ndarray:
 class Encoder:
     """Encoder actor: loads the frozen encoders once, then encodes one chunk per call."""
 
-    def __init__(self, encoders, specs: dict[str, dict], device: str, precision: str, threads: int, min_clip_score: float | None):
+    def __init__(
+        self, encoders, specs: dict[str, dict], device: str, precision: str, threads: int, min_clip_score: float | None
+    ):
         # lazy: the decode tasks of this module run without torch; only the encoder actors load it
         import torch
 
@@ -119,7 +128,9 @@ class Encoder:
         self.torch, self.specs, self.min_clip_score = torch, specs, min_clip_score
         self.to_zero_one, self.to_minus_one_one = to_zero_one, to_minus_one_one
         self.clip = FrozenClip(encoders.clip, device, precision)
-        self.vae = FrozenVae(encoders.vae, device, precision) if any(k.startswith("vae_latent") for k in specs) else None
+        self.vae = (
+            FrozenVae(encoders.vae, device, precision) if any(k.startswith("vae_latent") for k in specs) else None
+        )
 
     def write_null_caption(self, store_url: str) -> None:
         """Embed the empty caption as every caption is embedded, and write it beside the parts
@@ -127,8 +138,11 @@ class Encoder:
         from safetensors.numpy import save  # lazy: as torch, only in the encoder actors
 
         text = self.clip.encode_text([""])
-        arrays = {"clip_text_emb": as_stored(text["emb"][0].numpy()), "clip_text_tokens": as_stored(text["tokens"][0].numpy()),
-                  "text_mask": text["mask"][0].numpy()}  # fmt: skip
+        arrays = {
+            "clip_text_emb": as_stored(text["emb"][0].numpy()),
+            "clip_text_tokens": as_stored(text["tokens"][0].numpy()),
+            "text_mask": text["mask"][0].numpy(),
+        }
         storage.write_bytes(storage.join(store_url, store.NULL_CAPTION), save(arrays))
 
     def encode(self, chunk: dict[str, Any]) -> dict[str, Any]:
@@ -193,7 +207,9 @@ def embed_shard(job: ShardJob, shard: int, encoders: list) -> dict[str, Any]:
         raise
 
 
-def _write(writer: store_writer.PartWriter, chunk: dict[str, Any], specs: dict[str, dict], counts: Counter[str]) -> None:
+def _write(
+    writer: store_writer.PartWriter, chunk: dict[str, Any], specs: dict[str, dict], counts: Counter[str]
+) -> None:
     """The kept rows of an encoded chunk into its part; rejected ones counted by reason."""
     counts.update(f"rejected_{r}" for r in chunk["rejected"] if r)
     keep = np.array([not r for r in chunk["rejected"]], dtype=bool)

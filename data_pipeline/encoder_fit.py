@@ -26,9 +26,9 @@ from open_clip.loss import ClipLoss
 from PIL import Image
 from safetensors.torch import save_file
 
-from models.base import storage
 from data_pipeline.sources import Source, iter_samples
 from data_pipeline.synthetic_quality import clip_retrieval, vae_psnr
+from models.base import storage
 from models.config import EncodersConfig
 from models.encoders import clip_preprocess, clip_weights_file, write_tiny_encoders
 from models.imaging import to_minus_one_one, to_zero_one
@@ -48,8 +48,10 @@ def load_pairs(source: Source, side: int) -> Pairs:
             images.append(np.asarray(picture))
             captions.append(sample["caption"])
     if len(images) < 4:
-        raise ValueError(f"{source.kind} source {[posixpath.basename(f) for f in source.files[:3]]}: {len(images)} usable image-caption pairs; "
-                         "fitting the encoders needs at least 4")  # fmt: skip
+        raise ValueError(
+            f"{source.kind} source {[posixpath.basename(f) for f in source.files[:3]]}: {len(images)} usable image-caption pairs; "
+            "fitting the encoders needs at least 4"
+        )
     return np.stack(images), captions
 
 
@@ -131,7 +133,10 @@ def fit_clip(cfg: EncodersConfig, train: Pairs, log=print) -> tuple[torch.nn.Mod
     tokenizer = open_clip.get_tokenizer(cfg.clip.model)
     pre = clip_preprocess(cfg.clip)
     mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
-    images = (torch.nn.functional.interpolate(to_zero_one(train[0]), size=pre.image_size, mode="bicubic", antialias=True) - mean) / std
+    images = (
+        torch.nn.functional.interpolate(to_zero_one(train[0]), size=pre.image_size, mode="bicubic", antialias=True)
+        - mean
+    ) / std
     tokens = tokenizer(train[1])
     optimizer = torch.optim.AdamW(model.parameters(), lr=fit.clip_lr, weight_decay=0.1)
     scheduler = _schedule(optimizer, fit.clip_steps)
@@ -151,8 +156,12 @@ def fit_clip(cfg: EncodersConfig, train: Pairs, log=print) -> tuple[torch.nn.Mod
         if (step + 1) % 100 == 0 or step + 1 == fit.clip_steps:
             log(f"encoders fit: clip step {step + 1}/{fit.clip_steps}  loss {np.mean(losses[-100:]):.4f}")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, clip_weights_file(cfg.clip))
-    return model.eval(), {"steps": fit.clip_steps, "first_loss": losses[0] if losses else None, "last_loss": float(np.mean(losses[-20:])) if losses else None,
-            "wall_s": round(time.time() - started, 1)}  # fmt: skip
+    return model.eval(), {
+        "steps": fit.clip_steps,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": float(np.mean(losses[-20:])) if losses else None,
+        "wall_s": round(time.time() - started, 1),
+    }
 
 
 def fit_vae(cfg: EncodersConfig, train: Pairs, log=print) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -162,7 +171,9 @@ def fit_vae(cfg: EncodersConfig, train: Pairs, log=print) -> tuple[torch.nn.Modu
     vae = AutoencoderKL.from_pretrained(cfg.vae.path, subfolder=cfg.vae.subfolder).train()
     images = to_minus_one_one(train[0])
     if images.shape[-1] != fit.vae_resolution:
-        images = torch.nn.functional.interpolate(images, size=fit.vae_resolution, mode="bicubic", antialias=True).clamp(-1, 1)
+        images = torch.nn.functional.interpolate(images, size=fit.vae_resolution, mode="bicubic", antialias=True).clamp(
+            -1, 1
+        )
     optimizer = torch.optim.AdamW(vae.parameters(), lr=fit.vae_lr, weight_decay=0.0)
     scheduler = _schedule(optimizer, fit.vae_steps)
     losses, started = [], time.time()
@@ -180,8 +191,12 @@ def fit_vae(cfg: EncodersConfig, train: Pairs, log=print) -> tuple[torch.nn.Modu
         if (step + 1) % 100 == 0 or step + 1 == fit.vae_steps:
             log(f"encoders fit: vae step {step + 1}/{fit.vae_steps}  loss {np.mean(losses[-100:]):.5f}")
     vae.eval().save_pretrained(storage.join(cfg.vae.path, cfg.vae.subfolder) if cfg.vae.subfolder else cfg.vae.path)
-    return vae, {"steps": fit.vae_steps, "first_loss": losses[0] if losses else None, "last_loss": float(np.mean(losses[-20:])) if losses else None,
-            "wall_s": round(time.time() - started, 1)}  # fmt: skip
+    return vae, {
+        "steps": fit.vae_steps,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": float(np.mean(losses[-20:])) if losses else None,
+        "wall_s": round(time.time() - started, 1),
+    }
 
 
 def fit(cfg: EncodersConfig, source: Source, log=print) -> dict[str, Any]:
@@ -197,6 +212,8 @@ def fit(cfg: EncodersConfig, source: Source, log=print) -> dict[str, Any]:
     report["vae"] = fit_vae(cfg, train, log)[1]
     report["clip"]["heldout_retrieval"] = clip_retrieval(cfg.clip, held)
     report["vae"]["heldout_psnr_db"] = vae_psnr(cfg.vae, held[0], cfg.fit.vae_resolution)
-    log(f"encoders fit: held-out CLIP retrieval {report['clip']['heldout_retrieval']['top1']:.1%} "
-        f"(among captions one attribute away), VAE PSNR {report['vae']['heldout_psnr_db']:.1f} dB")  # fmt: skip
+    log(
+        f"encoders fit: held-out CLIP retrieval {report['clip']['heldout_retrieval']['top1']:.1%} "
+        f"(among captions one attribute away), VAE PSNR {report['vae']['heldout_psnr_db']:.1f} dB"
+    )
     return report

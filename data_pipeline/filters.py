@@ -14,7 +14,8 @@ import dataclasses
 import functools
 import io
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -154,7 +155,9 @@ def rule_names(f: IngestFilters) -> list[str]:
 
 
 # An empty list with every column a rule could read: `rule_names` lists rules without data.
-_NAMES_PROBE = pa.table({"url": pa.array([], pa.string()), "caption": pa.array([], pa.string()), NON_UTF8: pa.array([], pa.bool_())})
+_NAMES_PROBE = pa.table(
+    {"url": pa.array([], pa.string()), "caption": pa.array([], pa.string()), NON_UTF8: pa.array([], pa.bool_())}
+)
 BEFORE_DEDUP = ("missing_url", "malformed_url")  # a row failing these has no URL to deduplicate
 KEPT = 255  # the code of a row no rule drops
 
@@ -195,7 +198,9 @@ def apply_metadata_filters(table: pa.Table, f: IngestFilters) -> tuple[pa.Table,
 
 def make_resizer(image_size: int, resize_mode: str, encode_format: str, encode_quality: int, f: IngestFilters):
     """img2dataset's Resizer, behind a header check that refuses bombs before decoding them."""
-    from img2dataset.resizer import Resizer  # lazy: img2dataset loads albumentations and OpenCV; only the download tasks resize
+    from img2dataset.resizer import (
+        Resizer,
+    )  # lazy: img2dataset loads albumentations and OpenCV; only the download tasks resize
     from PIL import Image
 
     class GuardedResizer(Resizer):
@@ -239,11 +244,13 @@ def find_duplicates(status: pa.Table) -> pa.Table:
     dup, first = dedup.repeats(digests[rows], order)
     ranked = np.argsort(order[dup], kind="stable")
     dup, first = dup[ranked], first[ranked]
-    return pa.table({
-        "shard": pa.array(np.asarray(status["shard"])[rows[dup]], pa.int64()),
-        "uid": status["uid"].take(pa.array(rows[dup])),
-        "duplicate_of": status["uid"].take(pa.array(rows[first])),
-    })  # fmt: skip
+    return pa.table(
+        {
+            "shard": pa.array(np.asarray(status["shard"])[rows[dup]], pa.int64()),
+            "uid": status["uid"].take(pa.array(rows[dup])),
+            "duplicate_of": status["uid"].take(pa.array(rows[first])),
+        }
+    )
 
 
 def summarize_messages(status_dict: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
@@ -265,8 +272,14 @@ _REASONS = (
     (re.compile(r"HTTP Error 5\d\d"), "http_5xx"),
     (re.compile(r"timed out|timeout", re.I), "timeout"),
     (re.compile(r"empty body|buf\.empty\(\)", re.I), "empty_body"),
-    (re.compile(r"cannot identify image|truncated|broken data|decod|not a|image file is|unsupported", re.I), "decode_error"),
-    (re.compile(r"urlopen error|Connection|Name or service|unknown url type|no host|Remote end closed", re.I), "connection_error"),
+    (
+        re.compile(r"cannot identify image|truncated|broken data|decod|not a|image file is|unsupported", re.I),
+        "decode_error",
+    ),
+    (
+        re.compile(r"urlopen error|Connection|Name or service|unknown url type|no host|Remote end closed", re.I),
+        "connection_error",
+    ),
 )
 
 

@@ -30,10 +30,10 @@ import pyarrow as pa
 import ray
 
 from data_pipeline import content_dedup, filters, plan, raw, tasks, url_list
-from models.base import storage
-from models.base.errors import JobFailed, StorageUnavailable
 from data_pipeline.config import IngestConfig, RayConfig
 from data_pipeline.ray_runtime import ray_session
+from models.base import storage
+from models.base.errors import JobFailed, StorageUnavailable
 
 MESSAGES_KEPT = 1000  # distinct error messages the totals keep (they can name hosts: unbounded)
 STATS_PER_TASK = 512  # earlier shards' stats files one reading task aggregates
@@ -43,10 +43,14 @@ class IngestIncomplete(JobFailed):
     pass
 
 
-def download_shard(shard_id: int, inputs: list[tuple[str, int, int]], raw_url: str, cfg: IngestConfig) -> dict[str, Any]:
+def download_shard(
+    shard_id: int, inputs: list[tuple[str, int, int]], raw_url: str, cfg: IngestConfig
+) -> dict[str, Any]:
     """One img2dataset Downloader over one shard, written beside the destination, then committed;
     `inputs` are the plan's rows files and row ranges that hold the shard (`plan.Plan.shard_inputs`)."""
-    from img2dataset.downloader import Downloader  # lazy: img2dataset (albumentations, OpenCV) in the download tasks only, not the driver
+    from img2dataset.downloader import (
+        Downloader,
+    )  # lazy: img2dataset (albumentations, OpenCV) in the download tasks only, not the driver
     from img2dataset.writer import WebDatasetSampleWriter
 
     rows = plan.read_shard(inputs)
@@ -55,7 +59,9 @@ def download_shard(shard_id: int, inputs: list[tuple[str, int, int]], raw_url: s
     storage.makedirs(staging)
     downloader = Downloader(
         sample_writer_class=WebDatasetSampleWriter,
-        resizer=filters.make_resizer(cfg.image_size, cfg.resize_mode, cfg.encode_format, cfg.encode_quality, cfg.filters),
+        resizer=filters.make_resizer(
+            cfg.image_size, cfg.resize_mode, cfg.encode_format, cfg.encode_quality, cfg.filters
+        ),
         thread_count=cfg.threads_per_task,
         save_caption=True,
         extract_exif=False,
@@ -135,9 +141,15 @@ class Totals:
             self.messages = Counter(dict(self.messages.most_common(MESSAGES_KEPT)))
 
     def progress(self) -> dict[str, Any]:
-        return {"shards": self.shards, "attempted": self.attempted, "downloaded": self.downloaded,
-                "successes": self.successes, "bytes": self.bytes, "failed_by_reason": dict(self.failed.most_common()),
-                "filtered_after_download": dict(self.filtered.most_common())}  # fmt: skip
+        return {
+            "shards": self.shards,
+            "attempted": self.attempted,
+            "downloaded": self.downloaded,
+            "successes": self.successes,
+            "bytes": self.bytes,
+            "failed_by_reason": dict(self.failed.most_common()),
+            "filtered_after_download": dict(self.filtered.most_common()),
+        }
 
 
 def read_stats(raw_url: str, shard_ids: list[int]) -> Totals:
@@ -156,7 +168,9 @@ def plan_settings(cfg: IngestConfig) -> dict[str, Any]:
     return {**{k: getattr(cfg, k) for k in keys}, **metadata}
 
 
-def summarize(planned: plan.Plan, totals: Totals, duplicates: int, dedup_content: bool, this_run: dict[str, Any]) -> dict[str, Any]:
+def summarize(
+    planned: plan.Plan, totals: Totals, duplicates: int, dedup_content: bool, this_run: dict[str, Any]
+) -> dict[str, Any]:
     """Totals over every complete shard, including those of earlier runs."""
     filtered_after = Counter(totals.filtered)
     if duplicates:
@@ -177,8 +191,11 @@ def summarize(planned: plan.Plan, totals: Totals, duplicates: int, dedup_content
         "wall_s": round(wall, 2),
         "images_per_s": round(this_run["successes"] / wall, 1) if wall > 0 else None,
         "this_run": this_run,
-        "plan": {"pieces": len(planned.spec.pieces), "url_buckets": planned.spec.buckets,
-                 "largest_task_rss_mb": round(planned.peak_task_rss / 2**20)},  # fmt: skip
+        "plan": {
+            "pieces": len(planned.spec.pieces),
+            "url_buckets": planned.spec.buckets,
+            "largest_task_rss_mb": round(planned.peak_task_rss / 2**20),
+        },
         "top_error_messages": dict(totals.messages.most_common(10)),
     }
 
@@ -192,7 +209,9 @@ def format_table(summary: dict[str, Any]) -> str:
     rows += [("kept", summary["kept"]), ("bytes", summary["bytes"]), ("shards", summary["shards"])]
     rows += [("wall time (s)", summary["wall_s"]), ("images/s (this run)", summary["images_per_s"])]
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{width}}  {v:>12,}" if isinstance(v, int) else f"  {k:<{width}}  {v!s:>12}" for k, v in rows)
+    return "\n".join(
+        f"  {k:<{width}}  {v:>12,}" if isinstance(v, int) else f"  {k:<{width}}  {v!s:>12}" for k, v in rows
+    )
 
 
 def run(cfg: IngestConfig, ray_cfg: RayConfig, raw_url: str, config_yaml: str, log=print) -> dict[str, Any]:
@@ -212,15 +231,21 @@ def run(cfg: IngestConfig, ray_cfg: RayConfig, raw_url: str, config_yaml: str, l
         storage.write_text(storage.join(raw_url, raw.CONFIG), config_yaml)
         planned = plan.execute(spec, log, cfg.progress_every_s)
         done = [i for i in folder.complete if i < planned.shards]
-        log(f"ingest: {planned.input_rows:,} URLs, {sum(planned.filtered.values()):,} filtered before download -> "
-            f"{planned.shards} shards of <= {cfg.shard_size}; {len(done)} already complete")  # fmt: skip
+        log(
+            f"ingest: {planned.input_rows:,} URLs, {sum(planned.filtered.values()):,} filtered before download -> "
+            f"{planned.shards} shards of <= {cfg.shard_size}; {len(done)} already complete"
+        )
         totals = _earlier_totals(raw_url, done, folder.complete_bytes)
         todo = sorted(set(range(planned.shards)) - set(done))
-        this_run = _download(todo, planned, totals, raw_url, cfg, started, log) if todo else {"shards": 0, "successes": 0}
+        this_run = (
+            _download(todo, planned, totals, raw_url, cfg, started, log) if todo else {"shards": 0, "successes": 0}
+        )
         this_run["wall_s"] = round(time.time() - started, 2)
         duplicates = 0
         if cfg.filters.dedup_content and planned.shards:
-            chosen = content_dedup.layout(raw_url, planned.shards, planned.kept, cfg.plan_task_rows, cfg.shard_size, cfg.dedup_bucket_rows)
+            chosen = content_dedup.layout(
+                raw_url, planned.shards, planned.kept, cfg.plan_task_rows, cfg.shard_size, cfg.dedup_bucket_rows
+            )
             duplicates = content_dedup.run(raw_url, chosen, log, cfg.progress_every_s)["duplicates"]
     summary = summarize(planned, totals, duplicates, cfg.filters.dedup_content, this_run)
     storage.write_json(storage.join(raw_url, raw.SUMMARY), summary)
@@ -240,11 +265,15 @@ def _earlier_totals(raw_url: str, shard_ids: list[int], complete_bytes: int) -> 
     return totals
 
 
-def _download(todo: list[int], planned: plan.Plan, totals: Totals, raw_url: str, cfg: IngestConfig, started: float, log) -> dict[str, Any]:
+def _download(
+    todo: list[int], planned: plan.Plan, totals: Totals, raw_url: str, cfg: IngestConfig, started: float, log
+) -> dict[str, Any]:
     task = ray.remote(num_cpus=cfg.processes_per_task, max_retries=2)(_download_group)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     limit = cfg.max_in_flight or max(1, cpus // cfg.processes_per_task)
-    groups = collections.deque(todo[i : i + cfg.processes_per_task] for i in range(0, len(todo), cfg.processes_per_task))
+    groups = collections.deque(
+        todo[i : i + cfg.processes_per_task] for i in range(0, len(todo), cfg.processes_per_task)
+    )
     pending: dict[Any, list[int]] = {}
     failed: dict[int, str] = {}
     finished = successes = attempted = 0
@@ -274,9 +303,13 @@ def _download(todo: list[int], planned: plan.Plan, totals: Totals, raw_url: str,
             attempted += sum(r["count"] for r in results)
         if time.time() - last_report >= cfg.progress_every_s or not (groups or pending):
             elapsed = max(time.time() - started, 1e-9)
-            log(f"ingest: {finished}/{len(todo)} shards, {successes:,}/{attempted:,} kept "
-                f"({100 * successes / max(attempted, 1):.0f}% success), {successes / elapsed:,.0f} images/s")  # fmt: skip
-            storage.write_json(storage.join(raw_url, raw.PROGRESS), {"shards_planned": planned.shards, **totals.progress()})
+            log(
+                f"ingest: {finished}/{len(todo)} shards, {successes:,}/{attempted:,} kept "
+                f"({100 * successes / max(attempted, 1):.0f}% success), {successes / elapsed:,.0f} images/s"
+            )
+            storage.write_json(
+                storage.join(raw_url, raw.PROGRESS), {"shards_planned": planned.shards, **totals.progress()}
+            )
             last_report = time.time()
     if failed:
         raise IngestIncomplete(

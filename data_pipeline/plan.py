@@ -29,8 +29,9 @@ import base64
 import dataclasses
 import functools
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -38,9 +39,9 @@ import pyarrow.parquet as pq
 import ray
 
 from data_pipeline import dedup, filters, raw, tasks, url_list
-from models.base import storage
 from data_pipeline.config import IngestConfig, IngestFilters
 from data_pipeline.url_list import NON_UTF8, UrlListError
+from models.base import storage
 
 PLAN_DIR = "_plan"
 VERSION = 1
@@ -145,7 +146,9 @@ def prepare(cfg: IngestConfig, raw_url: str, settings: dict[str, Any], complete:
     recorded = storage.read_json(header_url) if storage.exists(header_url) else None
     if recorded and recorded["version"] == VERSION and recorded["identity"] == wanted:
         spec = _from_header(recorded, plan_url, cfg)
-        log(f"ingest: plan of {len(spec.files)} list files reused ({len(spec.pieces)} pieces, {spec.buckets} URL buckets)")
+        log(
+            f"ingest: plan of {len(spec.files)} list files reused ({len(spec.pieces)} pieces, {spec.buckets} URL buckets)"
+        )
         return spec
     if complete:
         _refuse(raw_url, recorded, wanted, complete)
@@ -172,8 +175,11 @@ def _refuse(raw_url: str, recorded: dict | None, wanted: dict, complete: list[in
     before = {f["url"]: f for f in recorded["identity"]["files"]}
     now = {f["url"]: f for f in wanted["files"]}
     differences = [f"{u} is new" for u in now if u not in before] + [f"{u} is gone" for u in before if u not in now]
-    differences += [f"{u} changed (size {before[u]['size']} -> {now[u]['size']}, version {before[u]['stamp']} -> {now[u]['stamp']})"
-                    for u in now if u in before and now[u] != before[u]]  # fmt: skip
+    differences += [
+        f"{u} changed (size {before[u]['size']} -> {now[u]['size']}, version {before[u]['stamp']} -> {now[u]['stamp']})"
+        for u in now
+        if u in before and now[u] != before[u]
+    ]
     changed = differences[0] if differences else "its files changed"
     raise UrlListError(
         f"'{raw_url}' holds {shards} of another URL list ({changed}); ingest into a new root (or remove it) to start over"
@@ -193,14 +199,29 @@ def _new_spec(cfg: IngestConfig, wanted: dict[str, Any], plan_url: str) -> Spec:
     for index, (url, rows, groups, normalized) in enumerate(described):
         url_col, caption_col = _columns_of(normalized)
         files.append(ListFile(url, url_list.format_of(url, cfg.input_format), rows, url_col, caption_col))
-        pieces += [Piece(index, g) for g in _split(groups, cfg.plan_task_rows)] if groups is not None else [Piece(index, None)] if rows else []
-    return Spec(plan_url, tuple(files), tuple(pieces), dedup.bucket_count(total, cfg.dedup_bucket_rows),
-                shard_schema(schema), resolved, cfg.shard_size, cfg.plan_task_rows)  # fmt: skip
+        pieces += (
+            [Piece(index, g) for g in _split(groups, cfg.plan_task_rows)]
+            if groups is not None
+            else [Piece(index, None)]
+            if rows
+            else []
+        )
+    return Spec(
+        plan_url,
+        tuple(files),
+        tuple(pieces),
+        dedup.bucket_count(total, cfg.dedup_bucket_rows),
+        shard_schema(schema),
+        resolved,
+        cfg.shard_size,
+        cfg.plan_task_rows,
+    )
 
 
 def _describe_files(urls: list[str], cfg: IngestConfig) -> list[tuple[str, int, list[int] | None, pa.Schema]]:
     """(url, rows, parquet row-group sizes or None, normalized schema with the source columns in
     its metadata) of each file, in list order."""
+
     def parquet(url: str):
         groups, schema = url_list.parquet_row_groups(url)
         return url, sum(groups), groups, _normalized_schema(schema.empty_table(), url, cfg)
@@ -274,19 +295,44 @@ def _from_header(header: dict[str, Any], plan_url: str, cfg: IngestConfig) -> Sp
     # the filters resolve against the list's columns as they did when the plan was made
     unified = pa.schema([f for f in schema if f.name != "uid"])
     files = tuple(ListFile(**f) for f in header["files"])
-    return Spec(plan_url, files, pieces, header["buckets"], schema, filters.resolve(cfg.filters, unified), cfg.shard_size,
-                header["layout"]["plan_task_rows"])  # fmt: skip
+    return Spec(
+        plan_url,
+        files,
+        pieces,
+        header["buckets"],
+        schema,
+        filters.resolve(cfg.filters, unified),
+        cfg.shard_size,
+        header["layout"]["plan_task_rows"],
+    )
 
 
 def execute(spec: Spec, log, progress_every_s: float = 5.0) -> Plan:
     """Run (or finish) the three steps; returns the counts and the kept rows of every piece."""
     ref = ray.put(spec)
     pieces, buckets = len(spec.pieces), spec.buckets
-    scanned = tasks.run_stage("plan: scan", spec.folder("scan"), scan_piece, lambda i: (ref, i), pieces, log, progress_every_s)
+    scanned = tasks.run_stage(
+        "plan: scan", spec.folder("scan"), scan_piece, lambda i: (ref, i), pieces, log, progress_every_s
+    )
     key_files = ray.put([spec.key_file(i, run) for i in range(pieces) for run in range(len(scanned[i]["run_starts"]))])
-    repeated = tasks.run_stage("plan: URL dedup", spec.folder("urldup"), dedup_bucket, lambda b: (ref, b, key_files), buckets, log,
-                               progress_every_s)  # fmt: skip
-    written = tasks.run_stage("plan: shard inputs", spec.folder("rows"), write_rows, lambda i: (ref, i, scanned[i]), pieces, log, progress_every_s)
+    repeated = tasks.run_stage(
+        "plan: URL dedup",
+        spec.folder("urldup"),
+        dedup_bucket,
+        lambda b: (ref, b, key_files),
+        buckets,
+        log,
+        progress_every_s,
+    )
+    written = tasks.run_stage(
+        "plan: shard inputs",
+        spec.folder("rows"),
+        write_rows,
+        lambda i: (ref, i, scanned[i]),
+        pieces,
+        log,
+        progress_every_s,
+    )
 
     counts: Counter[str] = Counter()
     for result in scanned.values():
@@ -296,7 +342,9 @@ def execute(spec: Spec, log, progress_every_s: float = 5.0) -> Plan:
         counts["duplicate_url"] += result["repeats"]
     kept = np.array([written[i]["kept"] for i in range(pieces)], np.int64)
     if counts.pop(KEPT, 0) != kept.sum():
-        raise RuntimeError(f"plan '{spec.plan_url}': the shard inputs hold {kept.sum()} rows, the scan kept another number")
+        raise RuntimeError(
+            f"plan '{spec.plan_url}': the shard inputs hold {kept.sum()} rows, the scan kept another number"
+        )
     peak = max(tasks.peak_rss(scanned), tasks.peak_rss(repeated), tasks.peak_rss(written))
     return Plan(spec, sum(r["rows"] for r in scanned.values()), {k: v for k, v in counts.items() if v}, kept, peak)
 
@@ -305,7 +353,11 @@ def read_piece(spec: Spec, index: int, columns: list[str] | None) -> Iterator[pa
     """Piece `index` in batches, normalized; `columns`: the stored names wanted (None: all)."""
     piece = spec.pieces[index]
     file = spec.files[piece.file]
-    wanted = None if columns is None else [c for c in (file.url_col, file.caption_col, *map(url_list.listed_name, columns)) if c]
+    wanted = (
+        None
+        if columns is None
+        else [c for c in (file.url_col, file.caption_col, *map(url_list.listed_name, columns)) if c]
+    )
     groups = list(piece.row_groups) if piece.row_groups is not None else None
     batch = min(url_list.BATCH_ROWS, spec.task_rows)
     for table in url_list.iter_raw(file.url, file.format, file.caption_col, groups, wanted, batch_rows=batch):
@@ -326,8 +378,14 @@ def scan_piece(spec: Spec, index: int) -> dict[str, Any]:
     rows = run_start = 0
 
     def flush() -> None:
-        digests, orders, codes = (np.concatenate(parts) for parts in zip(*run)) if run else (np.zeros((0, 32), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.uint8))
-        dedup.write_keys(spec.key_file(index, len(starts)), digests, orders, {"code": pa.array(codes, pa.uint8())}, spec.buckets)
+        digests, orders, codes = (
+            (np.concatenate(parts) for parts in zip(*run))
+            if run
+            else (np.zeros((0, 32), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.uint8))
+        )
+        dedup.write_keys(
+            spec.key_file(index, len(starts)), digests, orders, {"code": pa.array(codes, pa.uint8())}, spec.buckets
+        )
         starts.append(run_start)
         run.clear()
 
@@ -335,7 +393,13 @@ def scan_piece(spec: Spec, index: int) -> dict[str, Any]:
         code = filters.first_failing(table, f)
         found += np.bincount(code, minlength=256)
         with_url = np.flatnonzero(~np.isin(code, before))
-        run.append((url_list.url_digests(table["url"].take(pa.array(with_url))), dedup.order_of(index, rows + with_url), code[with_url]))
+        run.append(
+            (
+                url_list.url_digests(table["url"].take(pa.array(with_url))),
+                dedup.order_of(index, rows + with_url),
+                code[with_url],
+            )
+        )
         rows += len(table)
         if rows - run_start >= spec.task_rows:
             flush()
@@ -356,8 +420,12 @@ def write_rows(spec: Spec, index: int, scanned: dict[str, Any]) -> dict[str, Any
     """Task: piece `index`'s kept rows, every column, in list order, with their uid. Which rows
     and their URL hashes come from the scan's key files, one run at a time: no rule or hash is
     computed twice."""
-    repeats = dedup.read_repeats([spec.file("urldup", b) for b in range(spec.buckets)],
-                                 int(dedup.order_of(index, 0)), int(dedup.order_of(index + 1, 0)), [])  # fmt: skip
+    repeats = dedup.read_repeats(
+        [spec.file("urldup", b) for b in range(spec.buckets)],
+        int(dedup.order_of(index, 0)),
+        int(dedup.order_of(index + 1, 0)),
+        [],
+    )
     repeated = np.asarray(repeats["order"])
 
     def kept_of_run(run: int) -> tuple[np.ndarray, pa.Array]:
@@ -365,7 +433,9 @@ def write_rows(spec: Spec, index: int, scanned: dict[str, Any]) -> dict[str, Any
         order = np.asarray(keys["order"])
         candidates = np.flatnonzero((np.asarray(keys["code"]) == filters.KEPT) & ~np.isin(order, repeated))
         ranked = candidates[np.argsort(order[candidates], kind="stable")]
-        return order[ranked] & ((1 << dedup.ROW_BITS) - 1), dedup.to_hex(dedup.digest_matrix(keys["key"].take(pa.array(ranked))), 12)
+        return order[ranked] & ((1 << dedup.ROW_BITS) - 1), dedup.to_hex(
+            dedup.digest_matrix(keys["key"].take(pa.array(ranked))), 12
+        )
 
     starts = scanned["run_starts"]
     kept_rows, uids = np.zeros(0, np.int64), pa.array([], pa.string())
@@ -395,7 +465,9 @@ def write_rows(spec: Spec, index: int, scanned: dict[str, Any]) -> dict[str, Any
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """`table` with every column of `schema`, in its order and types (missing ones null), as
     one table of the whole list would have had them."""
-    return pa.concat_tables([schema.empty_table(), table], promote_options="permissive").select(schema.names).cast(schema)
+    return (
+        pa.concat_tables([schema.empty_table(), table], promote_options="permissive").select(schema.names).cast(schema)
+    )
 
 
 def read_shard(inputs: list[tuple[str, int, int]], schema: pa.Schema | None = None) -> pa.Table:
@@ -417,4 +489,3 @@ def _by_name(found: np.ndarray, names: list[str]) -> dict[str, int]:
     out = {names[c]: int(found[c]) for c in np.flatnonzero(found[: filters.KEPT])}
     out[KEPT] = int(found[filters.KEPT])
     return out
-

@@ -24,7 +24,8 @@ import io
 import posixpath
 import re
 import tarfile
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -74,7 +75,11 @@ def scan_folder(raw_url: str) -> Folder:
     names = {posixpath.basename(e["name"].rstrip("/")): e for e in entries}
     complete = sorted(int(n[: -len(STATS_SUFFIX)]) for n in names if re.fullmatch(rf"\d+{STATS_SUFFIX}", n))
     data = (names.get(shard_name(i) + suffix) for i in complete for suffix in (".tar", ".parquet"))
-    return Folder(complete, sum(e.get("size") or 0 for e in data if e), sorted(n for n in names if n.startswith(storage.TMP_PREFIX)))
+    return Folder(
+        complete,
+        sum(e.get("size") or 0 for e in data if e),
+        sorted(n for n in names if n.startswith(storage.TMP_PREFIX)),
+    )
 
 
 def read_status(raw_url: str, shard_id: int, columns: list[str] | None = None) -> pa.Table:
@@ -91,7 +96,9 @@ def shard_duplicates(raw_url: str, shard_id: int) -> set[str]:
     if storage.exists(path):
         table = pq.read_table(io.BytesIO(storage.read_bytes(path)), columns=["uid"])
     elif storage.exists(legacy):
-        table = pq.read_table(io.BytesIO(storage.read_bytes(legacy)), columns=["uid"], filters=[("shard", "==", shard_id)])
+        table = pq.read_table(
+            io.BytesIO(storage.read_bytes(legacy)), columns=["uid"], filters=[("shard", "==", shard_id)]
+        )
     else:
         return set()
     return set(table["uid"].to_pylist())

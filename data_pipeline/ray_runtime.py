@@ -7,12 +7,13 @@ import json
 import os
 import re
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import ray
 
-from models.base import storage
 from data_pipeline.config import RayConfig
+from models.base import storage
 
 # Environment every Ray worker needs: img2dataset's albumentations calls out at import without
 # the first; the second keeps open_clip/diffusers from trying a model hub the cluster may lack.
@@ -34,9 +35,12 @@ def forwarded_env(names: tuple[str, ...] | list[str] = ()) -> dict[str, str]:
     wanted = [n for n in names if n in os.environ and n not in _warned]
     if wanted:
         _warned.update(wanted)
-        print(f"unclip: ray.forward_env sends {', '.join(wanted)} to the cluster in the clear: anyone who can reach its "
-              "dashboard can read them (Ray has no secret variables); prefer the cluster's own identity (infra/README.md)",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"unclip: ray.forward_env sends {', '.join(wanted)} to the cluster in the clear: anyone who can reach its "
+            "dashboard can read them (Ray has no secret variables); prefer the cluster's own identity (infra/README.md)",
+            file=sys.stderr,
+            flush=True,
+        )
     return {**WORKER_ENV, **{k: os.environ[k] for k in (*WORKER_ENV, *SETTINGS, *names) if k in os.environ}}
 
 
@@ -60,7 +64,9 @@ def ray_session(cfg: RayConfig) -> Iterator[str | None]:
     job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
     env_vars = {k: v for k, v in env_vars.items() if k not in (job_env.get("env_vars") or {})}
     if cfg.address:
-        context = ray.init(address=cfg.address, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=False)
+        context = ray.init(
+            address=cfg.address, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=False
+        )
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         context = ray.init(

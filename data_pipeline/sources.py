@@ -16,16 +16,17 @@ import json
 import posixpath
 import re
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipeline import raw
+from data_pipeline.url_list import stable_key
 from models.base import storage
 from models.base.errors import UserError
-from data_pipeline.url_list import stable_key
 
 IMAGE_COLUMNS = ("jpg", "png", "webp", "image", "img")
 CAPTION_COLUMNS = ("txt", "caption", "TEXT", "text")
@@ -65,12 +66,16 @@ class Source:
         first, last = (int(x) for x in shards.split("-"))
         chosen = [(i, f) for i, f in zip(self.ids, self.files) if first <= i <= last]
         if not chosen:
-            raise SourceError(f"config key 'embed.shards': no {self.kind} shard has an id in {first}-{last} "
-                              f"(ids {self.ids[0]}-{self.ids[-1]})")  # fmt: skip
+            raise SourceError(
+                f"config key 'embed.shards': no {self.kind} shard has an id in {first}-{last} "
+                f"(ids {self.ids[0]}-{self.ids[-1]})"
+            )
         return dataclasses.replace(self, ids=tuple(i for i, _ in chosen), files=tuple(f for _, f in chosen))
 
 
-def open_source(input_url: str, raw_url: str, input_format: str, image_col: str | None, caption_col: str | None) -> Source:
+def open_source(
+    input_url: str, raw_url: str, input_format: str, image_col: str | None, caption_col: str | None
+) -> Source:
     """The source to embed: `input_url` when given, else ingest's output under `raw_url`."""
     if not input_url:
         summary = raw.require_complete(raw_url)
@@ -92,7 +97,9 @@ def open_source(input_url: str, raw_url: str, input_format: str, image_col: str 
         raise SourceError(f"embed input '{input_url}': no {' or '.join(kinds)} files")
     suffixes = {posixpath.splitext(f)[1] for f in files}
     if len(suffixes) > 1:
-        raise SourceError(f"embed input '{input_url}': mixes {' and '.join(sorted(suffixes))} files; set embed.input_format")
+        raise SourceError(
+            f"embed input '{input_url}': mixes {' and '.join(sorted(suffixes))} files; set embed.input_format"
+        )
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     files = [f if storage.is_local(input_url) else f"{protocol}://{f}" for f in files]
     kind = "webdataset" if suffixes == {".tar"} else "parquet"
@@ -100,17 +107,23 @@ def open_source(input_url: str, raw_url: str, input_format: str, image_col: str 
     seen: dict[int, str] = {}
     for shard_id, file in zip(ids, files):
         if shard_id in seen:
-            raise SourceError(f"embed input '{input_url}': {posixpath.basename(seen[shard_id])} and {posixpath.basename(file)} "
-                              f"are both shard {shard_id} (the first number in a name is its shard id); rename one")  # fmt: skip
+            raise SourceError(
+                f"embed input '{input_url}': {posixpath.basename(seen[shard_id])} and {posixpath.basename(file)} "
+                f"are both shard {shard_id} (the first number in a name is its shard id); rename one"
+            )
         seen[shard_id] = file
     ordered = sorted(zip(ids, files))
-    return Source(kind, tuple(f for _, f in ordered), tuple(i for i, _ in ordered), image_col=image_col, caption_col=caption_col)
+    return Source(
+        kind, tuple(f for _, f in ordered), tuple(i for i, _ in ordered), image_col=image_col, caption_col=caption_col
+    )
 
 
 def _shard_id(file: str, input_url: str) -> int:
     found = re.search(r"\d+", posixpath.basename(file))
     if not found:
-        raise SourceError(f"embed input '{input_url}': {posixpath.basename(file)} has no number in its name to be its shard id")
+        raise SourceError(
+            f"embed input '{input_url}': {posixpath.basename(file)} has no number in its name to be its shard id"
+        )
     return int(found.group())
 
 
@@ -122,16 +135,29 @@ def iter_samples(source: Source, shard_id: int) -> Iterator[dict[str, Any]]:
         if source.kind == "raw":
             dropped = raw.shard_duplicates(source.raw_url, shard_id) if source.drop_duplicates else set()
             for m in raw.iter_samples(source.raw_url, shard_id, dropped):
-                yield {"key": m["uid"], "caption": m["caption"] or "", "url": m["url"], "width": m["width"] or 0,
-                       "height": m["height"] or 0, "image": m["image"]}  # fmt: skip
+                yield {
+                    "key": m["uid"],
+                    "caption": m["caption"] or "",
+                    "url": m["url"],
+                    "width": m["width"] or 0,
+                    "height": m["height"] or 0,
+                    "image": m["image"],
+                }
         elif source.kind == "webdataset":
             yield from _webdataset_samples(file)
         else:
             yield from _parquet_samples(file, source.image_col, source.caption_col)
-    except (tarfile.TarError, EOFError, pa.ArrowInvalid, OSError) as err:  # a shard that cannot be read is bad input, named
+    except (
+        tarfile.TarError,
+        EOFError,
+        pa.ArrowInvalid,
+        OSError,
+    ) as err:  # a shard that cannot be read is bad input, named
         if isinstance(err, FileNotFoundError):
             raise
-        raise SourceError(f"embed input '{file}': cannot read it as a {source.kind} shard ({str(err).splitlines()[0] or type(err).__name__})") from None
+        raise SourceError(
+            f"embed input '{file}': cannot read it as a {source.kind} shard ({str(err).splitlines()[0] or type(err).__name__})"
+        ) from None
 
 
 def _webdataset_samples(file: str) -> Iterator[dict[str, Any]]:
@@ -148,8 +174,14 @@ def _webdataset_samples(file: str) -> Iterator[dict[str, Any]]:
         image = next((parts[e] for e in raw.IMAGE_EXTENSIONS if e in parts), None)
         caption = parts["txt"].decode("utf-8", "replace") if "txt" in parts else str(meta.get("caption") or "")
         url = meta.get("url") or f"{name}#{stem}"
-        yield {"key": stable_key(url), "caption": caption, "url": url, "width": int(meta.get("width") or 0),
-               "height": int(meta.get("height") or 0), "image": image}  # fmt: skip
+        yield {
+            "key": stable_key(url),
+            "caption": caption,
+            "url": url,
+            "width": int(meta.get("width") or 0),
+            "height": int(meta.get("height") or 0),
+            "image": image,
+        }
 
 
 def _parquet_samples(file: str, image_col: str | None, caption_col: str | None) -> Iterator[dict[str, Any]]:
@@ -172,4 +204,3 @@ def _parquet_samples(file: str, image_col: str | None, caption_col: str | None) 
             image = image.get("bytes")
         url = url or f"{name}#{key}"
         yield {"key": stable_key(url), "caption": caption or "", "url": url, "width": 0, "height": 0, "image": image}
-

@@ -22,9 +22,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -42,8 +43,14 @@ ENCODERS_LOCK = "_encoders.json"
 # The empty caption's text columns, embedded as every caption is: the unconditional input of a
 # stage that drops text to it (ldm.null_text=empty_caption), as Stable Diffusion drops captions.
 NULL_CAPTION = "null_caption.safetensors"  # what a store is being built with: encoders, columns, settings
-BASE_COLUMNS = {"key": pa.string(), "caption": pa.string(), "url": pa.string(), "width": pa.int32(),
-                "height": pa.int32(), "clip_score": pa.float32()}  # fmt: skip
+BASE_COLUMNS = {
+    "key": pa.string(),
+    "caption": pa.string(),
+    "url": pa.string(),
+    "width": pa.int32(),
+    "height": pa.int32(),
+    "clip_score": pa.float32(),
+}
 ROW_GROUP = 1024  # rows per row group of a part
 HOLDOUT_SEED = 20221126  # fixed: the held-out rows of a part never change
 _PART_FILE = re.compile(r"part-(\d+)\.parquet$")
@@ -77,9 +84,15 @@ def column_specs(
             if vae is None:
                 raise StoreError(f"column {name!r} needs a VAE (encoders.vae)")
             if latent_columns[name] % vae["downsample"]:
-                raise StoreError(f"column {name!r}: side {latent_columns[name]} is not a multiple of the VAE's downsampling {vae['downsample']}")
+                raise StoreError(
+                    f"column {name!r}: side {latent_columns[name]} is not a multiple of the VAE's downsampling {vae['downsample']}"
+                )
             side = latent_columns[name] // vae["downsample"]
-            specs[name] = {"dtype": "float16", "shape": [vae["latent_channels"], side, side], "image_side": latent_columns[name]}
+            specs[name] = {
+                "dtype": "float16",
+                "shape": [vae["latent_channels"], side, side],
+                "image_side": latent_columns[name],
+            }
         elif name.startswith("image_"):
             specs[name] = {"dtype": "png", "shape": [int(name.split("_")[1])] * 2 + [3]}
         else:
@@ -151,7 +164,13 @@ class PartsIndex:
         start = np.zeros(len(table) + 1, np.int64)
         np.cumsum(lengths, out=start[1:])
         flat = lambda name: pc.list_flatten(table[name]).to_numpy(zero_copy_only=False).astype(np.int32)  # noqa: E731
-        return cls(table["part"].to_numpy().copy(), table["rows"].to_numpy().copy(), start, flat("row_groups"), flat("train_rows"))
+        return cls(
+            table["part"].to_numpy().copy(),
+            table["rows"].to_numpy().copy(),
+            start,
+            flat("row_groups"),
+            flat("train_rows"),
+        )
 
     def file_of(self, i: int) -> str:
         return part_name(int(self.part[i])) + ".parquet"
@@ -196,7 +215,9 @@ def read_manifest(store_url: str) -> dict[str, Any]:
     try:
         manifest = storage.read_json(path)
     except ValueError as err:  # truncated or overwritten: a reader must not guess what it held
-        raise StoreError(f"store '{store_url}': {MANIFEST} is not valid JSON ({err}); rebuild it with `unclip manifest {store_url}`") from None
+        raise StoreError(
+            f"store '{store_url}': {MANIFEST} is not valid JSON ({err}); rebuild it with `unclip manifest {store_url}`"
+        ) from None
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if version == 1:
         raise StoreError(
@@ -204,7 +225,9 @@ def read_manifest(store_url: str) -> dict[str, Any]:
             f"convert it in place with `unclip manifest {store_url}`"
         )
     if version != SCHEMA_VERSION:
-        raise StoreError(f"store '{store_url}': manifest field 'schema_version' is {version!r}, expected {SCHEMA_VERSION}")
+        raise StoreError(
+            f"store '{store_url}': manifest field 'schema_version' is {version!r}, expected {SCHEMA_VERSION}"
+        )
     return manifest
 
 
@@ -256,16 +279,21 @@ class Store:
         """The empty caption's clip_text_emb [D], clip_text_tokens [L, W] and text_mask [L]."""
         recorded = self.manifest.get("null_caption")
         if recorded is None:
-            raise StoreError(f"store '{self.url}': manifest lacks 'null_caption' (embedded before it was recorded); "
-                             "rerun `unclip embed`, which adds it and keeps every part")  # fmt: skip
+            raise StoreError(
+                f"store '{self.url}': manifest lacks 'null_caption' (embedded before it was recorded); "
+                "rerun `unclip embed`, which adds it and keeps every part"
+            )
         url = storage.join(self.url, recorded["file"])
         data = storage.read_bytes(url)
         if hashlib.sha256(data).hexdigest() != recorded["sha256"]:
-            raise StoreError(f"store '{self.url}': {recorded['file']} does not match the manifest's sha256 (rerun `unclip manifest {self.url}`)")
+            raise StoreError(
+                f"store '{self.url}': {recorded['file']} does not match the manifest's sha256 (rerun `unclip manifest {self.url}`)"
+            )
         return load_arrays(data)
 
-    def read(self, columns: Sequence[str], files: Sequence[str] | None = None, split: str = "all",
-             limit: int | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+    def read(
+        self, columns: Sequence[str], files: Sequence[str] | None = None, split: str = "all", limit: int | None = None
+    ) -> dict[str, np.ndarray]:
         """Chosen columns of chosen parts as arrays ([N, *shape]; bytes and strings as object arrays).
 
         split: "all", "train" (without the held-out rows) or "heldout". limit: the first `limit`
@@ -314,7 +342,7 @@ def column_bytes(store: Store) -> dict[str, float]:
     names = [f"bytes:{c}" for c in store.manifest["columns"]]
     table = read_index(store.url, store.manifest, names)
     rows = max(int(store.manifest["totals"]["rows"]), 1)
-    return {name[len("bytes:"):]: (pc.sum(table[name]).as_py() or 0) / rows for name in names}
+    return {name[len("bytes:") :]: (pc.sum(table[name]).as_py() or 0) / rows for name in names}
 
 
 def describe(store: Store, sample_rows: int = 3) -> str:
@@ -326,11 +354,13 @@ def describe(store: Store, sample_rows: int = 3) -> str:
         f"store        {store.url}",
         f"schema       v{m['schema_version']}, created {m['created']}",
         f"rows         {totals['rows']:,} in {totals['parts']:,} parts ({totals['empty_parts']:,} empty), {totals['bytes']:,} bytes",
-        f"counts       " + ", ".join(f"{k}={v:,}" for k, v in totals["counts"].items()),
+        "counts       " + ", ".join(f"{k}={v:,}" for k, v in totals["counts"].items()),
         f"clip         {clip.get('model')} pretrained={clip.get('pretrained')} sha256={str(clip.get('weights_sha256'))[:16]}…",
     ]
     if vae:
-        lines.append(f"vae          {vae.get('path')} scaling_factor={vae.get('scaling_factor')} sha256={str(vae.get('weights_sha256'))[:16]}…")
+        lines.append(
+            f"vae          {vae.get('path')} scaling_factor={vae.get('scaling_factor')} sha256={str(vae.get('weights_sha256'))[:16]}…"
+        )
     sizes = column_bytes(store)
     lines.append("")
     lines.append(f"{'column':<20} {'dtype':<8} {'shape':<16} {'bytes/sample':>12}")
@@ -343,5 +373,7 @@ def describe(store: Store, sample_rows: int = 3) -> str:
         lines.append("")
         for i in range(min(sample_rows, len(data["key"]))):
             preview = "  ".join(f"{c}[:3]={np.round(data[c][i][:3].astype(float), 3).tolist()}" for c in arrays)
-            lines.append(f"{data['key'][i]}  clip_score={float(data['clip_score'][i]):.3f}  {data['caption'][i]!r}  {preview}")
+            lines.append(
+                f"{data['key'][i]}  clip_score={float(data['clip_score'][i]):.3f}  {data['caption'][i]!r}  {preview}"
+            )
     return "\n".join(lines)

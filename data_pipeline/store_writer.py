@@ -18,8 +18,9 @@ import re
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -27,12 +28,22 @@ import pyarrow.parquet as pq
 import ray
 
 from data_pipeline import tasks
-from models.base import storage
 from data_pipeline.ray_runtime import ray_session
 from data_pipeline.store import (
-    BASE_COLUMNS, ENCODERS_LOCK, HOLDOUT_SEED, MANIFEST, NULL_CAPTION, ROW_GROUP, SCHEMA_VERSION, StoreError, arrow_schema, column_numpy,
-    heldout_mask, part_name,
-)  # fmt: skip
+    BASE_COLUMNS,
+    ENCODERS_LOCK,
+    HOLDOUT_SEED,
+    MANIFEST,
+    NULL_CAPTION,
+    ROW_GROUP,
+    SCHEMA_VERSION,
+    StoreError,
+    arrow_schema,
+    column_numpy,
+    heldout_mask,
+    part_name,
+)
+from models.base import storage
 
 STALE_AFTER_S = 6 * 3600  # a temporary this old was left by a killed writer, not one still writing
 INDEX_SLICE = 4096  # parts per index slice: one task reads their sidecars and writes the slice
@@ -113,7 +124,9 @@ class PartWriter:
 
     def _write(self, rows: int) -> None:
         if self._writer is None:
-            sink = self._files.enter_context(storage.atomic_open(storage.join(self.store_url, part_name(self.part) + ".parquet")))
+            sink = self._files.enter_context(
+                storage.atomic_open(storage.join(self.store_url, part_name(self.part) + ".parquet"))
+            )
             self._sink = _Hashing(sink)
             self._writer = pq.ParquetWriter(self._sink, self.schema)
         table = pa.concat_tables(self.pending)
@@ -130,9 +143,16 @@ class PartWriter:
             self._writer.close()
             meta = self._writer.writer.metadata
             self._files.close()  # the part appears, whole
-            entry = _part_entry(self.part, self.rows, meta, self.holdout_fraction, self._sink.digest.hexdigest(), self._sink.size)
-        sidecar = {**entry, "counts": dict(counts), "source": self.source, "holdout_fraction": self.holdout_fraction,
-                   "stats": _encoded_stats(self.sums)}  # fmt: skip
+            entry = _part_entry(
+                self.part, self.rows, meta, self.holdout_fraction, self._sink.digest.hexdigest(), self._sink.size
+            )
+        sidecar = {
+            **entry,
+            "counts": dict(counts),
+            "source": self.source,
+            "holdout_fraction": self.holdout_fraction,
+            "stats": _encoded_stats(self.sums),
+        }
         storage.write_json(storage.join(self.store_url, part_name(self.part) + ".json"), sidecar)
         return {"part": self.part, "rows": self.rows, "sha256": entry["sha256"], "counts": dict(counts)}
 
@@ -142,12 +162,22 @@ class PartWriter:
             self._files.__exit__(RuntimeError, RuntimeError("part aborted"), None)
 
 
-def _part_entry(part: int, rows: int, meta: pq.FileMetaData | None, fraction: float, sha256: str | None = None,
-                size: int = 0) -> dict[str, Any]:  # fmt: skip
+def _part_entry(
+    part: int, rows: int, meta: pq.FileMetaData | None, fraction: float, sha256: str | None = None, size: int = 0
+) -> dict[str, Any]:
     """The sidecar's description of a part's file from its footer (`meta`; None: no file): row
     groups, the training rows of each, bytes per column."""
     if meta is None:
-        return {"part": part, "file": None, "rows": rows, "row_groups": [], "train_rows": [], "sha256": None, "bytes": 0, "column_bytes": {}}
+        return {
+            "part": part,
+            "file": None,
+            "rows": rows,
+            "row_groups": [],
+            "train_rows": [],
+            "sha256": None,
+            "bytes": 0,
+            "column_bytes": {},
+        }
     groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
     heldout = heldout_mask(part, rows, fraction)
     bounds = np.cumsum([0] + [g.num_rows for g in groups])
@@ -155,18 +185,38 @@ def _part_entry(part: int, rows: int, meta: pq.FileMetaData | None, fraction: fl
     for g in groups:
         for c in range(g.num_columns):
             column_bytes[g.column(c).path_in_schema.split(".")[0]] += g.column(c).total_compressed_size
-    return {"part": part, "file": part_name(part) + ".parquet", "rows": rows, "row_groups": [g.num_rows for g in groups],
-            "train_rows": [int((~heldout[a:b]).sum()) for a, b in zip(bounds[:-1], bounds[1:])], "sha256": sha256, "bytes": size,
-            "column_bytes": dict(column_bytes)}  # fmt: skip
+    return {
+        "part": part,
+        "file": part_name(part) + ".parquet",
+        "rows": rows,
+        "row_groups": [g.num_rows for g in groups],
+        "train_rows": [int((~heldout[a:b]).sum()) for a, b in zip(bounds[:-1], bounds[1:])],
+        "sha256": sha256,
+        "bytes": size,
+        "column_bytes": dict(column_bytes),
+    }
 
 
 def _encoded_stats(sums: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {k: {"count": v["count"], "sum": encode_floats(np.atleast_1d(v["sum"])), "sumsq": encode_floats(np.atleast_1d(v["sumsq"]))}
-            for k, v in sums.items()}  # fmt: skip
+    return {
+        k: {
+            "count": v["count"],
+            "sum": encode_floats(np.atleast_1d(v["sum"])),
+            "sumsq": encode_floats(np.atleast_1d(v["sumsq"])),
+        }
+        for k, v in sums.items()
+    }
 
 
-def write_part(store_url: str, part: int, table: pa.Table, specs: dict[str, dict], counts: dict[str, int] | None = None,
-               holdout_fraction: float = 0.0, source: str = "") -> dict[str, Any]:  # fmt: skip
+def write_part(
+    store_url: str,
+    part: int,
+    table: pa.Table,
+    specs: dict[str, dict],
+    counts: dict[str, int] | None = None,
+    holdout_fraction: float = 0.0,
+    source: str = "",
+) -> dict[str, Any]:
     """A whole part at once (tests, conversions): the same writer embed streams into."""
     writer = PartWriter(store_url, part, specs, holdout_fraction, source)
     writer.add(table)
@@ -195,7 +245,9 @@ def read_lock(store_url: str) -> dict[str, Any] | None:
     return storage.read_json(path) if storage.exists(path) else None
 
 
-def index_slice(store_url: str, parts: Sequence[int], folder: str, slice_id: int, columns: Sequence[str]) -> dict[str, Any]:
+def index_slice(
+    store_url: str, parts: Sequence[int], folder: str, slice_id: int, columns: Sequence[str]
+) -> dict[str, Any]:
     """Task: one slice of the parts index from its parts' sidecars; returns the slice's totals
     and summed statistics (what the manifest adds up), never its rows."""
     with ThreadPoolExecutor(READ_THREADS) as pool:
@@ -217,22 +269,34 @@ def index_slice(store_url: str, parts: Sequence[int], folder: str, slice_id: int
         entries = [s["stats"].get(c) for s in sidecars]
         table[f"count:{c}"] = pa.array([e["count"] if e else 0 for e in entries], pa.int64())
         for moment in ("sum", "sumsq"):
-            table[f"{moment}:{c}"] = pa.array([base64.b64decode(e[moment]) if e else None for e in entries], pa.binary())
+            table[f"{moment}:{c}"] = pa.array(
+                [base64.b64decode(e[moment]) if e else None for e in entries], pa.binary()
+            )
         present = [e for e in entries if e]
         if present:
-            totals["stats"][c] = {"count": sum(e["count"] for e in present),
-                                  **{m: encode_floats(np.sum([decode_floats(e[m]) for e in present], axis=0)) for m in ("sum", "sumsq")}}  # fmt: skip
+            totals["stats"][c] = {
+                "count": sum(e["count"] for e in present),
+                **{m: encode_floats(np.sum([decode_floats(e[m]) for e in present], axis=0)) for m in ("sum", "sumsq")},
+            }
     for s in sidecars:
         totals["counts"].update(s["counts"])
     with storage.atomic_open(storage.join(folder, f"{slice_id:05d}.parquet")) as sink:
         pq.write_table(pa.table(table), sink)
-    return {"parts": len(sidecars), "rows": int(sum(s["rows"] for s in sidecars)), "bytes": int(sum(s["bytes"] for s in sidecars)),
-            "empty_parts": sum(1 for s in sidecars if not s["rows"]), "row_groups": sum(len(s["row_groups"]) for s in sidecars),
-            "counts": dict(totals["counts"]), "stats": totals["stats"],
-            "holdout_fractions": sorted({s.get("holdout_fraction", 0.0) for s in sidecars})}  # fmt: skip
+    return {
+        "parts": len(sidecars),
+        "rows": int(sum(s["rows"] for s in sidecars)),
+        "bytes": int(sum(s["bytes"] for s in sidecars)),
+        "empty_parts": sum(1 for s in sidecars if not s["rows"]),
+        "row_groups": sum(len(s["row_groups"]) for s in sidecars),
+        "counts": dict(totals["counts"]),
+        "stats": totals["stats"],
+        "holdout_fractions": sorted({s.get("holdout_fraction", 0.0) for s in sidecars}),
+    }
 
 
-def build_manifest(store_url: str, lock: dict[str, Any], config: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
+def build_manifest(
+    store_url: str, lock: dict[str, Any], config: dict[str, Any], log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """The parts index and manifest of every committed part, read in Ray tasks when Ray is up
     (else here, in threads); the manifest is written last."""
     names = storage.listdir(store_url)  # one listing: the committed parts and the old index folders
@@ -245,7 +309,9 @@ def build_manifest(store_url: str, lock: dict[str, Any], config: dict[str, Any],
     results = _map(index_slice, [(store_url, s, folder, i, columns) for i, s in enumerate(slices)])
     fractions = {f for r in results for f in r["holdout_fractions"]}
     if len(fractions) > 1:
-        raise StoreError(f"store '{store_url}': parts were written with holdout fractions {sorted(fractions)}; embed into a new root")
+        raise StoreError(
+            f"store '{store_url}': parts were written with holdout fractions {sorted(fractions)}; embed into a new root"
+        )
     counts: Counter[str] = Counter()
     for r in results:
         counts.update(r["counts"])
@@ -254,9 +320,14 @@ def build_manifest(store_url: str, lock: dict[str, Any], config: dict[str, Any],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "encoders": lock["encoders"],
         "columns": {**{k: {"dtype": str(t)} for k, t in BASE_COLUMNS.items()}, **specs},
-        "totals": {"parts": len(parts), "empty_parts": sum(r["empty_parts"] for r in results), "rows": sum(r["rows"] for r in results),
-                   "row_groups": sum(r["row_groups"] for r in results), "bytes": sum(r["bytes"] for r in results),
-                   "counts": dict(sorted(counts.items()))},  # fmt: skip
+        "totals": {
+            "parts": len(parts),
+            "empty_parts": sum(r["empty_parts"] for r in results),
+            "rows": sum(r["rows"] for r in results),
+            "row_groups": sum(r["row_groups"] for r in results),
+            "bytes": sum(r["bytes"] for r in results),
+            "counts": dict(sorted(counts.items())),
+        },
         "holdout": {"fraction": lock.get("holdout_fraction", 0.0), "seed": HOLDOUT_SEED},
         "index": {"folder": index_name, "slices": len(slices), "slice_parts": INDEX_SLICE},
         "config": config,
@@ -268,9 +339,14 @@ def build_manifest(store_url: str, lock: dict[str, Any], config: dict[str, Any],
             mean = np.sum([decode_floats(s["sum"]) for s in stats], axis=0) / count
             var = np.sum([decode_floats(s["sumsq"]) for s in stats], axis=0) / count - mean**2
             manifest[f"{name}_mean"] = mean.tolist() if stat_axis(name) == 0 else float(mean[0])
-            manifest[f"{name}_std"] = np.sqrt(np.maximum(var, 0.0)).tolist() if stat_axis(name) == 0 else float(np.sqrt(max(var[0], 0.0)))
+            manifest[f"{name}_std"] = (
+                np.sqrt(np.maximum(var, 0.0)).tolist() if stat_axis(name) == 0 else float(np.sqrt(max(var[0], 0.0)))
+            )
     if NULL_CAPTION in names:
-        manifest["null_caption"] = {"file": NULL_CAPTION, "sha256": storage.sha256_file(storage.join(store_url, NULL_CAPTION))}
+        manifest["null_caption"] = {
+            "file": NULL_CAPTION,
+            "sha256": storage.sha256_file(storage.join(store_url, NULL_CAPTION)),
+        }
     previous = [n for n in names if re.fullmatch(r"parts-[0-9a-f]{8}", n)]
     storage.write_json(storage.join(store_url, MANIFEST), manifest)
     for old in previous:  # the manifest names the new index: the old ones have no reader left
@@ -305,7 +381,9 @@ def rebuild(store_url: str, ray_cfg=None, log: Callable[[str], None] = print) ->
             _convert_v1(store_url, old, log)
         lock = read_lock(store_url)
         if lock is None or "specs" not in lock:
-            raise StoreError(f"store '{store_url}': no record of what it was built with ({ENCODERS_LOCK}); embed into it first")
+            raise StoreError(
+                f"store '{store_url}': no record of what it was built with ({ENCODERS_LOCK}); embed into it first"
+            )
         return build_manifest(store_url, lock, lock.get("config", {}), log)
 
 
@@ -318,8 +396,17 @@ def _convert_v1(store_url: str, manifest: dict[str, Any], log: Callable[[str], N
     batches = [parts[i : i + INDEX_SLICE] for i in range(0, len(parts), INDEX_SLICE)]
     _map(_convert_sidecars, [(store_url, batch, fraction) for batch in batches])
     lock = read_lock(store_url) or {}
-    write_lock(store_url, {**lock, "encoders": manifest["encoders"], "columns": sorted(specs), "specs": specs,
-                           "holdout_fraction": fraction, "config": manifest.get("config", {})})  # fmt: skip
+    write_lock(
+        store_url,
+        {
+            **lock,
+            "encoders": manifest["encoders"],
+            "columns": sorted(specs),
+            "specs": specs,
+            "holdout_fraction": fraction,
+            "config": manifest.get("config", {}),
+        },
+    )
     log(f"manifest: {len(parts):,} parts of '{store_url}' converted from manifest schema 1")
 
 
@@ -337,7 +424,12 @@ def _convert_sidecars(store_url: str, parts: Sequence[int], fraction: float) -> 
             entry = _part_entry(part, old["rows"], meta, fraction, old["sha256"], old["bytes"])
         else:
             storage.remove(file)  # a file of one 0-row row group: some readers refuse it
-        sidecar = {**entry, "counts": old.get("counts", {"kept": old["rows"]}), "source": "", "holdout_fraction": fraction,
-                   "stats": _encoded_stats(old.get("sums", {}))}  # fmt: skip
+        sidecar = {
+            **entry,
+            "counts": old.get("counts", {"kept": old["rows"]}),
+            "source": "",
+            "holdout_fraction": fraction,
+            "stats": _encoded_stats(old.get("sums", {})),
+        }
         storage.write_json(storage.join(store_url, part_name(part) + ".json"), sidecar)
     return {"parts": len(parts)}

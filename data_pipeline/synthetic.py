@@ -17,15 +17,15 @@ import os
 import random
 import tarfile
 import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from models.base import storage
 from data_pipeline.config import SyntheticConfig
+from models.base import storage
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -171,7 +171,9 @@ def serve_directory(directory: str) -> Iterator[str]:
         server.server_close()
 
 
-def write_shards(records: list[dict], site_dir: str, out_url: str, shard_size: int, fmt: str = "webdataset") -> list[str]:
+def write_shards(
+    records: list[dict], site_dir: str, out_url: str, shard_size: int, fmt: str = "webdataset"
+) -> list[str]:
     """The generated images as image shards (webdataset tars or parquet), for `embed.input`.
 
     Samples carry no URL, so their keys come from file name and in-file key, as for any outside
@@ -185,7 +187,11 @@ def write_shards(records: list[dict], site_dir: str, out_url: str, shard_size: i
             with tarfile.open(fileobj=buf, mode="w") as tar:
                 for i, r in enumerate(rows):
                     with open(os.path.join(site_dir, r["path"]), "rb") as f:
-                        members = {"png": f.read(), "txt": r["caption"].encode(), "json": json.dumps({"caption": r["caption"]}).encode()}
+                        members = {
+                            "png": f.read(),
+                            "txt": r["caption"].encode(),
+                            "json": json.dumps({"caption": r["caption"]}).encode(),
+                        }
                     for ext, data in members.items():
                         info = tarfile.TarInfo(f"{start + i:08d}.{ext}")
                         info.size = len(data)

@@ -29,9 +29,14 @@ def clip_retrieval(clip_cfg: ClipConfig, pairs: tuple[np.ndarray, list[str]]) ->
         return {"top1": float("nan"), "count": 0}
     clip = FrozenClip(clip_cfg)
     pictures = to_zero_one(images[[i for i, _ in known]])
-    pictures = torch.nn.functional.interpolate(pictures, size=clip.image_size, mode="bicubic", antialias=True).clamp(0, 1)
+    pictures = torch.nn.functional.interpolate(pictures, size=clip.image_size, mode="bicubic", antialias=True).clamp(
+        0, 1
+    )
     image_emb = clip.encode_images(pictures).numpy()
-    candidates = [[canonical_caption(*truth)] + [canonical_caption(*other) for other in one_attribute_away(*truth)] for _, truth in known]
+    candidates = [
+        [canonical_caption(*truth)] + [canonical_caption(*other) for other in one_attribute_away(*truth)]
+        for _, truth in known
+    ]
     texts = clip.encode_text([c for group in candidates for c in group])["emb"].numpy()
     score = top1(image_emb, texts.reshape(len(known), len(candidates[0]), -1), np.zeros(len(known), dtype=int))
     return {"top1": score, "count": len(known), "candidates": len(candidates[0])}
@@ -49,5 +54,3 @@ def vae_psnr(vae_cfg: VaeConfig, images: np.ndarray, side: int) -> float:
         back = vae.decode(vae.encode(batch))
         scores += [psnr(((a + 1) / 2).numpy(), ((b + 1) / 2).numpy()) for a, b in zip(batch, back)]
     return float(np.mean(scores))
-
-

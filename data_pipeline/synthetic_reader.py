@@ -47,7 +47,9 @@ def read(image: Image.Image) -> Reading:
     side = pixels.shape[0]
     labels = palette_labels(pixels)
     ring = max(1, side // 16)
-    border = np.concatenate([labels[:ring].ravel(), labels[-ring:].ravel(), labels[:, :ring].ravel(), labels[:, -ring:].ravel()])
+    border = np.concatenate(
+        [labels[:ring].ravel(), labels[-ring:].ravel(), labels[:, :ring].ravel(), labels[:, -ring:].ravel()]
+    )
     background = int(np.bincount(border, minlength=len(PALETTE_NAMES)).argmax())
     components, count = ndimage.label(labels != background)
     if count == 0:
@@ -88,4 +90,6 @@ def prompt_following(pictures: list[Image.Image], captions: list[str]) -> tuple[
         return None
     readings = [read(p) for p in pictures]
     keys = ("shape", "color", "background")
-    return {key: float(np.mean([getattr(r, key) == t[i] for r, t in zip(readings, truths)])) for i, key in enumerate(keys)}, readings
+    return {
+        key: float(np.mean([getattr(r, key) == t[i] for r, t in zip(readings, truths)])) for i, key in enumerate(keys)
+    }, readings

@@ -16,8 +16,9 @@ import collections
 import re
 import resource
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import ray
 

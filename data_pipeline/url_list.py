@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -26,9 +26,21 @@ CAPTION_COLUMNS = ("TEXT", "caption", "text")
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
 # img2dataset writes these itself; input columns with these names would be overwritten.
 RESERVED = {
-    "key", "caption", "url", "uid", "width", "height", "original_width", "original_height",
-    "status", "error_message", "exif", "md5", "sha256", "sha512",
-}  # fmt: skip
+    "key",
+    "caption",
+    "url",
+    "uid",
+    "width",
+    "height",
+    "original_width",
+    "original_height",
+    "status",
+    "error_message",
+    "exif",
+    "md5",
+    "sha256",
+    "sha512",
+}
 
 
 NON_UTF8 = "_non_utf8_caption"  # set by `normalize` for captions whose bytes are not UTF-8
@@ -59,7 +71,9 @@ def list_files(url: str, input_format: str = "auto") -> list[str]:
     else:
         files = [f for f in files if _format_of(f)] if len(files) > 1 else files
     if not files:
-        raise UrlListError(f"URL list '{url}': no {input_format if input_format != 'auto' else 'parquet/csv/tsv/jsonl'} files")
+        raise UrlListError(
+            f"URL list '{url}': no {input_format if input_format != 'auto' else 'parquet/csv/tsv/jsonl'} files"
+        )
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return [f if storage.is_local(url) else f"{protocol}://{f}" for f in files]
 
@@ -220,7 +234,9 @@ def listed_name(name: str) -> str:
     return name[5:] if name.startswith("list_") and name[5:] in RESERVED else name
 
 
-def normalize(table: pa.Table, file: str, url_col: str | None, caption_col: str | None, names: list[str] | None = None) -> pa.Table:
+def normalize(
+    table: pa.Table, file: str, url_col: str | None, caption_col: str | None, names: list[str] | None = None
+) -> pa.Table:
     """`url`, `caption`, NON_UTF8, then the other columns under their stored names. `names`:
     the whole file's columns when `table` holds only some of them (for the messages)."""
     src_url, src_caption = source_columns(names or table.column_names, file, url_col, caption_col)
@@ -251,7 +267,10 @@ def read(
     """All rows of the list as one table, in one process: `url`, `caption`, `uid`, NON_UTF8, then
     the list's other columns. For small lists and as the reference the planner is tested
     against; `unclip ingest` reads a list in tasks (data_pipeline/plan.py)."""
-    parts = [normalize(read_file(f, input_format, caption_col), f, url_col, caption_col) for f in list_files(url, input_format)]
+    parts = [
+        normalize(read_file(f, input_format, caption_col), f, url_col, caption_col)
+        for f in list_files(url, input_format)
+    ]
     table = pa.concat_tables(parts, promote_options="permissive")
     if len(table) == 0:
         raise UrlListError(f"URL list '{url}': no rows")

@@ -48,7 +48,10 @@ def _parser() -> argparse.ArgumentParser:
 
             p.add_argument("stage", choices=STAGE_NAMES)
             p.add_argument("--resume-from", help="resume from this step_NNNNNNN folder (default: the run's newest)")
-            p.add_argument("--init-from", help="start from these weights: our step or run folder (its EMA), or public diffusers weights (a StableDiffusionPipeline or UnCLIPPipeline folder, one component's folder, or a hub repo id)")
+            p.add_argument(
+                "--init-from",
+                help="start from these weights: our step or run folder (its EMA), or public diffusers weights (a StableDiffusionPipeline or UnCLIPPipeline folder, one component's folder, or a hub repo id)",
+            )
         if name == "encoders":
             p.add_argument("action", choices=["init", "fit"])
         if name in ("inspect", "manifest"):
@@ -100,8 +103,11 @@ def _launch_overrides(args: argparse.Namespace, parser: argparse.ArgumentParser)
         parser.error(f"launch train: expected a stage ({', '.join(STAGE_NAMES)}), got {args.target!r}")
     if args.action in ("status", "stop") and not args.target:
         parser.error(f"launch {args.action}: expected a job id")
-    overrides = [f"{key}={getattr(args, flag[2:].replace('-', '_'))}" for flag, (key, _) in LAUNCH_FLAGS.items()
-                 if getattr(args, flag[2:].replace("-", "_")) is not None]  # fmt: skip
+    overrides = [
+        f"{key}={getattr(args, flag[2:].replace('-', '_'))}"
+        for flag, (key, _) in LAUNCH_FLAGS.items()
+        if getattr(args, flag[2:].replace("-", "_")) is not None
+    ]
     if args.action == "train" and args.backend == "ray" and args.address:
         overrides = [o.replace("launch.address=", "ray.address=") for o in overrides]
     return overrides + (["launch.slurm.submit=true"] if args.submit else [])
@@ -117,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     configuration, 1: a job that failed), with the traceback only under --debug."""
     _setup_environment()
     args = _parse(argv)
-    from models.base.errors import JobFailed, StorageUnavailable, UserError
     from launch import config as config_mod
+    from models.base.errors import JobFailed, StorageUnavailable, UserError
 
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     try:
@@ -141,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         first = (str(err).strip().splitlines() or [""])[0]
-        print(f"unclip {args.command}: error: {type(err).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"unclip {args.command}: error: {type(err).__name__}: {first} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 
@@ -158,7 +167,9 @@ def _dispatch(args: argparse.Namespace, cfg, log) -> int:
 
         log(f"ingest: {cfg.ingest.url_list} -> {cfg.raw_url} (Ray: {cfg.ray.address or 'local'})")
         summary = ingest.run(cfg.ingest, cfg.ray, cfg.raw_url, to_yaml(cfg), log=log)
-        log(f"ingest: kept {summary['kept']} of {summary['input_rows']}; failed by reason {summary['failed_by_reason']}")
+        log(
+            f"ingest: kept {summary['kept']} of {summary['input_rows']}; failed by reason {summary['failed_by_reason']}"
+        )
     elif args.command == "encoders" and args.action == "init":
         from models.encoders import write_tiny_encoders
 
@@ -220,7 +231,9 @@ def _launch(args: argparse.Namespace, cfg, log) -> int:
     if args.action == "train":
         from launch.multinode import launch_train
 
-        _say_trained(args.target, launch_train(cfg, args.target, args.resume_from, args.init_from, args.dry_run, log), log)
+        _say_trained(
+            args.target, launch_train(cfg, args.target, args.resume_from, args.init_from, args.dry_run, log), log
+        )
         return 0
     if args.action in ("ingest", "embed"):
         result = jobs.submit(cfg, args.action, args.wait, args.dry_run, log)

@@ -7,12 +7,13 @@ are the embedded default data set at demo size) describes where everything lives
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
+from data_pipeline.config import EmbedConfig, IngestConfig, RayConfig, StorageConfig, SyntheticConfig
 from models.base import configlib, storage
 from models.base.configlib import option
-from data_pipeline.config import EmbedConfig, IngestConfig, RayConfig, StorageConfig, SyntheticConfig
 from models.config import DecoderConfig, EncodersConfig, LdmConfig, PriorConfig, UpsamplerConfig
 from training.config import TrainConfig
 
@@ -40,17 +41,26 @@ class SampleConfig:
     # 0.960) and made the chain's samples worse (lower CLIP score, larger Fréchet distance). The
     # decoder, on two later runs x two seeds: mean prompt following 95.6 / 98.4 / 97.0% at 1 / 1.5 / 2
     # (shape kind fell at 2), CLIP score 0.818 / 0.858 / 0.863, Fréchet distance 27.5 / 23.7 / 23.0.
-    guidance: float = option(3.0, ge=0, doc="the ldm's classifier-free guidance scale; 1 turns it off, 0 is unconditional")
-    decoder_guidance: float = option(1.5, ge=0, doc="the unCLIP decoder's guidance scale (also for variations and interpolation)")
+    guidance: float = option(
+        3.0, ge=0, doc="the ldm's classifier-free guidance scale; 1 turns it off, 0 is unconditional"
+    )
+    decoder_guidance: float = option(
+        1.5, ge=0, doc="the unCLIP decoder's guidance scale (also for variations and interpolation)"
+    )
     prior_guidance: float = option(1.0, ge=0, doc="the unCLIP prior's guidance scale")
     sampler: Literal["ddim", "ddpm", "unclip"] = option(
-        "ddim", doc="every stage's reverse process: DDIM, DDPM, or unclip (diffusers' UnCLIPScheduler, as UnCLIPPipeline samples Karlo; "
-                    "cosine schedule, eps or x0 prediction)",
-    )  # fmt: skip
-    device: Literal["auto", "cpu", "cuda"] = option("auto", doc="where sample and eval run the networks; auto: the GPU when torch sees one")
+        "ddim",
+        doc="every stage's reverse process: DDIM, DDPM, or unclip (diffusers' UnCLIPScheduler, as UnCLIPPipeline samples Karlo; "
+        "cosine schedule, eps or x0 prediction)",
+    )
+    device: Literal["auto", "cpu", "cuda"] = option(
+        "auto", doc="where sample and eval run the networks; auto: the GPU when torch sees one"
+    )
     seed: int = 0
     run: str = option("main", doc="which run of prior, decoder and ldm to sample from")
-    upsampler_runs: list[str] = option(factory=lambda: ["main"], doc="upsampler runs applied in order (e.g. 64->256, 256->1024)")
+    upsampler_runs: list[str] = option(
+        factory=lambda: ["main"], doc="upsampler runs applied in order (e.g. 64->256, 256->1024)"
+    )
     variations: list[str] = option(factory=list, doc="images (paths or URLs) to make variations of, with the decoder")
     interpolate: list[str] = option(factory=list, doc="two prompts: images along the slerp of their image embeddings")
     interpolation_steps: int = option(5, ge=2)
@@ -68,16 +78,22 @@ class SampleConfig:
         if not self.prompts:
             raise ValueError("config key 'sample.prompts': expected at least one prompt")
         if self.sampler == "unclip" and min(self.steps, self.upsampler_steps) < 2:
-            raise ValueError(f"config key 'sample.sampler' is 'unclip', whose timesteps need sample.steps and sample.upsampler_steps >= 2; "
-                             f"got {self.steps} and {self.upsampler_steps}")  # fmt: skip
+            raise ValueError(
+                f"config key 'sample.sampler' is 'unclip', whose timesteps need sample.steps and sample.upsampler_steps >= 2; "
+                f"got {self.steps} and {self.upsampler_steps}"
+            )
         if self.interpolate and len(self.interpolate) != 2:
             raise ValueError(f"config key 'sample.interpolate': expected two prompts, got {len(self.interpolate)}")
 
 
 @dataclass
 class DemoConfig:
-    fit_encoders: bool = option(True, doc="fit the small encoders on the ingested data (false: random ones, plumbing only)")
-    stages: list[Literal["ldm", "prior", "decoder", "upsampler"]] = option(factory=lambda: ["ldm", "prior", "decoder", "upsampler"])
+    fit_encoders: bool = option(
+        True, doc="fit the small encoders on the ingested data (false: random ones, plumbing only)"
+    )
+    stages: list[Literal["ldm", "prior", "decoder", "upsampler"]] = option(
+        factory=lambda: ["ldm", "prior", "decoder", "upsampler"]
+    )
 
 
 @dataclass
@@ -88,13 +104,17 @@ class EvalConfig:
     batch_size: int = option(16, ge=1)
     # 2, not 1: with one image per prompt, whether guidance beat no guidance on the embedded default
     # turned on a single prompt's sample (the same checkpoint won on one sampling seed, lost on another).
-    images_per_prompt: int = option(2, ge=1, doc="images generated per held-out prompt, each from its own noise; all are scored")
+    images_per_prompt: int = option(
+        2, ge=1, doc="images generated per held-out prompt, each from its own noise; all are scored"
+    )
     unguided_baseline: bool = option(True, doc="also generate with guidance 1 (off) and score it: what guidance adds")
     # The held-out rows alone (about 30 on the embedded default) are too few to fit a covariance in
     # CLIP's dimensions: there, sets of real training images scored 35-51 against them and generated
     # ones 23-36; against the 482 training rows real sets read 8-14, generated 61-67.
     reference_rows: int = option(
-        10000, ge=0, doc="training rows whose CLIP image embeddings the Fréchet distance is measured against (0: the held-out rows)"
+        10000,
+        ge=0,
+        doc="training rows whose CLIP image embeddings the Fréchet distance is measured against (0: the held-out rows)",
     )
     out: str = option("{root}/eval")
 
@@ -144,7 +164,9 @@ class LaunchConfig:
         if self.backend == "deepspeed" and self.hosts and len(self.hosts) != self.nodes:
             raise ValueError(f"config key 'launch.hosts': {len(self.hosts)} hosts for launch.nodes={self.nodes}")
         if self.backend == "deepspeed" and self.nodes > 1 and not (self.hosts or self.hostfile):
-            raise ValueError("config key 'launch.hosts': the deepspeed backend needs the nodes' host names (or launch.hostfile)")
+            raise ValueError(
+                "config key 'launch.hosts': the deepspeed backend needs the nodes' host names (or launch.hostfile)"
+            )
 
 
 @dataclass

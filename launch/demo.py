@@ -11,23 +11,26 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from data_pipeline import embed, encoder_fit, ingest, synthetic
-from models.base import storage
-from models.base.configlib import replace, to_dict, to_yaml
 from data_pipeline.ray_runtime import ray_session
 from data_pipeline.sources import open_source
 from launch import evaluate, sample
 from launch.config import Config
 from launch.train import train_local
+from models.base import storage
+from models.base.configlib import replace, to_dict, to_yaml
 from models.encoders import write_tiny_encoders
 
 
 def fit_encoders(cfg: Config, log=print) -> dict[str, Any]:
     """`unclip encoders fit`: the small encoders trained on what `unclip embed` will read."""
     e = cfg.embed
-    report = encoder_fit.fit(cfg.encoders, open_source(e.input, cfg.raw_url, e.input_format, e.image_col, e.caption_col), log)
+    report = encoder_fit.fit(
+        cfg.encoders, open_source(e.input, cfg.raw_url, e.input_format, e.image_col, e.caption_col), log
+    )
     storage.write_json(storage.join(cfg.root, "encoders", "fit_report.json"), report)
     return report
 
@@ -80,7 +83,9 @@ def run(cfg: Config, workdir: str, log=print) -> dict[str, Any]:
 
     with _phase(report, "generate", log) as entry:
         records = synthetic.generate(site, cfg.synthetic)
-        entry.update(images=sum(r["broken"] is None for r in records), broken=sum(r["broken"] is not None for r in records))
+        entry.update(
+            images=sum(r["broken"] is None for r in records), broken=sum(r["broken"] is not None for r in records)
+        )
 
     with ray_session(cfg.ray):
         with synthetic.serve_directory(site) as base_url:

@@ -63,8 +63,10 @@ def local_ranks(nproc: int | str, gpus: int | None = None, cores: int | None = N
     gpus = torch.cuda.device_count() if gpus is None else gpus
     cores = usable_cores() if cores is None else cores
     if gpus and nproc != "auto" and int(nproc) > gpus:
-        raise ConfigError(f"config key 'train.nproc' is {nproc}, but this machine has {gpus} GPU{'s' if gpus > 1 else ''}: "
-                          f"one rank per GPU, at most {gpus} (or train.nproc=auto)")  # fmt: skip
+        raise ConfigError(
+            f"config key 'train.nproc' is {nproc}, but this machine has {gpus} GPU{'s' if gpus > 1 else ''}: "
+            f"one rank per GPU, at most {gpus} (or train.nproc=auto)"
+        )
     if nproc != "auto":
         ranks = int(nproc)
     else:

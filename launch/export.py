@@ -33,13 +33,13 @@ from typing import Any
 
 import yaml
 
-from models.base import storage
-from models.base.configlib import read_yaml
 from data_pipeline.store import Store, open_store
 from launch.config import Config
 from launch.trained import check_identity, recorded_diffusion
 from models import hf_text, ldm_pipeline, unclip_pipeline
 from models.assembly import modules_of
+from models.base import storage
+from models.base.configlib import read_yaml
 from models.diffusion import Diffusion
 from models.encoders import LOCAL_DIR, FrozenClip, vae_identity
 from models.ldm_pipeline import UnclipLdmPipeline
@@ -50,7 +50,11 @@ from training.checkpoint import load_ema_model, read_latest
 def _stage_runs(cfg: Config) -> list[tuple[str, str, str]]:
     """(stage, run, export folder name) of every trained stage the sample settings point at."""
     found = [(s, cfg.sample.run, s) for s in ("prior", "decoder", "ldm") if read_latest(cfg.run_url(s, cfg.sample.run))]
-    found += [("upsampler", r, f"upsampler-{r}") for r in cfg.sample.upsampler_runs if read_latest(cfg.run_url("upsampler", r))]
+    found += [
+        ("upsampler", r, f"upsampler-{r}")
+        for r in cfg.sample.upsampler_runs
+        if read_latest(cfg.run_url("upsampler", r))
+    ]
     return found
 
 
@@ -66,10 +70,14 @@ def run(cfg: Config, out: str, log=print) -> dict[str, Any]:
         folder = read_latest(cfg.run_url(stage, run_name))
         model, info = load_ema_model(folder)
         diffusion_cfg = recorded_diffusion(folder, info)
-        loaded.append((stage, run_name, name, folder, model, info, diffusion_cfg, Diffusion(diffusion_cfg, cfg.sample.sampler)))
+        loaded.append(
+            (stage, run_name, name, folder, model, info, diffusion_cfg, Diffusion(diffusion_cfg, cfg.sample.sampler))
+        )
     # the unCLIP chain, when it is whole, is one pipeline folder holding its networks
     chain = [item for item in loaded if item[0] in ("prior", "decoder", "upsampler")]
-    whole = {item[0] for item in chain} >= {"prior", "decoder"} and sum(item[0] == "upsampler" for item in chain) <= MAX_SUPER_RES
+    whole = {item[0] for item in chain} >= {"prior", "decoder"} and sum(
+        item[0] == "upsampler" for item in chain
+    ) <= MAX_SUPER_RES
     misfits = unclip_pipeline_misfits(cfg, chain) if whole else []
     chain_pipeline = "UnCLIPPipeline" if whole and not misfits else UnclipChainPipeline.__name__
     with storage.atomic_dir(out) as staging:
@@ -82,10 +90,20 @@ def run(cfg: Config, out: str, log=print) -> dict[str, Any]:
             else:
                 for module_name, module in modules_of(model).items():
                     module.save_pretrained(os.path.join(staging, name, module_name))
-                diffusion.make_scheduler(learned_variance=getattr(model, "learned_variance", False)).save_pretrained(os.path.join(staging, name, "scheduler"))
-            description = {"stage": stage, "run": run_name, "checkpoint": folder, "modules": list(info["modules"]),
-                           "extras": info["extras"], "diffusion": dataclasses.asdict(diffusion_cfg),
-                           "null_condition": NULL_CONDITION[stage], "pipeline": pipeline, "folder": where}  # fmt: skip
+                diffusion.make_scheduler(learned_variance=getattr(model, "learned_variance", False)).save_pretrained(
+                    os.path.join(staging, name, "scheduler")
+                )
+            description = {
+                "stage": stage,
+                "run": run_name,
+                "checkpoint": folder,
+                "modules": list(info["modules"]),
+                "extras": info["extras"],
+                "diffusion": dataclasses.asdict(diffusion_cfg),
+                "null_condition": NULL_CONDITION[stage],
+                "pipeline": pipeline,
+                "folder": where,
+            }
             if where == name:
                 with open(os.path.join(staging, name, "unclip_stage.json"), "w") as f:
                     json.dump(description, f, indent=2, default=str)
@@ -95,7 +113,12 @@ def run(cfg: Config, out: str, log=print) -> dict[str, Any]:
             build = _unclip_pipeline if misfits else _standard_unclip_pipeline
             build(cfg, store, chain, os.path.join(staging, UNCLIP_FOLDER))
             with open(os.path.join(staging, UNCLIP_FOLDER, "unclip_stages.json"), "w") as f:
-                json.dump({**{item[2]: exported[item[2]] for item in chain}, "not_an_UnCLIPPipeline_because": misfits}, f, indent=2, default=str)
+                json.dump(
+                    {**{item[2]: exported[item[2]] for item in chain}, "not_an_UnCLIPPipeline_because": misfits},
+                    f,
+                    indent=2,
+                    default=str,
+                )
         _copy_encoders(cfg, staging, exported)
         with open(os.path.join(staging, "README.md"), "w") as f:
             f.write(model_card(store.manifest, card_sections))
@@ -135,8 +158,15 @@ def _name_components_by_module(folder: str, pipe, class_name: list[str] | None =
 
 # The decoder blocks to which UnCLIPPipeline's `attention_mask` is the text's mask: diffusers'
 # CrossAttn* blocks would apply it to their self-attention (they take the text's as encoder_attention_mask).
-_TEXT_MASKED_BLOCKS = ("SimpleCrossAttnDownBlock2D", "SimpleCrossAttnUpBlock2D", "UNetMidBlock2DSimpleCrossAttn",
-                       "ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D", "DownBlock2D", "UpBlock2D")  # fmt: skip
+_TEXT_MASKED_BLOCKS = (
+    "SimpleCrossAttnDownBlock2D",
+    "SimpleCrossAttnUpBlock2D",
+    "UNetMidBlock2DSimpleCrossAttn",
+    "ResnetDownsampleBlock2D",
+    "ResnetUpsampleBlock2D",
+    "DownBlock2D",
+    "UpBlock2D",
+)
 
 
 def unclip_pipeline_misfits(cfg: Config, chain: list[tuple]) -> list[str]:
@@ -146,7 +176,11 @@ def unclip_pipeline_misfits(cfg: Config, chain: list[tuple]) -> list[str]:
     enlargement, on the last text layer. [] when it is one."""
     by_stage = {item[0]: item for item in chain if item[0] != "upsampler"}
     upsamplers = [item for item in chain if item[0] == "upsampler"]
-    prior_extras, dec, dec_extras = by_stage["prior"][5]["extras"], by_stage["decoder"][4], by_stage["decoder"][5]["extras"]
+    prior_extras, dec, dec_extras = (
+        by_stage["prior"][5]["extras"],
+        by_stage["decoder"][4],
+        by_stage["decoder"][5]["extras"],
+    )
     unet = dec.unet.config
     found = []
     if cfg.sample.sampler != "unclip":
@@ -155,15 +189,23 @@ def unclip_pipeline_misfits(cfg: Config, chain: list[tuple]) -> list[str]:
         found.append(f"encoders.clip.text_layer is {cfg.encoders.clip.text_layer!r}: UnCLIPPipeline reads the last")
     for stage, extras in (("prior", prior_extras), ("decoder", dec_extras)):
         if extras.get("null_text", "zeros") != "empty_caption":
-            found.append(f"{stage}.null_text is {extras.get('null_text', 'zeros')!r}: UnCLIPPipeline's unconditional text is the empty caption")
+            found.append(
+                f"{stage}.null_text is {extras.get('null_text', 'zeros')!r}: UnCLIPPipeline's unconditional text is the empty caption"
+            )
     if not dec_extras.get("text_mask"):
         found.append("decoder.text_mask is off: UnCLIPPipeline masks the caption's padding")
     if dec.latent or dec.patch != 1:
-        found.append("the decoder draws VAE latents" if dec.latent else f"the decoder folds {dec.patch} x {dec.patch} pixels into channels")
+        found.append(
+            "the decoder draws VAE latents"
+            if dec.latent
+            else f"the decoder folds {dec.patch} x {dec.patch} pixels into channels"
+        )
     blocks = [*unet.down_block_types, *unet.up_block_types, unet.mid_block_type]
     if any(b not in _TEXT_MASKED_BLOCKS for b in blocks if b):
-        found.append(f"the decoder's blocks {sorted(set(b for b in blocks if b and b not in _TEXT_MASKED_BLOCKS))} would take "
-                     "UnCLIPPipeline's text mask for their self-attention (Karlo's are SimpleCrossAttn blocks)")  # fmt: skip
+        found.append(
+            f"the decoder's blocks {sorted(set(b for b in blocks if b and b not in _TEXT_MASKED_BLOCKS))} would take "
+            "UnCLIPPipeline's text mask for their self-attention (Karlo's are SimpleCrossAttn blocks)"
+        )
     if len(upsamplers) != 1:
         found.append(f"{len(upsamplers)} upsamplers: UnCLIPPipeline runs exactly one")
     elif upsamplers[0][5]["extras"].get("resize", "bicubic_clamped") != "bicubic_antialias":
@@ -180,11 +222,17 @@ def _standard_unclip_pipeline(cfg: Config, store: Store, chain: list[tuple], fol
     dec, upsampler = by_stage["decoder"][4], by_stage["upsampler"][4]
     clip = store_clip(cfg, store)
     pipe = UnCLIPPipeline(
-        prior=by_stage["prior"][4], decoder=dec.unet, text_proj=dec.text_proj, text_encoder=hf_text.text_encoder(clip),
-        tokenizer=hf_text.tokenizer(clip), super_res_first=upsampler, super_res_last=upsampler,
-        prior_scheduler=by_stage["prior"][7].make_scheduler(), decoder_scheduler=by_stage["decoder"][7].make_scheduler(learned_variance=dec.learned_variance),
+        prior=by_stage["prior"][4],
+        decoder=dec.unet,
+        text_proj=dec.text_proj,
+        text_encoder=hf_text.text_encoder(clip),
+        tokenizer=hf_text.tokenizer(clip),
+        super_res_first=upsampler,
+        super_res_last=upsampler,
+        prior_scheduler=by_stage["prior"][7].make_scheduler(),
+        decoder_scheduler=by_stage["decoder"][7].make_scheduler(learned_variance=dec.learned_variance),
         super_res_scheduler=by_stage["upsampler"][7].make_scheduler(),
-    )  # fmt: skip
+    )
     pipe.save_pretrained(folder)
     _name_components_by_module(folder, pipe)
 
@@ -207,14 +255,23 @@ def _unclip_pipeline(cfg: Config, store: Store, chain: list[tuple], folder: str)
     for i, item in enumerate(upsamplers):
         super_res[f"super_res_{i}"], super_res[f"super_res_{i}_scheduler"] = item[4], item[7].make_scheduler()
     pipe = UnclipChainPipeline(
-        text_encoder=hf_text.text_encoder(clip), tokenizer=hf_text.tokenizer(clip), prior=prior_model,
-        prior_scheduler=prior_diffusion.make_scheduler(), decoder=dec.unet, text_proj=dec.text_proj,
-        decoder_scheduler=dec_diffusion.make_scheduler(learned_variance=dec.learned_variance), vae=vae, **super_res,
-        text_layer=cfg.encoders.clip.text_layer, decoder_latent_scale=dec_extras.get("latent_scale") if dec.latent else None,
-        prior_null_text=by_stage["prior"][5]["extras"].get("null_text", "zeros"), decoder_null_text=dec_extras.get("null_text", "zeros"),
+        text_encoder=hf_text.text_encoder(clip),
+        tokenizer=hf_text.tokenizer(clip),
+        prior=prior_model,
+        prior_scheduler=prior_diffusion.make_scheduler(),
+        decoder=dec.unet,
+        text_proj=dec.text_proj,
+        decoder_scheduler=dec_diffusion.make_scheduler(learned_variance=dec.learned_variance),
+        vae=vae,
+        **super_res,
+        text_layer=cfg.encoders.clip.text_layer,
+        decoder_latent_scale=dec_extras.get("latent_scale") if dec.latent else None,
+        prior_null_text=by_stage["prior"][5]["extras"].get("null_text", "zeros"),
+        decoder_null_text=dec_extras.get("null_text", "zeros"),
         decoder_text_mask=bool(dec_extras.get("text_mask")),
-        super_res_resize=[item[5]["extras"].get("resize", "bicubic_clamped") for item in upsamplers] + ["bicubic_clamped"] * (MAX_SUPER_RES - len(upsamplers)),
-    )  # fmt: skip
+        super_res_resize=[item[5]["extras"].get("resize", "bicubic_clamped") for item in upsamplers]
+        + ["bicubic_clamped"] * (MAX_SUPER_RES - len(upsamplers)),
+    )
     pipe.save_pretrained(folder)
     _ship_code(folder, unclip_pipeline, pipe)
 
@@ -233,13 +290,23 @@ def _ldm_pipeline(cfg: Config, store: Store, unet, diffusion: Diffusion, extras:
     common = {"unet": unet, "vae": vae, "tokenizer": hf_text.tokenizer(clip), "scheduler": diffusion.make_scheduler()}
     if extras.get("null_text") == "empty_caption" and not extras.get("text_embedding_token", False):
         vae.register_to_config(scaling_factor=extras["latent_scale"])  # what the pipeline divides latents by
-        pipe = StableDiffusionPipeline(**common, text_encoder=hf_text.stable_diffusion_text_encoder(clip), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+        pipe = StableDiffusionPipeline(
+            **common,
+            text_encoder=hf_text.stable_diffusion_text_encoder(clip),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
         pipe.save_pretrained(folder)
         return type(pipe).__name__
-    pipe = UnclipLdmPipeline(**common, text_encoder=hf_text.text_encoder(clip), text_layer=cfg.encoders.clip.text_layer,
-                             text_embedding_token=extras.get("text_embedding_token", False), null_text=extras.get("null_text", "zeros"),
-                             latent_scale=extras["latent_scale"])  # fmt: skip
+    pipe = UnclipLdmPipeline(
+        **common,
+        text_encoder=hf_text.text_encoder(clip),
+        text_layer=cfg.encoders.clip.text_layer,
+        text_embedding_token=extras.get("text_embedding_token", False),
+        null_text=extras.get("null_text", "zeros"),
+        latent_scale=extras["latent_scale"],
+    )
     pipe.save_pretrained(folder)
     _ship_code(folder, ldm_pipeline, pipe)
     return UnclipLdmPipeline.__name__
@@ -261,24 +328,24 @@ def _card_section(name: str, stage: str, folder: str, pipeline: str | None, wher
     load = {
         "StableDiffusionPipeline": f"A standard `StableDiffusionPipeline`: `StableDiffusionPipeline.from_pretrained('{where}')`.",
         UnclipLdmPipeline.__name__: f"A custom pipeline (its conditioning is unclip's): "
-                                    f"`DiffusionPipeline.from_pretrained('{where}', trust_remote_code=True)`.",
+        f"`DiffusionPipeline.from_pretrained('{where}', trust_remote_code=True)`.",
         "UnCLIPPipeline": f"Part of the unCLIP chain as a standard `UnCLIPPipeline`: `UnCLIPPipeline.from_pretrained('{where}')`.",
         UnclipChainPipeline.__name__: f"Part of the unCLIP chain's custom pipeline, not an `UnCLIPPipeline` because "
-                                      f"{'; '.join(misfits)}: `DiffusionPipeline.from_pretrained('{where}', trust_remote_code=True)`.",
+        f"{'; '.join(misfits)}: `DiffusionPipeline.from_pretrained('{where}', trust_remote_code=True)`.",
         None: "Diffusers networks with the scheduler they sample with: see `unclip_stage.json`.",
-    }[pipeline]  # fmt: skip
+    }[pipeline]
     return f"## {name}\n\n{load} From `{folder}`.\n\n```yaml\n{settings}```\n"
 
 
 NULL_CONDITION = {
     "prior": "text dropped: zero text embedding and tokens, full attention mask (extras.null_text zeros), or the empty caption's (empty_caption)",
     "decoder": "image embedding dropped: text_proj.learned_classifier_free_guidance_embeddings; text dropped: zero text embedding and tokens "
-               "(extras.null_text zeros) or the empty caption's (empty_caption); with extras.text_mask the unet's encoder_attention_mask is "
-               "[context tokens: true, then the caption's mask]; the unet sees pixel_unshuffle(image, p) and its output goes through pixel_shuffle(., p), p = sqrt(unet.in_channels / 3); "
-               "with extras.latent_channels it draws VAE latents instead (p = 1): pictures are vae.decode(latents / extras.latent_scale)",
+    "(extras.null_text zeros) or the empty caption's (empty_caption); with extras.text_mask the unet's encoder_attention_mask is "
+    "[context tokens: true, then the caption's mask]; the unet sees pixel_unshuffle(image, p) and its output goes through pixel_shuffle(., p), p = sqrt(unet.in_channels / 3); "
+    "with extras.latent_channels it draws VAE latents instead (p = 1): pictures are vae.decode(latents / extras.latent_scale)",
     "upsampler": "not conditioned on text; input is [noisy high-res, low-res enlarged as extras.resize says] on the channel axis",
     "ldm": "encoder_hidden_states: clip_text_tokens, then clip_text_emb as one more token when extras.text_embedding_token; "
-           "text dropped: all zeros",
+    "text dropped: all zeros",
 }
 
 

@@ -16,10 +16,10 @@ from typing import Any
 
 from ray.job_submission import JobSubmissionClient
 
-from models.base import storage
-from models.base.configlib import ConfigError, replace, to_yaml
 from data_pipeline.ray_runtime import forwarded_env, masked
 from launch.config import Config
+from models.base import storage
+from models.base.configlib import ConfigError, replace, to_yaml
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -27,7 +27,9 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 def jobs_address(cfg: Config) -> str:
     address = cfg.launch.address or os.environ.get("RAY_API_SERVER_ADDRESS")
     if not address:
-        raise ConfigError("config key 'launch.address': the Ray Jobs API of the cluster is needed (--address http://HEAD:8265)")
+        raise ConfigError(
+            "config key 'launch.address': the Ray Jobs API of the cluster is needed (--address http://HEAD:8265)"
+        )
     return address if "://" in address else f"http://{address}"
 
 
@@ -63,8 +65,13 @@ def submit(cfg: Config, command: str, wait: bool = False, dry_run: bool = False,
         return {"job_id": job_id, "entrypoint": entrypoint}
     client = _client(cfg)
     storage.write_text(config_url, to_yaml(job_cfg))
-    _submit_when_ready(client, entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env(cfg),
-                       metadata={"unclip_command": command, "config": config_url})  # fmt: skip
+    _submit_when_ready(
+        client,
+        entrypoint=entrypoint,
+        submission_id=job_id,
+        runtime_env=runtime_env(cfg),
+        metadata={"unclip_command": command, "config": config_url},
+    )
     log(f"submitted {job_id}: {entrypoint}")
     log(f"follow it: unclip launch status {job_id} launch.address={jobs_address(cfg)}")
     result = {"job_id": job_id, "entrypoint": entrypoint, "config": config_url}

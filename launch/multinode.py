@@ -23,14 +23,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from models.base import storage
-from models.base.configlib import ConfigError, to_yaml
 from data_pipeline.ray_runtime import SECRET_NAME, masked
 from launch import config as config_mod
 from launch import ray_train
 from launch.config import Config
 from launch.environment import rank_environment, rank_variables
 from launch.train import check_before_launch, config_url, outcome, rank_command, run_forwarding_sigterm
+from models.base import storage
+from models.base.configlib import ConfigError, to_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_TEMPLATE = REPO / "infra" / "slurm" / "train.sbatch"
@@ -53,30 +53,44 @@ def torchrun_argv(cfg: Config, stage: str, resume_from: str | None = None, init_
     """The command every node runs: torchrun's c10d rendezvous assigns node ranks on its own."""
     launch = cfg.launch
     return [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nnodes={launch.nodes}", f"--nproc-per-node={launch.gpus_per_node}",
-        "--rdzv-backend=c10d", f"--rdzv-endpoint={launch.master_addr}:{launch.master_port}",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={launch.nodes}",
+        f"--nproc-per-node={launch.gpus_per_node}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={launch.master_addr}:{launch.master_port}",
         f"--rdzv-id={launch.rdzv_id or f'{stage}-{cfg.train.run}'}",
         f"--rdzv-conf=join_timeout={launch.rendezvous_timeout_s}",
-        f"--max-restarts={launch.max_restarts}", f"--shutdown-timeout={cfg.train.preemption_grace_s}",
+        f"--max-restarts={launch.max_restarts}",
+        f"--shutdown-timeout={cfg.train.preemption_grace_s}",
         *rank_command(stage, config_url(cfg, stage), resume_from, init_from),
-    ]  # fmt: skip
+    ]
 
 
 def hostfile_text(cfg: Config) -> str:
     return "".join(f"{host} slots={cfg.launch.gpus_per_node}\n" for host in cfg.launch.hosts)
 
 
-def deepspeed_argv(cfg: Config, stage: str, hostfile: str | None, resume_from: str | None = None, init_from: str | None = None) -> list[str]:
+def deepspeed_argv(
+    cfg: Config, stage: str, hostfile: str | None, resume_from: str | None = None, init_from: str | None = None
+) -> list[str]:
     """DeepSpeed's runner on node 0; it reaches the other nodes over pdsh/ssh (one node: no hostfile,
     so it starts the local ranks itself instead of going through ssh to localhost)."""
     launch = cfg.launch
     return [
-        sys.executable, "-m", "deepspeed.launcher.runner", *([f"--hostfile={hostfile}"] if hostfile else []),
-        f"--master_addr={deepspeed_master(cfg)}", f"--master_port={launch.master_port}",
-        f"--num_nodes={launch.nodes}", f"--num_gpus={launch.gpus_per_node}", "--no_local_rank", "--module",
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        *([f"--hostfile={hostfile}"] if hostfile else []),
+        f"--master_addr={deepspeed_master(cfg)}",
+        f"--master_port={launch.master_port}",
+        f"--num_nodes={launch.nodes}",
+        f"--num_gpus={launch.gpus_per_node}",
+        "--no_local_rank",
+        "--module",
         *rank_command(stage, config_url(cfg, stage), resume_from, init_from)[1:],
-    ]  # fmt: skip
+    ]
 
 
 def deepspeed_master(cfg: Config) -> str:
@@ -85,17 +99,29 @@ def deepspeed_master(cfg: Config) -> str:
     return launch.hosts[0] if launch.hosts and launch.master_addr == "127.0.0.1" else launch.master_addr
 
 
-def deepspeed_node_argv(cfg: Config, stage: str, hosts: list[str], node_rank: int, resume_from=None, init_from=None) -> list[str]:
+def deepspeed_node_argv(
+    cfg: Config, stage: str, hosts: list[str], node_rank: int, resume_from=None, init_from=None
+) -> list[str]:
     """What DeepSpeed's runner starts on node `node_rank` (its own encoding of the world)."""
-    from deepspeed.launcher.runner import encode_world_info  # lazy: DeepSpeed (seconds to import) for its own backend only
+    from deepspeed.launcher.runner import (
+        encode_world_info,
+    )  # lazy: DeepSpeed (seconds to import) for its own backend only
 
     launch = cfg.launch
     world = {host: list(range(launch.gpus_per_node)) for host in hosts}
     return [
-        sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={encode_world_info(world)}",
-        f"--node_rank={node_rank}", f"--master_addr={deepspeed_master(cfg)}", f"--master_port={launch.master_port}",
-        "--module", "--no_local_rank", *rank_command(stage, config_url(cfg, stage), resume_from, init_from)[1:],
-    ]  # fmt: skip
+        sys.executable,
+        "-u",
+        "-m",
+        "deepspeed.launcher.launch",
+        f"--world_info={encode_world_info(world)}",
+        f"--node_rank={node_rank}",
+        f"--master_addr={deepspeed_master(cfg)}",
+        f"--master_port={launch.master_port}",
+        "--module",
+        "--no_local_rank",
+        *rank_command(stage, config_url(cfg, stage), resume_from, init_from)[1:],
+    ]
 
 
 def render_template(text: str, values: dict[str, Any], source: str) -> str:
@@ -148,26 +174,44 @@ def plan(cfg: Config, stage: str, resume_from: str | None = None, init_from: str
         hosts = launch.hosts or _read_hostfile(launch.hostfile)
         hostfile = launch.hostfile or "<written at launch>"
         written = None if launch.hostfile else f"# hostfile written at launch:\n{hostfile_text(cfg)}"
-        steps = [NodeCommand("node 0 (runner)", deepspeed_argv(cfg, stage, hostfile, resume_from, init_from), env, written)]
-        return steps + [NodeCommand(f"node {i} ({host}, via pdsh)", deepspeed_node_argv(cfg, stage, hosts, i, resume_from, init_from), env)
-                        for i, host in enumerate(hosts)]  # fmt: skip
+        steps = [
+            NodeCommand("node 0 (runner)", deepspeed_argv(cfg, stage, hostfile, resume_from, init_from), env, written)
+        ]
+        return steps + [
+            NodeCommand(
+                f"node {i} ({host}, via pdsh)", deepspeed_node_argv(cfg, stage, hosts, i, resume_from, init_from), env
+            )
+            for i, host in enumerate(hosts)
+        ]
     if launch.backend == "slurm":
         script = sbatch_script(cfg, stage, resume_from, init_from)
         return [NodeCommand("submit host", ["sbatch", "<script below>"], {}, script)]
-    return [NodeCommand(f"Ray cluster {cfg.ray.address or '(local)'}", ray_train.describe(cfg, stage, resume_from, init_from), env)]
+    return [
+        NodeCommand(
+            f"Ray cluster {cfg.ray.address or '(local)'}", ray_train.describe(cfg, stage, resume_from, init_from), env
+        )
+    ]
 
 
 def _read_hostfile(path: str | None) -> list[str]:
     if not path:
         return []
-    hosts = [line.split()[0] for line in storage.read_text(path).splitlines() if line.strip() and not line.startswith("#")]
+    hosts = [
+        line.split()[0] for line in storage.read_text(path).splitlines() if line.strip() and not line.startswith("#")
+    ]
     if not hosts:
         raise ConfigError(f"config key 'launch.hostfile': '{path}' lists no hosts")
     return hosts
 
 
-def launch_train(cfg: Config, stage: str, resume_from: str | None = None, init_from: str | None = None,
-                 dry_run: bool = False, log=print) -> dict[str, Any] | None:  # fmt: skip
+def launch_train(
+    cfg: Config,
+    stage: str,
+    resume_from: str | None = None,
+    init_from: str | None = None,
+    dry_run: bool = False,
+    log=print,
+) -> dict[str, Any] | None:
     """Validate, write the resolved config to the run folder, start this node's part of the job.
     A dry run checks the configuration only: it may run where neither the store nor GPUs are."""
     cfg = config_mod.for_stage(cfg, stage)
@@ -177,15 +221,25 @@ def launch_train(cfg: Config, stage: str, resume_from: str | None = None, init_f
         for step in steps:
             log(f"# {step.where}\n{step.shell()}")
             if step.script:
-                log(re.sub(r"^(export (\w+)=).*$", lambda m: m.group(1) + ("***" if SECRET_NAME.search(m.group(2)) else m.group(0)[len(m.group(1)):]),
-                           step.script, flags=re.M))  # fmt: skip
+                log(
+                    re.sub(
+                        r"^(export (\w+)=).*$",
+                        lambda m: (
+                            m.group(1) + ("***" if SECRET_NAME.search(m.group(2)) else m.group(0)[len(m.group(1)) :])
+                        ),
+                        step.script,
+                        flags=re.M,
+                    )
+                )
         return None
     check_before_launch(cfg, stage, init_from)
     storage.write_text(config_url(cfg, stage), to_yaml(cfg))
     backend = cfg.launch.backend
     if backend == "torchrun":
-        log(f"train {stage}: this node joins {cfg.launch.nodes} x {cfg.launch.gpus_per_node} ranks at "
-            f"{cfg.launch.master_addr}:{cfg.launch.master_port}")  # fmt: skip
+        log(
+            f"train {stage}: this node joins {cfg.launch.nodes} x {cfg.launch.gpus_per_node} ranks at "
+            f"{cfg.launch.master_addr}:{cfg.launch.master_port}"
+        )
         returncode, preempted = run_forwarding_sigterm(steps[0].argv, rank_environment(cfg.launch.env))
         return outcome(cfg, stage, returncode, preempted, log)
     if backend == "deepspeed":

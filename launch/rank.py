@@ -17,16 +17,17 @@ import json
 import os
 import sys
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from models.base.configlib import read_yaml, to_yaml
-from models.base.errors import StorageUnavailable, UserError
-from models.base.ports import free_port
-from models.base.process import exit_now
 from data_pipeline.store import Store, open_store
 from launch import config as config_mod
 from launch.config import Config
 from launch.environment import apply_in_rank
+from models.base.configlib import read_yaml, to_yaml
+from models.base.errors import StorageUnavailable, UserError
+from models.base.ports import free_port
+from models.base.process import exit_now
 from training.checkpoint import CheckpointError
 from training.engine import train
 from training.failures import NonFiniteStreak, Preempted
@@ -51,8 +52,13 @@ def stage_for(cfg: Config, name: str, store: Store) -> Stage:
     return get_stage(name)(getattr(cfg, name), store, preview[name])
 
 
-def run_rank(cfg: Config, stage_name: str, resume_from: str | None = None, init_from: str | None = None,
-             log: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
+def run_rank(
+    cfg: Config,
+    stage_name: str,
+    resume_from: str | None = None,
+    init_from: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Train `stage_name` as one rank of the process group the launcher set up (or alone: a
     process started without a launcher is a world of one)."""
     apply_in_rank(cfg.launch.env)
@@ -107,8 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:
         text = str(err)
         if "timed out" in text.lower() or "timeout" in text.lower():
-            return report(args.stage, f"a collective timed out after train.collective_timeout_s={cfg.train.collective_timeout_s}s "
-                                      f"(a rank stopped answering): {text.splitlines()[0]}", 3, cli_code=1)  # fmt: skip
+            return report(
+                args.stage,
+                f"a collective timed out after train.collective_timeout_s={cfg.train.collective_timeout_s}s "
+                f"(a rank stopped answering): {text.splitlines()[0]}",
+                3,
+                cli_code=1,
+            )
         raise
     return 0
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.base import storage
-from models.base.configlib import read_yaml
 from data_pipeline.ray_runtime import ray_session
 from launch import config as config_mod
 from launch.config import Config
 from launch.rank import run_rank, skip_unused_imports
 from launch.train import RanksFailed, config_url
+from models.base import storage
+from models.base.configlib import read_yaml
 from training.engine import SUMMARY
 from training.failures import Preempted
 
@@ -38,11 +38,15 @@ def describe(cfg: Config, stage: str, resume_from: str | None, init_from: str | 
     """A readable rendering of the trainer `run` builds (for --dry-run)."""
     s = _settings(cfg, stage)
     return [
-        "ray.train.torch.TorchTrainer", f"workers={s['num_workers']}", f"cpus_per_worker={s['cpus_per_worker']}",
-        "use_gpu=<cluster has GPUs>", f"max_failures={s['max_failures']}", f"storage_path={s['storage_path']}",
+        "ray.train.torch.TorchTrainer",
+        f"workers={s['num_workers']}",
+        f"cpus_per_worker={s['cpus_per_worker']}",
+        "use_gpu=<cluster has GPUs>",
+        f"max_failures={s['max_failures']}",
+        f"storage_path={s['storage_path']}",
         f"each worker: launch.rank.run_rank(stage={stage}, config={config_url(cfg, stage)}"
         f"{f', resume_from={resume_from}' if resume_from else ''}{f', init_from={init_from}' if init_from else ''})",
-    ]  # fmt: skip
+    ]
 
 
 def _worker(loop_config: dict[str, Any]) -> None:
@@ -51,8 +55,13 @@ def _worker(loop_config: dict[str, Any]) -> None:
     skip_unused_imports()
     cfg = config_mod.from_dict(read_yaml(loop_config["config_url"]))
     try:
-        run_rank(cfg, loop_config["stage"], loop_config["resume_from"], loop_config["init_from"],
-                 log=lambda msg: print(msg, flush=True))  # fmt: skip
+        run_rank(
+            cfg,
+            loop_config["stage"],
+            loop_config["resume_from"],
+            loop_config["init_from"],
+            log=lambda msg: print(msg, flush=True),
+        )
     except Preempted as done:
         print(str(done), flush=True)
 
@@ -65,17 +74,27 @@ def run(cfg: Config, stage: str, resume_from: str | None, init_from: str | None,
     s = _settings(cfg, stage)
     with ray_session(cfg.ray) as dashboard:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        log(f"train {stage}: Ray Train, {s['num_workers']} workers{' on GPUs' if use_gpu else ''}"
-            f"{f' (dashboard {dashboard})' if dashboard else ''}; up to {s['max_failures']} restarts from latest")  # fmt: skip
+        log(
+            f"train {stage}: Ray Train, {s['num_workers']} workers{' on GPUs' if use_gpu else ''}"
+            f"{f' (dashboard {dashboard})' if dashboard else ''}; up to {s['max_failures']} restarts from latest"
+        )
         trainer = TorchTrainer(
             _worker,
-            train_loop_config={"stage": stage, "config_url": config_url(cfg, stage),
-                               "resume_from": resume_from, "init_from": init_from},  # fmt: skip
+            train_loop_config={
+                "stage": stage,
+                "config_url": config_url(cfg, stage),
+                "resume_from": resume_from,
+                "init_from": init_from,
+            },
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=s["timeout_s"]),
-            scaling_config=ScalingConfig(num_workers=s["num_workers"], use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": s["cpus_per_worker"]}),  # fmt: skip
-            run_config=RunConfig(name=s["name"], storage_path=s["storage_path"],
-                                 failure_config=FailureConfig(max_failures=s["max_failures"])),  # fmt: skip
+            scaling_config=ScalingConfig(
+                num_workers=s["num_workers"], use_gpu=use_gpu, resources_per_worker={"CPU": s["cpus_per_worker"]}
+            ),
+            run_config=RunConfig(
+                name=s["name"],
+                storage_path=s["storage_path"],
+                failure_config=FailureConfig(max_failures=s["max_failures"]),
+            ),
         )
         try:
             trainer.fit()

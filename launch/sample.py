@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.base import storage
-from models.base.configlib import to_yaml
 from data_pipeline.embed_worker import resize_center_crop
 from data_pipeline.store import open_store
 from launch.config import Config
 from launch.trained import Trained, available_stages, in_batches, load_trained
 from models import chains
+from models.base import storage
+from models.base.configlib import to_yaml
 from models.imaging import grid, to_pil, to_zero_one
 
 CHAIN_STAGES = {"ldm": ["ldm"], "unclip": ["prior", "decoder", "upsampler"]}
@@ -99,7 +99,9 @@ def _text_to_image(trained: Trained, chain: str, text: dict[str, torch.Tensor], 
     for i, prompt in enumerate(s.prompts):
         row = pictures[i * n : (i + 1) * n]
         rows.append(row)
-        paths += [save_png(im, storage.join(s.out, chain, f"{i:02d}-{j}-{slug(prompt)}.png")) for j, im in enumerate(row)]
+        paths += [
+            save_png(im, storage.join(s.out, chain, f"{i:02d}-{j}-{slug(prompt)}.png")) for j, im in enumerate(row)
+        ]
     grid_path = save_png(grid(rows), storage.join(s.out, f"{chain}_grid.png"))
     log(f"sample: {chain} -> {len(paths)} images ({pictures[0].width} px), grid {grid_path}")
     return {"images": paths, "grid": grid_path, **extra}
@@ -122,8 +124,22 @@ def _variations(trained: Trained, log) -> dict[str, Any]:
     n = s.images_per_prompt
     conditioning = {"image_emb": embeddings, **trained.no_caption(len(sources))}
     empty = trained.empty_caption("decoder")
-    levels = in_batches(_repeat(conditioning, n), s.seed, s.batch_size, lambda part, g: chains.decode_embeddings(
-        trained.nets["decoder"], trained.upsamplers, part["image_emb"], part, s.steps, s.decoder_guidance, g, s.upsampler_steps, empty))  # fmt: skip
+    levels = in_batches(
+        _repeat(conditioning, n),
+        s.seed,
+        s.batch_size,
+        lambda part, g: chains.decode_embeddings(
+            trained.nets["decoder"],
+            trained.upsamplers,
+            part["image_emb"],
+            part,
+            s.steps,
+            s.decoder_guidance,
+            g,
+            s.upsampler_steps,
+            empty,
+        ),
+    )
     pictures = to_pil(levels[-1])
     side = pictures[0].width
     rows = [[src.resize((side, side))] + pictures[i * n : (i + 1) * n] for i, src in enumerate(sources)]
@@ -142,8 +158,17 @@ def _interpolation(trained: Trained, log) -> dict[str, Any]:
     row = []
     for w in weights:  # the same noise at every point, so only the embedding changes along the row
         embedding = chains.slerp(ends[0], ends[1], float(w))[None]
-        levels = chains.decode_embeddings(trained.nets["decoder"], trained.upsamplers, embedding, no_text, s.steps,
-                                          s.decoder_guidance, torch.Generator().manual_seed(s.seed), s.upsampler_steps, empty)  # fmt: skip
+        levels = chains.decode_embeddings(
+            trained.nets["decoder"],
+            trained.upsamplers,
+            embedding,
+            no_text,
+            s.steps,
+            s.decoder_guidance,
+            torch.Generator().manual_seed(s.seed),
+            s.upsampler_steps,
+            empty,
+        )
         row += to_pil(levels[-1])
     path = save_png(grid([row]), storage.join(s.out, "interpolation.png"))
     log(f"sample: interpolation '{s.interpolate[0]}' -> '{s.interpolate[1]}' in {len(weights)} steps -> {path}")

@@ -17,14 +17,14 @@ import tempfile
 import threading
 from typing import Any
 
-from models.base import storage
-from models.base.configlib import to_yaml
-from models.base.errors import JobFailed
 from data_pipeline.store import Store, StoreError, open_store
 from launch import config as config_mod
 from launch.config import Config
 from launch.environment import local_ranks, rank_environment
 from launch.rank import RANK_ERRORS, run_rank, stage_for
+from models.base import storage
+from models.base.configlib import to_yaml
+from models.base.errors import JobFailed
 from models.encoders import RECORDED_BEFORE
 from models.public import find_public
 from training.checkpoint import STAGING_DIR, read_latest, read_trainer_state
@@ -66,8 +66,10 @@ def check_text_conditioning(cfg: Config, store: Store) -> None:
     for key in RECORDED_BEFORE:
         wanted = getattr(cfg.encoders.clip, key)
         if recorded[key] != wanted:
-            raise StoreError(f"store '{store.url}': manifest field 'encoders.clip.{key}' is {recorded[key]!r}, but "
-                             f"encoders.clip.{key} is {wanted!r}: embed a store with it, or train with the store's")  # fmt: skip
+            raise StoreError(
+                f"store '{store.url}': manifest field 'encoders.clip.{key}' is {recorded[key]!r}, but "
+                f"encoders.clip.{key} is {wanted!r}: embed a store with it, or train with the store's"
+            )
 
 
 def config_url(cfg: Config, stage: str) -> str:
@@ -75,36 +77,57 @@ def config_url(cfg: Config, stage: str) -> str:
     return storage.join(cfg.run_url(stage), "launch.yaml")
 
 
-def train_local(cfg: Config, stage: str, resume_from: str | None = None, init_from: str | None = None, log=print) -> dict[str, Any]:
+def train_local(
+    cfg: Config, stage: str, resume_from: str | None = None, init_from: str | None = None, log=print
+) -> dict[str, Any]:
     cfg = check_before_launch(cfg, stage, init_from)
     run_url = cfg.run_url(stage)
     config_yaml = to_yaml(cfg)
     if "WORLD_SIZE" in os.environ:
         return run_rank(cfg, stage, resume_from, init_from, log=log)
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"unclip-{stage}-") as f, \
-            tempfile.TemporaryDirectory(prefix="unclip-rank-errors-") as errors, \
-            tempfile.TemporaryDirectory(prefix="unclip-staging-") as staging:  # removed however the ranks end  # fmt: skip
+    with (
+        tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"unclip-{stage}-") as f,
+        tempfile.TemporaryDirectory(prefix="unclip-rank-errors-") as errors,
+        tempfile.TemporaryDirectory(prefix="unclip-staging-") as staging,
+    ):  # removed however the ranks end
         f.write(config_yaml)
         f.flush()
         ranks, threads = local_ranks(cfg.train.nproc)
         threads = int(os.environ.get("OMP_NUM_THREADS", threads))
         command = [
-            sys.executable, "-m", "launch.agent", "--standalone", f"--nproc_per_node={ranks}",
-            f"--shutdown-timeout={cfg.train.preemption_grace_s}", *rank_command(stage, f.name, resume_from, init_from),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "launch.agent",
+            "--standalone",
+            f"--nproc_per_node={ranks}",
+            f"--shutdown-timeout={cfg.train.preemption_grace_s}",
+            *rank_command(stage, f.name, resume_from, init_from),
+        ]
         log(f"train {stage}: {ranks} ranks x {threads} threads -> {run_url}")
         env = rank_environment({RANK_ERRORS: errors, STAGING_DIR: staging, "OMP_NUM_THREADS": str(threads)})
         returncode, preempted = run_forwarding_sigterm(command, env, quiet_after=errors)
         return outcome(cfg, stage, returncode, preempted, log, errors)
 
 
-def rank_command(stage: str, config_url: str, resume_from: str | None = None, init_from: str | None = None) -> list[str]:
+def rank_command(
+    stage: str, config_url: str, resume_from: str | None = None, init_from: str | None = None
+) -> list[str]:
     """What every launcher starts once per rank, after its own arguments."""
-    return ["-m", "launch.rank", "--stage", stage, "--config", config_url,
-            *(["--resume-from", resume_from] if resume_from else []), *(["--init-from", init_from] if init_from else [])]  # fmt: skip
+    return [
+        "-m",
+        "launch.rank",
+        "--stage",
+        stage,
+        "--config",
+        config_url,
+        *(["--resume-from", resume_from] if resume_from else []),
+        *(["--init-from", init_from] if init_from else []),
+    ]
 
 
-def outcome(cfg: Config, stage: str, returncode: int, preempted: bool, log=print, errors: str | None = None) -> dict[str, Any]:
+def outcome(
+    cfg: Config, stage: str, returncode: int, preempted: bool, log=print, errors: str | None = None
+) -> dict[str, Any]:
     """The run's summary, or the preemption checkpoint; RanksFailed when the ranks failed (with
     the first rank's own line and kind, when it left one in `errors`)."""
     run_url = cfg.run_url(stage)
@@ -133,14 +156,18 @@ def _pass_stderr(stream, quiet_after: str) -> None:
             sys.stderr.flush()
 
 
-def run_forwarding_sigterm(command: list[str], env: dict[str, str] | None = None, quiet_after: str | None = None) -> tuple[int, bool]:
+def run_forwarding_sigterm(
+    command: list[str], env: dict[str, str] | None = None, quiet_after: str | None = None
+) -> tuple[int, bool]:
     """Run a launcher (torchrun, deepspeed); SIGTERM to us goes to it, and is reported.
 
     `quiet_after`: a folder where a failing rank leaves its line; from then on the launcher's and
     the other ranks' stderr (torchrun's failure report, aborted collectives) is not repeated,
     because the line says what happened. Before that, stderr passes through as it comes."""
     proc = subprocess.Popen(command, env=env or rank_environment(), stderr=subprocess.PIPE if quiet_after else None)
-    passing = threading.Thread(target=_pass_stderr, args=(proc.stderr, quiet_after), daemon=True) if quiet_after else None
+    passing = (
+        threading.Thread(target=_pass_stderr, args=(proc.stderr, quiet_after), daemon=True) if quiet_after else None
+    )
     if passing:
         passing.start()
     got: list[int] = []

@@ -4,16 +4,17 @@ trained with, and the frozen encoders the store was embedded with (identity chec
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
-from models.base import configlib, storage
-from models.base.configlib import read_yaml
 from data_pipeline.store import Store, StoreError
 from launch.config import Config
 from models import chains, prior
+from models.base import configlib, storage
+from models.base.configlib import read_yaml
 from models.chains import Net
 from models.config import DiffusionConfig
 from models.diffusion import Diffusion
@@ -42,7 +43,12 @@ def recorded_diffusion(folder: str, info: dict[str, Any]) -> DiffusionConfig:
         recorded = (read_yaml(storage.join(folder, "config.yaml")).get(stage) or {}).get("diffusion") or {}
     known = {f.name for f in dataclasses.fields(DiffusionConfig)}
     defaults = dataclasses.asdict(getattr(Config(), stage).diffusion)
-    return configlib.build(DiffusionConfig, {k: v for k, v in recorded.items() if k in known}, prefix=f"{stage}.diffusion", defaults=defaults)
+    return configlib.build(
+        DiffusionConfig,
+        {k: v for k, v in recorded.items() if k in known},
+        prefix=f"{stage}.diffusion",
+        defaults=defaults,
+    )
 
 
 def load_net(cfg: Config, stage: str, run: str, device: torch.device | str = "cpu") -> tuple[Net, str]:
@@ -54,8 +60,10 @@ def load_net(cfg: Config, stage: str, run: str, device: torch.device | str = "cp
     diffusion = Diffusion(recorded_diffusion(folder, info), cfg.sample.sampler)  # the schedule it was trained with
     misfit = diffusion.unclip_sampler_misfit() if cfg.sample.sampler == "unclip" else None
     if misfit:
-        raise ValueError(f"config key 'sample.sampler' is 'unclip' (diffusers' UnCLIPScheduler), which cannot sample stage {stage} "
-                         f"(run {run}): {misfit}")  # fmt: skip
+        raise ValueError(
+            f"config key 'sample.sampler' is 'unclip' (diffusers' UnCLIPScheduler), which cannot sample stage {stage} "
+            f"(run {run}): {misfit}"
+        )
     return Net(model, diffusion, info["extras"]), folder
 
 
@@ -88,45 +96,94 @@ class Trained:
         if empty is not None:
             return {k: v.expand(n, *v.shape[1:]) for k, v in empty.items()}
         clip = self.clip
-        return {"emb": torch.zeros(n, clip.embed_dim), "tokens": torch.zeros(n, clip.context_length, clip.text_width),
-                "mask": torch.ones(n, clip.context_length, dtype=torch.bool)}  # fmt: skip
+        return {
+            "emb": torch.zeros(n, clip.embed_dim),
+            "tokens": torch.zeros(n, clip.context_length, clip.text_width),
+            "mask": torch.ones(n, clip.context_length, dtype=torch.bool),
+        }
 
-    def generate(self, chain: str, text: dict[str, torch.Tensor], steps: int, scales: tuple[float, float], seed: int,
-                 batch_size: int, upsampler_steps: int | None = None) -> torch.Tensor:  # fmt: skip
+    def generate(
+        self,
+        chain: str,
+        text: dict[str, torch.Tensor],
+        steps: int,
+        scales: tuple[float, float],
+        seed: int,
+        batch_size: int,
+        upsampler_steps: int | None = None,
+    ) -> torch.Tensor:
         """Images in [-1, 1] from text conditioning (emb, tokens, mask) by the ldm or the unCLIP
         chain (at its last resolution). `scales` is (ldm's or decoder's guidance, prior's guidance),
         as `SampleConfig.scales` gives them."""
         if chain == "ldm":
             ldm, empty = self.nets["ldm"], self.empty_caption("ldm")
-            return in_batches(text, seed, batch_size, lambda part, g: chains.latent_diffusion(ldm, part, steps, scales[0], g, empty))
+            return in_batches(
+                text, seed, batch_size, lambda part, g: chains.latent_diffusion(ldm, part, steps, scales[0], g, empty)
+            )
         return self.unclip(text, steps, scales, seed, batch_size, upsampler_steps)[1][-1]
 
-    def unclip(self, text: dict[str, torch.Tensor], steps: int, scales: tuple[float, float], seed: int, batch_size: int,
-               upsampler_steps: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+    def unclip(
+        self,
+        text: dict[str, torch.Tensor],
+        steps: int,
+        scales: tuple[float, float],
+        seed: int,
+        batch_size: int,
+        upsampler_steps: int | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The unCLIP chain: (the prior's CLIP image embeddings, the pictures at every resolution)."""
         guidance, prior_guidance = scales
         empty = self.empty_caption("prior", "decoder")
-        return in_batches(text, seed, batch_size, lambda part, g: chains.unclip(
-            self.nets["prior"], self.nets["decoder"], self.upsamplers, part, steps, guidance, prior_guidance, g, upsampler_steps, empty))  # fmt: skip
+        return in_batches(
+            text,
+            seed,
+            batch_size,
+            lambda part, g: chains.unclip(
+                self.nets["prior"],
+                self.nets["decoder"],
+                self.upsamplers,
+                part,
+                steps,
+                guidance,
+                prior_guidance,
+                g,
+                upsampler_steps,
+                empty,
+            ),
+        )
 
-    def image_embeddings(self, text: dict[str, torch.Tensor], steps: int, prior_guidance: float, seed: int, batch_size: int) -> torch.Tensor:
+    def image_embeddings(
+        self, text: dict[str, torch.Tensor], steps: int, prior_guidance: float, seed: int, batch_size: int
+    ) -> torch.Tensor:
         """The prior's CLIP image embeddings for text conditioning: what the unCLIP chain decodes
         (the same noise as `unclip` at the same seed and batch size)."""
         pri, empty = self.nets["prior"], chains.null_text(self.nets["prior"], self.empty_caption("prior"))
-        return in_batches(text, seed, batch_size, lambda part, g: prior.sample(pri.model, pri.diffusion, part, steps, prior_guidance, g, empty))
+        return in_batches(
+            text,
+            seed,
+            batch_size,
+            lambda part, g: prior.sample(pri.model, pri.diffusion, part, steps, prior_guidance, g, empty),
+        )
 
 
 Drawn = TypeVar("Drawn")
 
 
-def in_batches(rows: dict[str, torch.Tensor], seed: int, batch_size: int, draw: Callable[[dict[str, torch.Tensor], torch.Generator], Drawn]) -> Drawn:
+def in_batches(
+    rows: dict[str, torch.Tensor],
+    seed: int,
+    batch_size: int,
+    draw: Callable[[dict[str, torch.Tensor], torch.Generator], Drawn],
+) -> Drawn:
     """`draw(part, generator)` over batches of `rows`, joined along the batch axis (a tensor, or
     tuples and lists of them, as the chains return). Batch i draws its noise from seed + i, so a
     row's picture depends on the seed, the batch size and its position, not on what else was asked
     for; and a batch, not the whole request, is what must fit in memory."""
     n = len(next(iter(rows.values())))
-    parts = [_cpu(draw({k: v[start : start + batch_size] for k, v in rows.items()}, torch.Generator().manual_seed(seed + i)))
-             for i, start in enumerate(range(0, n, batch_size))]  # fmt: skip
+    parts = [
+        _cpu(draw({k: v[start : start + batch_size] for k, v in rows.items()}, torch.Generator().manual_seed(seed + i)))
+        for i, start in enumerate(range(0, n, batch_size))
+    ]
     return _join(parts)
 
 
@@ -166,7 +223,9 @@ def load_trained(cfg: Config, store: Store, stages: list[str]) -> Trained:
                 trained.checkpoints[f"upsampler/{run}"] = folder
             continue
         trained.nets[stage], trained.checkpoints[stage] = load_net(cfg, stage, cfg.sample.run, device)
-    drawing_latents = [net for stage, net in trained.nets.items() if stage == "ldm" or (stage == "decoder" and net.model.latent)]
+    drawing_latents = [
+        net for stage, net in trained.nets.items() if stage == "ldm" or (stage == "decoder" and net.model.latent)
+    ]
     if drawing_latents:
         vae = FrozenVae(cfg.encoders.vae, device)
         check_identity("vae", store.manifest["encoders"]["vae"], vae.identity())

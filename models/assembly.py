@@ -23,19 +23,28 @@ def module_class(name: str):
 
 
 def modules_of(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    from diffusers import ModelMixin  # lazy: diffusers' models (3-4 s) only where a network is built; `unclip train` checks the store without it
+    from diffusers import (
+        ModelMixin,
+    )  # lazy: diffusers' models (3-4 s) only where a network is built; `unclip train` checks the store without it
 
     return {"model": model} if isinstance(model, ModelMixin) else dict(model.named_children())
 
 
-def describe(stage: str, model: torch.nn.Module, extras: dict[str, Any], diffusion: dict[str, Any] | None = None,
-             columns: tuple[str, ...] = ()) -> dict[str, Any]:  # fmt: skip
+def describe(
+    stage: str,
+    model: torch.nn.Module,
+    extras: dict[str, Any],
+    diffusion: dict[str, Any] | None = None,
+    columns: tuple[str, ...] = (),
+) -> dict[str, Any]:
     """What `stage.json` says of a checkpoint, all that sampling and export need: each network's
     class and diffusers config, the diffusion it was trained with, the store columns it is
     conditioned on and the stage's extras (latent scale, resolutions, ...)."""
     return {
         "stage": stage,
-        "modules": {name: {"class": type(m).__name__, "config": dict(m.config)} for name, m in modules_of(model).items()},
+        "modules": {
+            name: {"class": type(m).__name__, "config": dict(m.config)} for name, m in modules_of(model).items()
+        },
         "extras": extras,
         "diffusion": diffusion,
         "columns": list(columns),

@@ -19,10 +19,12 @@ class ClipConfig:
     # penultimate layer through the final layer norm, its tokenizer padding with zeros; OpenAI
     # CLIP's tokenizer (Stable Diffusion 1.x, Karlo) pads with the end-of-text token.
     text_layer: Literal["last", "penultimate"] = option(
-        "last", doc="the text layer that becomes clip_text_tokens: the last, or the penultimate through the final layer norm (SD 2.x)"
+        "last",
+        doc="the text layer that becomes clip_text_tokens: the last, or the penultimate through the final layer norm (SD 2.x)",
     )
     text_padding: Literal["zeros", "eos"] = option(
-        "zeros", doc="what fills the tokens after a caption's end-of-text token: zeros (open_clip, SD 2.x) or end-of-text (OpenAI CLIP, SD 1.x, Karlo)"
+        "zeros",
+        doc="what fills the tokens after a caption's end-of-text token: zeros (open_clip, SD 2.x) or end-of-text (OpenAI CLIP, SD 1.x, Karlo)",
     )
 
 
@@ -66,7 +68,9 @@ class EncoderFitConfig:
     vae_lr: float = option(2e-3, gt=0)
     kl_weight: float = option(1e-6, ge=0, doc="KL term of the VAE loss, as in Stable Diffusion's autoencoder")
     vae_resolution: int = option(64, ge=8, doc="side of the images the VAE is fitted on")
-    clip_batch_size: int = option(64, ge=2, doc="pairs per contrastive step (the other pairs of a batch are its negatives)")
+    clip_batch_size: int = option(
+        64, ge=2, doc="pairs per contrastive step (the other pairs of a batch are its negatives)"
+    )
     hard_negatives: bool = option(True, doc="batch each caption with others a word or two away (small data sets)")
     vae_batch_size: int = option(16, ge=1, doc="16 rather than 32: more steps in the same time")
     holdout_fraction: float = option(0.1, gt=0, lt=1, doc="pairs kept out of fitting, to report held-out metrics")
@@ -89,14 +93,17 @@ class DiffusionConfig:
     loss_weighting: Literal["uniform", "min_snr"] = "uniform"
     snr_gamma: float = option(5.0, gt=0)
     snr_shift: float = option(
-        1.0, gt=0,
+        1.0,
+        gt=0,
         doc="divide the schedule's signal-to-noise ratio by shift**2 at every step (Hoogeboom et al. 2023, SD3): "
-            "more training and sampling at the noise levels where a picture's layout forms",
-    )  # fmt: skip
+        "more training and sampling at the noise levels where a picture's layout forms",
+    )
     clip_sample: float | None = option(
-        None, gt=0, doc="while sampling, clip each step's predicted x_0 to [-clip_sample, clip_sample] (null: never); "
-                        "Karlo clips its pictures to 1 and its prior's normalised embeddings to 5",
-    )  # fmt: skip
+        None,
+        gt=0,
+        doc="while sampling, clip each step's predicted x_0 to [-clip_sample, clip_sample] (null: never); "
+        "Karlo clips its pictures to 1 and its prior's normalised embeddings to 5",
+    )
 
 
 # What dropped text becomes in training, and the unconditional input of guidance in sampling: all
@@ -111,7 +118,9 @@ class PriorConfig:
     heads: int = option(4, ge=1)
     head_dim: int = option(32, ge=4)
     text_drop: float = option(0.1, ge=0, le=1)
-    null_text: NullText = option("zeros", doc="what dropped text becomes: all zeros (with a full mask), or the empty caption's states")
+    null_text: NullText = option(
+        "zeros", doc="what dropped text becomes: all zeros (with a full mask), or the empty caption's states"
+    )
     diffusion: DiffusionConfig = option(factory=lambda: DiffusionConfig(prediction="x0"))
 
 
@@ -125,7 +134,8 @@ class LdmConfig:
     heads: int = option(4, ge=1)
     text_drop: float = option(0.1, ge=0, le=1)
     pooled_text: bool = option(
-        True, doc="also add the attention-pooled text to the timestep embedding (as Imagen): every block sees the prompt"
+        True,
+        doc="also add the attention-pooled text to the timestep embedding (as Imagen): every block sees the prompt",
     )
     # From the per-token states alone the ldm often swapped the shape's and the background's colours
     # ("red circle, yellow background" drawn yellow on red): a colour word's own state does not say
@@ -139,9 +149,10 @@ class LdmConfig:
         "store", doc="'store': 1/std of the store's latents (how SD derived 0.18215); 'vae': the VAE config's factor"
     )
     null_text: NullText = option(
-        "zeros", doc="what dropped text becomes: all zeros, or the empty caption's states (as Stable Diffusion was trained; "
-                     "then the export is a StableDiffusionPipeline)",
-    )  # fmt: skip
+        "zeros",
+        doc="what dropped text becomes: all zeros, or the empty caption's states (as Stable Diffusion was trained; "
+        "then the export is a StableDiffusionPipeline)",
+    )
     # v prediction with min-SNR weighting: on the embedded default it follows prompts after a third
     # of the steps eps prediction needs (benchmarks/quality.py); cosine reaches pure noise at the end.
     diffusion: DiffusionConfig = option(factory=lambda: DiffusionConfig(prediction="v", loss_weighting="min_snr"))
@@ -165,23 +176,31 @@ class DecoderConfig:
     # 32; at 600 steps of 16, patch 1, twice the width, v or EDM-style targets were no better
     # (33-47%). The unCLIP chain's shape kind went from 38/44% (guidance 1/3) to 50/56%.
     space: Literal["pixel", "latent"] = option(
-        "latent", doc="pixel: DALL-E 2's decoder on image_64; latent: on vae_latent, pictures by the store's VAE",
-    )  # fmt: skip
+        "latent",
+        doc="pixel: DALL-E 2's decoder on image_64; latent: on vae_latent, pictures by the store's VAE",
+    )
     # [32, 64] as the ldm's: the same latents, where steps buy more than width.
-    block_channels: list[int] = option(factory=lambda: [32, 64], doc="one level per entry, the first at the input's side")
+    block_channels: list[int] = option(
+        factory=lambda: [32, 64], doc="one level per entry, the first at the input's side"
+    )
     layers_per_block: int = option(1, ge=1)
     # Pixel space only. 4x4 pixels folded into channels, the UNet at 16 px: it composes the right
     # colours on the right background in half the steps of a 64 px UNet of [16, 32, 64, 64]
     # (100%/100% against 81%/88% from true embeddings), at two thirds of the step time.
-    patch: int = option(4, ge=1, doc="pixel space: fold each patch x patch pixels into channels (the UNet runs at 64/patch px)")
-    attention_side: int = option(16, ge=1, doc="cross-attention at the UNet levels this many px wide or less (and the last)")
+    patch: int = option(
+        4, ge=1, doc="pixel space: fold each patch x patch pixels into channels (the UNet runs at 64/patch px)"
+    )
+    attention_side: int = option(
+        16, ge=1, doc="cross-attention at the UNet levels this many px wide or less (and the last)"
+    )
     heads: int = option(4, ge=1)
     context_tokens: int = option(4, ge=1, doc="extra context tokens projected from the image embedding")
     image_drop: float = option(0.1, ge=0, le=1)
     text_drop: float = option(0.5, ge=0, le=1)
     null_text: NullText = option("zeros", doc="what dropped text becomes: all zeros, or the empty caption's states")
     text_mask: bool = option(
-        False, doc="mask the caption's padding out of the UNet's cross-attention (text_mask column), as Karlo's decoder does"
+        False,
+        doc="mask the caption's padding out of the UNet's cross-attention (text_mask column), as Karlo's decoder does",
     )
     latent_scale: Literal["store", "vae"] = option("store", doc="latent space: as ldm.latent_scale")
     # The ldm's recipe, for the same latents. A pixel decoder wants x0 prediction, weighted
@@ -211,7 +230,8 @@ class UpsamplerConfig:
     # How the low resolution is enlarged to the UNet's side, in training and sampling alike.
     # diffusers' UnCLIPPipeline (Karlo) enlarges with antialiased bicubic and does not clip.
     resize: Literal["bicubic_clamped", "bicubic_antialias"] = option(
-        "bicubic_clamped", doc="bicubic_clamped: bicubic, clipped to [-1, 1]; bicubic_antialias: antialiased bicubic, unclipped (Karlo's)"
+        "bicubic_clamped",
+        doc="bicubic_clamped: bicubic, clipped to [-1, 1]; bicubic_antialias: antialiased bicubic, unclipped (Karlo's)",
     )
     # v prediction (as Imagen's super-resolution models): at high noise the target is the picture
     # itself, which the conditioning nearly gives; eps prediction sampled to noise after short training.
@@ -219,13 +239,17 @@ class UpsamplerConfig:
 
     def validate(self) -> None:
         if self.high <= self.low or self.high % self.low:
-            raise ValueError(f"config key 'upsampler.high': expected a multiple of upsampler.low={self.low}, got {self.high}")
+            raise ValueError(
+                f"config key 'upsampler.high': expected a multiple of upsampler.low={self.low}, got {self.high}"
+            )
         if self.crop and (self.crop > self.high or self.crop % (self.high // self.low)):
             raise ValueError(
                 f"config key 'upsampler.crop': expected 0 or a side <= {self.high} divisible by {self.high // self.low}, got {self.crop}"
             )
         if len(self.blur_sigma) != 2 or not 0 <= self.blur_sigma[0] <= self.blur_sigma[1]:
-            raise ValueError(f"config key 'upsampler.blur_sigma': expected [low, high] with 0 <= low <= high, got {self.blur_sigma}")
+            raise ValueError(
+                f"config key 'upsampler.blur_sigma': expected [low, high] with 0 <= low <= high, got {self.blur_sigma}"
+            )
         n = len(self.block_channels)
         if self.crop and self.crop % (2 ** (n - 1)):
             raise ValueError(f"config key 'upsampler.crop': must be divisible by 2**{n - 1} for {n} UNet blocks")

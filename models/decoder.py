@@ -29,7 +29,9 @@ from models.normalization import norm_groups
 
 
 def text_proj_class():
-    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel  # lazy: diffusers' pipelines package loads transformers; only the decoder needs this one class
+    from diffusers.pipelines.deprecated.unclip.text_proj import (
+        UnCLIPTextProjModel,
+    )  # lazy: diffusers' pipelines package loads transformers; only the decoder needs this one class
 
     return UnCLIPTextProjModel
 
@@ -62,13 +64,18 @@ class UnclipDecoder(torch.nn.Module):
         null = self.text_proj.learned_classifier_free_guidance_embeddings.to(image_emb.dtype)
         image_emb = torch.where(image_dropped[:, None], null.expand_as(image_emb), image_emb)
         context, time_extra = self.text_proj(
-            image_embeddings=image_emb, prompt_embeds=text_emb, text_encoder_hidden_states=tokens, do_classifier_free_guidance=False
+            image_embeddings=image_emb,
+            prompt_embeds=text_emb,
+            text_encoder_hidden_states=tokens,
+            do_classifier_free_guidance=False,
         )
         mask = None
         if text_mask is not None:  # the context tokens text_proj puts before the caption's always attend
             mask = torch.nn.functional.pad(text_mask, (self.text_proj.clip_extra_context_tokens, 0), value=True)
         folded = torch.nn.functional.pixel_unshuffle(x_t, self.patch)
-        out = self.unet(folded, t, encoder_hidden_states=context, class_labels=time_extra, encoder_attention_mask=mask).sample
+        out = self.unet(
+            folded, t, encoder_hidden_states=context, class_labels=time_extra, encoder_attention_mask=mask
+        ).sample
         channels = folded.shape[1]
         prediction = torch.nn.functional.pixel_shuffle(out[:, :channels], self.patch)
         if not with_variance:
@@ -76,23 +83,30 @@ class UnclipDecoder(torch.nn.Module):
         return torch.cat([prediction, torch.nn.functional.pixel_shuffle(out[:, channels:], self.patch)], 1)
 
 
-def build_decoder(cfg: DecoderConfig, embed_dim: int, text_width: int, image_size: int,
-                  latent_channels: int | None = None) -> UnclipDecoder:  # fmt: skip
+def build_decoder(
+    cfg: DecoderConfig, embed_dim: int, text_width: int, image_size: int, latent_channels: int | None = None
+) -> UnclipDecoder:
     """`image_size`: of the pictures, or (space: latent) of the VAE latents of `latent_channels`."""
     n = len(cfg.block_channels)
     if (cfg.space == "latent") != (latent_channels is not None):
-        raise ValueError(f"config key 'decoder.space' is {cfg.space!r}, but the decoder was built with latent_channels={latent_channels}")
+        raise ValueError(
+            f"config key 'decoder.space' is {cfg.space!r}, but the decoder was built with latent_channels={latent_channels}"
+        )
     patch = cfg.patch if cfg.space == "pixel" else 1
     if image_size % (patch * 2 ** (n - 1)):
         key = "decoder.patch" if cfg.space == "pixel" else "decoder.block_channels"
-        raise ValueError(f"config key '{key}': a {cfg.space} input {image_size} wide needs patch x 2**(levels - 1) to divide it; "
-                         f"got patch {patch} and {n} levels")  # fmt: skip
+        raise ValueError(
+            f"config key '{key}': a {cfg.space} input {image_size} wide needs patch x 2**(levels - 1) to divide it; "
+            f"got patch {patch} and {n} levels"
+        )
     channels = latent_channels or 3
     side = image_size // patch
     # attention where it is cheap: at 64 px (patch 1) it would cost more than everything else
     attends = [side // 2**level <= cfg.attention_side or level == n - 1 for level in range(n)]
     time_embed_dim = cfg.block_channels[0] * 4
-    from diffusers import UNet2DConditionModel  # lazy: diffusers (3-4 s) only where a network is built; `unclip train` checks the store without it
+    from diffusers import (
+        UNet2DConditionModel,
+    )  # lazy: diffusers (3-4 s) only where a network is built; `unclip train` checks the store without it
 
     unet = UNet2DConditionModel(
         sample_size=side,
@@ -120,13 +134,23 @@ def predict(model, x_t, t, cond: dict[str, torch.Tensor], with_variance: bool = 
     """`model` is an UnclipDecoder or an engine wrapping one; inputs are cast to its dtype."""
     dtype = getattr(model, "module", model).dtype
     return model(
-        x_t.to(dtype), t, cond["image_emb"].to(dtype), cond["text_emb"].to(dtype), cond["tokens"].to(dtype), cond["image_dropped"],
-        cond.get("mask"), with_variance,
-    ).float()  # fmt: skip
+        x_t.to(dtype),
+        t,
+        cond["image_emb"].to(dtype),
+        cond["text_emb"].to(dtype),
+        cond["tokens"].to(dtype),
+        cond["image_dropped"],
+        cond.get("mask"),
+        with_variance,
+    ).float()
 
 
-def drop(cond: dict[str, torch.Tensor], drop_image: torch.Tensor, drop_text: torch.Tensor,
-         empty_caption: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+def drop(
+    cond: dict[str, torch.Tensor],
+    drop_image: torch.Tensor,
+    drop_text: torch.Tensor,
+    empty_caption: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """Dropped text becomes zeros (attending to every token), or `empty_caption`'s (emb [1, D],
     tokens [1, L, W], mask [1, L])."""
     rows = drop_text[:, None]
@@ -138,20 +162,37 @@ def drop(cond: dict[str, torch.Tensor], drop_image: torch.Tensor, drop_text: tor
             dropped["mask"] = torch.where(rows, empty_caption["mask"].to(cond["mask"]), cond["mask"])
     else:
         keep_text = (~drop_text).float()
-        dropped["text_emb"], dropped["tokens"] = cond["text_emb"] * keep_text[:, None], cond["tokens"] * keep_text[:, None, None]
+        dropped["text_emb"], dropped["tokens"] = (
+            cond["text_emb"] * keep_text[:, None],
+            cond["tokens"] * keep_text[:, None, None],
+        )
         if "mask" in cond:
             dropped["mask"] = cond["mask"] | rows
     return {**cond, **dropped}
 
 
-def conditioning(image_emb: torch.Tensor, text_emb: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def conditioning(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """`mask` [B, L]: for a decoder trained with decoder.text_mask, the caption's tokens to attend to."""
-    cond = {"image_emb": image_emb, "text_emb": text_emb, "tokens": tokens, "image_dropped": torch.zeros(len(image_emb), dtype=torch.bool, device=image_emb.device)}
+    cond = {
+        "image_emb": image_emb,
+        "text_emb": text_emb,
+        "tokens": tokens,
+        "image_dropped": torch.zeros(len(image_emb), dtype=torch.bool, device=image_emb.device),
+    }
     return cond if mask is None else {**cond, "mask": mask.to(torch.bool)}
 
 
-def sample(model, diffusion: Diffusion, cond: dict[str, torch.Tensor], steps: int, guidance: float,
-           generator: torch.Generator, empty_caption: dict[str, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+def sample(
+    model,
+    diffusion: Diffusion,
+    cond: dict[str, torch.Tensor],
+    steps: int,
+    guidance: float,
+    generator: torch.Generator,
+    empty_caption: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """CLIP image embeddings (+ caption) -> images in [-1, 1] (or latents, for a latent decoder);
     guidance against the fully unconditional model (null image embedding, no caption: zeros, or
     `empty_caption` for a decoder trained with decoder.null_text=empty_caption), as in unCLIP."""
@@ -168,5 +209,7 @@ def sample(model, diffusion: Diffusion, cond: dict[str, torch.Tensor], steps: in
         return predict(model, x, t, cond if conditional else null, with_variance)
 
     size, channels = model.image_size, model.channels
-    out = diffusion.sample(model_fn, (n, channels, size, size), steps, guidance, generator, device=device, learned_variance=with_variance)
+    out = diffusion.sample(
+        model_fn, (n, channels, size, size), steps, guidance, generator, device=device, learned_variance=with_variance
+    )
     return out if model.latent else out.clamp(-1, 1)

@@ -8,8 +8,8 @@ classifier-free guidance around the scheduler's step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cached_property
-from typing import Callable
 
 import torch
 
@@ -89,7 +89,9 @@ class Diffusion:
         timesteps would copy them back, and the training step would wait for the device."""
         tables = self.__dict__.setdefault("_tables", {})
         if t.device not in tables:
-            tables[t.device] = self.alphas_cumprod.to(t.device, torch.float64 if t.device.type in ("cpu", "cuda") else torch.float32)
+            tables[t.device] = self.alphas_cumprod.to(
+                t.device, torch.float64 if t.device.type in ("cpu", "cuda") else torch.float32
+            )
         return tables[t.device][t]
 
     def make_scheduler(self, sampler: str | None = None, learned_variance: bool = False):
@@ -105,9 +107,13 @@ class Diffusion:
         if sampler == "unclip":
             self.check_unclip_sampler()
             cfg = self.cfg
-            return UnCLIPScheduler(num_train_timesteps=cfg.timesteps, variance_type="learned_range" if learned_variance else "fixed_small_log",
-                                   clip_sample=cfg.clip_sample is not None, clip_sample_range=cfg.clip_sample or 1.0,
-                                   prediction_type=PREDICTION_TYPES[cfg.prediction])  # fmt: skip
+            return UnCLIPScheduler(
+                num_train_timesteps=cfg.timesteps,
+                variance_type="learned_range" if learned_variance else "fixed_small_log",
+                clip_sample=cfg.clip_sample is not None,
+                clip_sample_range=cfg.clip_sample or 1.0,
+                prediction_type=PREDICTION_TYPES[cfg.prediction],
+            )
         raise ValueError(f"unknown sampler {sampler!r} (expected one of {', '.join(SAMPLERS)})")
 
     def unclip_sampler_misfit(self) -> str | None:
@@ -185,7 +191,9 @@ class Diffusion:
         """
         sampler = sampler or self.sampler
         if sampler == "unclip" and steps < 2:
-            raise ValueError("config key 'sample.sampler' is 'unclip': UnCLIPScheduler needs at least 2 steps (sample.steps)")
+            raise ValueError(
+                "config key 'sample.sampler' is 'unclip': UnCLIPScheduler needs at least 2 steps (sample.steps)"
+            )
         scheduler = self.make_scheduler(sampler, learned_variance)
         scheduler.set_timesteps(steps)
         timesteps = scheduler.timesteps

@@ -75,7 +75,10 @@ def _clip_model_config(cfg: ClipConfig) -> tuple[dict[str, Any], dict[str, Any]]
 
 def clip_preprocess(cfg: ClipConfig) -> ClipPreprocess:
     """Input size and normalisation of the configured CLIP."""
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD  # lazy: open_clip (a second); trainers only need text_conditioning
+    from open_clip.constants import (
+        OPENAI_DATASET_MEAN,
+        OPENAI_DATASET_STD,
+    )  # lazy: open_clip (a second); trainers only need text_conditioning
 
     model_cfg, pre = _clip_model_config(cfg)
     size = model_cfg["vision_cfg"]["image_size"]
@@ -112,7 +115,9 @@ def clip_identity(cfg: ClipConfig) -> dict[str, Any]:
 
 def vae_identity(cfg: VaeConfig) -> dict[str, Any]:
     """What the store records about the VAE, from its config and weights file (no model built)."""
-    from diffusers import AutoencoderKL  # lazy: diffusers' models (3-4 s) only where a network is built; `unclip train` checks the store without it
+    from diffusers import (
+        AutoencoderKL,
+    )  # lazy: diffusers' models (3-4 s) only where a network is built; `unclip train` checks the store without it
 
     config = AutoencoderKL.load_config(cfg.path, subfolder=cfg.subfolder)
     weights = _vae_weights_file(cfg)
@@ -133,7 +138,9 @@ def clip_weights_file(cfg: ClipConfig) -> str | None:
 
     folder = _local_dir(cfg)
     if folder is not None:
-        from open_clip.factory import _find_checkpoint_in_dir  # lazy: open_clip (a second); trainers only need text_conditioning
+        from open_clip.factory import (
+            _find_checkpoint_in_dir,
+        )  # lazy: open_clip (a second); trainers only need text_conditioning
 
         return _find_checkpoint_in_dir(folder)
     if cfg.pretrained and os.path.isfile(cfg.pretrained):
@@ -166,17 +173,23 @@ class FrozenClip:
         self.model = model.eval().requires_grad_(False).to(self.dtype)
         self.tokenizer = open_clip.get_tokenizer(cfg.model)
         text_tower = getattr(model, "text", model)
-        self._ln_final = getattr(text_tower, "ln_final")
+        self._ln_final = text_tower.ln_final
         blocks = getattr(getattr(text_tower, "transformer", None), "resblocks", None)
         if cfg.text_layer == "penultimate" and (blocks is None or len(blocks) < 2):
-            raise ValueError(f"config key 'encoders.clip.text_layer': {cfg.model} has no penultimate text layer of its own (a Hugging Face text tower?)")
+            raise ValueError(
+                f"config key 'encoders.clip.text_layer': {cfg.model} has no penultimate text layer of its own (a Hugging Face text tower?)"
+            )
         # what clip_text_tokens are read from: the final layer norm's output, or the penultimate
         # block's, which then goes through that same layer norm
         self._token_source = self._ln_final if cfg.text_layer == "last" else blocks[-2]
         self._batch_first = getattr(text_tower.transformer, "batch_first", True) if blocks is not None else True
         self.context_length = int(self.tokenizer.context_length)
         self.text_width = int(self._ln_final.normalized_shape[0])
-        self.embed_dim = int(self.model.text_projection.shape[-1] if torch.is_tensor(self.model.text_projection) else self.model.text_projection.out_features)
+        self.embed_dim = int(
+            self.model.text_projection.shape[-1]
+            if torch.is_tensor(self.model.text_projection)
+            else self.model.text_projection.out_features
+        )
         pre = clip_preprocess(cfg)
         shape = (1, 3, 1, 1)
         self._mean = torch.tensor(pre.mean, device=self.device).view(shape)
@@ -236,7 +249,9 @@ class FrozenVae:
     """diffusers AutoencoderKL in eval mode: latents are the posterior mean, unscaled."""
 
     def __init__(self, cfg: VaeConfig, device: str = "cpu", precision: str = "fp32"):
-        from diffusers import AutoencoderKL  # lazy: diffusers' models (3-4 s) only where a network is built; `unclip train` checks the store without it
+        from diffusers import (
+            AutoencoderKL,
+        )  # lazy: diffusers' models (3-4 s) only where a network is built; `unclip train` checks the store without it
 
         self.cfg = cfg
         self.device = torch.device(device)
@@ -266,14 +281,25 @@ def tiny_clip_config(t: TinyEncodersConfig) -> dict[str, Any]:
     vision = (
         {"image_size": t.image_size, "layers": [1, 1, 1, 1], "width": t.resnet_width}  # open_clip's ModifiedResNet
         if t.vision_tower == "resnet"
-        else {"image_size": t.image_size, "layers": t.vision_layers, "width": t.vision_width, "patch_size": t.patch_size}
+        else {
+            "image_size": t.image_size,
+            "layers": t.vision_layers,
+            "width": t.vision_width,
+            "patch_size": t.patch_size,
+        }
     )
     return {
         "embed_dim": t.embed_dim,
         "vision_cfg": vision,
         # text width == embed_dim keeps the per-token states in the embedding's space, as in ViT-L-14
-        "text_cfg": {"context_length": t.context_length, "vocab_size": 49408, "width": t.embed_dim, "heads": t.heads, "layers": t.text_layers},
-    }  # fmt: skip
+        "text_cfg": {
+            "context_length": t.context_length,
+            "vocab_size": 49408,
+            "width": t.embed_dim,
+            "heads": t.heads,
+            "layers": t.text_layers,
+        },
+    }
 
 
 def tiny_vae_config(t: TinyEncodersConfig) -> dict[str, Any]:
@@ -307,8 +333,15 @@ def write_tiny_encoders(cfg: EncodersConfig) -> dict[str, str]:
     clip = open_clip.CLIP(**model_cfg)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(clip.state_dict(), str(folder / "open_clip_model.safetensors"))
-    preprocess = {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD), "interpolation": "bicubic", "resize_mode": "shortest"}
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2))
+    preprocess = {
+        "mean": list(OPENAI_DATASET_MEAN),
+        "std": list(OPENAI_DATASET_STD),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2)
+    )
 
     vae = AutoencoderKL(**tiny_vae_config(cfg.tiny))
     vae.save_pretrained(cfg.vae.path if not cfg.vae.subfolder else os.path.join(cfg.vae.path, cfg.vae.subfolder))

@@ -26,16 +26,26 @@ def text_encoder(clip) -> torch.nn.Module:
     """`clip` (a FrozenClip) as a transformers CLIPTextModelWithProjection with every layer: its
     `text_embeds` are our pooled embedding, its last hidden state our `last` tokens, and its final
     layer norm over `hidden_states[-2]` our `penultimate` tokens."""
-    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint  # lazy: diffusers' loaders load transformers; only export needs them
+    from diffusers.loaders.single_file_utils import (
+        convert_open_clip_checkpoint,
+    )  # lazy: diffusers' loaders load transformers; only export needs them
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     model = clip.model
     blocks = model.transformer.resblocks
     config = CLIPTextConfig(
-        vocab_size=model.vocab_size, hidden_size=clip.text_width, intermediate_size=blocks[0].mlp.c_fc.out_features,
-        num_attention_heads=blocks[0].attn.num_heads, num_hidden_layers=len(blocks), max_position_embeddings=clip.context_length,
-        hidden_act="gelu", projection_dim=clip.embed_dim, bos_token_id=49406, eos_token_id=49407, pad_token_id=0,
-    )  # fmt: skip
+        vocab_size=model.vocab_size,
+        hidden_size=clip.text_width,
+        intermediate_size=blocks[0].mlp.c_fc.out_features,
+        num_attention_heads=blocks[0].attn.num_heads,
+        num_hidden_layers=len(blocks),
+        max_position_embeddings=clip.context_length,
+        hidden_act="gelu",
+        projection_dim=clip.embed_dim,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=0,
+    )
     converted = CLIPTextModelWithProjection(config).eval()
     checkpoint = {f"cond_stage_model.model.{k}": v.float() for k, v in model.state_dict().items()}
     weights = convert_open_clip_checkpoint(converted, checkpoint)
@@ -58,8 +68,11 @@ def stable_diffusion_text_encoder(clip) -> torch.nn.Module:
     config.update(num_hidden_layers=layers, architectures=["CLIPTextModel"])
     model = CLIPTextModel(type(full.config)(**config)).eval()
     names = set(model.state_dict())  # transformers 5 names CLIPTextModel's weights without `text_model.`
-    weights = {k.removeprefix("text_model."): v for k, v in full.state_dict().items()
-               if not k.startswith(f"text_model.encoder.layers.{layers}.") and k.removeprefix("text_model.") in names}  # fmt: skip
+    weights = {
+        k.removeprefix("text_model."): v
+        for k, v in full.state_dict().items()
+        if not k.startswith(f"text_model.encoder.layers.{layers}.") and k.removeprefix("text_model.") in names
+    }
     model.load_state_dict(weights)
     return model.requires_grad_(False)
 
@@ -78,5 +91,9 @@ def tokenizer(clip):
             json.dump(vocab, f)
         with open(os.path.join(folder, "merges.txt"), "w") as f:
             f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-        return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                             pad_token=PAD_TOKEN[clip.cfg.text_padding], model_max_length=clip.context_length)  # fmt: skip
+        return CLIPTokenizer(
+            os.path.join(folder, "vocab.json"),
+            os.path.join(folder, "merges.txt"),
+            pad_token=PAD_TOKEN[clip.cfg.text_padding],
+            model_max_length=clip.context_length,
+        )

@@ -17,7 +17,9 @@ from models.normalization import norm_groups
 
 def build_unet(cfg: LdmConfig, latent_channels: int, latent_size: int, text_width: int):
     n = len(cfg.block_channels)
-    from diffusers import UNet2DConditionModel  # lazy: diffusers (3-4 s) only where a network is built; `unclip train` checks the store without it
+    from diffusers import (
+        UNet2DConditionModel,
+    )  # lazy: diffusers (3-4 s) only where a network is built; `unclip train` checks the store without it
 
     return UNet2DConditionModel(
         sample_size=latent_size,

@@ -19,21 +19,40 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 class UnclipLdmPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet->vae"
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, text_layer: str = "last",
-                 text_embedding_token: bool = True, null_text: str = "zeros", latent_scale: float = 0.18215):  # fmt: skip
+    def __init__(
+        self,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        text_layer: str = "last",
+        text_embedding_token: bool = True,
+        null_text: str = "zeros",
+        latent_scale: float = 0.18215,
+    ):
         """`text_layer`: the text states the UNet was trained on (`last`, or `penultimate` through
         the final layer norm); `null_text`: its unconditional input (`zeros`, or `empty_caption`:
         the empty prompt's); `latent_scale`: what the UNet's latents are, times the VAE's."""
         super().__init__()
         self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
-        self.register_to_config(text_layer=text_layer, text_embedding_token=text_embedding_token, null_text=null_text,
-                                latent_scale=latent_scale)  # fmt: skip
+        self.register_to_config(
+            text_layer=text_layer,
+            text_embedding_token=text_embedding_token,
+            null_text=null_text,
+            latent_scale=latent_scale,
+        )
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """The sequence the UNet attends to: [B, L (+ 1), W]."""
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-                             return_tensors="pt").input_ids.to(self.text_encoder.device)  # fmt: skip
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.text_encoder.device)
         out = self.text_encoder(input_ids=ids, output_hidden_states=True)
         if self.config.text_layer == "last":
             states = out.last_hidden_state
@@ -44,14 +63,25 @@ class UnclipLdmPipeline(DiffusionPipeline):
         return states.float()
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], num_inference_steps: int = 25, guidance_scale: float = 3.0,
-                 generator: torch.Generator | None = None, output_type: str = "pil", return_dict: bool = True):  # fmt: skip
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_inference_steps: int = 25,
+        guidance_scale: float = 3.0,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
         """Pictures for `prompt`. guidance w: uncond + w (cond - uncond); 1 is the conditional
         model alone. output_type: "pil", "np" or "pt" ([B, 3, H, W] in [0, 1])."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         device, dtype = self.unet.device, self.unet.dtype
         context = self.encode_prompt(prompts).to(device)
-        null = torch.zeros_like(context) if self.config.null_text == "zeros" else self.encode_prompt([""]).to(device).expand_as(context)
+        null = (
+            torch.zeros_like(context)
+            if self.config.null_text == "zeros"
+            else self.encode_prompt([""]).to(device).expand_as(context)
+        )
         self.scheduler.set_timesteps(num_inference_steps)
         c, size = self.unet.config.in_channels, self.unet.config.sample_size
         x = torch.randn((len(prompts), c, size, size), generator=generator).to(device) * self.scheduler.init_noise_sigma

@@ -50,5 +50,9 @@ def guidance_gain(off: dict[str, Any], on: dict[str, Any]) -> dict[str, Any]:
     follow = [float(np.mean(list(scores["prompt_following"].values()))) for scores in (off, on)]
     clip_score = [off["clip_score"], on["clip_score"]]
     distance = [off["frechet_distance_clip"], on["frechet_distance_clip"]]
-    return {"prompt_following_mean": follow, "clip_score": clip_score, "frechet_distance_clip": distance,
-            "beats_unguided": follow[1] > follow[0] and clip_score[1] > clip_score[0]}  # fmt: skip
+    return {
+        "prompt_following_mean": follow,
+        "clip_score": clip_score,
+        "frechet_distance_clip": distance,
+        "beats_unguided": follow[1] > follow[0] and clip_score[1] > clip_score[0],
+    }

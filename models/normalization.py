@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def norm_groups(channels: Sequence[int], min_group: int = 4) -> int:

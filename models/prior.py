@@ -15,7 +15,9 @@ from models.diffusion import Diffusion, device_of
 
 
 def build_prior(cfg: PriorConfig, embed_dim: int, context_length: int, mean: list[float], std: list[float]):
-    from diffusers import PriorTransformer  # lazy: diffusers (3-4 s) only where a network is built; `unclip train` checks the store without it
+    from diffusers import (
+        PriorTransformer,
+    )  # lazy: diffusers (3-4 s) only where a network is built; `unclip train` checks the store without it
 
     model = PriorTransformer(
         num_attention_heads=cfg.heads,
@@ -41,7 +43,9 @@ def hold_statistics(model):
     return model
 
 
-def drop_text(text: dict[str, torch.Tensor], drop: torch.Tensor, empty_caption: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def drop_text(
+    text: dict[str, torch.Tensor], drop: torch.Tensor, empty_caption: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Replace the text of rows where `drop` is true by the null condition: zeros with a full mask,
     or `empty_caption` (emb [1, D], tokens [1, L, W], mask [1, L]: the text conditioning of "")."""
     if empty_caption is not None:
@@ -89,5 +93,3 @@ def sample(
     dim = model.clip_mean.shape[-1]
     x0 = diffusion.sample(model_fn, (n, dim), steps, guidance, generator, device=device)
     return model.post_process_latents(x0)
-
-

@@ -32,8 +32,14 @@ COMPONENTS = {
     "decoder": {"unet": "decoder", "text_proj": "text_proj"},
     "upsampler": {"model": "super_res_first"},
 }
-CLASSES = {"unet": "UNet2DConditionModel", "prior": "PriorTransformer", "decoder": "UNet2DConditionModel",
-           "text_proj": "UnCLIPTextProjModel", "super_res_first": "UNet2DModel", "super_res_last": "UNet2DModel"}  # fmt: skip
+CLASSES = {
+    "unet": "UNet2DConditionModel",
+    "prior": "PriorTransformer",
+    "decoder": "UNet2DConditionModel",
+    "text_proj": "UnCLIPTextProjModel",
+    "super_res_first": "UNet2DModel",
+    "super_res_last": "UNet2DModel",
+}
 REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
@@ -71,8 +77,10 @@ def find_public(source: str, stage: str) -> PublicWeights | None:
         elif os.path.exists(os.path.join(source, "config.json")):
             places = _component_places(source, stage, wanted)
         else:
-            raise PublicWeightsError(f"--init-from '{source}': neither a checkpoint of ours nor a diffusers folder "
-                                     f"(no {PIPELINE_INDEX} or config.json there)")  # fmt: skip
+            raise PublicWeightsError(
+                f"--init-from '{source}': neither a checkpoint of ours nor a diffusers folder "
+                f"(no {PIPELINE_INDEX} or config.json there)"
+            )
         return PublicWeights(source, places, {ours: _read_config(place) for ours, place in places.items()})
     if "://" in source or not REPO_ID.fullmatch(source):
         return None
@@ -86,8 +94,10 @@ def _component_places(folder: str, stage: str, wanted: dict[str, str]) -> dict[s
     # the decoder is two networks: its UNet's folder, with the pipeline's text_proj beside it
     parent = os.path.dirname(os.path.abspath(folder))
     if not os.path.exists(os.path.join(parent, "text_proj", "config.json")):
-        raise PublicWeightsError(f"--init-from '{folder}': the {stage} needs its UNet and UnCLIPTextProjModel; "
-                                 "give the UnCLIPPipeline folder, or a UNet folder with 'text_proj' beside it")  # fmt: skip
+        raise PublicWeightsError(
+            f"--init-from '{folder}': the {stage} needs its UNet and UnCLIPTextProjModel; "
+            "give the UnCLIPPipeline folder, or a UNet folder with 'text_proj' beside it"
+        )
     return {"unet": (folder, None), "text_proj": (parent, "text_proj")}
 
 
@@ -95,7 +105,9 @@ def _read_config(place: tuple[str, str | None]) -> dict[str, Any]:
     folder, subfolder = place
     path = os.path.join(folder, subfolder or "", "config.json")
     if not os.path.exists(path):
-        raise PublicWeightsError(f"--init-from '{folder}': the pipeline has no '{subfolder}' component ({path} is missing)")
+        raise PublicWeightsError(
+            f"--init-from '{folder}': the pipeline has no '{subfolder}' component ({path} is missing)"
+        )
     with open(path) as f:
         return json.load(f)
 
@@ -106,7 +118,9 @@ def _hub_config(repo: str, place: tuple[str, str | None]) -> dict[str, Any]:
     try:
         path = hf_hub_download(repo, "config.json", subfolder=place[1])
     except Exception as err:  # offline, unknown repo, no such component: one line, whatever the cause
-        raise PublicWeightsError(f"--init-from '{repo}': cannot read {place[1]}/config.json from the hub ({type(err).__name__})") from None
+        raise PublicWeightsError(
+            f"--init-from '{repo}': cannot read {place[1]}/config.json from the hub ({type(err).__name__})"
+        ) from None
     with open(path) as f:
         return json.load(f)
 
@@ -114,15 +128,21 @@ def _hub_config(repo: str, place: tuple[str, str | None]) -> dict[str, Any]:
 def expect_class(weights: PublicWeights, name: str, component: str) -> None:
     found = weights.configs[name].get("_class_name")
     if found != CLASSES[component]:
-        raise PublicWeightsError(f"--init-from '{weights.source}': '{component}' is a {found}, expected a {CLASSES[component]}")
+        raise PublicWeightsError(
+            f"--init-from '{weights.source}': '{component}' is a {found}, expected a {CLASSES[component]}"
+        )
 
 
 def load_public(weights: PublicWeights) -> dict[str, torch.nn.Module]:
     """Each network, built from its own config with its weights (float32, for training)."""
     from models.assembly import module_class  # lazy: diffusers' models load only in the ranks
 
-    return {name: module_class(weights.configs[name]["_class_name"]).from_pretrained(folder, subfolder=subfolder, torch_dtype=torch.float32)
-            for name, (folder, subfolder) in weights.places.items()}  # fmt: skip
+    return {
+        name: module_class(weights.configs[name]["_class_name"]).from_pretrained(
+            folder, subfolder=subfolder, torch_dtype=torch.float32
+        )
+        for name, (folder, subfolder) in weights.places.items()
+    }
 
 
 def mismatch(weights: PublicWeights, checks: list[tuple[str, Any, str, Any]]) -> None:
@@ -130,5 +150,6 @@ def mismatch(weights: PublicWeights, checks: list[tuple[str, Any, str, Any]]) ->
     that differ, naming both."""
     for field, value, other, expected in checks:
         if value != expected:
-            raise PublicWeightsError(f"--init-from '{weights.source}': the weights' {field} is {value!r}, "
-                                     f"but {other} is {expected!r}")  # fmt: skip
+            raise PublicWeightsError(
+                f"--init-from '{weights.source}': the weights' {field} is {value!r}, but {other} is {expected!r}"
+            )

@@ -7,8 +7,13 @@ import math
 from typing import Literal
 
 
-def warmup_then_decay(step: int, warmup_steps: int, total_steps: int, schedule: Literal["constant", "cosine"] = "cosine",
-                      min_ratio: float = 0.0) -> float:  # fmt: skip
+def warmup_then_decay(
+    step: int,
+    warmup_steps: int,
+    total_steps: int,
+    schedule: Literal["constant", "cosine"] = "cosine",
+    min_ratio: float = 0.0,
+) -> float:
     """The factor on the base learning rate at optimizer step `step` (0-based)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps

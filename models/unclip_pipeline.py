@@ -25,7 +25,9 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 
 
-def _denoise(scheduler, predict, shape: tuple[int, ...], steps: int, guidance: float, generator, device) -> torch.Tensor:
+def _denoise(
+    scheduler, predict, shape: tuple[int, ...], steps: int, guidance: float, generator, device
+) -> torch.Tensor:
     """The reverse process with classifier-free guidance: uncond + w (cond - uncond). An
     UnCLIPScheduler is told the next timestep, and with a learned variance `predict` returns it
     after the prediction (the conditional model's is kept)."""
@@ -61,30 +63,66 @@ class UnclipChainPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->prior->text_proj->decoder->vae->super_res_0->super_res_1"
     _optional_components = ["vae", "super_res_0", "super_res_0_scheduler", "super_res_1", "super_res_1_scheduler"]
 
-    def __init__(self, text_encoder, tokenizer, prior, prior_scheduler, decoder, text_proj: UnCLIPTextProjModel, decoder_scheduler, vae=None,
-                 super_res_0=None, super_res_0_scheduler=None, super_res_1=None, super_res_1_scheduler=None,
-                 text_layer: str = "last", decoder_latent_scale: float | None = None, prior_null_text: str = "zeros",
-                 decoder_null_text: str = "zeros", decoder_text_mask: bool = False,
-                 super_res_resize: list[str] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        text_encoder,
+        tokenizer,
+        prior,
+        prior_scheduler,
+        decoder,
+        text_proj: UnCLIPTextProjModel,
+        decoder_scheduler,
+        vae=None,
+        super_res_0=None,
+        super_res_0_scheduler=None,
+        super_res_1=None,
+        super_res_1_scheduler=None,
+        text_layer: str = "last",
+        decoder_latent_scale: float | None = None,
+        prior_null_text: str = "zeros",
+        decoder_null_text: str = "zeros",
+        decoder_text_mask: bool = False,
+        super_res_resize: list[str] | None = None,
+    ):
         """`vae` and `decoder_latent_scale`: a decoder that draws VAE latents, and what they are
         times the VAE's. Each super-resolution UNet enlarges to its sample_size, in turn, from the
         picture below resized as `super_res_resize` says. `*_null_text`: what each network's
         unconditional text is (zeros, or the empty caption's encoding)."""
         super().__init__()
-        self.register_modules(text_encoder=text_encoder, tokenizer=tokenizer, prior=prior, prior_scheduler=prior_scheduler,
-                              decoder=decoder, text_proj=text_proj, decoder_scheduler=decoder_scheduler, vae=vae,
-                              super_res_0=super_res_0, super_res_0_scheduler=super_res_0_scheduler,
-                              super_res_1=super_res_1, super_res_1_scheduler=super_res_1_scheduler)  # fmt: skip
-        self.register_to_config(text_layer=text_layer, decoder_latent_scale=decoder_latent_scale, prior_null_text=prior_null_text,
-                                decoder_null_text=decoder_null_text, decoder_text_mask=decoder_text_mask,
-                                super_res_resize=super_res_resize or ["bicubic_clamped"] * 2)  # fmt: skip
+        self.register_modules(
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            prior=prior,
+            prior_scheduler=prior_scheduler,
+            decoder=decoder,
+            text_proj=text_proj,
+            decoder_scheduler=decoder_scheduler,
+            vae=vae,
+            super_res_0=super_res_0,
+            super_res_0_scheduler=super_res_0_scheduler,
+            super_res_1=super_res_1,
+            super_res_1_scheduler=super_res_1_scheduler,
+        )
+        self.register_to_config(
+            text_layer=text_layer,
+            decoder_latent_scale=decoder_latent_scale,
+            prior_null_text=prior_null_text,
+            decoder_null_text=decoder_null_text,
+            decoder_text_mask=decoder_text_mask,
+            super_res_resize=super_res_resize or ["bicubic_clamped"] * 2,
+        )
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """emb [B, D] (pooled, projected), tokens [B, L, W] and mask [B, L] (the caption's tokens up
         to and including its end-of-text token)."""
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-                             return_tensors="pt").input_ids.to(self.text_encoder.device)  # fmt: skip
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.text_encoder.device)
         out = self.text_encoder(input_ids=ids, output_hidden_states=True)
         if self.config.text_layer == "last":
             tokens = out.last_hidden_state
@@ -109,8 +147,13 @@ class UnclipChainPipeline(DiffusionPipeline):
 
         def predict(x, t, conditional):
             c = text if conditional else null
-            return prior(hidden_states=x.to(prior.dtype), timestep=t, proj_embedding=c["emb"].to(prior.dtype),
-                         encoder_hidden_states=c["tokens"].to(prior.dtype), attention_mask=c["mask"]).predicted_image_embedding.float()  # fmt: skip
+            return prior(
+                hidden_states=x.to(prior.dtype),
+                timestep=t,
+                proj_embedding=c["emb"].to(prior.dtype),
+                encoder_hidden_states=c["tokens"].to(prior.dtype),
+                attention_mask=c["mask"],
+            ).predicted_image_embedding.float()
 
         x0 = _denoise(self.prior_scheduler, predict, (n, prior.clip_mean.shape[-1]), steps, guidance, generator, device)
         return prior.post_process_latents(x0)
@@ -127,16 +170,26 @@ class UnclipChainPipeline(DiffusionPipeline):
             n = len(x)
             emb = image_emb if conditional else proj.learned_classifier_free_guidance_embeddings.float().expand(n, -1)
             c = text if conditional else null
-            context, extra = proj(image_embeddings=emb.to(dtype), prompt_embeds=c["emb"].to(dtype),
-                                  text_encoder_hidden_states=c["tokens"].to(dtype), do_classifier_free_guidance=False)  # fmt: skip
-            mask = F.pad(c["mask"], (proj.clip_extra_context_tokens, 0), value=True) if self.config.decoder_text_mask else None
+            context, extra = proj(
+                image_embeddings=emb.to(dtype),
+                prompt_embeds=c["emb"].to(dtype),
+                text_encoder_hidden_states=c["tokens"].to(dtype),
+                do_classifier_free_guidance=False,
+            )
+            mask = (
+                F.pad(c["mask"], (proj.clip_extra_context_tokens, 0), value=True)
+                if self.config.decoder_text_mask
+                else None
+            )
             folded = F.pixel_unshuffle(x.to(dtype), patch)
             out = unet(folded, t, encoder_hidden_states=context, class_labels=extra, encoder_attention_mask=mask).sample
             k = folded.shape[1]  # a learned variance follows the prediction
             return torch.cat([F.pixel_shuffle(out[:, :k], patch), F.pixel_shuffle(out[:, k:], patch)], 1).float()
 
         size = unet.config.sample_size * patch
-        out = _denoise(self.decoder_scheduler, predict, (len(image_emb), channels, size, size), steps, guidance, generator, device)
+        out = _denoise(
+            self.decoder_scheduler, predict, (len(image_emb), channels, size, size), steps, guidance, generator, device
+        )
         if not latent:
             return out.clamp(-1, 1)
         return self.vae.decode((out / self.config.decoder_latent_scale).to(self.vae.dtype)).sample.float().clamp(-1, 1)
@@ -151,9 +204,17 @@ class UnclipChainPipeline(DiffusionPipeline):
         return _denoise(scheduler, predict, (len(low), 3, size, size), steps, 1.0, generator, device).clamp(-1, 1)
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], num_inference_steps: int = 25, guidance_scale: float = 1.5,
-                 prior_guidance_scale: float = 1.0, upsampler_inference_steps: int = 10, generator: torch.Generator | None = None,
-                 output_type: str = "pil", return_dict: bool = True):  # fmt: skip
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_inference_steps: int = 25,
+        guidance_scale: float = 1.5,
+        prior_guidance_scale: float = 1.0,
+        upsampler_inference_steps: int = 10,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
         """Pictures for `prompt` at the last resolution. guidance_scale: the decoder's;
         prior_guidance_scale: the prior's. output_type: "pil", "np" or "pt" ([B, 3, H, W] in [0, 1])."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -164,7 +225,15 @@ class UnclipChainPipeline(DiffusionPipeline):
         for i in range(2):
             unet, scheduler = getattr(self, f"super_res_{i}", None), getattr(self, f"super_res_{i}_scheduler", None)
             if unet is not None:
-                images = self._upsample(unet, scheduler, images, upsampler_inference_steps, generator, device, self.config.super_res_resize[i])
+                images = self._upsample(
+                    unet,
+                    scheduler,
+                    images,
+                    upsampler_inference_steps,
+                    generator,
+                    device,
+                    self.config.super_res_resize[i],
+                )
         images = (images + 1) / 2
         if output_type == "pt":
             result = images.cpu()

@@ -21,7 +21,9 @@ from models.normalization import norm_groups
 
 def build_upsampler(cfg: UpsamplerConfig):
     n = len(cfg.block_channels)
-    from diffusers import UNet2DModel  # lazy: diffusers (3-4 s) only where a network is built; `unclip train` checks the store without it
+    from diffusers import (
+        UNet2DModel,
+    )  # lazy: diffusers (3-4 s) only where a network is built; `unclip train` checks the store without it
 
     return UNet2DModel(
         sample_size=cfg.high,
@@ -77,7 +79,9 @@ def degrade(low: torch.Tensor, cfg: UpsamplerConfig, generator: torch.Generator)
     return (blurred + noise.to(low)).clamp(-1, 1)
 
 
-def random_crops(high: np.ndarray, low: np.ndarray, crop: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def random_crops(
+    high: np.ndarray, low: np.ndarray, crop: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Aligned crops of high-res [B, H, W, 3] and low-res [B, h, w, 3] uint8 images."""
     if not crop:
         return high, low
@@ -97,8 +101,15 @@ def predict(model, x_t: torch.Tensor, t: torch.Tensor, low_up: torch.Tensor) -> 
     return model(torch.cat([x_t, low_up], 1).to(dtype), t).sample[:, :3].float()
 
 
-def sample(model, diffusion: Diffusion, low: torch.Tensor, factor: int, steps: int, generator: torch.Generator,
-           resize: str = "bicubic_clamped") -> torch.Tensor:  # fmt: skip
+def sample(
+    model,
+    diffusion: Diffusion,
+    low: torch.Tensor,
+    factor: int,
+    steps: int,
+    generator: torch.Generator,
+    resize: str = "bicubic_clamped",
+) -> torch.Tensor:
     """Low-res images in [-1, 1] -> `factor` times larger images in [-1, 1] (no guidance: nothing
     is dropped in training). `resize`: how it was trained to see the low resolution (upsampler.resize)."""
     size = low.shape[-1] * factor
@@ -109,4 +120,3 @@ def sample(model, diffusion: Diffusion, low: torch.Tensor, factor: int, steps: i
         return predict(model, x, t, low_up)
 
     return diffusion.sample(model_fn, (len(low_up), 3, size, size), steps, 1.0, generator, device=device).clamp(-1, 1)
-

@@ -32,7 +32,11 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 # (a fault run makes a few hundred); each try more would add up to 16 s to every outage test.
 FAULT_TIMEOUT_S = 1.0
 FAULT_ATTEMPTS = 5
-FAULT_SETTINGS = [f"storage.read_timeout_s={FAULT_TIMEOUT_S}", f"storage.connect_timeout_s={FAULT_TIMEOUT_S}", f"storage.attempts={FAULT_ATTEMPTS}"]
+FAULT_SETTINGS = [
+    f"storage.read_timeout_s={FAULT_TIMEOUT_S}",
+    f"storage.connect_timeout_s={FAULT_TIMEOUT_S}",
+    f"storage.attempts={FAULT_ATTEMPTS}",
+]
 
 
 @pytest.fixture(scope="session")
@@ -48,9 +52,15 @@ def fault_proxy():
     server.start()
     _, port = server.get_host_and_port()
     proxy = FaultProxy(f"http://127.0.0.1:{port}", stall_s=FAULT_TIMEOUT_S + 1)
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
+    saved = {
+        k: os.environ.get(k)
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+    }
     os.environ.update(
-        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=proxy.endpoint
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=proxy.endpoint,
     )
     boto3.client("s3").create_bucket(Bucket="unclip-test")
     yield proxy
@@ -86,9 +96,9 @@ def local_ray(s3_endpoint):
     after the S3 server so its workers inherit the endpoint and credentials."""
     import ray
 
-    from models.base import storage
     from data_pipeline.config import RayConfig
     from data_pipeline.ray_runtime import ray_session
+    from models.base import storage
 
     storage.configure_object_store(FAULT_ATTEMPTS, FAULT_TIMEOUT_S, FAULT_TIMEOUT_S)  # its workers keep these
     with ray_session(RayConfig(num_cpus=2)):
@@ -98,8 +108,17 @@ def local_ray(s3_endpoint):
 # The modules that take longest, longest first (as measured under `make test`'s two workers): xdist
 # hands each worker two modules at a time in collection order, so a long module drawn last would
 # leave one worker running it alone at the end. The rest follow in their usual order.
-LONGEST_FIRST = ["test_engine.py", "test_training_options.py", "test_pipeline.py", "test_errors.py", "test_ingest.py",
-                 "test_embed.py", "test_launch.py", "test_secrets.py", "test_public_init.py"]  # fmt: skip
+LONGEST_FIRST = [
+    "test_engine.py",
+    "test_training_options.py",
+    "test_pipeline.py",
+    "test_errors.py",
+    "test_ingest.py",
+    "test_embed.py",
+    "test_launch.py",
+    "test_secrets.py",
+    "test_public_init.py",
+]
 
 
 @pytest.hookimpl(trylast=True)  # after -m and -k have deselected what does not run
@@ -126,8 +145,9 @@ def start_cpu_adam_build(items: list[pytest.Item]) -> None:
     from launch.environment import rank_environment  # the accelerator the ranks get, so the build is the one they load
 
     build = "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('CPUAdamBuilder').load()"
-    _extension_build = subprocess.Popen([sys.executable, "-c", build], env=rank_environment(),
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    _extension_build = subprocess.Popen(
+        [sys.executable, "-c", build], env=rank_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -29,7 +29,11 @@ def counting(name: str):
 
     def wrapper(self, *args, **kwargs):
         caller = sys._getframe(1).f_code.co_filename
-        if threading.current_thread() is threading.main_thread() and caller.startswith(REPO) and "/.venv/" not in caller:
+        if (
+            threading.current_thread() is threading.main_thread()
+            and caller.startswith(REPO)
+            and "/.venv/" not in caller
+        ):
             calls["n"] += 1
         return original(self, *args, **kwargs)
 
@@ -50,8 +54,20 @@ def main() -> None:
         counts[spec] = []
         for n in (steps, 2 * steps):
             run = f"syncs-{len(counts)}-{n}"
-            cfg = config.load(None, [f"root={root}", f"train.steps={n}", f"train.log_every={n}", f"train.checkpoint_every={n}", f"train.run={run}",
-                                     "train.batch_size=4", "train.progress_bar=never", "decoder.space=pixel", *filter(None, overrides.split(","))])  # fmt: skip
+            cfg = config.load(
+                None,
+                [
+                    f"root={root}",
+                    f"train.steps={n}",
+                    f"train.log_every={n}",
+                    f"train.checkpoint_every={n}",
+                    f"train.run={run}",
+                    "train.batch_size=4",
+                    "train.progress_bar=never",
+                    "decoder.space=pixel",
+                    *filter(None, overrides.split(",")),
+                ],
+            )
             calls["n"] = 0
             run_rank(cfg, stage, log=lambda _: None)
             counts[spec].append(calls["n"])

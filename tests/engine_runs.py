@@ -20,9 +20,17 @@ from tests.storefactory import make_store
 
 # eps prediction, uniformly weighted: its loss falls from ~1 within a few steps, which the resume
 # tests read as "the curve continues"; min-SNR v losses wander too much over 8 steps to tell.
-SMALL = ["ldm.block_channels=[32, 64]", "ldm.diffusion.prediction=eps", "ldm.diffusion.loss_weighting=uniform",
-         "prior.layers=2", "prior.heads=2", "train.batch_size=8",
-         "train.log_every=1", "train.optim.warmup_steps=2", "train.progress_bar=never"]  # fmt: skip
+SMALL = [
+    "ldm.block_channels=[32, 64]",
+    "ldm.diffusion.prediction=eps",
+    "ldm.diffusion.loss_weighting=uniform",
+    "prior.layers=2",
+    "prior.heads=2",
+    "train.batch_size=8",
+    "train.log_every=1",
+    "train.optim.warmup_steps=2",
+    "train.progress_bar=never",
+]
 
 
 def command(root, *overrides, stage="ldm", nproc=2, flags=()):
@@ -33,7 +41,9 @@ def command(root, *overrides, stage="ldm", nproc=2, flags=()):
 
 def launch(root, *overrides, stage="ldm", nproc=2, flags=(), check=True, tmpdir=None):
     env = {**os.environ, "TMPDIR": str(tmpdir)} if tmpdir else None
-    result = subprocess.run(command(root, *overrides, stage=stage, nproc=nproc, flags=flags), capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        command(root, *overrides, stage=stage, nproc=nproc, flags=flags), capture_output=True, text=True, env=env
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
@@ -104,7 +114,10 @@ def straight_fixture(root):
 def launch_together(*runs: tuple[tuple, dict]) -> list[subprocess.CompletedProcess]:
     """Several launches at once (args and keywords of `command` each): a launch is mostly its
     ranks' start-up, one core each, so two at a time take about the time of one."""
-    procs = [subprocess.Popen(command(*args, **kw), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args, kw in runs]
+    procs = [
+        subprocess.Popen(command(*args, **kw), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for args, kw in runs
+    ]
     results = []
     for proc in procs:
         out, err = proc.communicate(timeout=900)

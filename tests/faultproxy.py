@@ -150,7 +150,7 @@ def _reset(handler: BaseHTTPRequestHandler) -> None:
     handler.connection.close()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _upstream_client(endpoint: str):
     """One client per endpoint: tests poll through it 20 times a second, and making one costs more."""
     import boto3

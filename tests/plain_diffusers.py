@@ -11,9 +11,15 @@ def plain_decoder(unet, proj, image_emb, text_emb, tokens, patch: int):
     def predict(x, t, conditional):
         emb = image_emb if conditional else proj.learned_classifier_free_guidance_embeddings.expand_as(image_emb)
         keep = 1.0 if conditional else 0.0
-        context, extra = proj(image_embeddings=emb, prompt_embeds=text_emb * keep, text_encoder_hidden_states=tokens * keep,
-                              do_classifier_free_guidance=False)  # fmt: skip
-        out = unet(torch.nn.functional.pixel_unshuffle(x, patch), t, encoder_hidden_states=context, class_labels=extra).sample
+        context, extra = proj(
+            image_embeddings=emb,
+            prompt_embeds=text_emb * keep,
+            text_encoder_hidden_states=tokens * keep,
+            do_classifier_free_guidance=False,
+        )
+        out = unet(
+            torch.nn.functional.pixel_unshuffle(x, patch), t, encoder_hidden_states=context, class_labels=extra
+        ).sample
         return torch.nn.functional.pixel_shuffle(out, patch)
 
     return predict

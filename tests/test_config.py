@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from models.base.configlib import ConfigError, parse_override
 from launch import cli, config
+from models.base.configlib import ConfigError, parse_override
 
 
 @pytest.mark.parametrize(
@@ -87,7 +87,9 @@ def test_override_syntax():
 def test_saved_config_round_trips(tmp_path):
     from models.base.configlib import read_yaml, to_yaml
 
-    cfg = config.load(None, [f"root={tmp_path}", "train.steps=11", "train.deepspeed={zero_optimization: {overlap_comm: true}}"])
+    cfg = config.load(
+        None, [f"root={tmp_path}", "train.steps=11", "train.deepspeed={zero_optimization: {overlap_comm: true}}"]
+    )
     (tmp_path / "saved.yaml").write_text(to_yaml(cfg))
     again = config.from_dict(read_yaml(str(tmp_path / "saved.yaml")))
     assert again == cfg
@@ -129,13 +131,34 @@ def test_every_shipped_config_is_valid():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["train.offload_params=cpu"], "config key 'train.offload_params': parameter offload needs train.zero_stage=3, got 2"),
-        (["train.zero_stage=0", "train.offload_optimizer=cpu"], "config key 'train.offload_optimizer': optimizer offload needs train.zero_stage of 1, 2 or 3"),
-        (["train.zero_stage=3", "train.offload_params=nvme"], "config key 'train.nvme_path': offload to nvme needs a local NVMe folder"),
-        (["train.deepspeed={train_micro_batch_size_per_gpu: 4}"], "config key 'train.deepspeed.train_micro_batch_size_per_gpu': set train.batch_size instead"),
-        (["train.deepspeed={optimizer: {type: Adam}}"], "config key 'train.deepspeed.optimizer': set train.optim instead"),
-        (["train.deepspeed={bf16: {enabled: true}}"], "config key 'train.deepspeed.bf16.enabled': contradicts train.precision=fp32"),
-        (["train.deepspeed={zero_optimization: {stage: 3}}"], "config key 'train.deepspeed.zero_optimization.stage': contradicts train.zero_stage=2"),
+        (
+            ["train.offload_params=cpu"],
+            "config key 'train.offload_params': parameter offload needs train.zero_stage=3, got 2",
+        ),
+        (
+            ["train.zero_stage=0", "train.offload_optimizer=cpu"],
+            "config key 'train.offload_optimizer': optimizer offload needs train.zero_stage of 1, 2 or 3",
+        ),
+        (
+            ["train.zero_stage=3", "train.offload_params=nvme"],
+            "config key 'train.nvme_path': offload to nvme needs a local NVMe folder",
+        ),
+        (
+            ["train.deepspeed={train_micro_batch_size_per_gpu: 4}"],
+            "config key 'train.deepspeed.train_micro_batch_size_per_gpu': set train.batch_size instead",
+        ),
+        (
+            ["train.deepspeed={optimizer: {type: Adam}}"],
+            "config key 'train.deepspeed.optimizer': set train.optim instead",
+        ),
+        (
+            ["train.deepspeed={bf16: {enabled: true}}"],
+            "config key 'train.deepspeed.bf16.enabled': contradicts train.precision=fp32",
+        ),
+        (
+            ["train.deepspeed={zero_optimization: {stage: 3}}"],
+            "config key 'train.deepspeed.zero_optimization.stage': contradicts train.zero_stage=2",
+        ),
     ],
 )
 def test_invalid_deepspeed_combinations_are_refused(overrides, message):
@@ -147,12 +170,31 @@ def test_invalid_deepspeed_combinations_are_refused(overrides, message):
 def test_deepspeed_config_is_derived_and_raw_keys_pass_through():
     from training.ds_config import deepspeed_config
 
-    cfg = config.load(None, ["train.zero_stage=3", "train.offload_params=cpu", "train.offload_optimizer=cpu", "train.precision=bf16",
-                             "train.grad_accum=4", "train.grad_clip=0.5", "train.deepspeed={zero_optimization: {overlap_comm: true}}"])  # fmt: skip
+    cfg = config.load(
+        None,
+        [
+            "train.zero_stage=3",
+            "train.offload_params=cpu",
+            "train.offload_optimizer=cpu",
+            "train.precision=bf16",
+            "train.grad_accum=4",
+            "train.grad_clip=0.5",
+            "train.deepspeed={zero_optimization: {overlap_comm: true}}",
+        ],
+    )
     ds = deepspeed_config(cfg.train)
-    assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}, "overlap_comm": True}
+    assert ds["zero_optimization"] == {
+        "stage": 3,
+        "offload_optimizer": {"device": "cpu"},
+        "offload_param": {"device": "cpu"},
+        "overlap_comm": True,
+    }
     assert ds["bf16"] == {"enabled": True} and ds["fp16"]["enabled"] is False and ds["fp16"]["loss_scale"] == 0
-    assert (ds["gradient_accumulation_steps"], ds["gradient_clipping"], ds["train_micro_batch_size_per_gpu"]) == (4, 0.5, 32)
+    assert (ds["gradient_accumulation_steps"], ds["gradient_clipping"], ds["train_micro_batch_size_per_gpu"]) == (
+        4,
+        0.5,
+        32,
+    )
     assert "gradient_clipping" not in deepspeed_config(config.load(None, ["train.grad_clip=0"]).train)
 
 
@@ -163,7 +205,9 @@ def test_fp16_on_a_cpu_accelerator_is_refused_before_launch():
 
     if torch.cuda.is_available():
         pytest.skip("a GPU supports fp16")
-    with pytest.raises(ConfigError, match="config key 'train.precision': fp16 is not supported by DeepSpeed's cpu accelerator"):
+    with pytest.raises(
+        ConfigError, match="config key 'train.precision': fp16 is not supported by DeepSpeed's cpu accelerator"
+    ):
         check_runtime(config.load(None, ["train.precision=fp16"]).train)
 
 
@@ -174,7 +218,9 @@ def test_lr_schedule():
     f = lr_factor(optim, 110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
-    constant = lr_factor(config.load(None, ["train.optim.schedule=constant", "train.optim.warmup_steps=0"]).train.optim, 100)
+    constant = lr_factor(
+        config.load(None, ["train.optim.schedule=constant", "train.optim.warmup_steps=0"]).train.optim, 100
+    )
     assert constant(0) == constant(99) == 1.0
 
 
@@ -193,15 +239,22 @@ def test_per_stage_train_settings_replace_single_values(tmp_path):
     from launch.demo import DEMO_STAGE_TRAIN, with_demo_training
 
     path = tmp_path / "stages.yaml"
-    path.write_text("train:\n  steps: 50\n  optim: {warmup_steps: 5}\n  stages:\n    ldm: {steps: 9, optim: {lr: 2.0e-3}}\n")
+    path.write_text(
+        "train:\n  steps: 50\n  optim: {warmup_steps: 5}\n  stages:\n    ldm: {steps: 9, optim: {lr: 2.0e-3}}\n"
+    )
     cfg = config.load(str(path))
     ldm, prior = config.for_stage(cfg, "ldm").train, config.for_stage(cfg, "prior").train
     assert (ldm.steps, ldm.optim.lr, ldm.optim.warmup_steps, ldm.stages) == (9, 2e-3, 5, {})
     assert (prior.steps, prior.optim.lr) == (50, cfg.train.optim.lr)
     assert config.for_stage(config.for_stage(cfg, "ldm"), "ldm") == config.for_stage(cfg, "ldm")
-    with pytest.raises(ConfigError, match=r"^config key 'train.stages.dit': expected a stage \(prior, decoder, upsampler, ldm\)$"):
+    with pytest.raises(
+        ConfigError, match=r"^config key 'train.stages.dit': expected a stage \(prior, decoder, upsampler, ldm\)$"
+    ):
         config.load(None, ["train.stages.dit.steps=3"])
-    with pytest.raises(ConfigError, match=r"^config key 'train.batch_size': expected a number >= 1, got 0 \(with train.stages.ldm applied\)$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^config key 'train.batch_size': expected a number >= 1, got 0 \(with train.stages.ldm applied\)$",
+    ):
         config.load(None, ["train.stages.ldm.batch_size=0"])
     with pytest.raises(ConfigError, match=r"train.offload_params.*\(with train.stages.ldm applied\)"):
         config.load(None, ["train.stages.ldm.offload_params=cpu"])  # checked against the stage's whole settings
@@ -242,12 +295,21 @@ def test_the_docs_name_only_real_config_keys():
                 free.add(path + ".")
 
     walk(config.Config, "")
-    sections = sorted(f.name for f in dataclasses.fields(config.Config) if dataclasses.is_dataclass(typing.get_type_hints(config.Config)[f.name]))
+    sections = sorted(
+        f.name
+        for f in dataclasses.fields(config.Config)
+        if dataclasses.is_dataclass(typing.get_type_hints(config.Config)[f.name])
+    )
     named = re.compile(r"(?<![\w/.-])((?:%s)\.[A-Za-z_][A-Za-z0-9_.]*)" % "|".join(sections))  # not inside a path
+
     def texts(path: Path) -> list[str]:
         if path.suffix != ".py":
             return [path.read_text()]
-        return [n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+        return [
+            n.value
+            for n in ast.walk(ast.parse(path.read_text()))
+            if isinstance(n, ast.Constant) and isinstance(n.value, str)
+        ]
 
     def module(name: str) -> bool:
         try:
@@ -255,14 +317,25 @@ def test_the_docs_name_only_real_config_keys():
         except ModuleNotFoundError:
             return False
 
-    documents = [repo / "README.md", repo / "infra" / "README.md", *sorted((repo / "configs").glob("*.yaml")),
-                 *sorted(p for d in ("data_pipeline", "training", "models", "launch", "benchmarks") for p in (repo / d).rglob("*.py"))]  # fmt: skip
+    documents = [
+        repo / "README.md",
+        repo / "infra" / "README.md",
+        *sorted((repo / "configs").glob("*.yaml")),
+        *sorted(
+            p for d in ("data_pipeline", "training", "models", "launch", "benchmarks") for p in (repo / d).rglob("*.py")
+        ),
+    ]
     stale = []
     for document in documents:
         for text in texts(document):
             for match in named.finditer(text):
                 key = match.group(1).rstrip(".")
-                if key.endswith((".py", ".json", ".yaml", ".md", ".png", ".sbatch")) or key in keys or key.startswith(tuple(free)) or module(key):
+                if (
+                    key.endswith((".py", ".json", ".yaml", ".md", ".png", ".sbatch"))
+                    or key in keys
+                    or key.startswith(tuple(free))
+                    or module(key)
+                ):
                     continue
                 stale.append(f"{document.relative_to(repo)}: {key}")
     assert not stale, stale

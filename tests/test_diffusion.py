@@ -79,7 +79,14 @@ def test_sampling_a_perfect_model_returns_the_data_point(sampler):
     """If the data is one point, the exact x0-predictor always says so; sampling must land on it."""
     target = torch.tensor([[0.5, -1.0, 2.0]])
     d = Diffusion(DiffusionConfig(prediction="x0"))
-    out = d.sample(lambda x, t, c: target.expand_as(x), (4, 3), steps=20, guidance=1.0, generator=torch.Generator().manual_seed(0), sampler=sampler)
+    out = d.sample(
+        lambda x, t, c: target.expand_as(x),
+        (4, 3),
+        steps=20,
+        guidance=1.0,
+        generator=torch.Generator().manual_seed(0),
+        sampler=sampler,
+    )
     # UnCLIPScheduler's last step weighs x0 by betas[0] / (1 - alphas_cumprod[0]), 0.99945 in float32
     assert torch.allclose(out, target.expand(4, 3), atol=2e-3 if sampler == "unclip" else 1e-4)
 
@@ -112,36 +119,58 @@ def test_the_sampler_given_at_construction_is_the_default():
     assert torch.equal(draw(ddpm), draw(ddim, sampler="ddpm"))
     assert torch.equal(draw(ddpm, sampler="ddim"), draw(ddim))
     assert not torch.allclose(draw(ddpm), draw(ddim))
-    assert type(ddpm.make_scheduler()).__name__ == "DDPMScheduler" and type(ddim.make_scheduler()).__name__ == "DDIMScheduler"
+    assert (
+        type(ddpm.make_scheduler()).__name__ == "DDPMScheduler"
+        and type(ddim.make_scheduler()).__name__ == "DDIMScheduler"
+    )
 
 
 def test_the_unclip_sampler_is_refused_where_unclipscheduler_cannot_follow():
     """UnCLIPScheduler knows the cosine schedule only, and eps or x0 targets."""
     for cfg, expected in (
         (DiffusionConfig(prediction="v"), "it takes eps or x0 predictions; this stage predicts v"),
-        (DiffusionConfig(schedule="scaled_linear"), "it takes the cosine schedule, unshifted; this stage trained on scaled_linear"),
+        (
+            DiffusionConfig(schedule="scaled_linear"),
+            "it takes the cosine schedule, unshifted; this stage trained on scaled_linear",
+        ),
         (DiffusionConfig(snr_shift=4.0), "with snr_shift 4.0"),
     ):
         with pytest.raises(ValueError, match=expected):
             Diffusion(cfg, "unclip").make_scheduler()
     with pytest.raises(ValueError, match="needs at least 2 steps"):
-        Diffusion(DiffusionConfig(), "unclip").sample(lambda x, t, c: x, (1, 2), 1, 1.0, torch.Generator().manual_seed(0))
+        Diffusion(DiffusionConfig(), "unclip").sample(
+            lambda x, t, c: x, (1, 2), 1, 1.0, torch.Generator().manual_seed(0)
+        )
 
 
 def test_a_learned_variance_is_read_by_the_unclip_sampler_alone_and_from_the_conditional_model():
     """model_fn gives [prediction, variance] on axis 1 (Karlo's decoder): UnCLIPScheduler's
     learned range reads the variance, the conditional model's, as UnCLIPPipeline does; guidance
     mixes the predictions only; DDIM ignores the variance."""
+
     def fn(cond_variance, uncond_variance):
         def model_fn(x, t, conditional):
-            return torch.cat([0.5 * x if conditional else 0.25 * x, torch.full_like(x, cond_variance if conditional else uncond_variance)], 1)
+            return torch.cat(
+                [
+                    0.5 * x if conditional else 0.25 * x,
+                    torch.full_like(x, cond_variance if conditional else uncond_variance),
+                ],
+                1,
+            )
+
         return model_fn
 
     def draw(sampler, model_fn, guidance=2.0):
-        return Diffusion(DiffusionConfig(), sampler).sample(model_fn, (2, 3), 5, guidance, torch.Generator().manual_seed(0), learned_variance=True)
+        return Diffusion(DiffusionConfig(), sampler).sample(
+            model_fn, (2, 3), 5, guidance, torch.Generator().manual_seed(0), learned_variance=True
+        )
 
     assert not torch.allclose(draw("unclip", fn(-1.0, 0.0)), draw("unclip", fn(1.0, 0.0)))
     assert torch.equal(draw("unclip", fn(-1.0, 0.0)), draw("unclip", fn(-1.0, 1.0)))
     assert torch.equal(draw("ddim", fn(-1.0, 0.0)), draw("ddim", fn(1.0, 0.0)))
     scheduler = Diffusion(DiffusionConfig(clip_sample=5.0), "unclip").make_scheduler(learned_variance=True)
-    assert (scheduler.config.variance_type, scheduler.config.clip_sample, scheduler.config.clip_sample_range) == ("learned_range", True, 5.0)
+    assert (scheduler.config.variance_type, scheduler.config.clip_sample, scheduler.config.clip_sample_range) == (
+        "learned_range",
+        True,
+        5.0,
+    )

@@ -45,7 +45,9 @@ def test_a_saved_average_loads_from_its_file_and_names_the_file_when_it_does_not
     ema.load_file(str(tmp_path / "ema.safetensors"), 7)
     assert ema.updates == 7 and all(torch.equal(ema.state_dict()[n], saved[n]) for n in saved)
     save_file({**saved, "1.weight": torch.zeros(2, 5)}, str(tmp_path / "wide.safetensors"))
-    with pytest.raises(ValueError, match=r"wide.safetensors': '1.weight' has shape \(2, 5\), the network's is \(2, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"wide.safetensors': '1.weight' has shape \(2, 5\), the network's is \(2, 4\)"
+    ):
         ema.load_file(str(tmp_path / "wide.safetensors"), 0)
     save_file({n: v for n, v in saved.items() if n != "0.bias"}, str(tmp_path / "short.safetensors"))
     with pytest.raises(KeyError, match="short.safetensors' lacks '0.bias'"):
@@ -65,16 +67,41 @@ def test_each_rank_averages_its_share_and_the_whole_is_exact(tmp_path):
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # on the CPU with gloo everywhere: two ranks on a one-GPU machine could not each have a GPU
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": repo,
+        "DS_ACCELERATOR": "cpu",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     report_file = tmp_path / "report.json"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "tests.zero3_ema_ranks", str(report_file)], env=env, capture_output=True, text=True, cwd=repo)  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "tests.zero3_ema_ranks",
+            str(report_file),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=repo,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(report_file.read_text())
     assert report["names"] == [["0.bias", "0.weight", "2.bias", "2.weight"]] * 2 and report["shapes_equal"]
     assert report["moved_from_start"] > 1e-3
     assert report["partitions_vs_reference"] < 1e-6 and report["shares_vs_reference"] < 1e-6
     assert report["round_trip_difference"] == 0.0
-    assert report["share_sizes"] == {"0.weight": 18, "0.bias": 4, "2.weight": 11, "2.bias": 2}  # rank 0's half of 35, 7, 21, 3
+    assert report["share_sizes"] == {
+        "0.weight": 18,
+        "0.bias": 4,
+        "2.weight": 11,
+        "2.bias": 2,
+    }  # rank 0's half of 35, 7, 21, 3
     assert report["checksum_difference"] < 1e-9
     assert report["finite"] and not report["finite_after_nan_on_rank1"]  # rank 0 hears of rank 1's NaN

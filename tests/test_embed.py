@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from data_pipeline import embed, sources, store, store_writer, synthetic
-from models.base import storage
-from models.base.configlib import to_dict
 from data_pipeline.config import SyntheticConfig
 from data_pipeline.embed_worker import invalid_rows
 from launch import cli, config
+from models.base import storage
+from models.base.configlib import to_dict
 from models.encoders import write_tiny_encoders
 
 SHARD = 8
@@ -27,11 +27,17 @@ QUIET = lambda _msg: None  # noqa: E731
 
 
 def embed_config(root, env, *extra):
-    return config.load(None, [
-        f"root={root}", f"embed.input={env['wds']}", "embed.batch_size=4",
-        f"encoders.clip.model=local-dir:{env['encoders']}/clip", f"encoders.vae.path={env['encoders']}/vae",
-        *extra,
-    ])  # fmt: skip
+    return config.load(
+        None,
+        [
+            f"root={root}",
+            f"embed.input={env['wds']}",
+            "embed.batch_size=4",
+            f"encoders.clip.model=local-dir:{env['encoders']}/clip",
+            f"encoders.vae.path={env['encoders']}/vae",
+            *extra,
+        ],
+    )
 
 
 def run_embed(cfg):
@@ -56,7 +62,18 @@ def env(tmp_path_factory, local_ray):
 
 def read_all(store_url: str) -> dict[str, np.ndarray]:
     s = store.open_store(store_url)
-    data = s.read(["key", "clip_score", "clip_image_emb", "clip_text_emb", "clip_text_tokens", "text_mask", "vae_latent", "image_64"])
+    data = s.read(
+        [
+            "key",
+            "clip_score",
+            "clip_image_emb",
+            "clip_text_emb",
+            "clip_text_tokens",
+            "text_mask",
+            "vae_latent",
+            "image_64",
+        ]
+    )
     order = np.argsort(data["key"])
     return {k: v[order] for k, v in data.items()}
 
@@ -66,8 +83,12 @@ def test_manifest_follows_the_contract(env):
     m = env["manifest"]
     assert m["schema_version"] == store.SCHEMA_VERSION
     clip, vae = m["encoders"]["clip"], m["encoders"]["vae"]
-    assert clip["weights_sha256"] == storage.sha256_file(os.path.join(env["encoders"], "clip", "open_clip_model.safetensors"))
-    assert vae["weights_sha256"] == storage.sha256_file(os.path.join(env["encoders"], "vae", "diffusion_pytorch_model.safetensors"))
+    assert clip["weights_sha256"] == storage.sha256_file(
+        os.path.join(env["encoders"], "clip", "open_clip_model.safetensors")
+    )
+    assert vae["weights_sha256"] == storage.sha256_file(
+        os.path.join(env["encoders"], "vae", "diffusion_pytorch_model.safetensors")
+    )
     assert vae["scaling_factor"] == pytest.approx(0.18215)
     assert m["columns"]["clip_image_emb"] == {"dtype": "float16", "shape": [64]}
     assert m["columns"]["clip_text_tokens"] == {"dtype": "float16", "shape": [32, 64]}
@@ -80,7 +101,9 @@ def test_manifest_follows_the_contract(env):
             assert storage.sha256_file(storage.join(env["store_url"], file)) == digest
             assert os.path.getsize(storage.join(env["store_url"], file)) == size
     # the last shard holds only the two undecodable images: its part has no file, not a 0-row one
-    assert index["rows"].to_pylist()[-1] == 0 and index["file"].to_pylist()[-1] is None and m["totals"]["empty_parts"] == 1
+    assert (
+        index["rows"].to_pylist()[-1] == 0 and index["file"].to_pylist()[-1] is None and m["totals"]["empty_parts"] == 1
+    )
     assert not os.path.exists(os.path.join(env["store_url"], "part-00012.parquet"))
     assert m["totals"]["rows"] == sum(index["rows"].to_pylist()) == 96
     assert m["totals"]["counts"]["rejected_decode_error"] == 2 and m["totals"]["counts"]["kept"] == 96
@@ -119,9 +142,17 @@ def test_clip_score_filter_drops_and_counts(env):
 def test_sigkill_then_rerun_gives_the_same_store(env):
     root = env["base"] / "killed"
     cfg = embed_config(root, env)
-    args = [f"root={root}", f"embed.input={env['wds']}", "embed.batch_size=4", "ray.num_cpus=2",
-            f"encoders.clip.model=local-dir:{env['encoders']}/clip", f"encoders.vae.path={env['encoders']}/vae"]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "embed", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        f"root={root}",
+        f"embed.input={env['wds']}",
+        "embed.batch_size=4",
+        "ray.num_cpus=2",
+        f"encoders.clip.model=local-dir:{env['encoders']}/clip",
+        f"encoders.vae.path={env['encoders']}/vae",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", "embed", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 180
     while not store_writer.committed_parts(cfg.store_url) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -149,10 +180,15 @@ def assert_same_store(store_url: str, env) -> None:
 
 @pytest.mark.slow
 def test_other_encoders_or_settings_are_refused(env, tmp_path):
-    seed1 = config.load(None, [f"encoders.clip.model=local-dir:{tmp_path}/clip", f"encoders.vae.path={tmp_path}/vae", "encoders.tiny.seed=1"])
+    seed1 = config.load(
+        None,
+        [f"encoders.clip.model=local-dir:{tmp_path}/clip", f"encoders.vae.path={tmp_path}/vae", "encoders.tiny.seed=1"],
+    )
     write_tiny_encoders(seed1.encoders)
     other = embed_config(env["base"] / "reference", env, f"encoders.clip.model=local-dir:{tmp_path}/clip")
-    with pytest.raises(store.StoreError, match=r"encoders.clip.weights_sha256 is '[0-9a-f]{64}' there, '[0-9a-f]{64}' now"):
+    with pytest.raises(
+        store.StoreError, match=r"encoders.clip.weights_sha256 is '[0-9a-f]{64}' there, '[0-9a-f]{64}' now"
+    ):
         run_embed(other)
     with pytest.raises(store.StoreError, match=r"embed.precision='fp32', now 'bf16'"):
         run_embed(embed_config(env["base"] / "reference", env, "embed.precision=bf16"))
@@ -193,18 +229,36 @@ def test_parquet_input_and_s3_with_faults_and_an_outage(env, s3_prefix, faults, 
     assert m["columns"]["vae_latent_32"]["shape"] == [4, 8, 8]
     assert set(storage.listdir(cfg.store_url)) >= {"manifest.json", "part-00000.parquet", "part-00001.json"}
     data = store.open_store(cfg.store_url).read(["caption", "clip_image_emb", "vae_latent_32"])
-    assert data["vae_latent_32"].shape == (14, 4, 8, 8) and sorted(data["caption"]) == sorted(r["caption"] for r in good)
+    assert data["vae_latent_32"].shape == (14, 4, 8, 8) and sorted(data["caption"]) == sorted(
+        r["caption"] for r in good
+    )
 
     faulty = storage.join(s3_prefix, "faulty")
-    command = ["embed", f"root={faulty}", "embed.batch_size=4", f"encoders.clip.model=local-dir:{env['encoders']}/clip",
-               f"encoders.vae.path={env['encoders']}/vae", *settings]  # fmt: skip
-    parts = lambda: [k for k in upstream_keys(faults, storage.join(faulty, "store")) if k.rsplit("/", 1)[-1].startswith("part-") and k.endswith(".json")]  # noqa: E731
+    command = [
+        "embed",
+        f"root={faulty}",
+        "embed.batch_size=4",
+        f"encoders.clip.model=local-dir:{env['encoders']}/clip",
+        f"encoders.vae.path={env['encoders']}/vae",
+        *settings,
+    ]
+    parts = lambda: [
+        k
+        for k in upstream_keys(faults, storage.join(faulty, "store"))
+        if k.rsplit("/", 1)[-1].startswith("part-") and k.endswith(".json")
+    ]  # noqa: E731
     faults.schedule(0.1, seed=21)
     code, seconds = run_into_outage(faults, lambda: cli.main(command), ready=lambda: len(parts()) >= 1, kind="reset")
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert code == 1 and seconds < 120 and line.startswith("unclip embed: error: storage unavailable: "), (code, seconds, line)
+    assert code == 1 and seconds < 120 and line.startswith("unclip embed: error: storage unavailable: "), (
+        code,
+        seconds,
+        line,
+    )
     assert s3_prefix.removeprefix("s3://") in line
-    committed = {k: v for k, v in upstream_keys(faults, storage.join(faulty, "store")).items() if storage.TMP_PREFIX not in k}
+    committed = {
+        k: v for k, v in upstream_keys(faults, storage.join(faulty, "store")).items() if storage.TMP_PREFIX not in k
+    }
     failed_tries = sum(faults.counts[kind] for kind in ("slowdown", "reset", "stall"))
     faults.schedule(0.1, seed=22)
     assert cli.main(command) == 0, capsys.readouterr().err[-2000:]
@@ -214,9 +268,15 @@ def test_parquet_input_and_s3_with_faults_and_an_outage(env, s3_prefix, faults, 
     assert all(after[k] == etag for k, etag in committed.items() if "/part-" in k)  # committed parts kept, not redone
     names = [n for n in storage.listdir(cfg.store_url) if n.startswith("part-") and n.endswith(".parquet")]
     assert len(names) == 2
-    same = {n: storage.sha256_file(storage.join(cfg.store_url, n)) == storage.sha256_file(storage.join(faulty, "store", n)) for n in names}
+    same = {
+        n: storage.sha256_file(storage.join(cfg.store_url, n)) == storage.sha256_file(storage.join(faulty, "store", n))
+        for n in names
+    }
     assert all(same.values()), same
-    assert store.open_store(storage.join(faulty, "store")).read(["caption"])["caption"].tolist() == data["caption"].tolist()
+    assert (
+        store.open_store(storage.join(faulty, "store")).read(["caption"])["caption"].tolist()
+        == data["caption"].tolist()
+    )
 
 
 @pytest.mark.slow
@@ -232,18 +292,32 @@ def test_parts_hold_exactly_what_the_encoders_give_each_chunk(env):
     encoder = Encoder(cfg.encoders, specs, "cpu", "fp32", 1, None)
     s = store.open_store(env["store_url"])
     for shard in source.ids:
-        chunks = [encoder.encode(c) for c in iter_chunks(source, shard, 4, clip_preprocess(cfg.encoders.clip).image_size,
-                                                        cfg.embed.latent_columns(), ["image_64", "image_256"])]  # fmt: skip
+        chunks = [
+            encoder.encode(c)
+            for c in iter_chunks(
+                source,
+                shard,
+                4,
+                clip_preprocess(cfg.encoders.clip).image_size,
+                cfg.embed.latent_columns(),
+                ["image_64", "image_256"],
+            )
+        ]
         keep = [np.array([not r for r in c["rejected"]], bool) for c in chunks]
         expected_keys = [k for c, k_ in zip(chunks, keep) for k, kept in zip(c["key"], k_) if kept]
         if not expected_keys:
             continue
-        got = s.read(["key", "clip_image_emb", "clip_text_tokens", "vae_latent", "image_64"], [storage.join(s.url, f"part-{shard:05d}.parquet")])
+        got = s.read(
+            ["key", "clip_image_emb", "clip_text_tokens", "vae_latent", "image_64"],
+            [storage.join(s.url, f"part-{shard:05d}.parquet")],
+        )
         assert got["key"].tolist() == expected_keys  # the shard's order
         for name in ("clip_image_emb", "clip_text_tokens", "vae_latent"):
             want = np.concatenate([c[name][k_] for c, k_ in zip(chunks, keep) if len(c["key"])])
             assert np.array_equal(got[name], want), (shard, name)
-        assert got["image_64"].tolist() == [b for c, k_ in zip(chunks, keep) for b, kept in zip(c["image_64"], k_) if kept]
+        assert got["image_64"].tolist() == [
+            b for c, k_ in zip(chunks, keep) for b, kept in zip(c["image_64"], k_) if kept
+        ]
     # the empty caption, embedded as every caption is (the unconditional input of ldm.null_text=empty_caption)
     text = encoder.clip.encode_text([""])
     empty = s.null_caption()
@@ -261,7 +335,9 @@ def test_two_jobs_over_halves_of_the_shards_make_the_store_one_job_makes(env):
     second = run_embed(embed_config(root, env, "embed.shards=6-12"))
     assert second["totals"]["parts"] == 13 and second["totals"]["rows"] == 96
     assert_same_store(str(root / "store"), env)
-    with pytest.raises(sources.SourceError, match=r"'embed.shards': no webdataset shard has an id in 40-50 \(ids 0-12\)"):
+    with pytest.raises(
+        sources.SourceError, match=r"'embed.shards': no webdataset shard has an id in 40-50 \(ids 0-12\)"
+    ):
         run_embed(embed_config(root, env, "embed.shards=40-50"))
 
 
@@ -276,7 +352,9 @@ def test_duckdb_polars_and_datasets_read_a_store_with_an_empty_shard(env, tmp_pa
     want = sorted(read_all(url)["key"].tolist())
     pattern = os.path.join(url, "part-*.parquet")
     assert sorted(k for (k,) in duckdb.sql(f"SELECT key FROM read_parquet('{pattern}')").fetchall()) == want
-    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{pattern}') WHERE len(clip_image_emb) = 64").fetchall() == [(96,)]
+    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{pattern}') WHERE len(clip_image_emb) = 64").fetchall() == [
+        (96,)
+    ]
     assert sorted(polars.read_parquet(pattern)["key"].to_list()) == want
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
     parts = sorted(str(p) for p in (env["base"] / "reference" / "store").glob("part-*.parquet"))
@@ -291,10 +369,13 @@ def test_a_store_of_the_previous_layout_is_refused_then_converted(env, tmp_path)
     import json as jsonlib
     import shutil
 
-    import pyarrow.parquet as pq
 
     old = tmp_path / "old"
-    shutil.copytree(env["base"] / "reference" / "store", old, ignore=shutil.ignore_patterns("parts-*", "manifest.json", "_encoders.json"))
+    shutil.copytree(
+        env["base"] / "reference" / "store",
+        old,
+        ignore=shutil.ignore_patterns("parts-*", "manifest.json", "_encoders.json"),
+    )
     new_manifest = store.read_manifest(env["store_url"])
     entries = []
     for sidecar in sorted(old.glob("part-*.json")):
@@ -303,16 +384,40 @@ def test_a_store_of_the_previous_layout_is_refused_then_converted(env, tmp_path)
             specs = {k: v for k, v in new_manifest["columns"].items() if k not in store.BASE_COLUMNS}
             pq.write_table(store.arrow_schema(specs).empty_table(), old / f"part-{new['part']:05d}.parquet")
             new["file"], new["sha256"], new["bytes"] = f"part-{new['part']:05d}.parquet", "0" * 64, 1
-        sums = {k: {"count": v["count"], "sum": store_writer.decode_floats(v["sum"]).tolist(), "sumsq": store_writer.decode_floats(v["sumsq"]).tolist()}
-                for k, v in new["stats"].items()}  # fmt: skip
-        entry = {"file": new["file"], "rows": new["rows"], "bytes": new["bytes"], "sha256": new["sha256"], "sums": sums, "counts": new["counts"]}
+        sums = {
+            k: {
+                "count": v["count"],
+                "sum": store_writer.decode_floats(v["sum"]).tolist(),
+                "sumsq": store_writer.decode_floats(v["sumsq"]).tolist(),
+            }
+            for k, v in new["stats"].items()
+        }
+        entry = {
+            "file": new["file"],
+            "rows": new["rows"],
+            "bytes": new["bytes"],
+            "sha256": new["sha256"],
+            "sums": sums,
+            "counts": new["counts"],
+        }
         sidecar.write_text(jsonlib.dumps(entry))
         entries.append({k: entry[k] for k in ("file", "rows", "bytes", "sha256")})
-    (old / "manifest.json").write_text(jsonlib.dumps({
-        "schema_version": 1, "created": new_manifest["created"], "encoders": new_manifest["encoders"], "columns": new_manifest["columns"],
-        "shards": entries, "totals": {"rows": 96, "bytes": 1, "kept": 96}, "holdout": new_manifest["holdout"], "config": new_manifest["config"],
-        "clip_image_emb_mean": new_manifest["clip_image_emb_mean"], "clip_image_emb_std": new_manifest["clip_image_emb_std"],
-    }))  # fmt: skip
+    (old / "manifest.json").write_text(
+        jsonlib.dumps(
+            {
+                "schema_version": 1,
+                "created": new_manifest["created"],
+                "encoders": new_manifest["encoders"],
+                "columns": new_manifest["columns"],
+                "shards": entries,
+                "totals": {"rows": 96, "bytes": 1, "kept": 96},
+                "holdout": new_manifest["holdout"],
+                "config": new_manifest["config"],
+                "clip_image_emb_mean": new_manifest["clip_image_emb_mean"],
+                "clip_image_emb_std": new_manifest["clip_image_emb_std"],
+            }
+        )
+    )
 
     with pytest.raises(store.StoreError, match=rf"manifest schema 1.*convert it in place with `unclip manifest {old}`"):
         store.open_store(str(old))

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline import encoder_fit
-from data_pipeline import synthetic
+from data_pipeline import encoder_fit, synthetic
 from data_pipeline.config import SyntheticConfig
 from data_pipeline.sources import open_source
 from data_pipeline.synthetic_quality import canonical_caption
@@ -47,13 +46,18 @@ def test_every_caption_template_is_read_back_and_neighbours_differ_in_one_attrib
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fit")
-    records = [r for r in synthetic.generate(str(folder / "site"), SyntheticConfig(count=48, image_size=64, broken=False))]
+    records = [
+        r for r in synthetic.generate(str(folder / "site"), SyntheticConfig(count=48, image_size=64, broken=False))
+    ]
     synthetic.write_shards(records, str(folder / "site"), str(folder / "shards"), 16)
     cfg = EncodersConfig(
-        clip=ClipConfig(model=f"local-dir:{folder}/clip"), vae=VaeConfig(path=str(folder / "vae")),
+        clip=ClipConfig(model=f"local-dir:{folder}/clip"),
+        vae=VaeConfig(path=str(folder / "vae")),
         tiny=TinyEncodersConfig(vae_channels=[16, 32]),
-        fit=EncoderFitConfig(clip_steps=40, vae_steps=25, clip_batch_size=16, vae_batch_size=8, vae_resolution=32, holdout_fraction=0.25),
-    )  # fmt: skip
+        fit=EncoderFitConfig(
+            clip_steps=40, vae_steps=25, clip_batch_size=16, vae_batch_size=8, vae_resolution=32, holdout_fraction=0.25
+        ),
+    )
     source = open_source(str(folder / "shards"), "", "auto", None, None)
     pairs = encoder_fit.load_pairs(source, 64)
     train, held = encoder_fit.split(pairs, cfg.fit.holdout_fraction)

@@ -27,7 +27,9 @@ def test_local_dir_and_name_plus_weights_file_load_the_same_model(tiny, tmp_path
     (tmp_path / "unclip-test-tiny.json").write_text(json.dumps(saved["model_cfg"]))
     open_clip.add_model_config(str(tmp_path / "unclip-test-tiny.json"))  # a named config, as ViT-L-14 is
     by_dir = encoders.FrozenClip(cfg.clip)
-    by_name = encoders.FrozenClip(ClipConfig(model="unclip-test-tiny", pretrained=str(folder / "clip" / "open_clip_model.safetensors")))
+    by_name = encoders.FrozenClip(
+        ClipConfig(model="unclip-test-tiny", pretrained=str(folder / "clip" / "open_clip_model.safetensors"))
+    )
     images = torch.rand(3, 3, 64, 64)
     assert torch.equal(by_dir.encode_images(images), by_name.encode_images(images))
     a, b = by_dir.encode_text(["a red circle", "x"]), by_name.encode_text(["a red circle", "x"])
@@ -49,9 +51,16 @@ def test_text_outputs(tiny):
 def test_text_conditioning_reads_stored_text_back_as_encode_text_gave_it(tiny):
     _, cfg = tiny
     out = encoders.FrozenClip(cfg.clip).encode_text(["a red circle on a blue background", "hi"])
-    stored = {column: out[name].numpy().astype(bool if name == "mask" else "float16") for column, name in encoders.TEXT_COLUMNS.items()}
+    stored = {
+        column: out[name].numpy().astype(bool if name == "mask" else "float16")
+        for column, name in encoders.TEXT_COLUMNS.items()
+    }
     text = encoders.text_conditioning(stored)
-    assert set(text) == {"emb", "tokens", "mask"} and text["mask"].dtype == torch.bool and torch.equal(text["mask"], out["mask"])
+    assert (
+        set(text) == {"emb", "tokens", "mask"}
+        and text["mask"].dtype == torch.bool
+        and torch.equal(text["mask"], out["mask"])
+    )
     for name in ("emb", "tokens"):
         assert text[name].dtype == torch.float32 and torch.allclose(text[name], out[name], atol=1e-2, rtol=1e-3)
     assert set(encoders.text_conditioning(stored, ["clip_text_tokens"])) == {"tokens"}  # only the columns asked for
@@ -64,8 +73,10 @@ def test_identities_without_loading_match_the_loaded_models(tiny):
     identity = encoders.vae_identity(cfg.vae)
     assert identity == vae.identity()
     assert (identity["latent_channels"], identity["downsample"], identity["scaling_factor"]) == (
-        vae.latent_channels, vae.downsample, vae.scaling_factor,
-    )  # fmt: skip
+        vae.latent_channels,
+        vae.downsample,
+        vae.scaling_factor,
+    )
     latents = vae.encode(torch.rand(2, 3, 64, 64) * 2 - 1)
     assert latents.shape == (2, 4, 16, 16) and vae.decode(latents).shape == (2, 3, 64, 64)
 
@@ -76,7 +87,11 @@ def test_identity_mismatch_names_the_field():
     assert encoders.identity_mismatch(a, {**a, "weights_sha256": "bb"}) == ("weights_sha256", "aa", "bb")
     assert encoders.identity_mismatch(a, {**a, "embed_dim": 768}) == ("embed_dim", 64, 768)
     unhashed = {"model": "ViT-L-14", "pretrained": "openai", "weights_sha256": None}
-    assert encoders.identity_mismatch(unhashed, {**unhashed, "pretrained": "laion2b"}) == ("pretrained", "openai", "laion2b")
+    assert encoders.identity_mismatch(unhashed, {**unhashed, "pretrained": "laion2b"}) == (
+        "pretrained",
+        "openai",
+        "laion2b",
+    )
 
 
 def test_write_tiny_encoders_needs_a_local_dir():
@@ -108,18 +123,26 @@ def test_text_layer_and_padding_follow_the_public_conventions(tiny):
         x = model.transformer.resblocks[-1](x, attn_mask=model.attn_mask)
         assert torch.allclose(a["tokens"], model.ln_final(x), atol=1e-6)
     assert not torch.allclose(p["tokens"], a["tokens"])
-    assert torch.equal(p["emb"], a["emb"]) and torch.equal(p["mask"], a["mask"])  # pooled from the last layer either way
+    assert torch.equal(p["emb"], a["emb"]) and torch.equal(
+        p["mask"], a["mask"]
+    )  # pooled from the last layer either way
 
     ids, _ = eos.tokenize(captions)
     end = mask.sum(1) - 1
     assert all(bool((ids[i, end[i] :] == ids.max()).all()) for i in range(len(captions)))
     assert torch.equal(tokens[mask], ids[mask]) and int(tokens[~mask].max()) == 0  # open_clip pads with zeros
     assert torch.allclose(e["emb"], a["emb"], atol=1e-6) and torch.equal(e["mask"], a["mask"])
-    assert torch.allclose(e["tokens"][mask], a["tokens"][mask], atol=1e-6)  # causal: padding never reaches earlier states
+    assert torch.allclose(
+        e["tokens"][mask], a["tokens"][mask], atol=1e-6
+    )  # causal: padding never reaches earlier states
     assert not torch.allclose(e["tokens"][~mask], a["tokens"][~mask])
 
-    assert penultimate.identity()["text_layer"] == encoders.clip_identity(penultimate.cfg)["text_layer"] == "penultimate"
-    before = {k: v for k, v in last.identity().items() if k not in encoders.RECORDED_BEFORE}  # a store from before the options
+    assert (
+        penultimate.identity()["text_layer"] == encoders.clip_identity(penultimate.cfg)["text_layer"] == "penultimate"
+    )
+    before = {
+        k: v for k, v in last.identity().items() if k not in encoders.RECORDED_BEFORE
+    }  # a store from before the options
     assert encoders.identity_mismatch(before, last.identity()) is None
     assert encoders.identity_mismatch(before, penultimate.identity()) == ("text_layer", "last", "penultimate")
     assert encoders.identity_mismatch(before, eos.identity()) == ("text_padding", "zeros", "eos")
@@ -133,7 +156,10 @@ def test_training_refuses_a_store_embedded_with_other_text_conditioning(tmp_path
 
     make_store(str(tmp_path / "store"))  # recorded before the options: the last layer, zero padding
     check_before_launch(config.load(None, [f"root={tmp_path}"]), "prior")
-    with pytest.raises(StoreError, match=r"manifest field 'encoders.clip.text_layer' is 'last', but encoders.clip.text_layer is 'penultimate'"):
+    with pytest.raises(
+        StoreError,
+        match=r"manifest field 'encoders.clip.text_layer' is 'last', but encoders.clip.text_layer is 'penultimate'",
+    ):
         check_before_launch(config.load(None, [f"root={tmp_path}", "encoders.clip.text_layer=penultimate"]), "prior")
 
 
@@ -158,12 +184,18 @@ def test_tokens_equal_a_transformers_text_encoder_converted_from_the_same_weight
     # out of a prompt as SD 2.x's own tokenizer does, where open_clip reads "!</w>" (models/hf_text.py)
     captions = ["a red circle on a blue background", "A Green  triangle, Tiny.", "x", ""]
     tokens, _ = ours.tokenize(captions)
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     assert torch.equal(ids, tokens)
     text = ours.encode_text(captions)
     with torch.no_grad():
         out = converted(input_ids=ids, output_hidden_states=True)
-        states = out.last_hidden_state if text_layer == "last" else converted.text_model.final_layer_norm(out.hidden_states[-2])
+        states = (
+            out.last_hidden_state
+            if text_layer == "last"
+            else converted.text_model.final_layer_norm(out.hidden_states[-2])
+        )
     assert torch.allclose(text["tokens"], states, atol=1e-5), (text["tokens"] - states).abs().max()
     assert torch.allclose(text["emb"], out.text_embeds, atol=1e-5), (text["emb"] - out.text_embeds).abs().max()
 

@@ -18,7 +18,16 @@ from safetensors.torch import load_file
 
 from models.base import storage
 from tests.engine_runs import (  # noqa: F401 (the fixtures root and straight)
-    command, kill_tree, launch, leftovers, metrics, root_fixture, run_dir, short_run, straight_fixture, trainer_state,
+    command,
+    kill_tree,
+    launch,
+    leftovers,
+    metrics,
+    root_fixture,
+    run_dir,
+    short_run,
+    straight_fixture,
+    trainer_state,
 )
 from tests.storefactory import make_store
 
@@ -28,21 +37,41 @@ pytestmark = pytest.mark.slow
 def test_uninterrupted_run_logs_everything(root, straight):
     assert sorted(straight) == list(range(1, 25))
     record = straight[24]
-    for key in ("loss", "lr", "grad_norm", "samples_per_s", "step_time_s", "data_wait_s", "rss_gb", "skipped_steps", "epoch"):
+    for key in (
+        "loss",
+        "lr",
+        "grad_norm",
+        "samples_per_s",
+        "step_time_s",
+        "data_wait_s",
+        "rss_gb",
+        "skipped_steps",
+        "epoch",
+    ):
         assert record[key] is not None, key
     assert straight[24]["loss"] < straight[1]["loss"]
     logs = os.path.join(run_dir(root), "logs", "tensorboard")
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(logs))
     latest = os.path.join(run_dir(root), "step_0000024")
     files = json.load(open(os.path.join(latest, "checksums.json")))
-    assert {"ema.safetensors", "stage.json", "trainer_state.json", "config.yaml", "rng-rank00000.pt", "rng-rank00001.pt",
-            "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(files)  # fmt: skip
+    assert {
+        "ema.safetensors",
+        "stage.json",
+        "trainer_state.json",
+        "config.yaml",
+        "rng-rank00000.pt",
+        "rng-rank00001.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    } <= set(files)
     assert open(os.path.join(run_dir(root), "latest")).read().strip() == "step_0000024"
 
 
 def test_sigkill_then_resume_gives_the_same_losses(root, straight):
-    proc = subprocess.Popen(command(root, "train.steps=24", "train.checkpoint_every=4", "train.run=killed"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        command(root, "train.steps=24", "train.checkpoint_every=4", "train.run=killed"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     metrics_file = os.path.join(run_dir(root, "killed"), "logs", "metrics.jsonl")
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -62,17 +91,29 @@ def test_sigkill_then_resume_gives_the_same_losses(root, straight):
     for step in range(start + 1, 25):
         assert abs(resumed[step]["loss"] - straight[step]["loss"]) <= 1e-6, step
     # the average too: each rank's share saved, gathered, cut again on resume and averaged on
-    ours, theirs = (load_file(os.path.join(run_dir(root, run), "step_0000024", "ema.safetensors")) for run in ("killed", "main"))
+    ours, theirs = (
+        load_file(os.path.join(run_dir(root, run), "step_0000024", "ema.safetensors")) for run in ("killed", "main")
+    )
     assert max((ours[n] - theirs[n]).abs().max().item() for n in theirs) <= 1e-6
 
 
 def test_interrupted_checkpoint_write_leaves_the_previous_in_use(root, tmp_path):
-    failed = launch(root, "train.steps=12", "train.checkpoint_every=4", "train.run=crash",
-                    "train.fault_injection.crash_in_checkpoint_step=8", check=False, tmpdir=tmp_path)  # fmt: skip
+    failed = launch(
+        root,
+        "train.steps=12",
+        "train.checkpoint_every=4",
+        "train.run=crash",
+        "train.fault_injection.crash_in_checkpoint_step=8",
+        check=False,
+        tmpdir=tmp_path,
+    )
     assert failed.returncode != 0
     assert leftovers(tmp_path) == []  # a failed run leaves no temporary behind either
     names = os.listdir(run_dir(root, "crash"))
-    assert "step_0000008" not in names and open(os.path.join(run_dir(root, "crash"), "latest")).read().strip() == "step_0000004"
+    assert (
+        "step_0000008" not in names
+        and open(os.path.join(run_dir(root, "crash"), "latest")).read().strip() == "step_0000004"
+    )
     done = launch(root, "train.steps=12", "train.checkpoint_every=4", "train.run=crash")
     assert "resumed from" in done.stdout and "step_0000004 at step 4" in done.stdout
     assert not any(n.startswith(storage.TMP_PREFIX) for n in os.listdir(run_dir(root, "crash")))
@@ -95,17 +136,35 @@ def test_resume_on_another_world_size(root, straight, before, after):
     launch(root, "train.steps=8", "train.checkpoint_every=4", f"train.run={run}", nproc=after)
     summary = json.load(open(os.path.join(run_dir(root, run), "train_summary.json")))
     resume = summary["resume"]
-    assert (resume["world_size_before"], resume["world_size_after"], resume["universal"], resume["step"]) == (before, after, True, 4)
-    assert resume["weights_checksum"] == pytest.approx(_checksum(os.path.join(run_dir(root, run), "step_0000004")), abs=1e-9)
+    assert (resume["world_size_before"], resume["world_size_after"], resume["universal"], resume["step"]) == (
+        before,
+        after,
+        True,
+        4,
+    )
+    assert resume["weights_checksum"] == pytest.approx(
+        _checksum(os.path.join(run_dir(root, run), "step_0000004")), abs=1e-9
+    )
     after_losses = metrics(root, run)
-    assert abs(after_losses[5]["loss"] - before_losses[4]["loss"]) < 0.3 * before_losses[1]["loss"]  # the curve continues
+    assert (
+        abs(after_losses[5]["loss"] - before_losses[4]["loss"]) < 0.3 * before_losses[1]["loss"]
+    )  # the curve continues
     state = trainer_state(os.path.join(run_dir(root, run), "step_0000008"))
     assert state["loader"]["world_size"] == after and state["loader"]["epoch"] == 0
 
 
 def test_nan_step_is_skipped_and_a_streak_stops_the_run(root):
-    result = launch(root, "train.steps=12", "train.checkpoint_every=2", "train.run=nan", "train.max_skipped_steps=3",
-                    "train.fault_injection.nan_loss_steps=[3, 6, 7, 8]", "train.preview_every=2", stage="prior", check=False)  # fmt: skip
+    result = launch(
+        root,
+        "train.steps=12",
+        "train.checkpoint_every=2",
+        "train.run=nan",
+        "train.max_skipped_steps=3",
+        "train.fault_injection.nan_loss_steps=[3, 6, 7, 8]",
+        "train.preview_every=2",
+        stage="prior",
+        check=False,
+    )
     assert result.returncode != 0
     assert "3 steps in a row had a non-finite loss or gradients (the last at step 8)" in result.stderr
     log = metrics(root, "nan", "prior")
@@ -121,8 +180,12 @@ def test_nan_step_is_skipped_and_a_streak_stops_the_run(root):
 
 
 def test_sigterm_saves_at_the_next_step_and_exits_zero(root):
-    proc = subprocess.Popen(command(root, "train.steps=500", "train.checkpoint_every=1000", "train.run=preempt"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        command(root, "train.steps=500", "train.checkpoint_every=1000", "train.run=preempt"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     metrics_file = os.path.join(run_dir(root, "preempt"), "logs", "metrics.jsonl")
     deadline = time.time() + 120
     while time.time() < deadline and not (os.path.exists(metrics_file) and sum(1 for _ in open(metrics_file)) >= 3):
@@ -130,7 +193,9 @@ def test_sigterm_saves_at_the_next_step_and_exits_zero(root):
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
-    folder = os.path.join(run_dir(root, "preempt"), open(os.path.join(run_dir(root, "preempt"), "latest")).read().strip())
+    folder = os.path.join(
+        run_dir(root, "preempt"), open(os.path.join(run_dir(root, "preempt"), "latest")).read().strip()
+    )
     state = trainer_state(folder)
     assert state["reason"] == "preempted" and state["step"] == max(metrics(root, "preempt")) < 500
     assert "preempted" in out
@@ -148,14 +213,28 @@ def test_a_corrupt_checkpoint_is_named_and_the_previous_used(root, straight):
     result = launch(root, "train.steps=10", "train.run=corrupt")
     assert "file 'zero_pp_rank_0_mp_rank_00_optim_states.pt' is corrupt" in result.stdout
     assert "resumed from" in result.stdout and "step_0000004 at step 4" in result.stdout
-    explicit = launch(root, "train.steps=10", "train.run=corrupt", flags=["--resume-from", os.path.join(run, "step_0000008")], check=False)
+    explicit = launch(
+        root,
+        "train.steps=10",
+        "train.run=corrupt",
+        flags=["--resume-from", os.path.join(run, "step_0000008")],
+        check=False,
+    )
     assert explicit.returncode != 0 and "file 'zero_pp_rank_0_mp_rank_00_optim_states.pt' is corrupt" in explicit.stderr
 
 
 def test_a_hung_collective_fails_loudly(root):
     started = time.time()
-    result = launch(root, "train.steps=10", "train.run=hang", "train.collective_timeout_s=5", "train.preemption_grace_s=5",
-                    "train.fault_injection.hang_rank=1", "train.fault_injection.hang_step=3", check=False)  # fmt: skip
+    result = launch(
+        root,
+        "train.steps=10",
+        "train.run=hang",
+        "train.collective_timeout_s=5",
+        "train.preemption_grace_s=5",
+        "train.fault_injection.hang_rank=1",
+        "train.fault_injection.hang_step=3",
+        check=False,
+    )
     assert result.returncode != 0 and time.time() - started < 150  # 5 s timeout, launch and teardown
     assert "a collective timed out after train.collective_timeout_s=5s" in result.stderr
 
@@ -164,17 +243,28 @@ def test_zero3_resumes_on_more_ranks_with_its_average(root):
     """Each ZeRO-3 rank keeps the average of its own partitions: saved whole from 1 rank, cut into
     2 ranks' partitions on resume, it goes on averaging (decay 0.999 from the start, so 2 more
     steps move it by about 0.2% of its distance to the weights; a misplaced partition moves it far)."""
-    settings = ["train.zero_stage=3", "train.ema.decay=0.999", "train.ema.warmup=1", "train.run=z3", "train.checkpoint_every=4"]
+    settings = [
+        "train.zero_stage=3",
+        "train.ema.decay=0.999",
+        "train.ema.warmup=1",
+        "train.run=z3",
+        "train.checkpoint_every=4",
+    ]
     first = launch(root, "train.steps=4", *settings, nproc=1)
     launch(root, "train.steps=6", *settings, nproc=2)
-    assert float(re.search(r"ldm: ([\d.]+)M trainable parameters", first.stdout).group(1)) > 0.1  # counted whole under ZeRO-3
+    assert (
+        float(re.search(r"ldm: ([\d.]+)M trainable parameters", first.stdout).group(1)) > 0.1
+    )  # counted whole under ZeRO-3
     resume = json.load(open(os.path.join(run_dir(root, "z3"), "train_summary.json")))["resume"]
     assert (resume["world_size_before"], resume["world_size_after"], resume["universal"]) == (1, 2, True)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     saved = get_fp32_state_dict_from_zero_checkpoint(run_dir(root, "z3"), tag="step_0000004")  # DeepSpeed's own reading
     assert resume["weights_checksum"] == pytest.approx(sum(v.double().sum().item() for v in saved.values()), abs=1e-6)
-    before, after = (load_file(os.path.join(run_dir(root, "z3"), step, "ema.safetensors")) for step in ("step_0000004", "step_0000006"))
+    before, after = (
+        load_file(os.path.join(run_dir(root, "z3"), step, "ema.safetensors"))
+        for step in ("step_0000004", "step_0000006")
+    )
     assert before.keys() == after.keys()
     norm = lambda tensors: torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)).item()  # noqa: E731
     moved = norm(after[n] - before[n] for n in before) / norm(before.values())
@@ -199,22 +289,44 @@ def test_checkpoints_on_s3_with_faults_and_an_outage(root, tmp_path, s3_prefix, 
     make_store(storage.join(s3_prefix, "store"), (40, 30, 50, 24))  # the store of `root`, on S3
     run = storage.join(s3_prefix, "runs", "ldm", "faulty")
     # a rank that outlives the one the outage stopped is given 5 s to go, not the default grace
-    settings = ["train.steps=4", "train.checkpoint_every=2", "train.run=faulty", "train.zero_stage=0", "train.preemption_grace_s=5", *FAULT_SETTINGS]
+    settings = [
+        "train.steps=4",
+        "train.checkpoint_every=2",
+        "train.run=faulty",
+        "train.zero_stage=0",
+        "train.preemption_grace_s=5",
+        *FAULT_SETTINGS,
+    ]
     faults.schedule(0.1, seed=31)
-    proc = subprocess.Popen(command(s3_prefix, *settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TMPDIR": str(tmp_path)})  # fmt: skip
+    proc = subprocess.Popen(
+        command(s3_prefix, *settings),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
     deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline and not any(k.endswith("faulty/latest") for k in upstream_keys(faults, run)):
+    while (
+        proc.poll() is None
+        and time.time() < deadline
+        and not any(k.endswith("faulty/latest") for k in upstream_keys(faults, run))
+    ):
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before the outage could begin"
     faults.outage("slowdown")
     began = time.time()
     _, err = proc.communicate(timeout=240)
-    seconds, failed_tries = time.time() - began, faults.counts["slowdown"] + faults.counts["reset"] + faults.counts["stall"]
+    seconds, failed_tries = (
+        time.time() - began,
+        faults.counts["slowdown"] + faults.counts["reset"] + faults.counts["stall"],
+    )
     faults.schedule(0.1, seed=32)
     lines = err.strip().splitlines()
     assert proc.returncode == 1 and seconds < 120, (proc.returncode, seconds, lines[-5:])
-    assert lines[-1].startswith("unclip train: error: train ldm: storage unavailable: ") and s3_prefix.removeprefix("s3://") in lines[-1], lines[-3:]
+    assert (
+        lines[-1].startswith("unclip train: error: train ldm: storage unavailable: ")
+        and s3_prefix.removeprefix("s3://") in lines[-1]
+    ), lines[-3:]
     latest = lambda: storage.read_text(storage.join(run, "latest")).strip()  # noqa: E731
     assert latest() == "step_0000002" and storage.is_committed(storage.join(run, "step_0000002"))
     result = launch(s3_prefix, *settings, tmpdir=tmp_path)
@@ -232,5 +344,3 @@ def s3_metrics(run_url: str) -> dict[int, dict]:
         record = json.loads(line)
         out[record["step"]] = record
     return out
-
-

@@ -21,7 +21,11 @@ def unclip(*args: str) -> subprocess.CompletedProcess:
 
 
 def assert_one_line(result: subprocess.CompletedProcess, command: str, code: int, *names: str) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip() and "Warning" not in line and not line.startswith("  ")]
+    lines = [
+        line
+        for line in result.stderr.splitlines()
+        if line.strip() and "Warning" not in line and not line.startswith("  ")
+    ]
     errors = [line for line in lines if "error:" in line]
     assert result.returncode == code, (result.returncode, result.stderr[-2000:])
     assert len(errors) == 1 and errors[0].startswith(f"unclip {command}: error: "), result.stderr[-2000:]
@@ -102,7 +106,9 @@ def small_disk(tmp_path):
     """A 3.5 MB tmpfs: one tiny prior checkpoint (~2.3 MB) fits, a second does not."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3500k", "tmpfs", str(mount)], capture_output=True, text=True)
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3500k", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({made.stderr.strip()})")
     yield mount
@@ -115,11 +121,21 @@ def test_a_full_disk_during_a_checkpoint_keeps_latest_on_the_previous_one(store_
     root.mkdir()
     os.symlink(store_root / "store", root / "store")
     os.symlink(small_disk, root / "runs")  # the run folder is on the small disk
-    result = unclip("train", "prior", f"root={root}", "train.nproc=1", *SMALL[:-1], "train.steps=4", "train.checkpoint_every=2")
-    line = assert_one_line(result, "train", 1, "step_0000004", "no space left", "bytes free", "`latest` stays at step_0000002")
-    assert "optim_states.pt" in line or "model_states.pt" in line or ".tmp-step_0000004" in line  # the file it was writing
+    result = unclip(
+        "train", "prior", f"root={root}", "train.nproc=1", *SMALL[:-1], "train.steps=4", "train.checkpoint_every=2"
+    )
+    line = assert_one_line(
+        result, "train", 1, "step_0000004", "no space left", "bytes free", "`latest` stays at step_0000002"
+    )
+    assert (
+        "optim_states.pt" in line or "model_states.pt" in line or ".tmp-step_0000004" in line
+    )  # the file it was writing
     run = small_disk / "prior" / "main"
     assert (run / "latest").read_text().strip() == "step_0000002"
-    assert sorted(p.name for p in run.iterdir() if p.name.startswith("step_") or p.name.startswith(".tmp")) == ["step_0000002"]
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("step_") or p.name.startswith(".tmp")) == [
+        "step_0000002"
+    ]
     resumed = unclip("train", "prior", f"root={root}", "train.nproc=1", *SMALL[:-1], "train.steps=2")
-    assert resumed.returncode == 0 and "resumed from" in resumed.stdout and "already at step 2" in resumed.stdout  # whole, in use
+    assert (
+        resumed.returncode == 0 and "resumed from" in resumed.stdout and "already at step 2" in resumed.stdout
+    )  # whole, in use

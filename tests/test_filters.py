@@ -43,39 +43,64 @@ def test_each_metadata_rule_counts_what_it_drops():
         {"url": "http://ok.com/12.png", "caption": "two words"},
     ]
     f = IngestFilters(
-        min_caption_chars=3, max_caption_chars=200, min_caption_words=2, max_caption_words=50,
-        min_width=64, min_height=64, max_aspect_ratio=3.0, thresholds={"similarity": Threshold(min=0.3)},
+        min_caption_chars=3,
+        max_caption_chars=200,
+        min_caption_words=2,
+        max_caption_words=50,
+        min_width=64,
+        min_height=64,
+        max_aspect_ratio=3.0,
+        thresholds={"similarity": Threshold(min=0.3)},
         blocked_domains=["blocked.com"],
-    )  # fmt: skip
+    )
     kept, counts = apply_metadata_filters(listing(rows), f)
     assert kept["url"].to_pylist() == ["http://ok.com/1.png", "http://notblocked.com/y.png", "http://ok.com/12.png"]
     assert NON_UTF8 not in kept.column_names
     assert counts == {
-        "missing_url": 1, "malformed_url": 2, "duplicate_url": 1, "blocked_domain": 2, "empty_caption": 1,
-        "non_utf8_caption": 1, "caption_too_short": 1, "caption_too_long": 1, "caption_too_few_words": 1,
-        "width_too_small": 1, "height_too_small": 1, "aspect_ratio": 1, "threshold:similarity": 2,
-    }  # fmt: skip
+        "missing_url": 1,
+        "malformed_url": 2,
+        "duplicate_url": 1,
+        "blocked_domain": 2,
+        "empty_caption": 1,
+        "non_utf8_caption": 1,
+        "caption_too_short": 1,
+        "caption_too_long": 1,
+        "caption_too_few_words": 1,
+        "width_too_small": 1,
+        "height_too_small": 1,
+        "aspect_ratio": 1,
+        "threshold:similarity": 2,
+    }
     assert sum(counts.values()) + len(kept) == len(rows)
 
 
 def test_a_row_is_counted_under_its_first_failing_rule_only():
     rows = [{"url": "http://a.com/x", "caption": "", "WIDTH": 1, "similarity": 0.0}]
-    _, counts = apply_metadata_filters(listing(rows), IngestFilters(min_width=64, thresholds={"similarity": Threshold(min=0.3)}))
+    _, counts = apply_metadata_filters(
+        listing(rows), IngestFilters(min_width=64, thresholds={"similarity": Threshold(min=0.3)})
+    )
     assert counts == {"empty_caption": 1}
 
 
 def test_filters_on_missing_columns_stop_before_download():
     table = listing([{"url": "http://a.com/x"}]).drop_columns(["WIDTH", "HEIGHT"])
-    with pytest.raises(UrlListError, match=r"'ingest.filters.width_col': the URL list has no such column \(looked for WIDTH, list_width\)"):
+    with pytest.raises(
+        UrlListError,
+        match=r"'ingest.filters.width_col': the URL list has no such column \(looked for WIDTH, list_width\)",
+    ):
         apply_metadata_filters(table, IngestFilters(min_width=10))
-    with pytest.raises(UrlListError, match=r"'ingest.filters.thresholds.punsafe': the URL list has no column 'punsafe'"):
+    with pytest.raises(
+        UrlListError, match=r"'ingest.filters.thresholds.punsafe': the URL list has no column 'punsafe'"
+    ):
         apply_metadata_filters(table, IngestFilters(thresholds={"punsafe": Threshold(max=0.5)}))
     with pytest.raises(UrlListError, match=r"column 'caption' is string, expected numbers"):
         apply_metadata_filters(table, IngestFilters(thresholds={"caption": Threshold(max=0.5)}))
 
 
 def test_content_dedup_keeps_the_earliest_sample_whatever_the_input_order():
-    h1, h2, h3 = (hashlib.sha256(name.encode()).hexdigest() for name in ("h1", "h2", "h3"))  # as img2dataset writes them
+    h1, h2, h3 = (
+        hashlib.sha256(name.encode()).hexdigest() for name in ("h1", "h2", "h3")
+    )  # as img2dataset writes them
     rows = [
         {"shard": 0, "row": 0, "uid": "a", "sha256": h1},
         {"shard": 0, "row": 1, "uid": "b", "sha256": h2},
@@ -107,7 +132,13 @@ def test_bomb_is_refused_from_its_header_and_odd_images_are_kept():
 
 def test_messages_split_into_failures_and_image_filters():
     failures, filtered = summarize_messages(
-        {"success": 5, "HTTP Error 404: Not Found": 2, "image too small": 1, "empty body": 1, "aspect ratio too large": 3}
+        {
+            "success": 5,
+            "HTTP Error 404: Not Found": 2,
+            "image too small": 1,
+            "empty body": 1,
+            "aspect ratio too large": 3,
+        }
     )
     assert failures == {"http_4xx": 2, "empty_body": 1}
     assert filtered == {"image_too_small": 1, "image_aspect_ratio": 3}

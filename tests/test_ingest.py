@@ -23,9 +23,9 @@ import pytest
 from PIL import Image
 
 from data_pipeline import filters, ingest, plan, raw, url_list
-from models.base import storage
 from data_pipeline.config import IngestConfig, IngestFilters, RayConfig, Threshold
 from launch import config
+from models.base import storage
 from tests import images
 
 QUIET = lambda _msg: None  # noqa: E731
@@ -102,17 +102,36 @@ def site():
 
 def kept_keys(raw_url: str) -> list[str]:
     """Sample keys a reader of ROOT/raw/ gets (duplicates dropped), repeats kept."""
-    return [s["uid"] for i in raw.complete_shards(raw_url) for s in raw.iter_samples(raw_url, i, raw.shard_duplicates(raw_url, i))]
+    return [
+        s["uid"]
+        for i in raw.complete_shards(raw_url)
+        for s in raw.iter_samples(raw_url, i, raw.shard_duplicates(raw_url, i))
+    ]
 
 
 def write_lists(folder, base: str) -> dict[str, str]:
     """The bad-input list, split over one file of each format; returns url -> caption of the good rows."""
     good = {f"{base}/ok/{i}.png": f"picture number {i}" for i in range(12)}
-    good.update({f"{base}{p}": f"odd image {p}" for p in ("/cmyk.jpg", "/png16.png", "/palette.png", "/transparent.png")})
-    bad = {f"{base}{p}": f"bad {p}" for p in (
-        "/404.png", "/500.png", "/hang.png", "/text.png", "/truncated.jpg", "/empty.png", "/bomb.png", "/loop",
-        "/small.png", "/wide.png", "/dup/a.png", "/dup/b.png",
-    )}  # fmt: skip
+    good.update(
+        {f"{base}{p}": f"odd image {p}" for p in ("/cmyk.jpg", "/png16.png", "/palette.png", "/transparent.png")}
+    )
+    bad = {
+        f"{base}{p}": f"bad {p}"
+        for p in (
+            "/404.png",
+            "/500.png",
+            "/hang.png",
+            "/text.png",
+            "/truncated.jpg",
+            "/empty.png",
+            "/bomb.png",
+            "/loop",
+            "/small.png",
+            "/wide.png",
+            "/dup/a.png",
+            "/dup/b.png",
+        )
+    }
     rows = [{"url": u, "caption": c} for u, c in {**good, **bad}.items()]
     rows += [
         {"url": "htp:/broken", "caption": "malformed"},
@@ -123,13 +142,19 @@ def write_lists(folder, base: str) -> dict[str, str]:
     quarter = len(rows) // 4
     pq.write_table(pa.Table.from_pylist(rows[:quarter]), folder / "a.parquet")
     (folder / "b.csv").write_bytes(
-        b"url,caption\n" + b"".join(f'{r["url"]},"{r["caption"]}"\n'.encode() for r in rows[quarter : 2 * quarter])
-        + f"{base}/ok/101.png,".encode() + b'"caf\xe9 latin-1"\n'
-    )  # fmt: skip
-    (folder / "c.tsv").write_text("url\tcaption\n" + "".join(f'{r["url"]}\t{r["caption"]}\n' for r in rows[2 * quarter : 3 * quarter]))
+        b"url,caption\n"
+        + b"".join(f'{r["url"]},"{r["caption"]}"\n'.encode() for r in rows[quarter : 2 * quarter])
+        + f"{base}/ok/101.png,".encode()
+        + b'"caf\xe9 latin-1"\n'
+    )
+    (folder / "c.tsv").write_text(
+        "url\tcaption\n" + "".join(f"{r['url']}\t{r['caption']}\n" for r in rows[2 * quarter : 3 * quarter])
+    )
     (folder / "d.jsonl").write_bytes(
         "".join(json.dumps(r) + "\n" for r in rows[3 * quarter :]).encode()
-        + b'{"url": "' + f"{base}/ok/102.png".encode() + b'", "caption": "bad \xff bytes"}\n'
+        + b'{"url": "'
+        + f"{base}/ok/102.png".encode()
+        + b'", "caption": "bad \xff bytes"}\n'
     )
     return good
 
@@ -140,21 +165,34 @@ def test_every_bad_input_is_counted_under_its_reason(site, tmp_path, local_ray):
     lists.mkdir()
     good = write_lists(lists, site)
     filters = IngestFilters(min_image_size=32, max_image_aspect_ratio=3.0, max_image_pixels=10_000_000)
-    cfg = IngestConfig(url_list=str(lists), shard_size=8, timeout_s=4, threads_per_task=8, filters=filters, progress_every_s=1)
+    cfg = IngestConfig(
+        url_list=str(lists), shard_size=8, timeout_s=4, threads_per_task=8, filters=filters, progress_every_s=1
+    )
     raw_url = str(tmp_path / "raw")
     lines: list[str] = []
     summary = ingest.run(cfg, RayConfig(), raw_url, "a: 1\n", log=lines.append)
 
     assert summary["input_rows"] == 34
     assert summary["filtered_before_download"] == {
-        "duplicate_url": 1, "empty_caption": 1, "malformed_url": 2, "non_utf8_caption": 2,
-    }  # fmt: skip
+        "duplicate_url": 1,
+        "empty_caption": 1,
+        "malformed_url": 2,
+        "non_utf8_caption": 2,
+    }
     assert summary["failed_by_reason"] == {
-        "decode_error": 2, "empty_body": 1, "http_4xx": 1, "http_5xx": 1, "redirect_loop": 1, "timeout": 1,
-    }  # fmt: skip
+        "decode_error": 2,
+        "empty_body": 1,
+        "http_4xx": 1,
+        "http_5xx": 1,
+        "redirect_loop": 1,
+        "timeout": 1,
+    }
     assert summary["filtered_after_download"] == {
-        "duplicate_content": 2, "image_aspect_ratio": 1, "image_too_large": 1, "image_too_small": 1,
-    }  # fmt: skip
+        "duplicate_content": 2,
+        "image_aspect_ratio": 1,
+        "image_too_large": 1,
+        "image_too_small": 1,
+    }
     assert summary["attempted"] == 28 and summary["downloaded"] == 28 - 4  # not: 404, 500, hang, loop
     assert summary["kept"] == len(good) == 16
     assert summary["bytes"] > 0 and summary["images_per_s"] > 0
@@ -195,8 +233,18 @@ def test_s3_output_and_input(site, s3_prefix, local_ray, caplog):
     assert summary["kept"] == 6 and raw.complete_shards(raw_url) == [0, 1]
     assert sorted(kept_keys(raw_url)) == sorted(url_list.stable_key(r["URL"]) for r in rows[:6])
     names = storage.listdir(raw_url)
-    assert {"00000.tar", "00000.parquet", "00000_stats.json", raw.SUMMARY, raw.PROGRESS, raw.DEDUP_DIR, plan.PLAN_DIR} <= set(names)
-    assert not any(n.startswith(storage.TMP_PREFIX) for n in storage.url_to_fs(raw_url)[0].ls(storage.url_to_fs(raw_url)[1]))
+    assert {
+        "00000.tar",
+        "00000.parquet",
+        "00000_stats.json",
+        raw.SUMMARY,
+        raw.PROGRESS,
+        raw.DEDUP_DIR,
+        plan.PLAN_DIR,
+    } <= set(names)
+    assert not any(
+        n.startswith(storage.TMP_PREFIX) for n in storage.url_to_fs(raw_url)[0].ls(storage.url_to_fs(raw_url)[1])
+    )
     # carried metadata: the list's punsafe column is in the shard parquet
     assert sorted(raw.read_status(raw_url, 0, ["punsafe"])["punsafe"].to_pylist()) == [0.0, 0.1, 0.2, 0.3]
 
@@ -232,7 +280,9 @@ KILL_LIST_SIZE = 120
 def test_sigkill_then_rerun_keeps_exactly_the_uninterrupted_keys(tmp_path, local_ray):
     with serve(delay_s=0.05) as base:
         urls = [f"{base}/ok/{i}.png" for i in range(KILL_LIST_SIZE)] + [f"{base}/dup/a.png", f"{base}/404.png"]
-        pq.write_table(pa.table({"url": urls, "caption": [f"c{i}" for i in range(len(urls))]}), tmp_path / "urls.parquet")
+        pq.write_table(
+            pa.table({"url": urls, "caption": [f"c{i}" for i in range(len(urls))]}), tmp_path / "urls.parquet"
+        )
         settings = [f"ingest.url_list={tmp_path / 'urls.parquet'}", "ingest.shard_size=8", "ingest.threads_per_task=2"]
 
         _ingest(tmp_path / "reference", settings)
@@ -248,7 +298,9 @@ def test_sigkill_then_rerun_keeps_exactly_the_uninterrupted_keys(tmp_path, local
         assert summary["this_run"]["shards"] == 16 - len(partial)
     # the totals add the earlier run's shards (read back from their stats) to this run's
     assert summary["shards"] == 16 and summary["attempted"] == len(urls) and summary["kept"] == KILL_LIST_SIZE
-    assert summary["failed_by_reason"] == {"http_4xx": 1} and summary["filtered_after_download"] == {"duplicate_content": 1}
+    assert summary["failed_by_reason"] == {"http_4xx": 1} and summary["filtered_after_download"] == {
+        "duplicate_content": 1
+    }
     got = kept_keys(str(root / "raw"))
     assert len(got) == len(set(got))  # each once
     assert sorted(got) == sorted(expected)  # exactly the uninterrupted run's keys
@@ -257,19 +309,34 @@ def test_sigkill_then_rerun_keeps_exactly_the_uninterrupted_keys(tmp_path, local
 @pytest.mark.slow
 def test_a_kill_while_planning_then_a_rerun_plans_exactly_the_same_shards(tmp_path, local_ray):
     urls = [f"http://127.0.0.1:9/{i * 7919 % 3000}.png" for i in range(4000)]  # port 9 refuses: downloads fail fast
-    pq.write_table(pa.table({"url": urls, "caption": [f"c {i}" for i in range(4000)]}), tmp_path / "urls.parquet", row_group_size=100)
-    settings = [f"ingest.url_list={tmp_path / 'urls.parquet'}", "ingest.shard_size=500", "ingest.plan_task_rows=100",
-                "ingest.dedup_bucket_rows=100", "ingest.timeout_s=1"]  # fmt: skip
+    pq.write_table(
+        pa.table({"url": urls, "caption": [f"c {i}" for i in range(4000)]}),
+        tmp_path / "urls.parquet",
+        row_group_size=100,
+    )
+    settings = [
+        f"ingest.url_list={tmp_path / 'urls.parquet'}",
+        "ingest.shard_size=500",
+        "ingest.plan_task_rows=100",
+        "ingest.dedup_bucket_rows=100",
+        "ingest.timeout_s=1",
+    ]
     root = tmp_path / "killed"
     plan_dir = root / "raw" / plan.PLAN_DIR
     _kill_ingest_when(root, settings, lambda: _markers(plan_dir / "urldup") >= 1, "while planning")
-    assert _markers(plan_dir / "scan") == 40 and _markers(plan_dir / "rows") < 40 and not raw.complete_shards(str(root / "raw"))
+    assert (
+        _markers(plan_dir / "scan") == 40
+        and _markers(plan_dir / "rows") < 40
+        and not raw.complete_shards(str(root / "raw"))
+    )
 
     summary = _ingest(root, settings)
     reference, counts = filters.apply_metadata_filters(url_list.read(str(tmp_path / "urls.parquet")), IngestFilters())
     assert summary["filtered_before_download"] == counts == {"duplicate_url": 1000}
     expected = reference["uid"].to_pylist()
-    for shard in raw.complete_shards(str(root / "raw")):  # every kept row once, in the same shards (img2dataset's own row order)
+    for shard in raw.complete_shards(
+        str(root / "raw")
+    ):  # every kept row once, in the same shards (img2dataset's own row order)
         attempted = raw.read_status(str(root / "raw"), shard, ["uid"])["uid"].to_pylist()
         assert sorted(attempted) == sorted(expected[shard * 500 : (shard + 1) * 500])
     assert summary["shards"] == 6 and summary["failed_by_reason"] == {"connection_error": 3000}
@@ -280,8 +347,13 @@ def test_a_kill_during_content_dedup_then_a_rerun_keeps_the_earliest_copies(site
     urls = [f"{site}/same/{i}/{k}.png" for i in range(30) for k in (0, 1)]
     random.Random(3).shuffle(urls)
     pq.write_table(pa.table({"url": urls, "caption": [f"c {i}" for i in range(60)]}), tmp_path / "urls.parquet")
-    settings = [f"ingest.url_list={tmp_path / 'urls.parquet'}", "ingest.shard_size=2", "ingest.plan_task_rows=2",
-                "ingest.dedup_bucket_rows=2", "ingest.threads_per_task=2"]  # fmt: skip
+    settings = [
+        f"ingest.url_list={tmp_path / 'urls.parquet'}",
+        "ingest.shard_size=2",
+        "ingest.plan_task_rows=2",
+        "ingest.dedup_bucket_rows=2",
+        "ingest.threads_per_task=2",
+    ]
     root = tmp_path / "killed"
     dedup_dir = root / "raw" / raw.DEDUP_DIR
     _kill_ingest_when(root, settings, lambda: _markers(dedup_dir / "keys") >= 1, "during content dedup")
@@ -302,7 +374,9 @@ def test_a_rerun_with_another_list_or_settings_is_refused(tmp_path):
     cfg = IngestConfig(url_list=str(lists), shard_size=2)
     raw_url = str(tmp_path / "raw")
     spec = plan.prepare(cfg, raw_url, ingest.plan_settings(cfg), [], QUIET)
-    assert plan.prepare(cfg, raw_url, ingest.plan_settings(cfg), [0, 1], QUIET) == spec  # same list and settings: reused
+    assert (
+        plan.prepare(cfg, raw_url, ingest.plan_settings(cfg), [0, 1], QUIET) == spec
+    )  # same list and settings: reused
 
     other = IngestConfig(url_list=str(lists), shard_size=2, image_size=128)
     with pytest.raises(url_list.UrlListError, match="was ingested with ingest.image_size=256, now 128"):
@@ -312,7 +386,10 @@ def test_a_rerun_with_another_list_or_settings_is_refused(tmp_path):
         plan.prepare(other, raw_url, ingest.plan_settings(other), [0], QUIET)
 
     _write_list(lists / "b.parquet", ["http://h/9"])
-    with pytest.raises(url_list.UrlListError, match=r"holds 1 complete shards \(00000, ...\) of another URL list \(.*b.parquet is new\)"):
+    with pytest.raises(
+        url_list.UrlListError,
+        match=r"holds 1 complete shards \(00000, ...\) of another URL list \(.*b.parquet is new\)",
+    ):
         plan.prepare(cfg, raw_url, ingest.plan_settings(cfg), [0], QUIET)
     (lists / "b.parquet").unlink()
     _write_list(lists / "a.parquet", ["http://h/9", "http://h/2", "http://h/3"])
@@ -333,7 +410,10 @@ def test_failure_reasons_are_classified():
     assert failure_reason("HTTP Error 404: File not found") == "http_4xx"
     assert failure_reason("HTTP Error 503: Service Unavailable") == "http_5xx"
     assert failure_reason("<urlopen error timed out>") == "timeout"
-    assert failure_reason("HTTP Error 302: The HTTP server returned a redirect error that would lead to an infinite loop.") == "redirect_loop"
+    assert (
+        failure_reason("HTTP Error 302: The HTTP server returned a redirect error that would lead to an infinite loop.")
+        == "redirect_loop"
+    )
     assert failure_reason("Image decoding error") == "decode_error"
     assert failure_reason("<urlopen error [Errno 111] Connection refused>") == "connection_error"
     assert failure_reason("something new") == "other"
@@ -353,14 +433,23 @@ def test_s3_faults_and_an_outage_lose_nothing(site, s3_prefix, local_ray, faults
     pq.write_table(pa.Table.from_pylist(rows), buf)
     storage.write_bytes(storage.join(s3_prefix, "lists", "urls.parquet"), buf.getvalue())
     raw_url = storage.join(s3_prefix, "raw")
-    command = ["ingest", f"root={s3_prefix}", f"ingest.url_list={storage.join(s3_prefix, 'lists')}", "ingest.shard_size=4",
-               "ingest.max_in_flight=1", *FAULT_SETTINGS]  # fmt: skip
+    command = [
+        "ingest",
+        f"root={s3_prefix}",
+        f"ingest.url_list={storage.join(s3_prefix, 'lists')}",
+        "ingest.shard_size=4",
+        "ingest.max_in_flight=1",
+        *FAULT_SETTINGS,
+    ]
     stats = lambda: sorted(k for k in upstream_keys(faults, raw_url) if k.endswith("_stats.json"))  # noqa: E731
     faults.schedule(0.1, seed=11)
     code, seconds = run_into_outage(faults, lambda: cli.main(command), ready=lambda: len(stats()) >= 1, kind="slowdown")
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and seconds < 120, (code, seconds)
-    assert lines[-1].startswith("unclip ingest: error: storage unavailable: ") and s3_prefix.removeprefix("s3://") in lines[-1], lines[-3:]
+    assert (
+        lines[-1].startswith("unclip ingest: error: storage unavailable: ")
+        and s3_prefix.removeprefix("s3://") in lines[-1]
+    ), lines[-3:]
     before = upstream_keys(faults, raw_url)
     done = [k for k in before if k.endswith("_stats.json")]
     assert len(done) == 1, done

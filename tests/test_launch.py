@@ -20,15 +20,21 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from models.base.ports import free_port
 from launch import cli
 from launch import config as config_mod
+from models.base.ports import free_port
 from tests.storefactory import make_store
 from tests.test_ingest import serve
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["prior.layers=2", "prior.heads=2", "train.batch_size=8", "train.log_every=1", "train.optim.warmup_steps=2",
-         "train.progress_bar=never"]  # fmt: skip
+SMALL = [
+    "prior.layers=2",
+    "prior.heads=2",
+    "train.batch_size=8",
+    "train.log_every=1",
+    "train.optim.warmup_steps=2",
+    "train.progress_bar=never",
+]
 
 
 def dry_run(capsys, *args: str) -> str:
@@ -63,13 +69,30 @@ def parse_rank_args(argv: list[str], stage: str, config_url: str) -> None:
 def test_torchrun_dry_run_is_what_each_node_runs(capsys):
     from torch.distributed.run import get_args_parser
 
-    out = dry_run(capsys, "train", "ldm", "--backend", "torchrun", "--nodes", "3", "--gpus-per-node", "8",
-                  "--master-addr", "10.0.0.1", "launch.env.NCCL_SOCKET_IFNAME=eth0")  # fmt: skip
+    out = dry_run(
+        capsys,
+        "train",
+        "ldm",
+        "--backend",
+        "torchrun",
+        "--nodes",
+        "3",
+        "--gpus-per-node",
+        "8",
+        "--master-addr",
+        "10.0.0.1",
+        "launch.env.NCCL_SOCKET_IFNAME=eth0",
+    )
     lines = commands(out)
     assert len(lines) == 3 and lines[0] == lines[2]
     assert "NCCL_SOCKET_IFNAME=eth0" in lines[0] and "TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in lines[0]
     args = get_args_parser().parse_args(after_module(without_env(lines[0]), "torch.distributed.run"))
-    assert (args.nnodes, args.nproc_per_node, args.rdzv_backend, args.rdzv_endpoint) == ("3", "8", "c10d", "10.0.0.1:29500")
+    assert (args.nnodes, args.nproc_per_node, args.rdzv_backend, args.rdzv_endpoint) == (
+        "3",
+        "8",
+        "c10d",
+        "10.0.0.1:29500",
+    )
     assert args.rdzv_id == "ldm-main" and args.module and args.training_script == "launch.rank"
     parse_rank_args(args.training_script_args, "ldm", "s3://bucket/unclip/runs/ldm/main/launch.yaml")
 
@@ -78,12 +101,28 @@ def test_deepspeed_dry_run_names_every_node(capsys, monkeypatch):
     from deepspeed.launcher import launch as ds_launch
     from deepspeed.launcher import runner
 
-    out = dry_run(capsys, "train", "prior", "--backend", "deepspeed", "--nodes", "2", "--gpus-per-node", "4",
-                  "launch.hosts=[gpu-a, gpu-b]")  # fmt: skip
+    out = dry_run(
+        capsys,
+        "train",
+        "prior",
+        "--backend",
+        "deepspeed",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "4",
+        "launch.hosts=[gpu-a, gpu-b]",
+    )
     assert "gpu-a slots=4\ngpu-b slots=4" in out  # the hostfile it writes
     head, *nodes = [without_env(line) for line in commands(out) if not line[-1].startswith("slots=")]
     args = runner.parse_args(after_module(head, "deepspeed.launcher.runner"))
-    assert (args.num_nodes, args.num_gpus, args.master_addr, args.module, args.no_local_rank) == (2, 4, "gpu-a", True, True)
+    assert (args.num_nodes, args.num_gpus, args.master_addr, args.module, args.no_local_rank) == (
+        2,
+        4,
+        "gpu-a",
+        True,
+        True,
+    )
     assert len(nodes) == 2
     for rank, node in enumerate(nodes):
         monkeypatch.setattr(sys, "argv", ["launch", *after_module(node, "deepspeed.launcher.launch")])
@@ -96,25 +135,47 @@ def test_deepspeed_dry_run_names_every_node(capsys, monkeypatch):
 def test_slurm_script_is_valid_bash_with_a_parseable_launch(capsys, tmp_path):
     from torch.distributed.run import get_args_parser
 
-    out = dry_run(capsys, "train", "decoder", "--backend", "slurm", "--nodes", "4", "--gpus-per-node", "8",
-                  "launch.slurm.partition=gpu", "launch.slurm.account=vision", "launch.env.NCCL_IB_HCA=mlx5")  # fmt: skip
+    out = dry_run(
+        capsys,
+        "train",
+        "decoder",
+        "--backend",
+        "slurm",
+        "--nodes",
+        "4",
+        "--gpus-per-node",
+        "8",
+        "launch.slurm.partition=gpu",
+        "launch.slurm.account=vision",
+        "launch.env.NCCL_IB_HCA=mlx5",
+    )
     script = out[out.index("#!/bin/bash") :].split("\n# not submitted")[0]
     path = tmp_path / "train.sbatch"
     path.write_text(script)
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
-    directives = dict(line[len("#SBATCH --") :].split("=", 1) for line in script.splitlines() if line.startswith("#SBATCH --") and "=" in line)
+    directives = dict(
+        line[len("#SBATCH --") :].split("=", 1)
+        for line in script.splitlines()
+        if line.startswith("#SBATCH --") and "=" in line
+    )
     assert directives["nodes"] == "4" and directives["gpus-per-node"] == "8" and directives["partition"] == "gpu"
     assert directives["account"] == "vision" and directives["signal"] == "TERM@180" and "#SBATCH --requeue" in script
     assert "export NCCL_IB_HCA=mlx5" in script
     srun = script[script.index("srun ") :].replace("\\\n", " ")
-    srun = srun.replace('"$SLURM_NNODES"', "4").replace('"$head_node:29500"', "node0:29500").replace('"$SLURM_JOB_ID"', "42")
+    srun = (
+        srun.replace('"$SLURM_NNODES"', "4")
+        .replace('"$head_node:29500"', "node0:29500")
+        .replace('"$SLURM_JOB_ID"', "42")
+    )
     args = get_args_parser().parse_args(after_module(shlex.split(srun), "torch.distributed.run"))
     assert (args.nnodes, args.nproc_per_node, args.rdzv_endpoint, args.rdzv_id) == ("4", "8", "node0:29500", "42")
     parse_rank_args(args.training_script_args, "decoder", "s3://bucket/unclip/runs/decoder/main/launch.yaml")
 
 
 def test_ray_dry_runs_and_refusals(capsys):
-    out = dry_run(capsys, "train", "upsampler", "--backend", "ray", "--nodes", "2", "--gpus-per-node", "8", "--address", "auto")
+    out = dry_run(
+        capsys, "train", "upsampler", "--backend", "ray", "--nodes", "2", "--gpus-per-node", "8", "--address", "auto"
+    )
     assert "workers=16" in out and "max_failures=3" in out
     job = dry_run(capsys, "ingest", "--address", "http://10.0.0.1:8265", "launch.pip=[extra-package]")
     entry = next(line for line in job.splitlines() if line.startswith("unclip "))
@@ -177,8 +238,21 @@ def test_infra_manifests_and_templates_validate():
     assert {"cpu_worker", "gpu_worker"} <= set(launcher["available_node_types"])
 
     dockerfile = (REPO / "infra" / "Dockerfile").read_text()
-    instructions = [line.split()[0] for line in dockerfile.replace("\\\n", " ").splitlines() if line.strip() and not line.startswith("#")]
-    assert instructions[0] == "FROM" and set(instructions) <= {"FROM", "ENV", "RUN", "WORKDIR", "COPY", "EXPOSE", "CMD", "ARG"}
+    instructions = [
+        line.split()[0]
+        for line in dockerfile.replace("\\\n", " ").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert instructions[0] == "FROM" and set(instructions) <= {
+        "FROM",
+        "ENV",
+        "RUN",
+        "WORKDIR",
+        "COPY",
+        "EXPOSE",
+        "CMD",
+        "ARG",
+    }
     for line in dockerfile.splitlines():
         if line.startswith("COPY "):
             for source in line.split()[1:-1]:
@@ -187,16 +261,35 @@ def test_infra_manifests_and_templates_validate():
 
     # the operator guide names a command for every job on every kind of cluster
     guide = (REPO / "infra" / "README.md").read_text()
-    for needle in ("--backend torchrun", "--backend deepspeed", "--backend slurm", "--backend ray", "launch ingest",
-                   "launch embed", "launch status", "rayjob-embed.yaml", "ray up", "8 GPUs", "64 GPUs", "512 GPUs"):
+    for needle in (
+        "--backend torchrun",
+        "--backend deepspeed",
+        "--backend slurm",
+        "--backend ray",
+        "launch ingest",
+        "launch embed",
+        "launch status",
+        "rayjob-embed.yaml",
+        "ray up",
+        "8 GPUs",
+        "64 GPUs",
+        "512 GPUs",
+    ):
         assert needle in guide, needle
 
 
 # --- real launches -------------------------------------------------------------------------
 
+
 def _unclip(*args: str, env: dict | None = None, timeout: int = 300, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "launch.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, **(env or {})}, **popen)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+        **popen,
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout: int = 300) -> str:
@@ -215,9 +308,26 @@ def test_two_torchrun_nodes_train_and_resume(tmp_path):
     port = free_port()
 
     def both_nodes(steps: int) -> list[str]:
-        args = ["launch", "train", "prior", "--backend", "torchrun", "--nodes", "2", "--gpus-per-node", "1",
-                "--master-addr", "127.0.0.1", "--master-port", str(port), f"root={tmp_path}", *SMALL,
-                f"train.steps={steps}", "train.checkpoint_every=2", "launch.rendezvous_timeout_s=120"]  # fmt: skip
+        args = [
+            "launch",
+            "train",
+            "prior",
+            "--backend",
+            "torchrun",
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "1",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            f"root={tmp_path}",
+            *SMALL,
+            f"train.steps={steps}",
+            "train.checkpoint_every=2",
+            "launch.rendezvous_timeout_s=120",
+        ]
         nodes = [_unclip(*args), _unclip(*args)]
         return [_finish(node) for node in nodes]
 
@@ -228,22 +338,43 @@ def test_two_torchrun_nodes_train_and_resume(tmp_path):
     second = _summary(tmp_path)
     assert second["resume"]["step"] == 4 and second["world_size"] == 2 and second["steps"] == 6
     assert (tmp_path / "runs" / "prior" / "main" / "launch.yaml").exists()
-    steps = [json.loads(line)["step"] for line in (tmp_path / "runs" / "prior" / "main" / "logs" / "metrics.jsonl").open()]
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "runs" / "prior" / "main" / "logs" / "metrics.jsonl").open()
+    ]
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.slow
 def test_ray_train_backend_resumes_after_a_worker_is_killed(tmp_path):
     make_store(str(tmp_path / "store"), (40, 30, 50, 24))
-    out = _finish(_unclip(
-        "launch", "train", "prior", "--backend", "ray", "--nodes", "1", "--gpus-per-node", "2", f"root={tmp_path}",
-        *SMALL, "train.steps=6", "train.checkpoint_every=2", "ray.num_cpus=3",
-        "train.fault_injection.kill_rank=1", "train.fault_injection.kill_step=3",  # SIGKILL, once
-    ), timeout=600)  # fmt: skip
+    out = _finish(
+        _unclip(
+            "launch",
+            "train",
+            "prior",
+            "--backend",
+            "ray",
+            "--nodes",
+            "1",
+            "--gpus-per-node",
+            "2",
+            f"root={tmp_path}",
+            *SMALL,
+            "train.steps=6",
+            "train.checkpoint_every=2",
+            "ray.num_cpus=3",
+            "train.fault_injection.kill_rank=1",
+            "train.fault_injection.kill_step=3",  # SIGKILL, once
+        ),
+        timeout=600,
+    )
     summary = _summary(tmp_path)
     assert summary["world_size"] == 2 and summary["steps"] == 6
     assert summary["resume"]["step"] == 2, out[-3000:]  # the restarted group went on from the step-2 checkpoint
-    assert json.loads((tmp_path / "runs" / "prior" / "main" / "step_0000006" / "trainer_state.json").read_text())["step"] == 6
+    assert (
+        json.loads((tmp_path / "runs" / "prior" / "main" / "step_0000006" / "trainer_state.json").read_text())["step"]
+        == 6
+    )
 
 
 @pytest.fixture
@@ -252,18 +383,38 @@ def ray_head():
     (never `ray stop`, which would end every Ray on the machine)."""
     port, dashboard = free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(REPO),
-           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(REPO),
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+    }
     head = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-         # ports of their own: another Ray of the test session (the local_ray fixture) holds the defaults,
-         # and a job agent that cannot bind leaves the Jobs API answering "No available agent"
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-         "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO,
-    )  # fmt: skip
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=2",
+            # ports of their own: another Ray of the test session (the local_ray fixture) holds the defaults,
+            # and a job agent that cannot bind leaves the Jobs API answering "No available agent"
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+            f"--temp-dir={temp}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        cwd=REPO,
+    )
     address = f"http://127.0.0.1:{dashboard}"
     from ray.job_submission import JobSubmissionClient
 
@@ -294,8 +445,17 @@ def test_ingest_submitted_to_a_ray_head_completes(ray_head, tmp_path):
         pq.write_table(pa.Table.from_pylist(urls), tmp_path / "urls.parquet")
         root = tmp_path / "root"
         common = [f"root={root}", f"launch.address={ray_head}"]
-        out = _finish(_unclip("launch", "ingest", "--wait", f"ingest.url_list={tmp_path / 'urls.parquet'}",
-                              "ingest.shard_size=4", *common), timeout=400)  # fmt: skip
+        out = _finish(
+            _unclip(
+                "launch",
+                "ingest",
+                "--wait",
+                f"ingest.url_list={tmp_path / 'urls.parquet'}",
+                "ingest.shard_size=4",
+                *common,
+            ),
+            timeout=400,
+        )
     job_id = next(line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith("submitted "))
     assert f"job {job_id}: SUCCEEDED" in out
     summary = json.loads((root / "raw" / "_summary.json").read_text())
@@ -308,10 +468,19 @@ def test_ingest_submitted_to_a_ray_head_completes(ray_head, tmp_path):
     assert unknown.returncode == 2 and "no-such-job" in out
 
     with serve(delay_s=30) as slow_site:  # a job still downloading when it is stopped
-        pq.write_table(pa.Table.from_pylist([{"url": f"{slow_site}/ok/{i}.png", "caption": "slow"} for i in range(4)]),
-                       tmp_path / "slow.parquet")  # fmt: skip
-        out = _finish(_unclip("launch", "ingest", f"ingest.url_list={tmp_path / 'slow.parquet'}", f"root={tmp_path / 'slow'}",
-                              f"launch.address={ray_head}"))  # fmt: skip
+        pq.write_table(
+            pa.Table.from_pylist([{"url": f"{slow_site}/ok/{i}.png", "caption": "slow"} for i in range(4)]),
+            tmp_path / "slow.parquet",
+        )
+        out = _finish(
+            _unclip(
+                "launch",
+                "ingest",
+                f"ingest.url_list={tmp_path / 'slow.parquet'}",
+                f"root={tmp_path / 'slow'}",
+                f"launch.address={ray_head}",
+            )
+        )
         slow_job = next(line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith("submitted "))
         assert "stop requested" in _finish(_unclip("launch", "stop", slow_job, *common))
         deadline = time.time() + 60
@@ -321,15 +490,17 @@ def test_ingest_submitted_to_a_ray_head_completes(ray_head, tmp_path):
 
 
 def test_nproc_auto_fits_the_machine_and_too_many_ranks_for_the_gpus_are_refused(tmp_path, monkeypatch):
-    from models.base.configlib import ConfigError
     from launch.environment import local_ranks
     from launch.train import check_before_launch
+    from models.base.configlib import ConfigError
 
     assert local_ranks("auto", gpus=8, cores=64) == (8, 8)  # one rank per GPU
     assert local_ranks("auto", gpus=0, cores=16) == (2, 8)  # two ranks, the cores shared as threads
     assert local_ranks("auto", gpus=0, cores=1) == (1, 1)
     assert local_ranks(3, gpus=0, cores=2) == (3, 1)
-    with pytest.raises(ConfigError, match="'train.nproc' is 2, but this machine has 1 GPU: one rank per GPU, at most 1"):
+    with pytest.raises(
+        ConfigError, match="'train.nproc' is 2, but this machine has 1 GPU: one rank per GPU, at most 1"
+    ):
         local_ranks(2, gpus=1, cores=16)
     # before any rank starts: the command's own check
     make_store(str(tmp_path / "store"), (20,))

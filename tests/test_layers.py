@@ -65,7 +65,10 @@ def own_imports(path: Path) -> list[tuple[int, str, bool]]:
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             # `from data_pipeline import store` imports the module data_pipeline.store
-            names = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in MODULES else node.module for alias in node.names]
+            names = [
+                f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in MODULES else node.module
+                for alias in node.names
+            ]
         else:
             continue
         reasoned = "# lazy:" in lines[node.lineno - 1] or _reason_above(lines, node.lineno - 1)
@@ -94,13 +97,20 @@ def test_every_package_imports_only_the_layers_below_it():
         allowed = MAY_IMPORT[layer(module) if layer(module) != "store read API" else "data_pipeline"]
         for line, imported, _ in own_imports(path):
             if layer(imported) not in allowed:
-                broken.append(f"{path.relative_to(REPO)}:{line}: {layer(module)} imports {imported} ({layer(imported)})")
+                broken.append(
+                    f"{path.relative_to(REPO)}:{line}: {layer(module)} imports {imported} ({layer(imported)})"
+                )
     assert not broken, "layer contract broken:\n" + "\n".join(broken)
 
 
 def test_our_modules_import_each_other_at_the_top():
-    hidden = [f"{path.relative_to(REPO)}:{line}: {imported}" for path in MODULES.values()
-              if str(path.relative_to(REPO)) not in LAZY_BY_DESIGN for line, imported, in_function in own_imports(path) if in_function]  # fmt: skip
+    hidden = [
+        f"{path.relative_to(REPO)}:{line}: {imported}"
+        for path in MODULES.values()
+        if str(path.relative_to(REPO)) not in LAZY_BY_DESIGN
+        for line, imported, in_function in own_imports(path)
+        if in_function
+    ]
     assert not hidden, "imports of our own modules inside functions:\n" + "\n".join(hidden)
 
 
@@ -121,7 +131,9 @@ def test_every_import_inside_a_function_says_why():
                 if isinstance(node, (ast.Import, ast.ImportFrom)) and node is not function:
                     if "# lazy:" not in lines[node.lineno - 1] and not _reason_above(lines, node.lineno - 1):
                         unexplained.append(f"{path.relative_to(REPO)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
-    assert not unexplained, "imports inside functions without a '# lazy:' reason:\n" + "\n".join(sorted(set(unexplained)))
+    assert not unexplained, "imports inside functions without a '# lazy:' reason:\n" + "\n".join(
+        sorted(set(unexplained))
+    )
 
 
 @pytest.mark.parametrize("source", ["from launch.config import Config", "from data_pipeline import embed"])

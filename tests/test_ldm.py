@@ -29,7 +29,9 @@ def test_an_ldm_attends_to_the_embedding_only_when_its_checkpoint_trained_with_i
     torch.manual_seed(0)
     unet = ldm.build_unet(LdmConfig(block_channels=[16, 32]), vae.latent_channels, 8, text_width=8)
     lengths: list[int] = []
-    unet.register_forward_pre_hook(lambda _m, _args, kwargs: lengths.append(kwargs["encoder_hidden_states"].shape[1]), with_kwargs=True)
+    unet.register_forward_pre_hook(
+        lambda _m, _args, kwargs: lengths.append(kwargs["encoder_hidden_states"].shape[1]), with_kwargs=True
+    )
     text = {"tokens": torch.randn(2, 5, 8), "emb": torch.randn(2, 8)}
     for extras, length in (({"latent_scale": 1.0, "text_embedding_token": True}, 6), ({"latent_scale": 1.0}, 5)):
         lengths.clear()
@@ -46,6 +48,12 @@ def test_an_embedding_of_another_size_than_the_tokens_is_refused_by_name(tmp_pat
 
     store = make_store(str(tmp_path / "store"), columns=("clip_text_emb", "clip_text_tokens", "vae_latent"))
     store.manifest["columns"]["clip_text_emb"]["shape"] = [12]
-    with pytest.raises(StoreError, match=r"'columns.clip_text_emb.shape' has size 12, .* tokens of width 16 .* ldm.text_embedding_token=false"):
+    with pytest.raises(
+        StoreError,
+        match=r"'columns.clip_text_emb.shape' has size 12, .* tokens of width 16 .* ldm.text_embedding_token=false",
+    ):
         LdmStage(config.load(None, []).ldm, store)
-    assert LdmStage(config.load(None, ["ldm.text_embedding_token=false"]).ldm, store).columns == ("vae_latent", "clip_text_tokens")
+    assert LdmStage(config.load(None, ["ldm.text_embedding_token=false"]).ldm, store).columns == (
+        "vae_latent",
+        "clip_text_tokens",
+    )

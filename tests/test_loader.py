@@ -50,7 +50,9 @@ def test_manifest_and_reading(tmp_path):
     assert m["clip_image_emb_mean"][0] == pytest.approx(71.5, rel=1e-3)
     with pytest.raises(store.StoreError, match="manifest field 'columns' lacks 'image_1024'"):
         s.require(["image_1024"])
-    with pytest.raises(store.StoreError, match=r"manifest field 'columns.clip_image_emb.shape' is \[16\], expected \[768\]"):
+    with pytest.raises(
+        store.StoreError, match=r"manifest field 'columns.clip_image_emb.shape' is \[16\], expected \[768\]"
+    ):
         s.require(["clip_image_emb"], {"columns.clip_image_emb.shape": [768]})
 
 
@@ -104,7 +106,10 @@ def test_resume_on_another_world_size_neither_repeats_nor_skips(tmp_path, before
     everything = seen + rest
     assert len(everything) == len(set(everything))  # nothing repeated
     # nothing skipped but the tail that cannot fill a batch on every rank at the end of the epoch
-    left = [sum(resumed[0].sizes[g] - st for g, st in resumed[0].stream(r).tolist()) - resumed[0].steps_in_epoch * 4 for r in range(after)]
+    left = [
+        sum(resumed[0].sizes[g] - st for g, st in resumed[0].stream(r).tolist()) - resumed[0].steps_in_epoch * 4
+        for r in range(after)
+    ]
     assert len(everything) + sum(left) == 144
     assert max(left) < 4 + max(PARTS)
     assert next(resumed[0]) is not None and resumed[0].epoch == 1
@@ -156,7 +161,13 @@ def test_transform_runs_per_batch_with_reproducible_randomness(tmp_path):
         return {**batch, "noise": rng.standard_normal(len(batch["clip_image_emb"])).astype(np.float32)}
 
     def noises(state=None, steps=6):
-        loader = StoreLoader(s, ["clip_image_emb", "image_64"], 4, seed=1, transform=lambda b, r: transform({"clip_image_emb": b["clip_image_emb"]}, r))
+        loader = StoreLoader(
+            s,
+            ["clip_image_emb", "image_64"],
+            4,
+            seed=1,
+            transform=lambda b, r: transform({"clip_image_emb": b["clip_image_emb"]}, r),
+        )
         if state:
             loader.load_state_dict(state)
         out = [next(loader)["noise"].tolist() for _ in range(steps)]
@@ -196,9 +207,17 @@ def test_row_groups_are_laid_out_from_the_index_without_opening_a_part(tmp_path,
     monkeypatch.setattr(data.pq, "ParquetFile", no_opening)
     fresh = store.open_store(s.url)
     lay = data.layout(fresh)
-    assert lay.part.tolist() == [0, 0, 0, 1] and lay.group.tolist() == [0, 1, 2, 0] and lay.first_row.tolist() == [0, 1024, 2048, 0]
-    assert lay.sizes.tolist() == [int((~heldout[0][0:1024]).sum()), int((~heldout[0][1024:2048]).sum()),
-                                  int((~heldout[0][2048:]).sum()), int((~heldout[1]).sum())]  # fmt: skip
+    assert (
+        lay.part.tolist() == [0, 0, 0, 1]
+        and lay.group.tolist() == [0, 1, 2, 0]
+        and lay.first_row.tolist() == [0, 1024, 2048, 0]
+    )
+    assert lay.sizes.tolist() == [
+        int((~heldout[0][0:1024]).sum()),
+        int((~heldout[0][1024:2048]).sum()),
+        int((~heldout[0][2048:]).sum()),
+        int((~heldout[1]).sum()),
+    ]
     assert sum(lay.sizes) < 3200  # held-out rows left out
 
 
@@ -243,7 +262,9 @@ def test_a_store_that_cannot_give_every_rank_a_batch_is_refused(tmp_path):
     from data_pipeline.store import StoreError
 
     s = make_store(str(tmp_path), (6, 6, 7))  # 19 rows: enough in all for 2 x 8, not per rank
-    with pytest.raises(StoreError, match=r"3 row groups \(19 rows\) dealt to 2 ranks leave a rank fewer than train.batch_size=8"):
+    with pytest.raises(
+        StoreError, match=r"3 row groups \(19 rows\) dealt to 2 ranks leave a rank fewer than train.batch_size=8"
+    ):
         StoreLoader(s, ["clip_image_emb"], 8, seed=0, world_size=2)
 
 

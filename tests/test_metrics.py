@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from models.chains import slerp
-from models.metrics import frechet_distance, frechet_from_stats, mean_cosine
-from models.metrics import guidance_gain
+from models.metrics import frechet_distance, frechet_from_stats, guidance_gain, mean_cosine
 
 
 def test_frechet_closed_forms():
@@ -43,8 +42,11 @@ def test_slerp_follows_the_great_circle():
 
 def test_guidance_beats_unguided_only_when_following_and_clip_score_both_rise():
     def scores(shape, color, background, clip_score, distance):
-        return {"prompt_following": {"shape": shape, "color": color, "background": background},
-                "clip_score": clip_score, "frechet_distance_clip": distance}  # fmt: skip
+        return {
+            "prompt_following": {"shape": shape, "color": color, "background": background},
+            "clip_score": clip_score,
+            "frechet_distance_clip": distance,
+        }
 
     off = scores(0.8, 0.9, 1.0, 0.80, 30.0)
     gain = guidance_gain(off, scores(0.9, 0.9, 1.0, 0.85, 33.0))  # the distance may rise
@@ -73,5 +75,7 @@ def test_reference_embeddings_are_training_rows_spread_over_the_store(tmp_path):
     everything = row_id(store.read(["clip_image_emb"], split="train")["clip_image_emb"])
     assert sorted(row_id(reference_embeddings(store, 1000))) == sorted(everything)
 
-    with pytest.raises(StoreError, match="training rows to measure the Fréchet distance against.*eval.reference_rows=0"):
+    with pytest.raises(
+        StoreError, match="training rows to measure the Fréchet distance against.*eval.reference_rows=0"
+    ):
         reference_embeddings(make_store(str(tmp_path / "all-held-out"), rows_per_part=(5,), holdout=1.0), 10)

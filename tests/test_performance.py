@@ -17,7 +17,10 @@ def unet():
 
 
 def checkpointed(network) -> list[bool]:
-    return [any(getattr(m, "gradient_checkpointing", False) for m in block.modules()) for block in performance.blocks(network)]
+    return [
+        any(getattr(m, "gradient_checkpointing", False) for m in block.modules())
+        for block in performance.blocks(network)
+    ]
 
 
 def test_selective_checkpointing_leaves_the_deepest_level_and_blocks_take_every_block():
@@ -39,7 +42,9 @@ def test_checkpointed_blocks_give_the_same_loss_and_gradients():
 
 
 def test_the_prior_recomputes_each_transformer_block():
-    model = prior.build_prior(PriorConfig(layers=2, heads=2, head_dim=4), embed_dim=8, context_length=5, mean=[0.0] * 8, std=[1.0] * 8)
+    model = prior.build_prior(
+        PriorConfig(layers=2, heads=2, head_dim=4), embed_dim=8, context_length=5, mean=[0.0] * 8, std=[1.0] * 8
+    )
     assert performance.checkpoint_activations(model, "blocks") == 2
     assert all("recomputed" in block.forward.__name__ for block in model.transformer_blocks)
 
@@ -55,7 +60,9 @@ def test_compiling_keeps_every_weight_name():
 def test_channels_last_inputs_reach_the_convolutions():
     model = unet()
     seen = []
-    model.conv_in.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    model.conv_in.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
     performance.channels_last_inputs(model)
     model(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), encoder_hidden_states=torch.randn(2, 5, 8))
     assert seen == [True]

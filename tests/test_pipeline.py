@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from models.base import storage
-from models.base.configlib import ConfigError, read_yaml, replace, to_yaml
 from data_pipeline.store import StoreError, open_store
 from launch import config, demo, export, sample
 from launch.train import train_local
+from models.base import storage
+from models.base.configlib import ConfigError, read_yaml, replace, to_yaml
 from tests.plain_diffusers import plain_decoder, plain_loop
 
 pytestmark = pytest.mark.slow
@@ -71,15 +71,31 @@ def test_report_describes_every_phase(pipeline):
     cfg, workdir, report = pipeline
     assert json.loads((workdir / "report.json").read_text()) == report
     phases = report["phases"]
-    assert list(phases) == ["generate", "ingest", "encoders", "embed", "train_ldm", "train_prior", "train_decoder",
-                            "train_upsampler", "sample", "eval"]  # fmt: skip
+    assert list(phases) == [
+        "generate",
+        "ingest",
+        "encoders",
+        "embed",
+        "train_ldm",
+        "train_prior",
+        "train_decoder",
+        "train_upsampler",
+        "sample",
+        "eval",
+    ]
     assert all(p["wall_s"] > 0 for p in phases.values())
     assert phases["ingest"]["kept"] == 48 and phases["ingest"]["failed"] == 3
     assert phases["ingest"]["failed_by_reason"] == {"decode_error": 2, "http_4xx": 1}
     fitted = phases["encoders"]  # fitted on the ingested pairs, scored on held-out ones
-    assert fitted["clip"]["steps"] == 10 and fitted["vae"]["steps"] == 4 and fitted["pairs"] + fitted["heldout_pairs"] == 48
+    assert (
+        fitted["clip"]["steps"] == 10
+        and fitted["vae"]["steps"] == 4
+        and fitted["pairs"] + fitted["heldout_pairs"] == 48
+    )
     assert 0 <= fitted["clip"]["heldout_retrieval"]["top1"] <= 1 and fitted["vae"]["heldout_psnr_db"] > 0
-    assert json.loads((Path(cfg.root) / "encoders" / "fit_report.json").read_text()) == {k: v for k, v in fitted.items() if k != "wall_s"}
+    assert json.loads((Path(cfg.root) / "encoders" / "fit_report.json").read_text()) == {
+        k: v for k, v in fitted.items() if k != "wall_s"
+    }
     assert phases["embed"]["rows"] == 48 and {"image_64", "image_256", "vae_latent"} <= set(phases["embed"]["columns"])
     for stage in ("ldm", "prior", "decoder", "upsampler"):
         entry = phases[f"train_{stage}"]
@@ -94,9 +110,14 @@ def test_report_describes_every_phase(pipeline):
         assert os.path.exists(phases["sample"][f"{chain}_grid"])
     ev = phases["eval"]
     assert ev["heldout_rows"] == 4 and os.path.exists(ev["grid"]) and ev["grid_columns"] == ["real", "ldm", "unclip"]
-    for value in (ev["prior"]["cosine_predicted_vs_true"], ev["prior"]["cosine_text_embedding_baseline"],
-                  ev["ldm"]["clip_score"], ev["unclip"]["clip_score"], ev["ldm"]["frechet_distance_clip"],
-                  ev["real_images_frechet_distance_clip"]):  # fmt: skip
+    for value in (
+        ev["prior"]["cosine_predicted_vs_true"],
+        ev["prior"]["cosine_text_embedding_baseline"],
+        ev["ldm"]["clip_score"],
+        ev["unclip"]["clip_score"],
+        ev["ldm"]["frechet_distance_clip"],
+        ev["real_images_frechet_distance_clip"],
+    ):
         assert value == value and abs(value) < 1e6  # finite
     # the distance is measured against training rows (the default eval.reference_rows exceeds the store)
     assert ev["frechet_reference"]["split"] == "train" and ev["frechet_reference"]["rows"] > ev["heldout_rows"]
@@ -115,8 +136,12 @@ def test_store_manifest_follows_the_contract(pipeline):
     manifest = storage.read_json(storage.join(cfg.store_url, "manifest.json"))
     clip, vae = manifest["encoders"]["clip"], manifest["encoders"]["vae"]
     assert (clip["text_layer"], clip["text_padding"]) == ("last", "zeros")
-    assert clip["weights_sha256"] == storage.sha256_file(os.path.join(cfg.root, "encoders", "clip", "open_clip_model.safetensors"))
-    assert vae["weights_sha256"] == storage.sha256_file(os.path.join(cfg.root, "encoders", "vae", "diffusion_pytorch_model.safetensors"))
+    assert clip["weights_sha256"] == storage.sha256_file(
+        os.path.join(cfg.root, "encoders", "clip", "open_clip_model.safetensors")
+    )
+    assert vae["weights_sha256"] == storage.sha256_file(
+        os.path.join(cfg.root, "encoders", "vae", "diffusion_pytorch_model.safetensors")
+    )
     assert manifest["columns"]["vae_latent"] == {"dtype": "float16", "shape": [4, 16, 16], "image_side": 64}
     assert manifest["holdout"]["fraction"] == 0.2
     assert sum(open_store(cfg.store_url).index.rows) == manifest["totals"]["rows"] == 48
@@ -124,8 +149,12 @@ def test_store_manifest_follows_the_contract(pipeline):
 
 def test_resolved_config_is_saved_beside_every_output(pipeline):
     cfg, workdir, _ = pipeline
-    for path in (storage.join(cfg.raw_url, "_config.yaml"), storage.join(cfg.sample.out, "config.yaml"),
-                 storage.join(cfg.eval.out, "config.yaml"), str(workdir / "config.yaml")):  # fmt: skip
+    for path in (
+        storage.join(cfg.raw_url, "_config.yaml"),
+        storage.join(cfg.sample.out, "config.yaml"),
+        storage.join(cfg.eval.out, "config.yaml"),
+        str(workdir / "config.yaml"),
+    ):
         assert config.from_dict(read_yaml(path)) == cfg, path
     # a run records the settings it trained with: its own train.stages entry applied, none left
     prior_cfg = config.from_dict(read_yaml(storage.join(cfg.run_url("prior"), "step_0000008", "config.yaml")))
@@ -151,9 +180,19 @@ def test_variations_and_interpolation(pipeline):
     cfg, workdir, _ = pipeline
     source = str(workdir / "site" / "images" / "000000.png")
     out = storage.join(cfg.root, "samples-extra")
-    result = sample.run(replace(cfg, **{"sample.chains": [], "sample.variations": [source], "sample.out": out,
-                                        "sample.interpolate": ["a red circle on a blue background", "a green square on a white background"],
-                                        "sample.interpolation_steps": 3}), log=print)  # fmt: skip
+    result = sample.run(
+        replace(
+            cfg,
+            **{
+                "sample.chains": [],
+                "sample.variations": [source],
+                "sample.out": out,
+                "sample.interpolate": ["a red circle on a blue background", "a green square on a white background"],
+                "sample.interpolation_steps": 3,
+            },
+        ),
+        log=print,
+    )
     with Image.open(result["variations"]["grid"]) as im:
         assert im.size == (256 * 3, 256)  # the source, then two variations
     with Image.open(result["interpolation"]["grid"]) as im:
@@ -165,10 +204,18 @@ def test_sampling_with_other_encoders_is_refused(pipeline, tmp_path):
     from models.encoders import write_tiny_encoders
 
     cfg, _, _ = pipeline
-    other = replace(cfg, **{"encoders.clip.model": f"local-dir:{tmp_path}/clip", "encoders.vae.path": str(tmp_path / "vae"),
-                            "encoders.tiny.seed": 1})  # fmt: skip
+    other = replace(
+        cfg,
+        **{
+            "encoders.clip.model": f"local-dir:{tmp_path}/clip",
+            "encoders.vae.path": str(tmp_path / "vae"),
+            "encoders.tiny.seed": 1,
+        },
+    )
     write_tiny_encoders(other.encoders)
-    with pytest.raises(StoreError, match=r"encoders.clip.weights_sha256 is '[0-9a-f]{64}', but the store was embedded with"):
+    with pytest.raises(
+        StoreError, match=r"encoders.clip.weights_sha256 is '[0-9a-f]{64}', but the store was embedded with"
+    ):
         sample.run(other, log=print)
 
 
@@ -185,20 +232,40 @@ def test_a_fine_tuned_public_stable_diffusion_unet_exports_as_a_stable_diffusion
     cfg, _, _ = pipeline
     store = open_store(cfg.store_url)
     empty = store.null_caption()
-    assert set(empty) == {"clip_text_emb", "clip_text_tokens", "text_mask"} and empty["text_mask"].sum() == 2  # start, end
+    assert (
+        set(empty) == {"clip_text_emb", "clip_text_tokens", "text_mask"} and empty["text_mask"].sum() == 2
+    )  # start, end
     channels, side, _ = store.shape("vae_latent")
-    sd = public_layouts.stable_diffusion(str(tmp_path / "sd"), cross_attention_dim=store.shape("clip_text_tokens")[1], latent=(channels, side))
-    tuned = replace(cfg, **{"ldm.null_text": "empty_caption", "ldm.text_embedding_token": False, "train.steps": 2, "train.run": "sd",
-                            "sample.run": "sd"})  # fmt: skip
+    sd = public_layouts.stable_diffusion(
+        str(tmp_path / "sd"), cross_attention_dim=store.shape("clip_text_tokens")[1], latent=(channels, side)
+    )
+    tuned = replace(
+        cfg,
+        **{
+            "ldm.null_text": "empty_caption",
+            "ldm.text_embedding_token": False,
+            "train.steps": 2,
+            "train.run": "sd",
+            "sample.run": "sd",
+        },
+    )
     train_local(tuned, "ldm", init_from=sd, log=print)
     out = str(tmp_path / "export")
     exported = export.run(tuned, out, log=print)
     assert set(exported) >= {"ldm"} and exported["ldm"]["pipeline"] == "StableDiffusionPipeline"
     pipe = DiffusionPipeline.from_pretrained(os.path.join(out, "ldm"))
-    assert type(pipe).__name__ == "StableDiffusionPipeline" and not os.path.exists(os.path.join(out, "ldm", "ldm_pipeline.py"))
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and not os.path.exists(
+        os.path.join(out, "ldm", "ldm_pipeline.py")
+    )
     prompts, steps, w, seed = ["a red circle on a blue background", "a green square on a white background"], 4, 3.0, 7
     trained = load_trained(tuned, store, ["ldm"])
-    drawn = pipe(prompts, num_inference_steps=steps, guidance_scale=w, generator=torch.Generator().manual_seed(seed), output_type="pt").images
+    drawn = pipe(
+        prompts,
+        num_inference_steps=steps,
+        guidance_scale=w,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    ).images
     sampled = trained.generate("ldm", trained.encode_text(prompts), steps, (w, 1.0), seed, batch_size=len(prompts))
     assert torch.allclose(drawn, (sampled + 1) / 2, atol=1e-4), (drawn - (sampled + 1) / 2).abs().max()
 
@@ -206,8 +273,12 @@ def test_a_fine_tuned_public_stable_diffusion_unet_exports_as_a_stable_diffusion
 KARLO_SAMPLING = {
     # sampled as UnCLIPPipeline samples Karlo: its scheduler, the empty caption as unconditional
     # text, the decoder's text mask, the upsampler's antialiased enlargement
-    "sample.sampler": "unclip", "prior.null_text": "empty_caption", "decoder.null_text": "empty_caption", "decoder.text_mask": True,
-    "decoder.space": "pixel", "upsampler.resize": "bicubic_antialias",
+    "sample.sampler": "unclip",
+    "prior.null_text": "empty_caption",
+    "decoder.null_text": "empty_caption",
+    "decoder.text_mask": True,
+    "decoder.space": "pixel",
+    "upsampler.resize": "bicubic_antialias",
     # Karlo's schedules and clipping (configs/karlo-finetune.yaml), with x0 targets where Karlo's
     # decoder and upsampler predict eps: at UnCLIPScheduler's first step (t = 999) an eps
     # prediction's x_0 is divided by sqrt(abar) = 4.9e-5, so float noise of 1e-7 between two
@@ -231,31 +302,67 @@ def test_a_fine_tuned_karlo_chain_exports_as_an_unclip_pipeline(pipeline, tmp_pa
 
     cfg, _, _ = pipeline
     store = open_store(cfg.store_url)
-    karlo = public_layouts.karlo(str(tmp_path / "karlo"), dim=store.shape("clip_image_emb")[0], tokens=store.shape("clip_text_tokens")[0])
-    tuned = replace(cfg, **{**KARLO_SAMPLING, "train.steps": 2, "train.run": "karlo", "sample.run": "karlo", "sample.upsampler_runs": ["karlo"]})
+    karlo = public_layouts.karlo(
+        str(tmp_path / "karlo"), dim=store.shape("clip_image_emb")[0], tokens=store.shape("clip_text_tokens")[0]
+    )
+    tuned = replace(
+        cfg,
+        **{
+            **KARLO_SAMPLING,
+            "train.steps": 2,
+            "train.run": "karlo",
+            "sample.run": "karlo",
+            "sample.upsampler_runs": ["karlo"],
+        },
+    )
     settings = tmp_path / "karlo.yaml"
     settings.write_text(to_yaml(tuned))
     # the three stages at once, one rank each: their start-up is most of their time
-    running = [subprocess.Popen([sys.executable, "-m", "launch.cli", "train", stage, "--config", str(settings), "--init-from", karlo],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for stage in ("prior", "decoder", "upsampler")]  # fmt: skip
+    running = [
+        subprocess.Popen(
+            [sys.executable, "-m", "launch.cli", "train", stage, "--config", str(settings), "--init-from", karlo],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for stage in ("prior", "decoder", "upsampler")
+    ]
     for proc in running:
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
     out = str(tmp_path / "export")
     exported = export.run(tuned, out, log=print)
-    assert exported["prior"]["pipeline"] == exported["upsampler-karlo"]["pipeline"] == "UnCLIPPipeline", \
-        json.load(open(os.path.join(out, "unclip", "unclip_stages.json")))["not_an_UnCLIPPipeline_because"]  # fmt: skip
+    assert exported["prior"]["pipeline"] == exported["upsampler-karlo"]["pipeline"] == "UnCLIPPipeline", json.load(
+        open(os.path.join(out, "unclip", "unclip_stages.json"))
+    )["not_an_UnCLIPPipeline_because"]
     pipe = DiffusionPipeline.from_pretrained(os.path.join(out, "unclip"))
-    assert type(pipe).__name__ == "UnCLIPPipeline" and not os.path.exists(os.path.join(out, "unclip", "unclip_pipeline.py"))
+    assert type(pipe).__name__ == "UnCLIPPipeline" and not os.path.exists(
+        os.path.join(out, "unclip", "unclip_pipeline.py")
+    )
     assert pipe.decoder_scheduler.config.variance_type == "learned_range"  # Karlo's decoder's, kept through fine-tuning
     # one prompt and two super-resolution steps (UnCLIPScheduler's fewest): each is a 256 px UNet pass
     prompts, steps, sr_steps, seed = ["a red circle on a blue background"], 4, 2, 7
     w_decoder, w_prior = 3.0, 2.0
-    drawn = pipe(prompts, prior_num_inference_steps=steps, decoder_num_inference_steps=steps, super_res_num_inference_steps=sr_steps,
-                 prior_guidance_scale=w_prior, decoder_guidance_scale=w_decoder, generator=torch.Generator().manual_seed(seed),
-                 output_type="np").images  # fmt: skip
+    drawn = pipe(
+        prompts,
+        prior_num_inference_steps=steps,
+        decoder_num_inference_steps=steps,
+        super_res_num_inference_steps=sr_steps,
+        prior_guidance_scale=w_prior,
+        decoder_guidance_scale=w_decoder,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    ).images
     trained = load_trained(tuned, store, ["prior", "decoder", "upsampler"])
-    sampled = trained.generate("unclip", trained.encode_text(prompts), steps, (w_decoder, w_prior), seed, batch_size=len(prompts), upsampler_steps=sr_steps)
+    sampled = trained.generate(
+        "unclip",
+        trained.encode_text(prompts),
+        steps,
+        (w_decoder, w_prior),
+        seed,
+        batch_size=len(prompts),
+        upsampler_steps=sr_steps,
+    )
     ours = ((sampled + 1) / 2).permute(0, 2, 3, 1).numpy()
     assert drawn.shape == (1, 256, 256, 3) and np.abs(drawn - ours).max() < 1e-4, np.abs(drawn - ours).max()
     assert "standard `UnCLIPPipeline`" in open(os.path.join(out, "README.md")).read()
@@ -282,12 +389,22 @@ def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_pat
 
     # ldm
     unet = UNet2DConditionModel.from_pretrained(os.path.join(out, "ldm", "unet"))
-    assert exported["ldm"]["extras"]["text_embedding_token"]  # the default: as NULL_CONDITION says, emb after the tokens
+    assert exported["ldm"]["extras"][
+        "text_embedding_token"
+    ]  # the default: as NULL_CONDITION says, emb after the tokens
     hidden = torch.cat([text["tokens"], text["emb"][:, None]], 1)
     ldm_net = trained.nets["ldm"]
-    ours = ldm.sample(ldm_net.model, ldm_net.diffusion, ldm.context(text, True), steps, w, torch.Generator().manual_seed(seed))
-    theirs = plain_loop(os.path.join(out, "ldm", "scheduler"), ours.shape,
-                         lambda x, t, c: unet(x, t, encoder_hidden_states=hidden if c else torch.zeros_like(hidden)).sample, w, seed, steps)  # fmt: skip
+    ours = ldm.sample(
+        ldm_net.model, ldm_net.diffusion, ldm.context(text, True), steps, w, torch.Generator().manual_seed(seed)
+    )
+    theirs = plain_loop(
+        os.path.join(out, "ldm", "scheduler"),
+        ours.shape,
+        lambda x, t, c: unet(x, t, encoder_hidden_states=hidden if c else torch.zeros_like(hidden)).sample,
+        w,
+        seed,
+        steps,
+    )
     assert torch.allclose(ours, theirs, atol=1e-5)
     # the chain reads text_embedding_token from the checkpoint's stage.json and samples the same
     images = chains.latent_diffusion(ldm_net, text, steps, w, torch.Generator().manual_seed(seed))
@@ -296,7 +413,13 @@ def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_pat
     # draws what `unclip sample` draws (Trained.generate, one batch: its noise from `seed`)
     pipe = DiffusionPipeline.from_pretrained(os.path.join(out, "ldm"), trust_remote_code=True)
     assert type(pipe).__name__ == "UnclipLdmPipeline"
-    drawn = pipe(prompts, num_inference_steps=steps, guidance_scale=w, generator=torch.Generator().manual_seed(seed), output_type="pt").images
+    drawn = pipe(
+        prompts,
+        num_inference_steps=steps,
+        guidance_scale=w,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    ).images
     sampled = trained.generate("ldm", text, steps, (w, 1.0), seed, batch_size=len(prompts))
     assert torch.allclose(drawn, (sampled + 1) / 2, atol=1e-4), (drawn - (sampled + 1) / 2).abs().max()
 
@@ -307,9 +430,22 @@ def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_pat
     second = trained.image_embeddings({k: v[1:] for k, v in text.items()}, steps, w, seed + 1, batch_size=1)
     assert torch.allclose(trained.image_embeddings(text, steps, w, seed, batch_size=1)[1:], second)
     null = prior.drop_text(text, torch.ones(2, dtype=torch.bool))
-    theirs = plain_loop(os.path.join(out, "unclip", "prior_scheduler"), (2, pri.config.embedding_dim),
-                         lambda x, t, c: pri(x, t, proj_embedding=(text if c else null)["emb"], encoder_hidden_states=(text if c else null)["tokens"],
-                                             attention_mask=(text if c else null)["mask"]).predicted_image_embedding, w, seed, steps)  # fmt: skip
+    theirs = plain_loop(
+        os.path.join(out, "unclip", "prior_scheduler"),
+        (2, pri.config.embedding_dim),
+        lambda x, t, c: (
+            pri(
+                x,
+                t,
+                proj_embedding=(text if c else null)["emb"],
+                encoder_hidden_states=(text if c else null)["tokens"],
+                attention_mask=(text if c else null)["mask"],
+            ).predicted_image_embedding
+        ),
+        w,
+        seed,
+        steps,
+    )
     assert torch.allclose(ours, pri.post_process_latents(theirs), atol=1e-5)
 
     # decoder (the embedded default's draws VAE latents: pictures come from the exported VAE)
@@ -323,7 +459,9 @@ def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_pat
     mine_latents = decoder.sample(dec.model, dec.diffusion, cond, steps, w, torch.Generator().manual_seed(seed))
 
     decoder_fn = plain_decoder(unet, proj, image_emb, text["emb"], text["tokens"], patch=1)
-    theirs_latents = plain_loop(os.path.join(out, "unclip", "decoder_scheduler"), mine_latents.shape, decoder_fn, w, seed, steps)
+    theirs_latents = plain_loop(
+        os.path.join(out, "unclip", "decoder_scheduler"), mine_latents.shape, decoder_fn, w, seed, steps
+    )
     assert torch.allclose(mine_latents, theirs_latents, atol=1e-5)
     mine = chains.decoder_images(dec, cond, steps, w, torch.Generator().manual_seed(seed))
     vae = AutoencoderKL.from_pretrained(os.path.join(out, "vae"))
@@ -337,21 +475,44 @@ def test_export_loads_in_plain_diffusers_and_gives_our_outputs(pipeline, tmp_pat
     factor = exported["upsampler-main"]["extras"]["high"] // exported["upsampler-main"]["extras"]["low"]
     net = trained.upsamplers[0]
     mine_sr = upsampler.sample(net.model, net.diffusion, mine, factor, steps, torch.Generator().manual_seed(seed))
-    low_up = torch.nn.functional.interpolate(mine, scale_factor=factor, mode="bicubic", align_corners=False).clamp(-1, 1)
-    theirs_sr = plain_loop(os.path.join(out, "unclip", "super_res_0_scheduler"), mine_sr.shape,
-                            lambda x, t, c: sr(torch.cat([x, low_up], 1), t).sample, 1.0, seed, steps).clamp(-1, 1)  # fmt: skip
+    low_up = torch.nn.functional.interpolate(mine, scale_factor=factor, mode="bicubic", align_corners=False).clamp(
+        -1, 1
+    )
+    theirs_sr = plain_loop(
+        os.path.join(out, "unclip", "super_res_0_scheduler"),
+        mine_sr.shape,
+        lambda x, t, c: sr(torch.cat([x, low_up], 1), t).sample,
+        1.0,
+        seed,
+        steps,
+    ).clamp(-1, 1)
     assert torch.allclose(mine_sr, theirs_sr, atol=1e-5)
 
     # the whole unCLIP chain as the exported pipeline, from the prompts: what `unclip sample` draws
     # (Trained.generate, one batch); the upsampler in its default memory format, hence 1e-4
     pipe = DiffusionPipeline.from_pretrained(os.path.join(out, "unclip"), trust_remote_code=True)
-    assert type(pipe).__name__ == "UnclipChainPipeline" and exported["prior"]["folder"] == exported["upsampler-main"]["folder"] == "unclip"
+    assert (
+        type(pipe).__name__ == "UnclipChainPipeline"
+        and exported["prior"]["folder"] == exported["upsampler-main"]["folder"] == "unclip"
+    )
     misfits = json.load(open(os.path.join(out, "unclip", "unclip_stages.json")))["not_an_UnCLIPPipeline_because"]
-    assert "sample.sampler is 'ddim', not 'unclip' (UnCLIPScheduler)" in misfits and "the decoder draws VAE latents" in misfits
-    drawn = pipe(prompts, num_inference_steps=steps, guidance_scale=w, prior_guidance_scale=w, upsampler_inference_steps=steps,
-                 generator=torch.Generator().manual_seed(seed), output_type="pt").images  # fmt: skip
+    assert (
+        "sample.sampler is 'ddim', not 'unclip' (UnCLIPScheduler)" in misfits
+        and "the decoder draws VAE latents" in misfits
+    )
+    drawn = pipe(
+        prompts,
+        num_inference_steps=steps,
+        guidance_scale=w,
+        prior_guidance_scale=w,
+        upsampler_inference_steps=steps,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    ).images
     sampled = trained.generate("unclip", text, steps, (w, w), seed, batch_size=len(prompts), upsampler_steps=steps)
-    assert drawn.shape == (2, 3, 256, 256) and torch.allclose(drawn, (sampled + 1) / 2, atol=1e-4), (drawn - (sampled + 1) / 2).abs().max()
+    assert drawn.shape == (2, 3, 256, 256) and torch.allclose(drawn, (sampled + 1) / 2, atol=1e-4), (
+        (drawn - (sampled + 1) / 2).abs().max()
+    )
     card = open(os.path.join(out, "README.md")).read()
     assert "trust_remote_code=True" in card and "StableDiffusionPipeline" in card
 
@@ -392,7 +553,10 @@ def test_checkpoints_outlive_the_config_schema(pipeline, tmp_path):
     result = sample.run(replace(old, **{"sample.chains": ["ldm", "unclip"]}), log=print)
     for chain in ("ldm", "unclip"):
         for path in result[chain]["images"]:
-            with Image.open(path) as ours, Image.open(os.path.join(cfg.sample.out, chain, os.path.basename(path))) as before:
+            with (
+                Image.open(path) as ours,
+                Image.open(os.path.join(cfg.sample.out, chain, os.path.basename(path))) as before,
+            ):
                 assert np.array_equal(np.asarray(ours), np.asarray(before)), path
     exported = export.run(old, str(tmp_path / "export"), log=print)
     for name, stage in (("ldm", "ldm"), ("prior", "prior"), ("decoder", "decoder"), ("upsampler-main", "upsampler")):
@@ -420,7 +584,12 @@ def test_sample_sampler_reaches_every_stage_and_the_export(pipeline, tmp_path):
     assert {net.diffusion.sampler for net in [*trained.nets.values(), *trained.upsamplers]} == {"ddpm"}
     out = tmp_path / "export"
     export.run(ddpm, str(out), log=print)
-    for folder in ("unclip/prior_scheduler", "unclip/decoder_scheduler", "ldm/scheduler", "unclip/super_res_0_scheduler"):
+    for folder in (
+        "unclip/prior_scheduler",
+        "unclip/decoder_scheduler",
+        "ldm/scheduler",
+        "unclip/super_res_0_scheduler",
+    ):
         assert json.loads((out / folder / "scheduler_config.json").read_text())["_class_name"] == "DDPMScheduler"
 
 

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_pipeline import content_dedup, dedup, filters, plan, raw, tasks, url_list
-from models.base import storage
 from data_pipeline.config import IngestConfig, IngestFilters, Threshold
+from models.base import storage
 
 QUIET = lambda _msg: None  # noqa: E731
 
@@ -31,17 +31,27 @@ def write_mixed_list(folder) -> None:
     for i in range(700):
         n = rng.randrange(600)  # ~1.2 listings per URL, spread over every file
         caption = rng.choice(["", "   ", "x", f"a photo of thing {i}", f"two words {i}", "café au lait"])
-        rows.append({"URL": f"http://host{n % 9}.example/{n}.jpg" if i % 97 else "not a url", "TEXT": caption,
-                     "similarity": round(rng.random(), 3), "key": f"k{i}"})  # fmt: skip
+        rows.append(
+            {
+                "URL": f"http://host{n % 9}.example/{n}.jpg" if i % 97 else "not a url",
+                "TEXT": caption,
+                "similarity": round(rng.random(), 3),
+                "key": f"k{i}",
+            }
+        )
     with_width = [{**r, "WIDTH": 50 + 7 * i % 400, "HEIGHT": 300} for i, r in enumerate(rows[:400])]
     pq.write_table(pa.Table.from_pylist(with_width), folder / "a.parquet", row_group_size=37)
     (folder / "b.csv").write_bytes(
         b"URL,TEXT,similarity,key\n"
         + b"".join(f'{r["URL"]},"{r["TEXT"]}",{r["similarity"]},{r["key"]}\n'.encode() for r in rows[400:500])
         + b'http://host1.example/999.jpg,"caf\xe9 latin-1",0.9,kbad\n'
-    )  # fmt: skip
-    (folder / "c.tsv").write_text("URL\tTEXT\tsimilarity\n" + "".join(f'{r["URL"]}\t{r["TEXT"]}\t{r["similarity"]}\n' for r in rows[500:600]))
-    (folder / "d.jsonl").write_text("".join(json.dumps({**r, "extra": i, "WIDTH": 90 + i, "HEIGHT": 99}) + "\n" for i, r in enumerate(rows[600:])))
+    )
+    (folder / "c.tsv").write_text(
+        "URL\tTEXT\tsimilarity\n" + "".join(f"{r['URL']}\t{r['TEXT']}\t{r['similarity']}\n" for r in rows[500:600])
+    )
+    (folder / "d.jsonl").write_text(
+        "".join(json.dumps({**r, "extra": i, "WIDTH": 90 + i, "HEIGHT": 99}) + "\n" for i, r in enumerate(rows[600:]))
+    )
 
 
 def planned_rows(planned: plan.Plan) -> pa.Table:
@@ -53,15 +63,21 @@ def test_the_plan_in_tasks_keeps_exactly_the_rows_of_one_process(tmp_path, local
     lists = tmp_path / "lists"
     lists.mkdir()
     write_mixed_list(lists)
-    strict = IngestFilters(min_caption_words=2, min_width=100, thresholds={"similarity": Threshold(min=0.1)},
-                           blocked_domains=["host4.example"])  # fmt: skip
+    strict = IngestFilters(
+        min_caption_words=2,
+        min_width=100,
+        thresholds={"similarity": Threshold(min=0.1)},
+        blocked_domains=["host4.example"],
+    )
     for f in (IngestFilters(), strict):  # the defaults keep rows of every file; `strict` lacks WIDTH in two
         reference, counts = filters.apply_metadata_filters(url_list.read(str(lists)), f)
         assert counts["duplicate_url"] > 200 and len(reference) > 60
         plans = {}
         # a piece per file and one bucket; row-group pieces and 11 buckets; pieces in runs of 30 rows
         for layout in ((1_000_000, 4_000_000), (40, 64), (30, 50)):
-            cfg = IngestConfig(url_list=str(lists), shard_size=16, plan_task_rows=layout[0], dedup_bucket_rows=layout[1], filters=f)
+            cfg = IngestConfig(
+                url_list=str(lists), shard_size=16, plan_task_rows=layout[0], dedup_bucket_rows=layout[1], filters=f
+            )
             spec = plan.prepare(cfg, str(tmp_path / f"raw-{layout[0]}-{len(counts)}"), {}, [], QUIET)
             plans[layout] = planned = plan.execute(spec, QUIET)
             assert planned.input_rows == 701 and planned.filtered == counts
@@ -69,13 +85,23 @@ def test_the_plan_in_tasks_keeps_exactly_the_rows_of_one_process(tmp_path, local
             assert got.schema == reference.schema
             assert got.to_pylist() == reference.to_pylist()  # the same rows, columns and types, in list order
             for shard in range(planned.shards):  # shards are the same slices of the kept rows
-                assert plan.read_shard(planned.shard_inputs(shard)).to_pylist() == reference.slice(shard * 16, 16).to_pylist()
+                assert (
+                    plan.read_shard(planned.shard_inputs(shard)).to_pylist()
+                    == reference.slice(shard * 16, 16).to_pylist()
+                )
     assert counts["width_too_small"] > 50 and counts["blocked_domain"] > 20 and counts["non_utf8_caption"] == 1
     many = plans[(40, 64)]
-    assert len(many.spec.pieces) == 14 and many.spec.buckets == 11  # 11 row-group pieces of a.parquet, one per text file
+    assert (
+        len(many.spec.pieces) == 14 and many.spec.buckets == 11
+    )  # 11 row-group pieces of a.parquet, one per text file
     assert any(len(many.shard_inputs(s)) > 1 for s in range(many.shards))  # some shards span pieces
     runs = tasks.committed(plans[(30, 50)].spec.folder("scan"))
-    assert [len(runs[i]["run_starts"]) for i in range(14)] == [2] * 10 + [1, 4, 4, 4]  # 37 = 30 + 7 rows, then 30; 100 (+1) = 30+30+30+10 (+1)
+    assert [len(runs[i]["run_starts"]) for i in range(14)] == [2] * 10 + [
+        1,
+        4,
+        4,
+        4,
+    ]  # 37 = 30 + 7 rows, then 30; 100 (+1) = 30+30+30+10 (+1)
 
 
 def write_status_shards(raw_url: str, shards: int, rows: int, seed: int = 0) -> pa.Table:
@@ -87,12 +113,19 @@ def write_status_shards(raw_url: str, shards: int, rows: int, seed: int = 0) -> 
     for shard in range(shards):
         sha = [pool[int(rng.integers(len(pool)))] for _ in range(rows)]
         status = ["success" if rng.random() > 0.1 else "failed_to_download" for _ in range(rows)]
-        table = pa.table({"uid": [f"{shard}-{r}" for r in range(rows)], "sha256": [s if st == "success" else None for s, st in zip(sha, status)],
-                          "status": status})  # fmt: skip
+        table = pa.table(
+            {
+                "uid": [f"{shard}-{r}" for r in range(rows)],
+                "sha256": [s if st == "success" else None for s, st in zip(sha, status)],
+                "status": status,
+            }
+        )
         buf = io.BytesIO()
         pq.write_table(table, buf)
         storage.write_bytes(raw.shard_file(raw_url, shard, ".parquet"), buf.getvalue())
-        everything.append(table.append_column("shard", pa.array([shard] * rows)).append_column("row", pa.array(range(rows))))
+        everything.append(
+            table.append_column("shard", pa.array([shard] * rows)).append_column("row", pa.array(range(rows)))
+        )
     return pa.concat_tables(everything).filter(pa.compute.equal(pa.concat_tables(everything)["status"], "success"))
 
 
@@ -126,7 +159,9 @@ def test_exact_dedup_core_on_raw_keys():
     near = base.copy()
     near[:, 31] ^= 1  # the same bucket and prefix, another key
     digests = np.concatenate([base, near, base[:20]])
-    order = dedup.order_of(np.r_[np.full(50, 3), np.full(50, 1), np.full(20, 0)], np.r_[np.arange(50), np.arange(50), np.arange(20)])
+    order = dedup.order_of(
+        np.r_[np.full(50, 3), np.full(50, 1), np.full(20, 0)], np.r_[np.arange(50), np.arange(50), np.arange(20)]
+    )
     dup, first = dedup.repeats(digests, order)
     assert sorted(dup.tolist()) == list(range(20))  # base[:20] at major 3 repeat the copies at major 0
     assert sorted(first.tolist()) == list(range(100, 120))

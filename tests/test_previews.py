@@ -51,7 +51,9 @@ def test_the_previewed_network_holds_the_average_where_it_lives(cfg):
     stage, model, ema = averaged(cfg, "ldm", "cpu")
     average = ema.state_dict()
     assert all(torch.equal(p, average[n]) for n, p in model.named_parameters())
-    assert not any(torch.equal(p, q) for p, q in zip(model.parameters(), stage.build_model().parameters()) if p.numel() > 1)
+    assert not any(
+        torch.equal(p, q) for p, q in zip(model.parameters(), stage.build_model().parameters()) if p.numel() > 1
+    )
     elsewhere = ema_model(stage.describe(model), ema.state_dict(), torch.device("meta"))
     assert {p.device.type for p in elsewhere.parameters()} == {"meta"}
 
@@ -66,4 +68,6 @@ def test_every_stage_previews_on_the_averages_device(cfg, name, device):
         _, on_cpu, _ = averaged(cfg, name, "cpu")
         [(_, theirs)] = stage_for(cfg, name, open_store(cfg.store_url)).preview(on_cpu)
         difference = np.abs(np.asarray(picture, np.float32) - np.asarray(theirs, np.float32))
-        assert difference.mean() < 2.0, f"{name}: mean pixel difference {difference.mean():.2f} between {device} and cpu"
+        assert difference.mean() < 2.0, (
+            f"{name}: mean pixel difference {difference.mean():.2f} between {device} and cpu"
+        )

@@ -25,13 +25,22 @@ CANARIES = {
     "GOOGLE_APPLICATION_CREDENTIALS": "/canary/unclip-gcp-key.json",
     "HF_TOKEN": "hf_canaryunclip5e1d",
 }
-SMALL = ["prior.layers=2", "prior.heads=2", "train.batch_size=4", "train.steps=2", "train.checkpoint_every=2",
-         "train.progress_bar=never", "train.preview_every=2"]  # fmt: skip
+SMALL = [
+    "prior.layers=2",
+    "prior.heads=2",
+    "train.batch_size=4",
+    "train.steps=2",
+    "train.checkpoint_every=2",
+    "train.progress_bar=never",
+    "train.preview_every=2",
+]
 
 
 def unclip(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, **CANARIES}
-    result = subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True, env=env, timeout=600
+    )
     assert result.returncode == 0, (args, result.stdout[-2000:], result.stderr[-2000:])
     return result
 
@@ -48,8 +57,15 @@ def test_no_credential_reaches_an_output(tmp_path, ray_head):  # noqa: F811
         rows = [{"url": f"{site}/ok/{i}.png", "caption": f"picture number {i}"} for i in range(48)]
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / "urls.parquet")
         # the ingest is a real submission, on a Ray head: what the Jobs API recorded of it is checked too
-        job = unclip("launch", "ingest", "--wait", f"root={root}", f"launch.address={ray_head}",
-                     f"ingest.url_list={tmp_path / 'urls.parquet'}", "ingest.shard_size=8")  # fmt: skip
+        job = unclip(
+            "launch",
+            "ingest",
+            "--wait",
+            f"root={root}",
+            f"launch.address={ray_head}",
+            f"ingest.url_list={tmp_path / 'urls.parquet'}",
+            "ingest.shard_size=8",
+        )
         found += hits(job.stdout + job.stderr, "the output of `unclip launch ingest`")
         runs = [
             ("encoders", "init", f"root={root}"),
@@ -67,13 +83,26 @@ def test_no_credential_reaches_an_output(tmp_path, ray_head):  # noqa: F811
     assert info.status.value == "SUCCEEDED"
     found += hits(repr(info.runtime_env) + repr(info.metadata) + info.entrypoint, "the job's recorded runtime env")
     written = [p for p in root.rglob("*") if p.is_file()]
-    assert any(p.name == "metrics.jsonl" for p in written) and any(p.name.startswith("events.out.tfevents") for p in written)
-    assert any(p.name == "README.md" and "export" in str(p) for p in written) and any(p.name == "manifest.json" for p in written)
+    assert any(p.name == "metrics.jsonl" for p in written) and any(
+        p.name.startswith("events.out.tfevents") for p in written
+    )
+    assert any(p.name == "README.md" and "export" in str(p) for p in written) and any(
+        p.name == "manifest.json" for p in written
+    )
     for path in written:
         found += hits(path.read_bytes(), str(path.relative_to(tmp_path)))
     assert found == []
 
     # asked for by name, a credential travels, with a warning that names it and never its value
-    dry = unclip("launch", "ingest", "--dry-run", f"root={root}", "launch.address=http://127.0.0.1:9", "ray.forward_env=[AWS_SECRET_ACCESS_KEY]")
-    assert "'AWS_SECRET_ACCESS_KEY': '***'" in dry.stdout and "ray.forward_env sends AWS_SECRET_ACCESS_KEY" in dry.stderr
+    dry = unclip(
+        "launch",
+        "ingest",
+        "--dry-run",
+        f"root={root}",
+        "launch.address=http://127.0.0.1:9",
+        "ray.forward_env=[AWS_SECRET_ACCESS_KEY]",
+    )
+    assert (
+        "'AWS_SECRET_ACCESS_KEY': '***'" in dry.stdout and "ray.forward_env sends AWS_SECRET_ACCESS_KEY" in dry.stderr
+    )
     assert hits(dry.stdout + dry.stderr, "a dry run") == []

@@ -96,7 +96,9 @@ KILLED_WRITER = textwrap.dedent(
 def test_sigkill_mid_write_leaves_nothing_visible(where, tmp_path, request):
     base = str(tmp_path) if where == "local" else request.getfixturevalue("s3_prefix")
     target = storage.join(base, "shard.parquet")
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, target], stdout=subprocess.PIPE, env=os.environ.copy())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, target], stdout=subprocess.PIPE, env=os.environ.copy()
+    )
     assert proc.stdout.readline().strip() == b"writing"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -158,8 +160,11 @@ def test_an_s3_outage_is_one_error_naming_the_url(faults, s3_prefix):
     _s3_settings(attempts=2)
     url = storage.join(s3_prefix, "kept.json")
     storage.write_json(url, {"kept": True})
-    actions = {"slowdown": lambda: storage.read_json(url), "reset": lambda: storage.write_json(storage.join(s3_prefix, "new.json"), {}),
-               "stall": lambda: storage.exists(url)}  # fmt: skip
+    actions = {
+        "slowdown": lambda: storage.read_json(url),
+        "reset": lambda: storage.write_json(storage.join(s3_prefix, "new.json"), {}),
+        "stall": lambda: storage.exists(url),
+    }
     for kind, action in actions.items():
         faults.outage(kind)
         started = time.time()
@@ -167,7 +172,9 @@ def test_an_s3_outage_is_one_error_naming_the_url(faults, s3_prefix):
             action()
         assert time.time() - started < 20
         message = str(failure.value)
-        assert "\n" not in message and s3_prefix.removeprefix("s3://") in message and "after 2 attempts" in message, message
+        assert "\n" not in message and s3_prefix.removeprefix("s3://") in message and "after 2 attempts" in message, (
+            message
+        )
     faults.outage(None)
     assert storage.read_json(url) == {"kept": True} and not storage.exists(storage.join(s3_prefix, "new.json"))
     with pytest.raises(FileNotFoundError):  # a missing key is still an answer, not an outage

@@ -27,7 +27,9 @@ def accuracy(side: int, blur: float = 0.0, noise: float = 0.0, count: int = 150)
         reading = read(image)
         for key, hit in reading.matches(truth).items():
             hits[key] += hit
-        position_error.append(max(abs(reading.cx - truth.cx), abs(reading.cy - truth.cy), abs(reading.size - truth.size)))
+        position_error.append(
+            max(abs(reading.cx - truth.cx), abs(reading.cy - truth.cy), abs(reading.size - truth.size))
+        )
     return {**{k: v / count for k, v in hits.items()}, "position_error": float(np.mean(position_error))}
 
 
@@ -63,10 +65,12 @@ def test_prompt_following_scores_each_attribute_against_its_caption():
 
     red_circle = synthetic.ShapeAttributes("circle", "red", "blue", 0.5, 0.5, 0.3)
     pictures = [synthetic.draw(red_circle, 64)] * 4
-    captions = ["a red circle on a blue background",  # all three right
-                "a red square on a blue background",  # shape wrong
-                "a green circle on a blue background",  # colour wrong
-                "a red circle on a white background"]  # background wrong  # fmt: skip
+    captions = [
+        "a red circle on a blue background",  # all three right
+        "a red square on a blue background",  # shape wrong
+        "a green circle on a blue background",  # colour wrong
+        "a red circle on a white background",
+    ]  # background wrong
     scores, readings = prompt_following(pictures, captions)
     assert scores == {"shape": 0.75, "color": 0.75, "background": 0.75}
     assert [r.shape for r in readings] == ["circle"] * 4

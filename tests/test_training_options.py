@@ -43,9 +43,16 @@ def test_the_step_loop_reads_nothing_from_the_device_outside_log_steps(root, tmp
     tensors from our code (tests/count_syncs.py): none comes once a step. On a GPU each would
     wait for the step's kernels. Before the losses stayed on the device, an ldm step made 6."""
     shutil.copytree(os.path.join(root, "store"), tmp_path / "store")
-    specs = ["ldm:train.zero_stage=0", "upsampler"]  # ZeRO-0: our optimizer's path; ZeRO 1-3 leave the step to DeepSpeed
-    result = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "count_syncs.py"), str(tmp_path), "2", *specs],
-                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    specs = [
+        "ldm:train.zero_stage=0",
+        "upsampler",
+    ]  # ZeRO-0: our optimizer's path; ZeRO 1-3 leave the step to DeepSpeed
+    result = subprocess.run(
+        [sys.executable, os.path.join(os.path.dirname(__file__), "count_syncs.py"), str(tmp_path), "2", *specs],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     counts = json.loads(result.stdout.strip().splitlines()[-1])
     for spec in specs:
@@ -61,13 +68,35 @@ def test_activation_checkpointing_and_channels_last_give_the_losses_without(root
     ZeRO-0 run (the same first two steps: warmup's learning rates)."""
     from launch.environment import local_ranks
 
-    off = {zero: short_run(root, str(zero), f"train.zero_stage={zero}") for zero in (0, 3)}  # test_zero_stages_precisions_and_offload_train's
+    off = {
+        zero: short_run(root, str(zero), f"train.zero_stage={zero}") for zero in (0, 3)
+    }  # test_zero_stages_precisions_and_offload_train's
     short = ("train.steps=4", "train.checkpoint_every=2")
     auto, _, _ = launch_together(
-        ((root, *short, "train.run=0-ckpt", "train.zero_stage=0", "train.activation_checkpointing=blocks", "train.channels_last=true"), {"nproc": None}),
+        (
+            (
+                root,
+                *short,
+                "train.run=0-ckpt",
+                "train.zero_stage=0",
+                "train.activation_checkpointing=blocks",
+                "train.channels_last=true",
+            ),
+            {"nproc": None},
+        ),
         ((root, *short, "train.run=3-ckpt", "train.zero_stage=3", "train.activation_checkpointing=selective"), {}),
-        ((root, "train.steps=2", "train.checkpoint_every=2", "train.run=channels-last", "train.zero_stage=0", "train.channels_last=true"), {}),
-    )  # fmt: skip
+        (
+            (
+                root,
+                "train.steps=2",
+                "train.checkpoint_every=2",
+                "train.run=channels-last",
+                "train.zero_stage=0",
+                "train.channels_last=true",
+            ),
+            {},
+        ),
+    )
     ranks, threads = local_ranks("auto")
     assert f"{ranks} ranks x {os.environ.get('OMP_NUM_THREADS', threads)} threads" in auto.stdout
     assert "channels-last inputs to 1 networks" in auto.stdout
@@ -79,14 +108,28 @@ def test_activation_checkpointing_and_channels_last_give_the_losses_without(root
             assert on[step]["loss"] == pytest.approx(record["loss"], rel=1e-5, abs=1e-7), (run, step)
     for step in (1, 2):
         assert metrics(root, "channels-last")[step]["loss"] == pytest.approx(off[0][step]["loss"], rel=1e-5), step
-    result = launch(root, "train.steps=6", "train.checkpoint_every=2", "train.run=3-ckpt", "train.zero_stage=3", "train.activation_checkpointing=selective")
+    result = launch(
+        root,
+        "train.steps=6",
+        "train.checkpoint_every=2",
+        "train.run=3-ckpt",
+        "train.zero_stage=3",
+        "train.activation_checkpointing=selective",
+    )
     # the ldm's UNet of two levels: 2 down, mid, 2 up blocks; selective leaves the deepest level's 3
-    assert "resumed from" in result.stdout and "at step 4" in result.stdout and "activation checkpointing of 2 blocks" in result.stdout
+    assert (
+        "resumed from" in result.stdout
+        and "at step 4" in result.stdout
+        and "activation checkpointing of 2 blocks" in result.stdout
+    )
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in metrics(root, "3-ckpt").values())
 
 
 def prior_run(root, run: str, *settings: str, steps: int = 4, flags=()) -> tuple[tuple, dict]:
-    return (root, f"train.steps={steps}", "train.checkpoint_every=2", f"train.run={run}", *settings), {"stage": "prior", "flags": flags}
+    return (root, f"train.steps={steps}", "train.checkpoint_every=2", f"train.run={run}", *settings), {
+        "stage": "prior",
+        "flags": flags,
+    }
 
 
 def test_compiled_runs_train_as_eager_ones_and_their_checkpoints_interchange(root, tmp_path):
@@ -103,15 +146,19 @@ def test_compiled_runs_train_as_eager_ones_and_their_checkpoints_interchange(roo
         assert compiled[step]["loss"] == pytest.approx(eager[step]["loss"], rel=1e-4), step
     assert os.listdir(cache)  # inductor's caches went where they were told
     eager_step2 = os.path.join(run_dir(root, "eager", "prior"), "step_0000002")
-    launch_together(prior_run(root, "compiled"),  # the same run, resumed without compile
-                    prior_run(root, "from-eager", *compiling, flags=["--resume-from", eager_step2]),
-                    prior_run(root, "prior-ckpt", "train.zero_stage=3", "train.activation_checkpointing=blocks", steps=2))  # fmt: skip
+    launch_together(
+        prior_run(root, "compiled"),  # the same run, resumed without compile
+        prior_run(root, "from-eager", *compiling, flags=["--resume-from", eager_step2]),
+        prior_run(root, "prior-ckpt", "train.zero_stage=3", "train.activation_checkpointing=blocks", steps=2),
+    )
     as_eager, as_compiled = metrics(root, "compiled", "prior"), metrics(root, "from-eager", "prior")
     for step in (3, 4):
         assert as_eager[step]["loss"] == pytest.approx(eager[step]["loss"], rel=1e-4), step
         assert as_compiled[step]["loss"] == pytest.approx(eager[step]["loss"], rel=1e-4), step
     names = set(load_file(os.path.join(run_dir(root, "compiled", "prior"), "step_0000002", "ema.safetensors")))
-    assert names == set(load_file(os.path.join(eager_step2, "ema.safetensors"))) and not any("_orig_mod" in n for n in names)
+    assert names == set(load_file(os.path.join(eager_step2, "ema.safetensors"))) and not any(
+        "_orig_mod" in n for n in names
+    )
     checkpointed = metrics(root, "prior-ckpt", "prior")
     for step in (1, 2):  # against the eager ZeRO-2 run: the same fp32 arithmetic, partitioned otherwise
         assert checkpointed[step]["loss"] == pytest.approx(eager[step]["loss"], rel=1e-5), step

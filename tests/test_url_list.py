@@ -11,7 +11,10 @@ import pytest
 from data_pipeline import url_list
 from data_pipeline.url_list import UrlListError
 
-ROWS = [{"URL": "http://h/a.png", "TEXT": "a cat", "similarity": 0.3}, {"URL": "http://h/b.png", "TEXT": "a dog", "similarity": 0.4}]
+ROWS = [
+    {"URL": "http://h/a.png", "TEXT": "a cat", "similarity": 0.3},
+    {"URL": "http://h/b.png", "TEXT": "a dog", "similarity": 0.4},
+]
 
 
 def write(path, fmt, rows=ROWS):

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from models.base.process import exit_now
 from launch import config
+from models.base.process import exit_now
 from training.ds_config import deepspeed_config, make_optimizer
 from training.ema import EMA
 from training.engine import init_distributed
@@ -31,9 +31,12 @@ def main(out: str) -> None:
     rank, world, _, device = init_distributed(120)
     cfg = config.load(None, ["train.zero_stage=3", "train.batch_size=2", "train.optim.lr=0.01"])
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.GELU(), torch.nn.Linear(7, 3))  # odd sizes: padded partitions
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(list(model.parameters()), cfg.train),
-                                           config=deepspeed_config(cfg.train))  # fmt: skip
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 7), torch.nn.GELU(), torch.nn.Linear(7, 3)
+    )  # odd sizes: padded partitions
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=make_optimizer(list(model.parameters()), cfg.train), config=deepspeed_config(cfg.train)
+    )
     partitions = EMA(engine.module, 0.9, 1, device, read_partitions=True, comm_device=device)
     with gathered(engine.module, 3):
         shares = EMA(engine.module, 0.9, 1, device, read_partitions=False, comm_device=device)  # as under ZeRO 0-2

@@ -36,9 +36,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from models.assembly import rebuild
 from models.base import storage
 from models.base.errors import JobFailed
-from models.assembly import rebuild
 
 LATEST = "latest"
 STAGING_DIR = "UNCLIP_STAGING_DIR"  # set by `unclip train`: where its ranks stage, removed when they exit
@@ -81,7 +81,9 @@ def verify(folder_url: str) -> list[str]:
 def committed_steps(run_url: str) -> list[str]:
     """Committed step folders of a run, newest first."""
     names = [n for n in storage.listdir(run_url) if STEP_DIR.fullmatch(n)]
-    return [storage.join(run_url, n) for n in sorted(names, reverse=True) if storage.is_committed(storage.join(run_url, n))]
+    return [
+        storage.join(run_url, n) for n in sorted(names, reverse=True) if storage.is_committed(storage.join(run_url, n))
+    ]
 
 
 def choose(run_url: str, explicit: str | None, check: bool, log) -> str | None:
@@ -141,7 +143,9 @@ class Checkpointer:
     local_rank: int = 0
     # `unclip train` hands its ranks a folder it removes when they exit, whatever the outcome;
     # started by another launcher, ranks stage under TMPDIR and remove what they made themselves
-    cache_dir: str = field(default_factory=lambda: os.environ.get(STAGING_DIR) or os.path.join(tempfile.gettempdir(), "unclip-checkpoints"))
+    cache_dir: str = field(
+        default_factory=lambda: os.environ.get(STAGING_DIR) or os.path.join(tempfile.gettempdir(), "unclip-checkpoints")
+    )
 
     def __post_init__(self) -> None:
         self.local = storage.is_local(self.run_url)
@@ -150,8 +154,16 @@ class Checkpointer:
         self._copies: list[str] = []  # resume and universal copies, removed once loaded
 
     # -- save ---------------------------------------------------------------------------------
-    def save(self, engine, step: int, ema_state: dict[str, torch.Tensor], stage_info: dict[str, Any],
-             trainer_state: dict[str, Any], config_yaml: str, crash_rank1: bool = False) -> str:  # fmt: skip
+    def save(
+        self,
+        engine,
+        step: int,
+        ema_state: dict[str, torch.Tensor],
+        stage_info: dict[str, Any],
+        trainer_state: dict[str, Any],
+        config_yaml: str,
+        crash_rank1: bool = False,
+    ) -> str:
         """Write and commit step `step`; a full disk leaves `latest` where it was, says which file
         and how much space was left, and takes its half-written folder away."""
         staging = os.path.join(self.staging_root, storage.TMP_PREFIX + step_tag(step))
@@ -171,8 +183,16 @@ class Checkpointer:
                 f"of {usage.total:,} in {self.staging_root}); `latest` stays at {latest}"
             ) from None
 
-    def _save(self, engine, step: int, ema_state: dict[str, torch.Tensor], stage_info: dict[str, Any],
-              trainer_state: dict[str, Any], config_yaml: str, crash_rank1: bool) -> str:  # fmt: skip
+    def _save(
+        self,
+        engine,
+        step: int,
+        ema_state: dict[str, torch.Tensor],
+        stage_info: dict[str, Any],
+        trainer_state: dict[str, Any],
+        config_yaml: str,
+        crash_rank1: bool,
+    ) -> str:
         tag = step_tag(step)
         tmp_tag = storage.TMP_PREFIX + tag
         staging = os.path.join(self.staging_root, tmp_tag)
@@ -187,11 +207,17 @@ class Checkpointer:
         if self.rank == 0:
             save_file({k: v.contiguous() for k, v in ema_state.items()}, os.path.join(staging, "ema.safetensors"))
             self._write_json(os.path.join(staging, STAGE_INFO), stage_info)
-            self._write_json(os.path.join(staging, TRAINER_STATE), {**trainer_state, "step": step, "world_size": self.world_size})
+            self._write_json(
+                os.path.join(staging, TRAINER_STATE), {**trainer_state, "step": step, "world_size": self.world_size}
+            )
             with open(os.path.join(staging, "config.yaml"), "w") as f:
                 f.write(config_yaml)
         _barrier()
-        sums = self._upload_and_hash(staging, tag) if not self.local else ({n: storage.sha256_file(os.path.join(staging, n)) for n in _files(staging)} if self.rank == 0 else {})
+        sums = (
+            self._upload_and_hash(staging, tag)
+            if not self.local
+            else ({n: storage.sha256_file(os.path.join(staging, n)) for n in _files(staging)} if self.rank == 0 else {})
+        )
         if self.rank == 0:
             final = storage.join(self.run_url, tag)
             if self.local:
@@ -250,15 +276,34 @@ class Checkpointer:
 
     def universal_copy(self, local_folder: str) -> str:
         """DeepSpeed's universal (world-size and stage independent) form of a ZeRO checkpoint."""
-        target = os.path.join(self.cache_dir, "universal", hashlib.sha1(local_folder.encode()).hexdigest()[:12], os.path.basename(local_folder))
+        target = os.path.join(
+            self.cache_dir,
+            "universal",
+            hashlib.sha1(local_folder.encode()).hexdigest()[:12],
+            os.path.basename(local_folder),
+        )
         self._copies.append(os.path.dirname(target))
         if self.local_rank == 0 and not os.path.exists(os.path.join(target, "zero")):
             shutil.rmtree(target, ignore_errors=True)
-            command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", local_folder,
-                       "--output_folder", target, "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]  # fmt: skip
+            command = [
+                sys.executable,
+                "-m",
+                "deepspeed.checkpoint.ds_to_universal",
+                "--input_folder",
+                local_folder,
+                "--output_folder",
+                target,
+                "--inject_missing_state",
+                "--num_extract_workers",
+                "1",
+                "--num_merge_workers",
+                "1",
+            ]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
-                raise CheckpointError(f"converting '{local_folder}' to a universal checkpoint failed:\n{result.stderr[-2000:]}")
+                raise CheckpointError(
+                    f"converting '{local_folder}' to a universal checkpoint failed:\n{result.stderr[-2000:]}"
+                )
         _barrier()
         return target
 
@@ -340,7 +385,9 @@ def read_stage_info(folder: str) -> dict[str, Any]:
 
 def load_ema_checkpoint(folder_or_run: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(stage.json, EMA weights) of a step folder, or of a run's newest checkpoint (--init-from)."""
-    folder = folder_or_run if STEP_DIR.fullmatch(os.path.basename(folder_or_run.rstrip("/"))) else read_latest(folder_or_run)
+    folder = (
+        folder_or_run if STEP_DIR.fullmatch(os.path.basename(folder_or_run.rstrip("/"))) else read_latest(folder_or_run)
+    )
     if folder is None:
         raise CheckpointError(f"--init-from '{folder_or_run}': no committed checkpoint there")
     problems = verify(folder)

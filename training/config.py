@@ -29,7 +29,8 @@ class OptimConfig:
     schedule: Literal["constant", "cosine"] = "cosine"
     min_lr_ratio: float = option(0.1, ge=0, le=1)
     fused: Literal["auto", "on", "off"] = option(
-        "auto", doc="torch's fused AdamW kernel: auto uses it on a GPU; ZeRO-0 always does (it skips non-finite steps on the device)"
+        "auto",
+        doc="torch's fused AdamW kernel: auto uses it on a GPU; ZeRO-0 always does (it skips non-finite steps on the device)",
     )
 
     def validate(self) -> None:
@@ -41,7 +42,10 @@ class OptimConfig:
 class EmaConfig:
     decay: float = option(0.999, ge=0, lt=1)
     warmup: int = option(10, ge=1, doc="decay at update n is min(decay, (1 + n) / (warmup + n))")
-    on_cpu: bool = option(False, doc="keep the fp32 average in host memory (saves 4 bytes/parameter of accelerator memory, costs a copy per step; previews then run on the CPU)")
+    on_cpu: bool = option(
+        False,
+        doc="keep the fp32 average in host memory (saves 4 bytes/parameter of accelerator memory, costs a copy per step; previews then run on the CPU)",
+    )
 
 
 @dataclass
@@ -51,7 +55,9 @@ class FaultInjection:
     nan_loss_steps: list[int] = option(factory=list, doc="steps whose loss is made NaN on every rank")
     hang_rank: int | None = option(None, ge=0, doc="this rank stops answering collectives at hang_step")
     hang_step: int = option(0, ge=0)
-    kill_rank: int | None = option(None, ge=0, doc="this rank SIGKILLs itself at kill_step, unless the run resumed (a node lost once)")
+    kill_rank: int | None = option(
+        None, ge=0, doc="this rank SIGKILLs itself at kill_step, unless the run resumed (a node lost once)"
+    )
     kill_step: int = option(0, ge=0)
     crash_in_checkpoint_step: int | None = option(None, ge=1, doc="rank 1 dies mid-save of this step's checkpoint")
 
@@ -75,7 +81,9 @@ class TrainConfig:
     keep_last: int = option(3, ge=1)
     verify_checkpoints: bool = option(True, doc="check every file's sha256 before resuming from a checkpoint")
     max_skipped_steps: int = option(
-        10, ge=1, doc="stop after this many non-finite steps in a row (ZeRO-0: counted at log steps, where the device's count is read)"
+        10,
+        ge=1,
+        doc="stop after this many non-finite steps in a row (ZeRO-0: counted at log steps, where the device's count is read)",
     )
     collective_timeout_s: int = option(1800, ge=1, doc="a collective waiting longer fails the run")
     preemption_grace_s: int = option(600, ge=1, doc="after SIGTERM, time ranks get to reach a step boundary and save")
@@ -85,23 +93,29 @@ class TrainConfig:
     prefetch: int = option(4, ge=1, doc="batches the loader reads ahead")
     seed: int = 0
     nproc: int | Literal["auto"] = option(
-        "auto", doc="ranks `unclip train` starts on this machine (torchrun); auto: one per visible GPU, or on CPUs two (one if one "
-                    "core), the cores the process may use shared among them as threads (launch/environment.py)",
-    )  # fmt: skip
+        "auto",
+        doc="ranks `unclip train` starts on this machine (torchrun); auto: one per visible GPU, or on CPUs two (one if one "
+        "core), the cores the process may use shared among them as threads (launch/environment.py)",
+    )
     activation_checkpointing: Literal["off", "blocks", "selective"] = option(
-        "off", doc="blocks: recompute each block's activations in the backward pass (diffusers' gradient checkpointing for the "
-                   "UNets, each transformer block of the prior): less memory for more compute; selective: not the UNets' deepest "
-                   "level, which holds the fewest activations for its compute (training/performance.py)",
-    )  # fmt: skip
+        "off",
+        doc="blocks: recompute each block's activations in the backward pass (diffusers' gradient checkpointing for the "
+        "UNets, each transformer block of the prior): less memory for more compute; selective: not the UNets' deepest "
+        "level, which holds the fewest activations for its compute (training/performance.py)",
+    )
     compile: Literal["off", "blocks", "whole"] = option(
-        "off", doc="torch.compile each network's blocks (as torchtitan: the repeated blocks compile once each) or the whole "
-                   "network; weights and checkpoints stay those of the eager network. ZeRO 0-2",
-    )  # fmt: skip
+        "off",
+        doc="torch.compile each network's blocks (as torchtitan: the repeated blocks compile once each) or the whole "
+        "network; weights and checkpoints stay those of the eager network. ZeRO 0-2",
+    )
     compile_cache: str | None = option(
-        None, doc="a local folder for torch.compile's caches (TORCHINDUCTOR_CACHE_DIR), shared by this machine's ranks and reused by "
-                  "restarts; null: torch's default",
-    )  # fmt: skip
-    channels_last: bool = option(False, doc="the convolutional stages' UNets take their inputs channels-last (faster convolutions on GPUs)")
+        None,
+        doc="a local folder for torch.compile's caches (TORCHINDUCTOR_CACHE_DIR), shared by this machine's ranks and reused by "
+        "restarts; null: torch's default",
+    )
+    channels_last: bool = option(
+        False, doc="the convolutional stages' UNets take their inputs channels-last (faster convolutions on GPUs)"
+    )
     deepspeed: dict[str, Any] = field(default_factory=dict)
     fault_injection: FaultInjection = option(factory=FaultInjection)
     stages: dict[str, dict[str, Any]] = option(
@@ -131,14 +145,18 @@ class TrainConfig:
         if self.nproc != "auto" and self.nproc < 1:
             raise ValueError(f"config key 'train.nproc': expected auto or a number >= 1, got {self.nproc}")
         if self.compile != "off" and self.zero_stage == 3:
-            raise ValueError("config key 'train.compile': not with train.zero_stage=3, whose parameter gathering DeepSpeed does in module "
-                             "hooks that graph capture would cut through; use ZeRO 0-2, or compile off")  # fmt: skip
+            raise ValueError(
+                "config key 'train.compile': not with train.zero_stage=3, whose parameter gathering DeepSpeed does in module "
+                "hooks that graph capture would cut through; use ZeRO 0-2, or compile off"
+            )
         if self.offload_params != "none" and self.zero_stage != 3:
             raise ValueError(
                 f"config key 'train.offload_params': parameter offload needs train.zero_stage=3, got {self.zero_stage}"
             )
         if self.offload_optimizer != "none" and self.zero_stage == 0:
-            raise ValueError("config key 'train.offload_optimizer': optimizer offload needs train.zero_stage of 1, 2 or 3")
+            raise ValueError(
+                "config key 'train.offload_optimizer': optimizer offload needs train.zero_stage of 1, 2 or 3"
+            )
         if "nvme" in (self.offload_optimizer, self.offload_params) and not self.nvme_path:
             raise ValueError("config key 'train.nvme_path': offload to nvme needs a local NVMe folder")
         for key, ours in OWNED_DEEPSPEED_KEYS.items():
@@ -147,7 +165,11 @@ class TrainConfig:
         for key in ("fp16", "bf16"):
             enabled = self.deepspeed.get(key, {}).get("enabled")
             if enabled is not None and enabled != (self.precision == key):
-                raise ValueError(f"config key 'train.deepspeed.{key}.enabled': contradicts train.precision={self.precision}")
+                raise ValueError(
+                    f"config key 'train.deepspeed.{key}.enabled': contradicts train.precision={self.precision}"
+                )
         stage = self.deepspeed.get("zero_optimization", {}).get("stage")
         if stage is not None and stage != self.zero_stage:
-            raise ValueError(f"config key 'train.deepspeed.zero_optimization.stage': contradicts train.zero_stage={self.zero_stage}")
+            raise ValueError(
+                f"config key 'train.deepspeed.zero_optimization.stage': contradicts train.zero_stage={self.zero_stage}"
+            )

@@ -22,16 +22,17 @@ import heapq
 import queue
 import threading
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from models.base import storage
 from data_pipeline.store import Store, StoreError, column_numpy, heldout_mask
+from models.base import storage
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,9 @@ class StoreLoader:
                 f"({batch_size} per rank x {world_size} ranks); lower train.batch_size"
             )
         self.prefetch, self.readers, self.transform, self.pin_memory = prefetch, readers, transform, pin_memory
-        self.shapes = {c: store.shape(c) if store.manifest["columns"][c].get("dtype") != "png" else [] for c in self.columns}
+        self.shapes = {
+            c: store.shape(c) if store.manifest["columns"][c].get("dtype") != "png" else [] for c in self.columns
+        }
         self._start_epoch(0)
         if self.steps_in_epoch == 0:  # a rank's row groups hold less than a batch: it could never step
             raise StoreError(
@@ -127,7 +130,9 @@ class StoreLoader:
         """Deal `fragments` (rows (group, first unconsumed row)); None: the epoch's permutation."""
         self.epoch = epoch
         self.fresh = fragments is None  # the position then needs no list of fragments
-        self.fragments = self._permutation(epoch) if fragments is None else np.asarray(fragments, np.int32).reshape(-1, 2)
+        self.fragments = (
+            self._permutation(epoch) if fragments is None else np.asarray(fragments, np.int32).reshape(-1, 2)
+        )
         self.owner = deal(self.fragments, self.sizes, self.world_size)
         left = self.sizes[self.fragments[:, 0]] - self.fragments[:, 1]
         lengths = np.bincount(self.owner, weights=left, minlength=self.world_size)
@@ -169,8 +174,10 @@ class StoreLoader:
         heldout = heldout_mask(int(self.store.index.part[lay.part[group]]), part_rows, self.store.holdout_fraction)
         usable = np.flatnonzero(~heldout[lay.first_row[group] : lay.first_row[group] + len(table)])
         if len(usable) != self.sizes[group]:
-            raise RuntimeError(f"store '{self.store.url}': {file} row group {lay.group[group]} has {len(usable)} training rows, "
-                               f"the parts index says {self.sizes[group]}; rebuild it with `unclip manifest`")  # fmt: skip
+            raise RuntimeError(
+                f"store '{self.store.url}': {file} row group {lay.group[group]} has {len(usable)} training rows, "
+                f"the parts index says {self.sizes[group]}; rebuild it with `unclip manifest`"
+            )
         order = in_group_order(self.seed, self.epoch, group, len(usable))[first:]
         return usable[order], {c: self._column(table, c) for c in self.columns}
 
@@ -232,7 +239,10 @@ class StoreLoader:
                     if self.transform is not None:
                         # decoding and augmentation run here, off the training thread; their
                         # randomness is a function of the batch's place in the run
-                        batch = self.transform(batch, np.random.default_rng([self.seed, self.epoch, self.rank, skip // self.batch_size + made]))
+                        batch = self.transform(
+                            batch,
+                            np.random.default_rng([self.seed, self.epoch, self.rank, skip // self.batch_size + made]),
+                        )
                     if not put(self._tensors(batch)):
                         return
                     made += 1
@@ -253,7 +263,9 @@ class StoreLoader:
             out: queue.Queue = queue.Queue(maxsize=self.prefetch)
             stop = threading.Event()
             skip, target = self.steps * self.batch_size, self.steps_in_epoch - self.steps
-            thread = threading.Thread(target=self._produce, args=(out, stop, skip, target), daemon=True, name=f"loader-rank{self.rank}")
+            thread = threading.Thread(
+                target=self._produce, args=(out, stop, skip, target), daemon=True, name=f"loader-rank{self.rank}"
+            )
             thread.start()
             self._reader = (out, stop, thread)
 
@@ -282,8 +294,14 @@ class StoreLoader:
 
     # -- position ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state = {"seed": self.seed, "rows": self.rows, "epoch": self.epoch, "world_size": self.world_size,
-                 "batch_size": self.batch_size, "steps": self.steps}  # fmt: skip
+        state = {
+            "seed": self.seed,
+            "rows": self.rows,
+            "epoch": self.epoch,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "steps": self.steps,
+        }
         if not self.fresh:  # after a re-deal: what is left of each group, one pair a fragment
             state["fragments"] = self.fragments.tolist()
         return state

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -73,14 +74,18 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig, device: torch.device | None = None) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: list[torch.nn.Parameter], train: TrainConfig, device: torch.device | None = None
+) -> torch.optim.Optimizer:
     """AdamW: DeepSpeed's CPU Adam with optimizer offload; without ZeRO our GuardedAdamW; else
     torch's, fused on a GPU (train.optim.fused: auto) or as asked."""
     o = train.optim
     kwargs = {"lr": o.lr, "betas": tuple(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
     if train.offload_optimizer != "none":
         # ZeRO-Offload steps on the CPU with DeepSpeed's vectorised Adam (compiled once, then cached).
-        from deepspeed.ops.adam import DeepSpeedCPUAdam  # lazy: DeepSpeed picks its accelerator when imported, in a rank after apply_in_rank
+        from deepspeed.ops.adam import (
+            DeepSpeedCPUAdam,
+        )  # lazy: DeepSpeed picks its accelerator when imported, in a rank after apply_in_rank
 
         return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
     if train.zero_stage == 0:
@@ -105,4 +110,6 @@ def check_runtime(train: TrainConfig) -> None:
             "accelerator here; use bf16 or fp32"
         )
     if train.precision == "bf16" and not accelerator.is_bf16_supported():
-        raise ConfigError(f"config key 'train.precision': bf16 is not supported by DeepSpeed's {accelerator.device_name()} accelerator here")
+        raise ConfigError(
+            f"config key 'train.precision': bf16 is not supported by DeepSpeed's {accelerator.device_name()} accelerator here"
+        )

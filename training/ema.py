@@ -20,8 +20,15 @@ from training.partitions import full_shape, share, span, world_and_rank
 
 
 class EMA:
-    def __init__(self, model: torch.nn.Module, decay: float, warmup: int = 10, device: torch.device | str = "cpu",
-                 read_partitions: bool = False, comm_device: torch.device | str = "cpu"):  # fmt: skip
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        decay: float,
+        warmup: int = 10,
+        device: torch.device | str = "cpu",
+        read_partitions: bool = False,
+        comm_device: torch.device | str = "cpu",
+    ):
         """`read_partitions`: the model is ZeRO-3's and its partitions are to be read (else full
         parameters, gathered by the caller under ZeRO-3). `comm_device`: where the collective
         backend takes tensors (the GPU for NCCL)."""
@@ -32,7 +39,9 @@ class EMA:
         self.device, self.comm_device = torch.device(device), torch.device(comm_device)
         self.read_partitions = read_partitions
         self.shapes = {n: full_shape(p) for n, p in model.named_parameters()}
-        self.shadow = {n: share(p, read_partitions).to(self.device, torch.float32, copy=True) for n, p in model.named_parameters()}
+        self.shadow = {
+            n: share(p, read_partitions).to(self.device, torch.float32, copy=True) for n, p in model.named_parameters()
+        }
 
     def current_decay(self) -> float:
         # Early averages would be dominated by the random init: (1 + n) / (warmup + n) ramps up.
@@ -42,7 +51,9 @@ class EMA:
     def update(self, model: torch.nn.Module) -> None:
         decay = self.current_decay()
         names, params = zip(*model.named_parameters())
-        current = [share(p, self.read_partitions).to(self.shadow[n].device, torch.float32) for n, p in zip(names, params)]
+        current = [
+            share(p, self.read_partitions).to(self.shadow[n].device, torch.float32) for n, p in zip(names, params)
+        ]
         torch._foreach_lerp_([self.shadow[n] for n in names], current, 1 - decay)  # one fused pass
         self.updates += 1
 
@@ -66,7 +77,12 @@ class EMA:
 
     def load_state_dict(self, state: dict[str, torch.Tensor], updates: int) -> None:
         """`state`: the full average (as saved); each rank keeps its share."""
-        self._load({n: tuple(state[n].shape) for n in state}, lambda n, first, last: state[n][first:last], lambda n: state[n], updates)
+        self._load(
+            {n: tuple(state[n].shape) for n in state},
+            lambda n, first, last: state[n][first:last],
+            lambda n: state[n],
+            updates,
+        )
 
     def load_file(self, path: str, updates: int) -> None:
         """The saved full average (ema.safetensors), each rank reading only the rows that hold its
@@ -75,7 +91,9 @@ class EMA:
             shapes = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
             self._load(shapes, lambda n, first, last: f.get_slice(n)[first:last], f.get_tensor, updates, f"'{path}'")
 
-    def _load(self, shapes: dict[str, tuple[int, ...]], rows, whole, updates: int, source: str = "the EMA state") -> None:
+    def _load(
+        self, shapes: dict[str, tuple[int, ...]], rows, whole, updates: int, source: str = "the EMA state"
+    ) -> None:
         """`rows(name, first, last)`: rows first..last-1 of a saved weight; `whole(name)`: all of it."""
         missing = set(self.shadow) - set(shapes)
         if missing:

@@ -12,18 +12,26 @@ from __future__ import annotations
 import datetime
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
-from models.base import storage
 from data_pipeline.store import Store
 from models.assembly import rebuild
+from models.base import storage
 from models.public import find_public
-from training.checkpoint import Checkpointer, CheckpointError, choose, load_ema_checkpoint, read_stage_info, read_trainer_state
+from training.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    choose,
+    load_ema_checkpoint,
+    read_stage_info,
+    read_trainer_state,
+)
 from training.config import TrainConfig
 from training.data import StoreLoader
 from training.ds_config import deepspeed_config, lr_factor, make_optimizer
@@ -88,7 +96,9 @@ def ema_model(stage_info: dict[str, Any], weights: dict[str, torch.Tensor], devi
     return model.eval().requires_grad_(False)
 
 
-def initial_model(stage: Stage, folder: str | None, init_from: str | None, say: Callable[[str], None]) -> torch.nn.Module:
+def initial_model(
+    stage: Stage, folder: str | None, init_from: str | None, say: Callable[[str], None]
+) -> torch.nn.Module:
     """The network a run starts from. Resuming (`folder`): the architecture its checkpoint
     records, whose state DeepSpeed then loads. Else from `init_from`: public diffusers weights
     (models/public.py), or one of our checkpoints, each network built from the weights' own config
@@ -101,7 +111,9 @@ def initial_model(stage: Stage, folder: str | None, init_from: str | None, say: 
     public = find_public(init_from, stage.name)
     if public:
         model = stage.model_from_public(public)
-        say(f"{stage.name}: weights from {init_from}: {public.describe()}, built from their own configs; optimizer and data order start fresh")
+        say(
+            f"{stage.name}: weights from {init_from}: {public.describe()}, built from their own configs; optimizer and data order start fresh"
+        )
         return model
     info, weights = load_ema_checkpoint(init_from)
     if info["stage"] != stage.name:
@@ -140,25 +152,44 @@ def train(
     for done in prepare(model, t):  # after describe: stage.json records the network, not how it runs
         say(f"{stage_name}: {done}")
     verify_store(store, run_url, rank, world)
-    loader = StoreLoader(store, stage.columns, t.batch_size, t.seed, rank, world, t.prefetch, transform=stage.prepare,
-                         pin_memory=device.type == "cuda")  # fmt: skip
+    loader = StoreLoader(
+        store,
+        stage.columns,
+        t.batch_size,
+        t.seed,
+        rank,
+        world,
+        t.prefetch,
+        transform=stage.prepare,
+        pin_memory=device.type == "cuda",
+    )
 
     universal = False
     if folder:
         saved = read_trainer_state(folder)
         local_folder = deepspeed_folder = checkpointer.local_copy(folder)
-        if (saved["world_size"], saved["zero_stage"]) != (world, t.zero_stage) and (saved["zero_stage"] or t.zero_stage):
+        if (saved["world_size"], saved["zero_stage"]) != (world, t.zero_stage) and (
+            saved["zero_stage"] or t.zero_stage
+        ):
             deepspeed_folder, universal = checkpointer.universal_copy(local_folder), True
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable, t, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(t.optim, t.steps))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(t, universal))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(t, universal)
+    )
     # Under ZeRO-3 each rank averages its own partitions (training/ema.py), except with parameters
     # on NVMe, where a partition may be swapped out between steps: those are gathered to average.
     ema_gathers = t.zero_stage == 3 and t.offload_params == "nvme"
     with gathered(engine.module, 3 if ema_gathers else 0):
-        ema = EMA(engine.module, t.ema.decay, t.ema.warmup, "cpu" if t.ema.on_cpu else device,
-                  read_partitions=t.zero_stage == 3 and not ema_gathers, comm_device=device)  # fmt: skip
+        ema = EMA(
+            engine.module,
+            t.ema.decay,
+            t.ema.warmup,
+            "cpu" if t.ema.on_cpu else device,
+            read_partitions=t.zero_stage == 3 and not ema_gathers,
+            comm_device=device,
+        )
 
     start_step, history, skipped_total, resume_info = 0, [], 0, None
     if folder:
@@ -167,28 +198,51 @@ def train(
         ema.load_file(ema_file, state["ema_updates"])
         checkpointer.release_copies()
         start_step, history, skipped_total = state["step"], state.get("history", []), state.get("skipped_steps", 0)
-        resume_info = {"from": folder, "step": start_step, "world_size_before": state["world_size"], "world_size_after": world,
-                       "universal": universal, "weights_checksum": weights_checksum(engine.module, device)}  # fmt: skip
-        say(f"{stage_name}: resumed from {folder} at step {start_step} ({state['world_size']} -> {world} ranks"
-            f"{', via a universal checkpoint' if universal else ''})")  # fmt: skip
+        resume_info = {
+            "from": folder,
+            "step": start_step,
+            "world_size_before": state["world_size"],
+            "world_size_after": world,
+            "universal": universal,
+            "weights_checksum": weights_checksum(engine.module, device),
+        }
+        say(
+            f"{stage_name}: resumed from {folder} at step {start_step} ({state['world_size']} -> {world} ranks"
+            f"{', via a universal checkpoint' if universal else ''})"
+        )
     if rank == 0:
         storage.write_text(storage.join(run_url, "config.yaml"), config_yaml)
     runlog = RunLog(run_url, os.path.join(checkpointer.staging_root, "logs"), rank == 0, t.steps, t.progress_bar, say)
     runlog.start_at(start_step)
     n_params = sum(full_numel(p) for p in trainable)  # under ZeRO-3 a partitioned parameter's numel() is 0
-    say(f"{stage_name}: {n_params / 1e6:.2f}M trainable parameters, {store.manifest['totals']['rows']} rows, {world} ranks x "
-        f"{t.batch_size} x {t.grad_accum} accum, ZeRO-{t.zero_stage}, {t.precision}")  # fmt: skip
+    say(
+        f"{stage_name}: {n_params / 1e6:.2f}M trainable parameters, {store.manifest['totals']['rows']} rows, {world} ranks x "
+        f"{t.batch_size} x {t.grad_accum} accum, ZeRO-{t.zero_stage}, {t.precision}"
+    )
 
     skips = SkipTracker(t.max_skipped_steps, skipped_total)
 
     def save(step: int, reason: str) -> str:
         if not weights_are_finite(engine.module, device):
             raise CheckpointError(f"refusing to checkpoint non-finite weights at step {step}")
-        state = {"loader": loader.state_dict(), "ema_updates": ema.updates, "history": history, "reason": reason,
-                 "skipped_steps": skips.total, "zero_stage": t.zero_stage}  # fmt: skip
+        state = {
+            "loader": loader.state_dict(),
+            "ema_updates": ema.updates,
+            "history": history,
+            "reason": reason,
+            "skipped_steps": skips.total,
+            "zero_stage": t.zero_stage,
+        }
         runlog.upload()  # first: once `latest` names this step, the logs up to it are there too
-        path = checkpointer.save(engine, step, ema.state_dict(), stage_info, state, config_yaml,
-                                 crash_rank1=t.fault_injection.crash_in_checkpoint_step == step)  # fmt: skip
+        path = checkpointer.save(
+            engine,
+            step,
+            ema.state_dict(),
+            stage_info,
+            state,
+            config_yaml,
+            crash_rank1=t.fault_injection.crash_in_checkpoint_step == step,
+        )
         say(f"{stage_name}: checkpoint {path} ({reason})")
         return path
 
@@ -259,8 +313,10 @@ def train(
                     history.append({"step": done, "loss": record["loss"]})
                 runlog.scalars(record)
                 if runlog.bar is None:
-                    say(f"{stage_name} step {done}/{t.steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                        f"{record['samples_per_s']:.0f} samples/s  data wait {data_wait:.2f}s")  # fmt: skip
+                    say(
+                        f"{stage_name} step {done}/{t.steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                        f"{record['samples_per_s']:.0f} samples/s  data wait {data_wait:.2f}s"
+                    )
                 shown = f"loss {record['loss']:.4f}"
                 loss_sum.zero_()
                 finite_losses.zero_()

@@ -34,8 +34,12 @@ def networks(model: torch.nn.Module) -> list[torch.nn.Module]:
 def blocks(network: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks of a network, which checkpointing and compiling treat one at a time: a
     UNet's down, mid and up blocks; a transformer's (the prior's) transformer blocks."""
-    found = [*getattr(network, "down_blocks", []), *([network.mid_block] if getattr(network, "mid_block", None) is not None else []),
-             *getattr(network, "up_blocks", []), *getattr(network, "transformer_blocks", [])]  # fmt: skip
+    found = [
+        *getattr(network, "down_blocks", []),
+        *([network.mid_block] if getattr(network, "mid_block", None) is not None else []),
+        *getattr(network, "up_blocks", []),
+        *getattr(network, "transformer_blocks", []),
+    ]
     return found
 
 
@@ -105,7 +109,9 @@ def compile_networks(model: torch.nn.Module, how: str, cache: str | None) -> int
 
 
 def _to_channels_last(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    convert = lambda v: v.contiguous(memory_format=torch.channels_last) if isinstance(v, torch.Tensor) and v.dim() == 4 else v  # noqa: E731
+    convert = lambda v: (
+        v.contiguous(memory_format=torch.channels_last) if isinstance(v, torch.Tensor) and v.dim() == 4 else v
+    )  # noqa: E731
     return tuple(convert(a) for a in args), {k: convert(v) for k, v in kwargs.items()}
 
 
@@ -129,5 +135,7 @@ def prepare(model: torch.nn.Module, t: TrainConfig) -> list[str]:
     if t.channels_last:
         done.append(f"channels-last inputs to {channels_last_inputs(model)} networks")
     if t.compile != "off":
-        done.append(f"torch.compile of {compile_networks(model, t.compile, t.compile_cache)} {'blocks' if t.compile == 'blocks' else 'networks'}")
+        done.append(
+            f"torch.compile of {compile_networks(model, t.compile, t.compile_cache)} {'blocks' if t.compile == 'blocks' else 'networks'}"
+        )
     return done

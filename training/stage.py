@@ -125,5 +125,7 @@ def latent_scale(store: Store, choice: str, key: str) -> float:
     if choice == "vae":
         return float(store.manifest["encoders"]["vae"]["scaling_factor"])
     if "vae_latent_std" not in store.manifest:
-        raise StoreError(f"store '{store.url}': manifest lacks 'vae_latent_std', which {key}=store needs (rerun `unclip embed`)")
+        raise StoreError(
+            f"store '{store.url}': manifest lacks 'vae_latent_std', which {key}=store needs (rerun `unclip embed`)"
+        )
     return 1.0 / float(store.manifest["vae_latent_std"])

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from models.base import storage
 from data_pipeline.store import Store, StoreError, read_index
+from models.base import storage
 
 VERIFIED = "store_verified.json"
 
@@ -22,7 +22,11 @@ def verify_store(store: Store, run_url: str, rank: int, world: int) -> None:
         return
     table = read_index(store.url, store.manifest, ["file", "sha256"])
     files, digests = table["file"].to_pylist(), table["sha256"].to_pylist()
-    bad = [f for i, (f, d) in enumerate(zip(files, digests)) if f and i % world == rank and storage.sha256_file(storage.join(store.url, f)) != d]
+    bad = [
+        f
+        for i, (f, d) in enumerate(zip(files, digests))
+        if f and i % world == rank and storage.sha256_file(storage.join(store.url, f)) != d
+    ]
     everyone = [bad] if not dist.is_initialized() else [None] * world
     if dist.is_initialized():
         dist.all_gather_object(everyone, bad)

@@ -154,7 +154,9 @@ def _field_default(field: dataclasses.Field) -> dict[str, Any]:
     return {}
 
 
-def build(cls: type[T], data: dict[str, Any] | None = None, prefix: str = "", defaults: dict[str, Any] | None = None) -> T:
+def build(
+    cls: type[T], data: dict[str, Any] | None = None, prefix: str = "", defaults: dict[str, Any] | None = None
+) -> T:
     """Instantiate dataclass `cls` from a (nested) mapping, validating every key.
 
     Sections (nested dataclasses) merge what is given over their field's own default, so a
@@ -168,9 +170,7 @@ def build(cls: type[T], data: dict[str, Any] | None = None, prefix: str = "", de
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(
-            f"config key '{where}': unknown key (known keys here: {', '.join(sorted(fields))})"
-        )
+        raise ConfigError(f"config key '{where}': unknown key (known keys here: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, field in fields.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -219,9 +219,7 @@ def merge(base: dict[str, Any], path: list[str], value: Any) -> None:
     for i, part in enumerate(path[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(
-                f"config key '{'.'.join(path[: i + 1])}': is a value, cannot set '{'.'.join(path)}'"
-            )
+            raise ConfigError(f"config key '{'.'.join(path[: i + 1])}': is a value, cannot set '{'.'.join(path)}'")
         node = child
     node[path[-1]] = value
 

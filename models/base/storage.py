@@ -30,7 +30,8 @@ import shutil
 import tempfile
 import time
 import uuid
-from typing import IO, Any, Iterator
+from collections.abc import Iterator
+from typing import IO, Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem

@@ -18,8 +18,8 @@ import socket
 from typing import Any
 
 import s3fs
-from fsspec.asyn import sync_wrapper
 from botocore.exceptions import BotoCoreError, ClientError
+from fsspec.asyn import sync_wrapper
 
 from models.base.errors import StorageUnavailable
 
@@ -32,8 +32,17 @@ DEFAULT_READ_TIMEOUT_S = 60.0
 log = logging.getLogger("unclip.storage")
 
 # Error codes S3 (and S3-compatible stores) answer when they want the request again later.
-RETRYABLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
-                   "ServiceUnavailable", "InternalError", "RequestLimitExceeded", "TooManyRequests"}  # fmt: skip
+RETRYABLE_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestLimitExceeded",
+    "TooManyRequests",
+}
 
 
 def transient_reason(err: BaseException) -> str | None:
@@ -59,9 +68,20 @@ def transient_reason(err: BaseException) -> str | None:
 class S3FileSystem(s3fs.S3FileSystem):
     """s3fs with botocore's standard retries by default, and one named error when they run out."""
 
-    def __init__(self, *args: Any, attempts: int = DEFAULT_ATTEMPTS, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
-                 read_timeout: float = DEFAULT_READ_TIMEOUT_S, config_kwargs: dict | None = None, **kwargs: Any):  # fmt: skip
-        retrying = {"retries": {"max_attempts": attempts, "mode": "standard"}, "connect_timeout": connect_timeout, "read_timeout": read_timeout}
+    def __init__(
+        self,
+        *args: Any,
+        attempts: int = DEFAULT_ATTEMPTS,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+        read_timeout: float = DEFAULT_READ_TIMEOUT_S,
+        config_kwargs: dict | None = None,
+        **kwargs: Any,
+    ):
+        retrying = {
+            "retries": {"max_attempts": attempts, "mode": "standard"},
+            "connect_timeout": connect_timeout,
+            "read_timeout": read_timeout,
+        }
         super().__init__(*args, config_kwargs={**retrying, **(config_kwargs or {})}, **kwargs)
         self.retries = attempts  # s3fs's loop around a request and a body read: its class default is 5
         self.attempts = attempts
@@ -81,7 +101,9 @@ class S3FileSystem(s3fs.S3FileSystem):
         client = await self.get_s3(kwargs.get("Bucket"))
         call = getattr(client, method)
         try:
-            return await s3fs.core._error_wrapper(call, kwargs=self._get_s3_method_kwargs(call, *akwarglist, **kwargs), retries=1)
+            return await s3fs.core._error_wrapper(
+                call, kwargs=self._get_s3_method_kwargs(call, *akwarglist, **kwargs), retries=1
+            )
         except Exception as err:
             raise _named(err, method, _url_of(kwargs), self.attempts)
 
@@ -141,7 +163,14 @@ def _named(err: Exception, method: str, url: str, attempts: int) -> Exception:
     return failure
 
 
-def _log_failed_attempt(attempts: int = 0, operation: Any = None, response: Any = None, caught_exception: Any = None, request_dict: Any = None, **_: Any) -> None:
+def _log_failed_attempt(
+    attempts: int = 0,
+    operation: Any = None,
+    response: Any = None,
+    caught_exception: Any = None,
+    request_dict: Any = None,
+    **_: Any,
+) -> None:
     """botocore asks every handler of `needs-retry` after each attempt; this one only says that an
     attempt failed (botocore's own handler decides about the retry), and returns None so as not
     to take part in that decision."""
@@ -150,5 +179,11 @@ def _log_failed_attempt(attempts: int = 0, operation: Any = None, response: Any 
         return None
     why = f"{type(caught_exception).__name__}" if caught_exception is not None else f"HTTP {status}"
     url = (request_dict or {}).get("url", "")
-    log.warning("storage: %s %s attempt %d failed (%s); botocore retries it", getattr(operation, "name", "?"), url, attempts, why)
+    log.warning(
+        "storage: %s %s attempt %d failed (%s); botocore retries it",
+        getattr(operation, "name", "?"),
+        url,
+        attempts,
+        why,
+    )
     return None

@@ -10,11 +10,10 @@ import numpy as np
 import torch
 
 from data_pipeline.store import Store, StoreError
-from models import chains
-from models import decoder
+from models import chains, decoder
 from models.config import DecoderConfig
 from models.diffusion import Diffusion, device_of, row_mask
-from models.imaging import decode, grid, to_pil, to_minus_one_one
+from models.imaging import decode, grid, to_minus_one_one, to_pil
 from training.stage import Check, Preview, Stage, empty_caption, latent_scale
 
 CONDITIONS = ("clip_image_emb", "clip_text_emb", "clip_text_tokens")
@@ -52,24 +51,58 @@ class DecoderStage(Stage):
     def public_checks(self, configs: dict[str, dict[str, Any]]) -> list[Check]:
         unet, proj = configs["unet"], configs["text_proj"]
         channels, side = (self.store.shape("vae_latent")[:2]) if self.latent else (3, self.store.shape("image_64")[0])
-        pictures = "the store's vae_latent (columns.vae_latent.shape)" if self.latent else "the store's image_64 (columns.image_64.shape)"
+        pictures = (
+            "the store's vae_latent (columns.vae_latent.shape)"
+            if self.latent
+            else "the store's image_64 (columns.image_64.shape)"
+        )
         inputs = unet.get("in_channels", 0)
         patch = math.isqrt(inputs // channels)
         folds = channels * patch**2 == inputs and patch > 0  # pictures folded p x p into channels
         return [
-            ("text_proj/config.json clip_embeddings_dim", proj.get("clip_embeddings_dim"), "the store's embedding size (columns.clip_image_emb.shape)",
-             self.store.shape("clip_image_emb")[0]),
-            ("decoder/config.json class_embed_type", unet.get("class_embed_type"), "how the decoder adds the image embedding", "identity"),
-            ("decoder/config.json cross_attention_dim", unet.get("cross_attention_dim"), "text_proj/config.json cross_attention_dim", proj.get("cross_attention_dim")),
-            ("decoder/config.json in_channels", inputs, f"decoder.space={self.section.space} on {pictures} (its channels, folded p x p)",
-             inputs if folds else f"{channels} x p^2"),
+            (
+                "text_proj/config.json clip_embeddings_dim",
+                proj.get("clip_embeddings_dim"),
+                "the store's embedding size (columns.clip_image_emb.shape)",
+                self.store.shape("clip_image_emb")[0],
+            ),
+            (
+                "decoder/config.json class_embed_type",
+                unet.get("class_embed_type"),
+                "how the decoder adds the image embedding",
+                "identity",
+            ),
+            (
+                "decoder/config.json cross_attention_dim",
+                unet.get("cross_attention_dim"),
+                "text_proj/config.json cross_attention_dim",
+                proj.get("cross_attention_dim"),
+            ),
+            (
+                "decoder/config.json in_channels",
+                inputs,
+                f"decoder.space={self.section.space} on {pictures} (its channels, folded p x p)",
+                inputs if folds else f"{channels} x p^2",
+            ),
             # a learned variance (Karlo's decoder) doubles the output; training reads the first half
-            ("decoder/config.json out_channels", unet.get("out_channels") if unet.get("out_channels") != 2 * inputs else inputs, "its in_channels (or twice them)", inputs),
-            ("decoder/config.json sample_size x p", (unet.get("sample_size") or 0) * patch, f"the side of {pictures}", side),
+            (
+                "decoder/config.json out_channels",
+                unet.get("out_channels") if unet.get("out_channels") != 2 * inputs else inputs,
+                "its in_channels (or twice them)",
+                inputs,
+            ),
+            (
+                "decoder/config.json sample_size x p",
+                (unet.get("sample_size") or 0) * patch,
+                f"the side of {pictures}",
+                side,
+            ),
         ]
 
     def from_public_modules(self, modules: dict[str, torch.nn.Module]) -> torch.nn.Module:
-        return decoder.UnclipDecoder(modules["unet"], modules["text_proj"], self.store.shape("vae_latent")[0] if self.latent else None)
+        return decoder.UnclipDecoder(
+            modules["unet"], modules["text_proj"], self.store.shape("vae_latent")[0] if self.latent else None
+        )
 
     def prepare(self, batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         if self.latent:
@@ -110,7 +143,15 @@ class DecoderStage(Stage):
         rows = self.preview_rows([*truth, *self.conditions], count)
         cond = self.conditioning(rows)
         net = chains.Net(model, self.diffusion, self.extras(), vae)
-        sampled = to_pil(chains.decoder_images(net, cond, self.preview_settings.steps, self.preview_settings.guidance,
-                                               torch.Generator().manual_seed(0), self.empty_caption))  # fmt: skip
+        sampled = to_pil(
+            chains.decoder_images(
+                net,
+                cond,
+                self.preview_settings.steps,
+                self.preview_settings.guidance,
+                torch.Generator().manual_seed(0),
+                self.empty_caption,
+            )
+        )
         pairs = zip(to_pil(to_minus_one_one(decode(rows["image_64"]))), sampled) if truth else ((s,) for s in sampled)
         return [("decoder_true_vs_sampled", grid([list(p) for p in pairs]))]

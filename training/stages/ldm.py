@@ -46,16 +46,28 @@ class LdmStage(Stage):
     def public_checks(self, configs: dict[str, dict[str, Any]]) -> list[Check]:
         unet = configs["model"]
         channels, size, _ = self.store.shape("vae_latent")
-        latents, tokens = "the store's latents (columns.vae_latent.shape)", "the store's clip_text_tokens (columns.clip_text_tokens.shape)"
+        latents, tokens = (
+            "the store's latents (columns.vae_latent.shape)",
+            "the store's clip_text_tokens (columns.clip_text_tokens.shape)",
+        )
         return [
-            ("unet/config.json cross_attention_dim", unet.get("cross_attention_dim"), f"the width of {tokens}", self.store.shape("clip_text_tokens")[1]),
+            (
+                "unet/config.json cross_attention_dim",
+                unet.get("cross_attention_dim"),
+                f"the width of {tokens}",
+                self.store.shape("clip_text_tokens")[1],
+            ),
             ("unet/config.json in_channels", unet.get("in_channels"), f"the channels of {latents}", channels),
             ("unet/config.json out_channels", unet.get("out_channels"), f"the channels of {latents}", channels),
             ("unet/config.json sample_size", unet.get("sample_size"), f"the side of {latents}", size),
             # conditioning the ldm does not give (SDXL's micro-conditioning, class labels)
             ("unet/config.json class_embed_type", unet.get("class_embed_type"), "what the ldm conditions on", None),
-            ("unet/config.json addition_embed_type", unet.get("addition_embed_type") if unet.get("addition_embed_type") != "text" else None,
-             "what the ldm conditions on (text only)", None),
+            (
+                "unet/config.json addition_embed_type",
+                unet.get("addition_embed_type") if unet.get("addition_embed_type") != "text" else None,
+                "what the ldm conditions on (text only)",
+                None,
+            ),
         ]
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
@@ -68,7 +80,11 @@ class LdmStage(Stage):
         return self.diffusion.loss(ldm.predict(model, self.diffusion.q_sample(x0, t, noise), t, context), x0, noise, t)
 
     def extras(self) -> dict[str, Any]:
-        return {"latent_scale": self.latent_scale, "text_embedding_token": self.embedding_token, "null_text": self.section.null_text}
+        return {
+            "latent_scale": self.latent_scale,
+            "text_embedding_token": self.embedding_token,
+            "null_text": self.section.null_text,
+        }
 
     def preview(self, model: torch.nn.Module, count: int = 4) -> list[tuple[str, Any]]:
         """Samples for the first captions of the store, decoded with the store's VAE."""
@@ -77,6 +93,13 @@ class LdmStage(Stage):
             return []
         rows = self.preview_rows(list(self.text_columns), count)
         context = ldm.context(text_conditioning(rows, self.text_columns), self.embedding_token)
-        latents = ldm.sample(model, self.diffusion, context, self.preview_settings.steps, self.preview_settings.guidance,
-                             torch.Generator().manual_seed(0), self.null)  # fmt: skip
+        latents = ldm.sample(
+            model,
+            self.diffusion,
+            context,
+            self.preview_settings.steps,
+            self.preview_settings.guidance,
+            torch.Generator().manual_seed(0),
+            self.null,
+        )
         return [("ldm", grid([to_pil(vae.decode(latents / self.latent_scale))]))]

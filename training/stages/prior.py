@@ -46,7 +46,9 @@ class PriorStage(Stage):
     def from_public_modules(self, modules: dict[str, torch.nn.Module]) -> torch.nn.Module:
         model = modules["model"]
         if not bool((model.clip_std > 0).all()):
-            raise PublicWeightsError("--init-from: the prior's clip_std has entries <= 0: it carries no CLIP statistics to normalise with")
+            raise PublicWeightsError(
+                "--init-from: the prior's clip_std has entries <= 0: it carries no CLIP statistics to normalise with"
+            )
         return model
 
     def public_checks(self, configs: dict[str, dict[str, Any]]) -> list[Check]:
@@ -56,15 +58,34 @@ class PriorStage(Stage):
         dim, text_dim = self.store.shape("clip_image_emb")[0], self.store.shape("clip_text_emb")[0]
         length, width = self.store.shape("clip_text_tokens")
         embedding = p.get("embedding_dim")
-        token_width = embedding if p.get("encoder_hid_proj_type", "linear") == "linear" else p.get("num_attention_heads", 0) * p.get("attention_head_dim", 0)
+        token_width = (
+            embedding
+            if p.get("encoder_hid_proj_type", "linear") == "linear"
+            else p.get("num_attention_heads", 0) * p.get("attention_head_dim", 0)
+        )
         tokens = "the store's clip_text_tokens (columns.clip_text_tokens.shape)"
         return [
-            ("prior/config.json clip_embed_dim", p.get("clip_embed_dim") or embedding, "the store's image embedding size (columns.clip_image_emb.shape)", dim),
-            ("prior/config.json embedding_proj_dim", p.get("embedding_proj_dim") or embedding, "the store's text embedding size (columns.clip_text_emb.shape)", text_dim),
+            (
+                "prior/config.json clip_embed_dim",
+                p.get("clip_embed_dim") or embedding,
+                "the store's image embedding size (columns.clip_image_emb.shape)",
+                dim,
+            ),
+            (
+                "prior/config.json embedding_proj_dim",
+                p.get("embedding_proj_dim") or embedding,
+                "the store's text embedding size (columns.clip_text_emb.shape)",
+                text_dim,
+            ),
             ("prior/config.json num_embeddings", p.get("num_embeddings"), f"the length of {tokens}", length),
             ("prior/config.json text-token width", token_width, f"the width of {tokens}", width),
             # the inputs the prior is fed: text embedding, timestep, noisy image embedding, query
-            ("prior/config.json additional_embeddings", p.get("additional_embeddings", 4), "the prior's inputs besides the tokens", 4),
+            (
+                "prior/config.json additional_embeddings",
+                p.get("additional_embeddings", 4),
+                "the prior's inputs besides the tokens",
+                4,
+            ),
         ]
 
     def statistics(self, module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +104,9 @@ class PriorStage(Stage):
         mean, std = self.statistics(getattr(model, "module", model))
         x0 = (batch["clip_image_emb"].float() - mean) / std
         empty = None if self.empty_caption is None else {k: v.to(x0.device) for k, v in self.empty_caption.items()}
-        text = prior.drop_text(text_conditioning(batch), row_mask(len(x0), self.section.text_drop, generator, x0.device), empty)
+        text = prior.drop_text(
+            text_conditioning(batch), row_mask(len(x0), self.section.text_drop, generator, x0.device), empty
+        )
         t, noise = self.diffusion.draw(x0, generator)
         prediction = prior.predict(model, self.diffusion.q_sample(x0, t, noise), t, text)
         return self.diffusion.loss(prediction, x0, noise, t)
@@ -101,8 +124,15 @@ class PriorStage(Stage):
             self._bank = (bank, data["image_64"])
         bank, pictures = self._bank
         rows = self.preview_rows([*TEXT_COLUMNS, "image_64"], count)
-        predicted = prior.sample(model, self.diffusion, text_conditioning(rows), self.preview_settings.steps, self.preview_settings.guidance,
-                                 torch.Generator().manual_seed(0), self.empty_caption)  # fmt: skip
+        predicted = prior.sample(
+            model,
+            self.diffusion,
+            text_conditioning(rows),
+            self.preview_settings.steps,
+            self.preview_settings.guidance,
+            torch.Generator().manual_seed(0),
+            self.empty_caption,
+        )
         nearest = (torch.nn.functional.normalize(predicted.cpu(), dim=-1) @ bank.T).argmax(1)
         decode = lambda data: Image.open(io.BytesIO(data)).convert("RGB")  # noqa: E731
         pairs = [[decode(rows["image_64"][i]), decode(pictures[int(j)])] for i, j in enumerate(nearest)]

@@ -11,7 +11,7 @@ from data_pipeline.store import Store, StoreError
 from models import upsampler
 from models.config import UpsamplerConfig
 from models.diffusion import Diffusion
-from models.imaging import decode, grid, to_pil, to_minus_one_one
+from models.imaging import decode, grid, to_minus_one_one, to_pil
 from training.stage import Check, Preview, Stage
 
 
@@ -28,7 +28,9 @@ class UpsamplerStage(Stage):
     def check_store(self) -> None:
         for column, side in ((self.low_col, self.section.low), (self.high_col, self.section.high)):
             if self.store.shape(column)[0] != side:
-                raise StoreError(f"store '{self.store.url}': manifest field 'columns.{column}.shape' is not {side} pixels")
+                raise StoreError(
+                    f"store '{self.store.url}': manifest field 'columns.{column}.shape' is not {side} pixels"
+                )
         self.diffusion = Diffusion(self.section.diffusion)
 
     def build_model(self) -> torch.nn.Module:
@@ -38,14 +40,26 @@ class UpsamplerStage(Stage):
         m = configs["model"]
         outputs = m.get("out_channels")
         return [
-            ("super_res/config.json in_channels", m.get("in_channels"), "the noisy picture and the upsampled low resolution (3 + 3)", 6),
+            (
+                "super_res/config.json in_channels",
+                m.get("in_channels"),
+                "the noisy picture and the upsampled low resolution (3 + 3)",
+                6,
+            ),
             # a learned variance (Karlo's) doubles the output; training reads the first half
-            ("super_res/config.json out_channels", 3 if outputs == 6 else outputs, "RGB (3, or 6 with a learned variance)", 3),
+            (
+                "super_res/config.json out_channels",
+                3 if outputs == 6 else outputs,
+                "RGB (3, or 6 with a learned variance)",
+                3,
+            ),
             ("super_res/config.json sample_size", m.get("sample_size"), "upsampler.high", self.section.high),
         ]
 
     def prepare(self, batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        high, low = upsampler.random_crops(decode(batch[self.high_col]), decode(batch[self.low_col]), self.section.crop, rng)
+        high, low = upsampler.random_crops(
+            decode(batch[self.high_col]), decode(batch[self.low_col]), self.section.crop, rng
+        )
         return {"high": high, "low": low}
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
@@ -53,7 +67,9 @@ class UpsamplerStage(Stage):
         low = upsampler.degrade(to_minus_one_one(batch["low"]), self.section, generator)
         low_up = upsampler.upsample(low, x0.shape[-1], self.section.resize)
         t, noise = self.diffusion.draw(x0, generator)
-        return self.diffusion.loss(upsampler.predict(model, self.diffusion.q_sample(x0, t, noise), t, low_up), x0, noise, t)
+        return self.diffusion.loss(
+            upsampler.predict(model, self.diffusion.q_sample(x0, t, noise), t, low_up), x0, noise, t
+        )
 
     def extras(self) -> dict[str, Any]:
         return {"low": self.section.low, "high": self.section.high, "resize": self.section.resize}
@@ -64,6 +80,12 @@ class UpsamplerStage(Stage):
         low = to_minus_one_one(decode(rows[self.low_col]))
         factor = self.section.high // self.section.low
         steps = self.preview_settings.steps  # as `unclip sample` draws it
-        sampled = upsampler.sample(model, self.diffusion, low, factor, steps, torch.Generator().manual_seed(0), self.section.resize)
-        columns = [to_pil(upsampler.upsample(low, sampled.shape[-1])), to_pil(sampled), to_pil(to_minus_one_one(decode(rows[self.high_col])))]
+        sampled = upsampler.sample(
+            model, self.diffusion, low, factor, steps, torch.Generator().manual_seed(0), self.section.resize
+        )
+        columns = [
+            to_pil(upsampler.upsample(low, sampled.shape[-1])),
+            to_pil(sampled),
+            to_pil(to_minus_one_one(decode(rows[self.high_col]))),
+        ]
         return [("upsampler_bicubic_sampled_true", grid([list(row) for row in zip(*columns)]))]
