@@ -198,17 +198,40 @@ def test_deepspeed_config_is_derived_and_raw_keys_pass_through():
     assert "gradient_clipping" not in deepspeed_config(config.load(None, ["train.grad_clip=0"]).train)
 
 
-def test_fp16_on_a_cpu_accelerator_is_refused_before_launch():
-    import torch
+class _Accelerator:
+    """Stands in for DeepSpeed's accelerator's answers only: whether this machine's CPU (or GPU)
+    supports a precision depends on the machine (DeepSpeed's CPU accelerator says yes to fp16 on a
+    CPU with avx512_fp16), so the test sets the answer and checks what check_runtime does with it."""
+
+    def __init__(self, fp16: bool, bf16: bool) -> None:
+        self.fp16, self.bf16 = fp16, bf16
+
+    def is_fp16_supported(self) -> bool:
+        return self.fp16
+
+    def is_bf16_supported(self) -> bool:
+        return self.bf16
+
+    def device_name(self) -> str:
+        return "cpu"
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_a_precision_the_accelerator_lacks_is_refused_before_launch_and_accepted_where_it_has_it(
+    precision, monkeypatch
+):
+    import deepspeed
 
     from training.ds_config import check_runtime
 
-    if torch.cuda.is_available():
-        pytest.skip("a GPU supports fp16")
+    train = config.load(None, [f"train.precision={precision}"]).train
+    monkeypatch.setattr(deepspeed, "get_accelerator", lambda: _Accelerator(fp16=False, bf16=False))
     with pytest.raises(
-        ConfigError, match="config key 'train.precision': fp16 is not supported by DeepSpeed's cpu accelerator"
+        ConfigError, match=f"config key 'train.precision': {precision} is not supported by DeepSpeed's cpu"
     ):
-        check_runtime(config.load(None, ["train.precision=fp16"]).train)
+        check_runtime(train)
+    monkeypatch.setattr(deepspeed, "get_accelerator", lambda: _Accelerator(fp16=True, bf16=True))
+    check_runtime(train)  # accepted: nothing raised
 
 
 def test_lr_schedule():
