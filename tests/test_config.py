@@ -295,8 +295,8 @@ def test_each_chain_samples_at_its_own_models_scales():
 
 
 def test_the_docs_name_only_real_config_keys():
-    """Every `section.key` named by the READMEs, the config files' comments and the code's strings
-    (error messages, option docs) exists, so a renamed or mistyped option leaves no stale advice
+    """Every `section.key` named by the READMEs, every file under docs/, the config files' comments and the code's
+    strings (error messages, option docs) exists, so a renamed or mistyped option leaves no stale advice
     (keys under a free-form mapping, launch.env.*, are any; `ray.data` is a module, not a key)."""
     import ast
     import dataclasses
@@ -323,7 +323,7 @@ def test_the_docs_name_only_real_config_keys():
         for f in dataclasses.fields(config.Config)
         if dataclasses.is_dataclass(typing.get_type_hints(config.Config)[f.name])
     )
-    named = re.compile(r"(?<![\w/.-])((?:%s)\.[A-Za-z_][A-Za-z0-9_.]*)" % "|".join(sections))  # not inside a path
+    named = re.compile(rf"(?<![\w/.-])((?:{'|'.join(sections)})\.[A-Za-z_][A-Za-z0-9_.]*)")  # not inside a path
 
     def texts(path: Path) -> list[str]:
         if path.suffix != ".py":
@@ -340,9 +340,12 @@ def test_the_docs_name_only_real_config_keys():
         except ModuleNotFoundError:
             return False
 
+    guides = sorted(p for p in (repo / "docs").rglob("*") if p.is_file())
+    assert {"README.md", "operators.md", "data.md", "training.md"} <= {p.name for p in guides}
     documents = [
         repo / "README.md",
         repo / "infra" / "README.md",
+        *guides,
         *sorted((repo / "configs").glob("*.yaml")),
         *sorted(
             p for d in ("data_pipeline", "training", "models", "launch", "benchmarks") for p in (repo / d).rglob("*.py")
@@ -363,6 +366,36 @@ def test_the_docs_name_only_real_config_keys():
                 stale.append(f"{document.relative_to(repo)}: {key}")
     assert not stale, stale
     assert "train.ema.on_cpu" in keys and "launch.env." in free  # the walk itself
+
+
+def test_the_readme_is_a_front_page_and_the_docs_links_resolve():
+    """README.md starts with the two commands and stays within 200 lines; the rest lives in docs/, and every
+    relative link of README.md and docs/ names a file of the repository and, with an anchor, one of its headings."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text()
+    lines = readme.splitlines()
+    assert len(lines) <= 200, len(lines)
+    assert lines[2] == "```" and lines[3].startswith("make demo ") and lines[4].startswith("make test ")
+    assert "`.ci/run`" in readme and "`make lint`" in readme
+
+    def anchors(path: Path) -> set[str]:
+        headings = re.findall(r"^#+ (.+)$", path.read_text(), flags=re.M)
+        return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+    broken = []
+    for document in [repo / "README.md", *sorted((repo / "docs").rglob("*.md"))]:
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]+))?\)", document.read_text()):
+            if "://" in target:
+                continue
+            path = (document.parent / target).resolve() if target else document
+            if not path.is_file() or (anchor and anchor not in anchors(path)):
+                broken.append(f"{document.relative_to(repo)}: {target}#{anchor}")
+    assert not broken, broken
+    for name in ("README.md", "operators.md", "data.md", "training.md"):
+        assert f"docs/{name}" in readme, name  # the README leads into each guide
 
 
 def test_compile_under_zero3_is_refused_by_name():
