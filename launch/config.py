@@ -50,7 +50,8 @@ class SampleConfig:
     prior_guidance: float = option(1.0, ge=0, doc="the unCLIP prior's guidance scale")
     sampler: Literal["ddim", "ddpm", "unclip"] = option(
         "ddim",
-        doc="every stage's reverse process: DDIM, DDPM, or unclip (diffusers' UnCLIPScheduler, as UnCLIPPipeline samples Karlo; "
+        doc="every stage's reverse process: DDIM, DDPM, or unclip (diffusers' UnCLIPScheduler, as UnCLIPPipeline "
+        "samples Karlo; "
         "cosine schedule, eps or x0 prediction)",
     )
     device: Literal["auto", "cpu", "cuda"] = option(
@@ -79,7 +80,8 @@ class SampleConfig:
             raise ValueError("config key 'sample.prompts': expected at least one prompt")
         if self.sampler == "unclip" and min(self.steps, self.upsampler_steps) < 2:
             raise ValueError(
-                f"config key 'sample.sampler' is 'unclip', whose timesteps need sample.steps and sample.upsampler_steps >= 2; "
+                "config key 'sample.sampler' is 'unclip', whose timesteps need sample.steps and "
+                "sample.upsampler_steps >= 2; "
                 f"got {self.steps} and {self.upsampler_steps}"
             )
         if self.interpolate and len(self.interpolate) != 2:

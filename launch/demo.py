@@ -36,7 +36,8 @@ def fit_encoders(cfg: Config, log=print) -> dict[str, Any]:
 
 
 # What the embedded default trains each stage with, unless the user gives `train.stages` (which
-# then replaces all of this, as a mapping replaces its default). The ldm at a constant learning rate: retrained on two demo stores (same seed,
+# then replaces all of this, as a mapping replaces its default). The ldm at a constant learning rate: retrained on
+# two demo stores (same seed,
 # same data order, only the schedule changed) it read 93/87/97% and 100/100/100%
 # shape/colour/background at guidance 3, against 93/73/83% and 95/97/97% with the cosine decay.
 DEMO_STAGE_TRAIN = {

@@ -1,14 +1,16 @@
 """The environment every training rank gets, on one machine or many: the one place it is set.
 
-| variable | value | why |
-|---|---|---|
-| `OMP_NUM_THREADS` | a local `unclip train`: the usable cores / ranks (`local_ranks`); else 1 (unless set) | ranks share the node's cores |
-| `PYTHONUNBUFFERED` | 1 | rank logs reach the launcher (and SLURM/Ray logs) as they are written |
-| `TORCH_NCCL_ASYNC_ERROR_HANDLING` | 1 | a rank whose collective failed or timed out tears its process down, so the launcher sees a failure instead of a job that hangs |
-| `TORCH_NCCL_DUMP_ON_TIMEOUT` | 1 | a timed-out collective leaves a flight-recorder trace of who waited on what |
-| `NCCL_DEBUG` | WARN | NCCL names the failing peer and transport without per-step noise |
-| `DS_ACCELERATOR` | cpu, on a node without CUDA (decided on the node) | DeepSpeed would otherwise probe for accelerators it cannot use |
-| `launch.env` | anything | site settings: `NCCL_SOCKET_IFNAME`, `NCCL_IB_HCA`, `FI_PROVIDER`, ... |
+- `OMP_NUM_THREADS`: in a local `unclip train`, the usable cores / ranks (`local_ranks`); else 1
+  (unless set). Ranks share the node's cores.
+- `PYTHONUNBUFFERED=1`: rank logs reach the launcher (and SLURM/Ray logs) as they are written.
+- `TORCH_NCCL_ASYNC_ERROR_HANDLING=1`: a rank whose collective failed or timed out tears its
+  process down, so the launcher sees a failure instead of a job that hangs.
+- `TORCH_NCCL_DUMP_ON_TIMEOUT=1`: a timed-out collective leaves a flight-recorder trace of who
+  waited on what.
+- `NCCL_DEBUG=WARN`: NCCL names the failing peer and transport without per-step noise.
+- `DS_ACCELERATOR=cpu`, on a node without CUDA (decided on the node): DeepSpeed would otherwise
+  probe for accelerators it cannot use.
+- `launch.env`: site settings (`NCCL_SOCKET_IFNAME`, `NCCL_IB_HCA`, `FI_PROVIDER`, ...).
 
 The collective timeout itself is a training setting (`train.collective_timeout_s`) and the time nodes
 wait for each other to join is `launch.rendezvous_timeout_s`; the address and port of node 0 are

@@ -55,7 +55,7 @@ def reading_grid(
     pen = ImageDraw.Draw(canvas)
     for c, (chain, images) in enumerate(generated.items()):
         pen.text((caption_w + c * cell + 2, 0), chain, fill="black")
-        for r, (picture, seen) in enumerate(zip(to_pil(images[:rows]), readings[chain])):
+        for r, (picture, seen) in enumerate(zip(to_pil(images[:rows]), readings[chain], strict=False)):
             x, y = caption_w + c * cell, r * (cell + label) + label
             canvas.paste(picture.resize((cell, cell)), (x, y))
             pen.text(
@@ -78,7 +78,7 @@ def reference_embeddings(store: Store, rows: int) -> np.ndarray:
     parts = store.files  # the parts that have rows
     train_rows_per_part = max(1.0, store.manifest["totals"]["rows"] * (1 - store.holdout_fraction) / max(len(parts), 1))
     stride = max(1, int(len(parts) * train_rows_per_part // rows))
-    files = (parts[i] for offset in range(stride) for i in range(offset, len(parts), stride))
+    files = [parts[i] for offset in range(stride) for i in range(offset, len(parts), stride)]
     found = store.read(["clip_image_emb"], files=files, split="train", limit=rows)["clip_image_emb"].astype(np.float32)
     if len(found) < 2:
         raise StoreError(
@@ -107,7 +107,8 @@ def run(cfg: Config, log=print) -> dict[str, Any]:
     store = open_store(cfg.store_url)
     if store.holdout_fraction <= 0:
         raise StoreError(
-            f"store '{store.url}': manifest field 'holdout.fraction' is 0: no held-out rows to score on (set embed.holdout_fraction)"
+            f"store '{store.url}': manifest field 'holdout.fraction' is 0: no held-out rows to score on (set "
+            "embed.holdout_fraction)"
         )
     stages = available_stages(cfg)
     chains_ready = {"ldm": "ldm" in stages, "unclip": {"prior", "decoder"} <= set(stages)}
@@ -193,7 +194,8 @@ def run(cfg: Config, log=print) -> dict[str, Any]:
             )
             log(
                 f"eval: {chain}, {scales}: CLIP score {scores['clip_score']:.3f} (real "
-                f"{results['real_images_clip_score']:.3f}), Fréchet distance in CLIP space {scores['frechet_distance_clip']:.3f}"
+                f"{results['real_images_clip_score']:.3f}), Fréchet distance in CLIP space "
+                f"{scores['frechet_distance_clip']:.3f}"
                 + (f" (real {results['real_images_frechet_distance_clip']:.3f})" if cfg.eval.reference_rows else "")
                 + (
                     ", prompt following " + " / ".join(f"{k} {v:.0%}" for k, v in following[0].items())
@@ -209,7 +211,9 @@ def run(cfg: Config, log=print) -> dict[str, Any]:
         side = max(g.shape[-1] for g in generated.values())
         columns_ = [to_pil(to_minus_one_one(decode(held["image_64"][:rows])))] if "image_64" in held else []
         columns_ += [to_pil(g[:rows]) for g in generated.values()]
-        picture = grid([[im.resize((side, side), Image.Resampling.NEAREST) for im in row] for row in zip(*columns_)])
+        picture = grid(
+            [[im.resize((side, side), Image.Resampling.NEAREST) for im in row] for row in zip(*columns_, strict=False)]
+        )
         results["grid"] = save_png(picture, storage.join(cfg.eval.out, "eval_grid.png"))
         results["grid_columns"] = (["real"] if "image_64" in held else []) + list(generated)
         results["grid_captions"] = captions[:rows]

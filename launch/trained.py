@@ -74,7 +74,7 @@ class Trained:
     nets: dict[str, Net] = field(default_factory=dict)
     upsamplers: list[Net] = field(default_factory=list)
     checkpoints: dict[str, str] = field(default_factory=dict)
-    clip: FrozenClip | None = None
+    clip: FrozenClip = field(init=False)  # set by load_trained, which every caller goes through
     _empty: dict[str, torch.Tensor] | None = None  # the text conditioning of "", once encoded
 
     def encode_text(self, captions: list[str]):
@@ -195,7 +195,7 @@ def _cpu(drawn: Any) -> Any:
 def _join(parts: list) -> Any:
     if isinstance(parts[0], torch.Tensor):
         return torch.cat(parts)
-    return type(parts[0])(_join(list(same)) for same in zip(*parts))
+    return type(parts[0])(_join(list(same)) for same in zip(*parts, strict=True))
 
 
 def sampling_device(choice: str) -> torch.device:
@@ -209,7 +209,7 @@ def load_trained(cfg: Config, store: Store, stages: list[str]) -> Trained:
     """The named stages (ldm, prior, decoder, upsampler) of runs `sample.run` / `sample.upsampler_runs`."""
     device = sampling_device(cfg.sample.device)
     trained = Trained(cfg, store)
-    trained.clip = FrozenClip(cfg.encoders.clip, device)
+    trained.clip = FrozenClip(cfg.encoders.clip, str(device))
     check_identity("clip", store.manifest["encoders"]["clip"], trained.clip.identity())
     for stage in stages:
         if stage == "upsampler":
@@ -227,7 +227,7 @@ def load_trained(cfg: Config, store: Store, stages: list[str]) -> Trained:
         net for stage, net in trained.nets.items() if stage == "ldm" or (stage == "decoder" and net.model.latent)
     ]
     if drawing_latents:
-        vae = FrozenVae(cfg.encoders.vae, device)
+        vae = FrozenVae(cfg.encoders.vae, str(device))
         check_identity("vae", store.manifest["encoders"]["vae"], vae.identity())
         for net in drawing_latents:
             net.vae = vae

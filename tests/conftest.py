@@ -144,7 +144,10 @@ def start_cpu_adam_build(items: list[pytest.Item]) -> None:
         return
     from launch.environment import rank_environment  # the accelerator the ranks get, so the build is the one they load
 
-    build = "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('CPUAdamBuilder').load()"
+    build = (
+        "from deepspeed.accelerator import get_accelerator; "
+        "get_accelerator().create_op_builder('CPUAdamBuilder').load()"
+    )
     _extension_build = subprocess.Popen(
         [sys.executable, "-c", build], env=rank_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )

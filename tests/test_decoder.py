@@ -70,17 +70,11 @@ def test_the_text_mask_hides_the_captions_padding_from_the_cross_attention():
     padded = tokens.clone()
     padded[:, 3:] = torch.randn(1, 2, 8)
     mask = torch.tensor([[True, True, True, False, False]])
-    draw = lambda toks, m=None: decoder.predict(
-        model,
-        x,
-        t,
-        decoder.conditioning(
-            torch.randn(1, 8, generator=torch.Generator().manual_seed(0)),  # noqa: E731
-            torch.ones(1, 8),
-            toks,
-            m,
-        ),
-    )
+
+    def draw(toks, m=None):
+        image_emb = torch.randn(1, 8, generator=torch.Generator().manual_seed(0))
+        return decoder.predict(model, x, t, decoder.conditioning(image_emb, torch.ones(1, 8), toks, m))
+
     torch.testing.assert_close(draw(tokens, mask), draw(padded, mask))
     assert not torch.allclose(draw(tokens), draw(padded))
     assert not torch.allclose(draw(tokens, mask), draw(tokens))
@@ -299,5 +293,5 @@ def test_every_stage_samples_where_its_network_is(sampler, device):
         (device, s) for s in ((2, 8), (2, 3, 32, 32), (2, 3, 64, 64), (2, 4, 8, 8))
     ]
     if device == "cuda":
-        for theirs, ours in zip(elsewhere, draw("cpu")):
+        for theirs, ours in zip(elsewhere, draw("cpu"), strict=True):
             torch.testing.assert_close(theirs.cpu(), ours, atol=1e-3, rtol=1e-3)

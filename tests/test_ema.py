@@ -58,8 +58,8 @@ def test_a_saved_average_loads_from_its_file_and_names_the_file_when_it_does_not
 def test_each_rank_averages_its_share_and_the_whole_is_exact(tmp_path):
     """Two ranks (torchrun, gloo) on a ZeRO-3 engine: the averages kept per partition and per share
     of the full weights, gathered, equal a plain average of the full weights (to float rounding);
-    a saved average read back from its file (each rank only its rows) gathers to itself; the checksum and the finite-weights
-    check, read per partition, agree with the gathered weights."""
+    a saved average read back from its file (each rank only its rows) gathers to itself; the
+    checksum and the finite-weights check, read per partition, agree with the gathered weights."""
     import json
     import os
     import subprocess

@@ -96,7 +96,9 @@ def test_manifest_follows_the_contract(env):
     assert m["columns"]["image_64"] == {"dtype": "png", "shape": [64, 64, 3]}
     index = store.read_index(env["store_url"], m, None)
     assert m["totals"]["parts"] == 13 and index["file"].to_pylist()[:2] == ["part-00000.parquet", "part-00001.parquet"]
-    for file, digest, size in zip(index["file"].to_pylist(), index["sha256"].to_pylist(), index["bytes"].to_pylist()):
+    for file, digest, size in zip(
+        index["file"].to_pylist(), index["sha256"].to_pylist(), index["bytes"].to_pylist(), strict=True
+    ):
         if file is not None:
             assert storage.sha256_file(storage.join(env["store_url"], file)) == digest
             assert os.path.getsize(storage.join(env["store_url"], file)) == size
@@ -242,11 +244,14 @@ def test_parquet_input_and_s3_with_faults_and_an_outage(env, s3_prefix, faults, 
         f"encoders.vae.path={env['encoders']}/vae",
         *settings,
     ]
-    parts = lambda: [
-        k
-        for k in upstream_keys(faults, storage.join(faulty, "store"))
-        if k.rsplit("/", 1)[-1].startswith("part-") and k.endswith(".json")
-    ]  # noqa: E731
+
+    def parts():
+        return [
+            k
+            for k in upstream_keys(faults, storage.join(faulty, "store"))
+            if k.rsplit("/", 1)[-1].startswith("part-") and k.endswith(".json")
+        ]
+
     faults.schedule(0.1, seed=21)
     code, seconds = run_into_outage(faults, lambda: cli.main(command), ready=lambda: len(parts()) >= 1, kind="reset")
     line = capsys.readouterr().err.strip().splitlines()[-1]
@@ -304,7 +309,9 @@ def test_parts_hold_exactly_what_the_encoders_give_each_chunk(env):
             )
         ]
         keep = [np.array([not r for r in c["rejected"]], bool) for c in chunks]
-        expected_keys = [k for c, k_ in zip(chunks, keep) for k, kept in zip(c["key"], k_) if kept]
+        expected_keys = [
+            k for c, k_ in zip(chunks, keep, strict=True) for k, kept in zip(c["key"], k_, strict=True) if kept
+        ]
         if not expected_keys:
             continue
         got = s.read(
@@ -313,10 +320,10 @@ def test_parts_hold_exactly_what_the_encoders_give_each_chunk(env):
         )
         assert got["key"].tolist() == expected_keys  # the shard's order
         for name in ("clip_image_emb", "clip_text_tokens", "vae_latent"):
-            want = np.concatenate([c[name][k_] for c, k_ in zip(chunks, keep) if len(c["key"])])
+            want = np.concatenate([c[name][k_] for c, k_ in zip(chunks, keep, strict=True) if len(c["key"])])
             assert np.array_equal(got[name], want), (shard, name)
         assert got["image_64"].tolist() == [
-            b for c, k_ in zip(chunks, keep) for b, kept in zip(c["image_64"], k_) if kept
+            b for c, k_ in zip(chunks, keep, strict=True) for b, kept in zip(c["image_64"], k_, strict=True) if kept
         ]
     # the empty caption, embedded as every caption is (the unconditional input of ldm.null_text=empty_caption)
     text = encoder.clip.encode_text([""])
@@ -368,7 +375,6 @@ def test_a_store_of_the_previous_layout_is_refused_then_converted(env, tmp_path)
     with one 0-row row group), as the previous version wrote it."""
     import json as jsonlib
     import shutil
-
 
     old = tmp_path / "old"
     shutil.copytree(

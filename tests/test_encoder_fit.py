@@ -37,7 +37,9 @@ def test_every_caption_template_is_read_back_and_neighbours_differ_in_one_attrib
             assert synthetic.attributes_from_caption(text) == (truth.shape, truth.color, truth.background)
         near = synthetic.one_attribute_away(truth.shape, truth.color, truth.background)
         assert len(near) == len(set(near)) == 2 + 4 + 4
-        assert all(sum(x != y for x, y in zip(n, (truth.shape, truth.color, truth.background))) == 1 for n in near)
+        assert all(
+            sum(x != y for x, y in zip(n, (truth.shape, truth.color, truth.background), strict=True)) == 1 for n in near
+        )
         assert all(color != background for _, color, background in near)
     assert synthetic.attributes_from_caption("a broken entry (missing)") is None
     assert canonical_caption("circle", "red", "blue") == "a red circle on a blue background"

@@ -114,7 +114,7 @@ def test_content_dedup_keeps_the_earliest_sample_whatever_the_input_order():
     for seed in range(5):
         random.Random(seed).shuffle(rows)
         dups = find_duplicates(pa.Table.from_pylist(rows))
-        assert set(zip(dups["uid"].to_pylist(), dups["duplicate_of"].to_pylist())) == expected
+        assert set(zip(dups["uid"].to_pylist(), dups["duplicate_of"].to_pylist(), strict=True)) == expected
 
 
 def test_bomb_is_refused_from_its_header_and_odd_images_are_kept():
@@ -127,7 +127,7 @@ def test_bomb_is_refused_from_its_header_and_odd_images_are_kept():
         from PIL import Image
 
         pixel = Image.open(io.BytesIO(encoded)).convert("RGB").getpixel((32, 32))
-        assert all(abs(a - b) <= 12 for a, b in zip(pixel, images.RED)), pixel
+        assert all(abs(a - b) <= 12 for a, b in zip(pixel, images.RED, strict=False)), pixel
 
 
 def test_messages_split_into_failures_and_image_filters():

@@ -43,7 +43,7 @@ def test_manifest_and_reading(tmp_path):
     assert m["totals"]["rows"] == 144 and s.index.rows.tolist() == list(PARTS) and m["totals"]["parts"] == len(PARTS)
     index = store.read_index(s.url, m, ["part", "file", "sha256"])
     assert index["part"].to_pylist() == list(range(len(PARTS)))
-    for file, digest in zip(index["file"].to_pylist(), index["sha256"].to_pylist()):
+    for file, digest in zip(index["file"].to_pylist(), index["sha256"].to_pylist(), strict=True):
         assert storage.sha256_file(storage.join(s.url, file)) == digest
     data = s.read(["key", "clip_image_emb"])
     assert data["clip_image_emb"].shape == (144, 16) and data["clip_image_emb"].dtype == np.float16

@@ -37,7 +37,7 @@ def test_checkpointed_blocks_give_the_same_loss_and_gradients():
     performance.checkpoint_activations(recomputed, "blocks")
     for model in (plain, recomputed):
         model(x, t, encoder_hidden_states=text).sample.square().mean().backward()
-    for (name, a), b in zip(plain.named_parameters(), recomputed.parameters()):
+    for (name, a), b in zip(plain.named_parameters(), recomputed.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 

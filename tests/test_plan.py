@@ -116,7 +116,7 @@ def write_status_shards(raw_url: str, shards: int, rows: int, seed: int = 0) -> 
         table = pa.table(
             {
                 "uid": [f"{shard}-{r}" for r in range(rows)],
-                "sha256": [s if st == "success" else None for s, st in zip(sha, status)],
+                "sha256": [s if st == "success" else None for s, st in zip(sha, status, strict=True)],
                 "status": status,
             }
         )

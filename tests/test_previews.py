@@ -52,7 +52,9 @@ def test_the_previewed_network_holds_the_average_where_it_lives(cfg):
     average = ema.state_dict()
     assert all(torch.equal(p, average[n]) for n, p in model.named_parameters())
     assert not any(
-        torch.equal(p, q) for p, q in zip(model.parameters(), stage.build_model().parameters()) if p.numel() > 1
+        torch.equal(p, q)
+        for p, q in zip(model.parameters(), stage.build_model().parameters(), strict=True)
+        if p.numel() > 1
     )
     elsewhere = ema_model(stage.describe(model), ema.state_dict(), torch.device("meta"))
     assert {p.device.type for p in elsewhere.parameters()} == {"meta"}

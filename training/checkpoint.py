@@ -25,6 +25,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -179,7 +180,8 @@ class Checkpointer:
             pointer = storage.join(self.run_url, LATEST)
             latest = storage.read_text(pointer).strip() if storage.exists(pointer) else "nothing"
             raise CheckpointError(
-                f"checkpoint {step_tag(step)}: no space left on the device writing '{written}' ({usage.free:,} bytes free "
+                f"checkpoint {step_tag(step)}: no space left on the device writing '{written}' ({usage.free:,} bytes "
+                "free "
                 f"of {usage.total:,} in {self.staging_root}); `latest` stays at {latest}"
             ) from None
 
@@ -202,7 +204,8 @@ class Checkpointer:
         engine.save_checkpoint(self.staging_root, tag=tmp_tag, save_latest=False)
         torch.save(_rng_state(), os.path.join(staging, f"rng-rank{self.rank:05d}.pt"))
         if crash_rank1 and self.rank == 1:
-            os._exit(17)  # fault injection: a rank dies with its files half committed
+            # fault injection: a rank dies with its files half committed, as the OOM killer ends it
+            os.kill(os.getpid(), signal.SIGKILL)
         _barrier()
         if self.rank == 0:
             save_file({k: v.contiguous() for k, v in ema_state.items()}, os.path.join(staging, "ema.safetensors"))
@@ -251,7 +254,7 @@ class Checkpointer:
     @staticmethod
     def _write_json(path: str, obj: Any) -> None:
         with open(path, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
+            f.write(storage.strict_json(obj, indent=2, default=str))
 
     def _prune(self) -> None:
         for old in committed_steps(self.run_url)[self.keep_last :]:

@@ -30,7 +30,8 @@ class OptimConfig:
     min_lr_ratio: float = option(0.1, ge=0, le=1)
     fused: Literal["auto", "on", "off"] = option(
         "auto",
-        doc="torch's fused AdamW kernel: auto uses it on a GPU; ZeRO-0 always does (it skips non-finite steps on the device)",
+        doc="torch's fused AdamW kernel: auto uses it on a GPU; ZeRO-0 always does (it skips non-finite steps on the "
+        "device)",
     )
 
     def validate(self) -> None:
@@ -44,7 +45,8 @@ class EmaConfig:
     warmup: int = option(10, ge=1, doc="decay at update n is min(decay, (1 + n) / (warmup + n))")
     on_cpu: bool = option(
         False,
-        doc="keep the fp32 average in host memory (saves 4 bytes/parameter of accelerator memory, costs a copy per step; previews then run on the CPU)",
+        doc="keep the fp32 average in host memory (saves 4 bytes/parameter of accelerator memory, costs a copy per "
+        "step; previews then run on the CPU)",
     )
 
 
@@ -83,7 +85,8 @@ class TrainConfig:
     max_skipped_steps: int = option(
         10,
         ge=1,
-        doc="stop after this many non-finite steps in a row (ZeRO-0: counted at log steps, where the device's count is read)",
+        doc="stop after this many non-finite steps in a row (ZeRO-0: counted at log steps, where the device's count "
+        "is read)",
     )
     collective_timeout_s: int = option(1800, ge=1, doc="a collective waiting longer fails the run")
     preemption_grace_s: int = option(600, ge=1, doc="after SIGTERM, time ranks get to reach a step boundary and save")
@@ -94,12 +97,14 @@ class TrainConfig:
     seed: int = 0
     nproc: int | Literal["auto"] = option(
         "auto",
-        doc="ranks `unclip train` starts on this machine (torchrun); auto: one per visible GPU, or on CPUs two (one if one "
+        doc="ranks `unclip train` starts on this machine (torchrun); auto: one per visible GPU, or on CPUs two (one "
+        "if one "
         "core), the cores the process may use shared among them as threads (launch/environment.py)",
     )
     activation_checkpointing: Literal["off", "blocks", "selective"] = option(
         "off",
-        doc="blocks: recompute each block's activations in the backward pass (diffusers' gradient checkpointing for the "
+        doc="blocks: recompute each block's activations in the backward pass (diffusers' gradient checkpointing for "
+        "the "
         "UNets, each transformer block of the prior): less memory for more compute; selective: not the UNets' deepest "
         "level, which holds the fewest activations for its compute (training/performance.py)",
     )
@@ -110,7 +115,8 @@ class TrainConfig:
     )
     compile_cache: str | None = option(
         None,
-        doc="a local folder for torch.compile's caches (TORCHINDUCTOR_CACHE_DIR), shared by this machine's ranks and reused by "
+        doc="a local folder for torch.compile's caches (TORCHINDUCTOR_CACHE_DIR), shared by this machine's ranks and "
+        "reused by "
         "restarts; null: torch's default",
     )
     channels_last: bool = option(
@@ -146,7 +152,8 @@ class TrainConfig:
             raise ValueError(f"config key 'train.nproc': expected auto or a number >= 1, got {self.nproc}")
         if self.compile != "off" and self.zero_stage == 3:
             raise ValueError(
-                "config key 'train.compile': not with train.zero_stage=3, whose parameter gathering DeepSpeed does in module "
+                "config key 'train.compile': not with train.zero_stage=3, whose parameter gathering DeepSpeed does "
+                "in module "
                 "hooks that graph capture would cut through; use ZeRO 0-2, or compile off"
             )
         if self.offload_params != "none" and self.zero_stage != 3:

@@ -121,7 +121,8 @@ class StoreLoader:
         self._start_epoch(0)
         if self.steps_in_epoch == 0:  # a rank's row groups hold less than a batch: it could never step
             raise StoreError(
-                f"store '{store.url}': its {len(self.sizes)} row groups ({self.rows} rows) dealt to {world_size} ranks leave a rank "
+                f"store '{store.url}': its {len(self.sizes)} row groups ({self.rows} rows) dealt to {world_size} "
+                "ranks leave a rank "
                 f"fewer than train.batch_size={batch_size} rows; lower train.batch_size or use fewer ranks"
             )
 
@@ -258,7 +259,8 @@ class StoreLoader:
             tensors = {c: t.pin_memory() for c, t in tensors.items()}
         return tensors
 
-    def _ensure_reader(self) -> None:
+    def _ensure_reader(self) -> queue.Queue:
+        """The reader thread's queue of batches, the thread started when there is none."""
         if self._reader is None:
             out: queue.Queue = queue.Queue(maxsize=self.prefetch)
             stop = threading.Event()
@@ -268,6 +270,7 @@ class StoreLoader:
             )
             thread.start()
             self._reader = (out, stop, thread)
+        return self._reader[0]
 
     def close(self) -> None:
         if self._reader is not None:
@@ -283,8 +286,7 @@ class StoreLoader:
         if self.steps >= self.steps_in_epoch:
             self.close()
             self._start_epoch(self.epoch + 1)
-        self._ensure_reader()
-        item = self._reader[0].get()
+        item = self._ensure_reader().get()
         if isinstance(item, BaseException):
             raise item
         if item is None:  # the stream ended early: cannot happen with consistent sizes
@@ -294,7 +296,7 @@ class StoreLoader:
 
     # -- position ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state = {
+        state: dict[str, Any] = {
             "seed": self.seed,
             "rows": self.rows,
             "epoch": self.epoch,

@@ -69,7 +69,7 @@ class GuardedAdamW(torch.optim.AdamW):
     def step(self, closure: Callable | None = None):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         if grads:
-            self.found_inf = (~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()).float()
+            self.found_inf = (~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()).float()  # pyright: ignore[reportPrivateImportUsage]
             self.skipped += self.found_inf
         return super().step(closure)
 
@@ -104,6 +104,7 @@ def check_runtime(train: TrainConfig) -> None:
     import deepspeed  # lazy: DeepSpeed picks its accelerator when imported, in a rank after apply_in_rank
 
     accelerator = deepspeed.get_accelerator()
+    assert accelerator is not None  # DeepSpeed falls back to its CPU accelerator; typed Optional only
     if train.precision == "fp16" and not accelerator.is_fp16_supported():
         raise ConfigError(
             f"config key 'train.precision': fp16 is not supported by DeepSpeed's {accelerator.device_name()} "
@@ -111,5 +112,6 @@ def check_runtime(train: TrainConfig) -> None:
         )
     if train.precision == "bf16" and not accelerator.is_bf16_supported():
         raise ConfigError(
-            f"config key 'train.precision': bf16 is not supported by DeepSpeed's {accelerator.device_name()} accelerator here"
+            f"config key 'train.precision': bf16 is not supported by DeepSpeed's {accelerator.device_name()} "
+            "accelerator here"
         )

@@ -50,11 +50,14 @@ class EMA:
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         decay = self.current_decay()
-        names, params = zip(*model.named_parameters())
+        names, params = zip(*model.named_parameters(), strict=True)
         current = [
-            share(p, self.read_partitions).to(self.shadow[n].device, torch.float32) for n, p in zip(names, params)
+            share(p, self.read_partitions).to(self.shadow[n].device, torch.float32)
+            for n, p in zip(names, params, strict=True)
         ]
-        torch._foreach_lerp_([self.shadow[n] for n in names], current, 1 - decay)  # one fused pass
+        torch._foreach_lerp_(  # pyright: ignore[reportPrivateImportUsage]
+            [self.shadow[n] for n in names], current, 1 - decay
+        )  # one fused pass
         self.updates += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -71,7 +74,7 @@ class EMA:
             padded[: len(mine)] = mine
             parts = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
             dist.gather(padded, parts, dst=0)  # one parameter at a time: rank 0 never holds two copies
-            if rank == 0:
+            if parts is not None:
                 full[n] = torch.cat(parts)[:numel].view(self.shapes[n]).cpu()
         return full
 

@@ -11,6 +11,7 @@ same share of every parameter at every ZeRO stage.
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,12 +25,18 @@ def is_partitioned(p: torch.Tensor) -> bool:
     return getattr(p, "ds_tensor", None) is not None
 
 
+def _zero3(p: torch.Tensor) -> Any:
+    """`p` with the attributes ZeRO-3 sets on it at run time (ds_shape, ds_numel, ds_tensor), which
+    torch's Tensor type does not declare."""
+    return p
+
+
 def full_shape(p: torch.Tensor) -> tuple[int, ...]:
-    return tuple(p.ds_shape) if is_partitioned(p) else tuple(p.shape)
+    return tuple(_zero3(p).ds_shape) if is_partitioned(p) else tuple(p.shape)
 
 
 def full_numel(p: torch.Tensor) -> int:
-    return p.ds_numel if is_partitioned(p) else p.numel()
+    return _zero3(p).ds_numel if is_partitioned(p) else p.numel()
 
 
 def span(numel: int) -> tuple[int, int]:
@@ -44,8 +51,9 @@ def own_elements(p: torch.Tensor) -> torch.Tensor:
     """This rank's elements of parameter `p` (the padding left out; the full tensor if not partitioned)."""
     if not is_partitioned(p):
         return p.detach().reshape(-1)
-    start, _ = span(p.ds_numel)
-    return p.ds_tensor.detach()[: max(0, min(len(p.ds_tensor), p.ds_numel - start))]
+    zero3 = _zero3(p)
+    start, _ = span(zero3.ds_numel)
+    return zero3.ds_tensor.detach()[: max(0, min(len(zero3.ds_tensor), zero3.ds_numel - start))]
 
 
 def share(p: torch.Tensor, read_partition: bool) -> torch.Tensor:

@@ -21,7 +21,7 @@ from training.config import TrainConfig
 def networks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The diffusers networks inside a stage's model (the model itself, or e.g. the decoder's unet
     and text_proj), outermost first."""
-    from diffusers import ModelMixin  # lazy: as every network build
+    from diffusers import ModelMixin  # lazy: as every network build  # pyright: ignore[reportPrivateImportUsage]
 
     found, inside = [], set()
     for module in model.modules():
@@ -55,16 +55,19 @@ def checkpoint_activations(model: torch.nn.Module, which: str = "blocks") -> int
     memory for its time. Returns the number of blocks it applies to."""
     count = 0
     for network in networks(model):
-        if getattr(network, "_supports_gradient_checkpointing", False):
-            chosen = blocks(network)
-            if which == "selective" and getattr(network, "down_blocks", None):
-                deepest = {id(network.down_blocks[-1]), id(network.mid_block), id(network.up_blocks[0])}
+        # Any: the blocks are the attributes of diffusers' UNets and PriorTransformer, which
+        # torch's Module type does not declare
+        net: Any = network
+        if getattr(net, "_supports_gradient_checkpointing", False):
+            chosen = blocks(net)
+            if which == "selective" and getattr(net, "down_blocks", None):
+                deepest = {id(net.down_blocks[-1]), id(net.mid_block), id(net.up_blocks[0])}
                 chosen = [b for b in chosen if id(b) not in deepest]
             for block in chosen:
                 _diffusers_checkpointing(block)
             count += len(chosen)
-        elif getattr(network, "transformer_blocks", None) is not None:
-            for block in network.transformer_blocks:
+        elif getattr(net, "transformer_blocks", None) is not None:
+            for block in net.transformer_blocks:
                 _checkpoint_forward(block)
                 count += 1
     return count
@@ -75,8 +78,9 @@ def _diffusers_checkpointing(block: torch.nn.Module) -> None:
     sets on every module of a network (its flag and checkpoint function), on this block's only."""
     for module in block.modules():
         if hasattr(module, "gradient_checkpointing"):
-            module._gradient_checkpointing_func = _diffusers_checkpoint
-            module.gradient_checkpointing = True
+            flags: Any = module  # plain attributes, which Module.__setattr__'s type does not allow
+            flags._gradient_checkpointing_func = _diffusers_checkpoint
+            flags.gradient_checkpointing = True
 
 
 def _diffusers_checkpoint(function: Any, *args: Any) -> Any:
@@ -109,9 +113,9 @@ def compile_networks(model: torch.nn.Module, how: str, cache: str | None) -> int
 
 
 def _to_channels_last(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    convert = lambda v: (
-        v.contiguous(memory_format=torch.channels_last) if isinstance(v, torch.Tensor) and v.dim() == 4 else v
-    )  # noqa: E731
+    def convert(v: Any) -> Any:
+        return v.contiguous(memory_format=torch.channels_last) if isinstance(v, torch.Tensor) and v.dim() == 4 else v
+
     return tuple(convert(a) for a in args), {k: convert(v) for k, v in kwargs.items()}
 
 
@@ -136,6 +140,7 @@ def prepare(model: torch.nn.Module, t: TrainConfig) -> list[str]:
         done.append(f"channels-last inputs to {channels_last_inputs(model)} networks")
     if t.compile != "off":
         done.append(
-            f"torch.compile of {compile_networks(model, t.compile, t.compile_cache)} {'blocks' if t.compile == 'blocks' else 'networks'}"
+            f"torch.compile of {compile_networks(model, t.compile, t.compile_cache)} "
+            f"{'blocks' if t.compile == 'blocks' else 'networks'}"
         )
     return done

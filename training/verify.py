@@ -24,17 +24,19 @@ def verify_store(store: Store, run_url: str, rank: int, world: int) -> None:
     files, digests = table["file"].to_pylist(), table["sha256"].to_pylist()
     bad = [
         f
-        for i, (f, d) in enumerate(zip(files, digests))
+        for i, (f, d) in enumerate(zip(files, digests, strict=True))
         if f and i % world == rank and storage.sha256_file(storage.join(store.url, f)) != d
     ]
-    everyone = [bad] if not dist.is_initialized() else [None] * world
+    everyone: list[list[str]] = [bad]
     if dist.is_initialized():
+        everyone = [[] for _ in range(world)]
         dist.all_gather_object(everyone, bad)
     found = sorted(f for part in everyone for f in part)
     if found:
         more = f" ({len(found) - 1} more)" if len(found) > 1 else ""
         raise StoreError(
-            f"store '{store.url}': {found[0]}{more} does not match its sha256 in the parts index (damaged or partly copied); "
+            f"store '{store.url}': {found[0]}{more} does not match its sha256 in the parts index "
+            "(damaged or partly copied); "
             "remove it and its .json sidecar, rerun `unclip embed` to write it again"
         )
     if rank == 0:
