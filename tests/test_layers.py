@@ -129,7 +129,10 @@ def test_every_import_inside_a_function_says_why():
                 continue
             for node in ast.walk(function):
                 if isinstance(node, (ast.Import, ast.ImportFrom)) and node is not function:
-                    if "# lazy:" not in lines[node.lineno - 1] and not _reason_above(lines, node.lineno - 1):
+                    # the reason may end any line of the statement: the formatter puts a comment
+                    # after the closing parenthesis of an import it wraps
+                    statement = lines[node.lineno - 1 : (node.end_lineno or node.lineno)]
+                    if not any("# lazy:" in line for line in statement) and not _reason_above(lines, node.lineno - 1):
                         unexplained.append(f"{path.relative_to(REPO)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
     assert not unexplained, "imports inside functions without a '# lazy:' reason:\n" + "\n".join(
         sorted(set(unexplained))
