@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,8 +28,27 @@ def memory_stats(device: torch.device) -> dict[str, float]:
     return stats
 
 
+METRICS = "metrics.jsonl"
+
+
 class RunLog:
-    def __init__(self, run_url: str, local_dir: str, enabled: bool, total_steps: int, progress_bar: str, log):
+    """The logs of a run that starts at `start_step` (0, or the step of the checkpoint it resumed
+    from), on rank 0 (`enabled`); every other rank's does nothing.
+
+    The logs hold each step once: what an earlier attempt logged after `start_step` (a run killed
+    after logging step 4 but checkpointed at step 2 logged steps 3 and 4, which the resumed run logs
+    again) is dropped from metrics.jsonl, here and in the uploaded copy, and hidden from TensorBoard."""
+
+    def __init__(
+        self,
+        run_url: str,
+        local_dir: str,
+        enabled: bool,
+        total_steps: int,
+        progress_bar: str,
+        log: Callable[[str], None],
+        start_step: int = 0,
+    ) -> None:
         self.run_url, self.dir, self.enabled, self.log = run_url, local_dir, enabled, log
         self.tb = None
         self.bar = None
@@ -36,19 +56,20 @@ class RunLog:
             return
         os.makedirs(self.dir, exist_ok=True)
         logs_url = storage.join(run_url, "logs")
-        if not storage.is_local(run_url) and storage.exists(storage.join(logs_url, "metrics.jsonl")):
+        remote_metrics = not storage.is_local(run_url) and storage.exists(storage.join(logs_url, METRICS))
+        if remote_metrics:
             # a resumed remote run: `upload` replaces the logs there, so what the earlier runs logged comes first
             storage.download_dir(logs_url, self.dir)
+        if keep_steps_up_to(os.path.join(self.dir, METRICS), start_step) and remote_metrics:
+            # now, not at the next checkpoint: a run stopped before it would leave the dropped steps there
+            fs, root = storage.url_to_fs(logs_url)
+            fs.put_file(os.path.join(self.dir, METRICS), f"{root}/{METRICS}")
         from torch.utils.tensorboard import SummaryWriter  # lazy: TensorBoard's writer, on rank 0 only
 
-        self.tb = SummaryWriter(os.path.join(self.dir, "tensorboard"))
+        # purge_step: TensorBoard hides the events of steps from there on that earlier attempts wrote
+        self.tb = SummaryWriter(os.path.join(self.dir, "tensorboard"), purge_step=start_step + 1)
         if progress_bar == "always" or (progress_bar == "auto" and sys.stderr.isatty()):
-            self.bar = tqdm(total=total_steps, dynamic_ncols=True, desc="train")
-
-    def start_at(self, step: int) -> None:
-        if self.bar is not None:
-            self.bar.n = step
-            self.bar.refresh()
+            self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="train")
 
     def advance(self, text: str) -> None:
         if self.bar is not None:
@@ -56,17 +77,17 @@ class RunLog:
             self.bar.set_postfix_str(text, refresh=False)
 
     def scalars(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
+        if self.tb is None:  # not rank 0
             return
-        with open(os.path.join(self.dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        with open(os.path.join(self.dir, METRICS), "a") as f:
+            f.write(storage.strict_json(record) + "\n")
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and value is not None:
                 self.tb.add_scalar(f"train/{key}", value, record["step"])
         self.tb.flush()
 
     def images(self, step: int, previews: list[tuple[str, Image.Image]]) -> list[str]:
-        if not self.enabled or not previews:
+        if self.tb is None or not previews:
             return []
         paths = []
         for name, image in previews:
@@ -93,3 +114,27 @@ class RunLog:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def keep_steps_up_to(path: str, step: int) -> bool:
+    """Drop the records of steps after `step` from the metrics.jsonl at `path`, and a last line a
+    killed writer left incomplete; returns whether any line was dropped."""
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        lines = f.read().splitlines()
+    kept = [line for line in lines if (logged := _step_of(line)) is not None and logged <= step]
+    if len(kept) == len(lines):
+        return False
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(line + "\n" for line in kept)
+    os.replace(tmp, path)
+    return True
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None

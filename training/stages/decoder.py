@@ -12,7 +12,7 @@ import torch
 from data_pipeline.store import Store, StoreError
 from models import chains, decoder
 from models.config import DecoderConfig
-from models.diffusion import Diffusion, device_of, row_mask
+from models.diffusion import device_of, row_mask
 from models.imaging import decode, grid, to_minus_one_one, to_pil
 from training.stage import Check, Preview, Stage, empty_caption, latent_scale
 
@@ -21,12 +21,23 @@ CONDITIONS = ("clip_image_emb", "clip_text_emb", "clip_text_tokens")
 
 class DecoderStage(Stage):
     name = "decoder"
+    section: DecoderConfig
+    latent: bool
+    """decoder.space=latent: pictures are the store's vae_latent, else its image_64 pixels."""
+    conditions: tuple[str, ...]
+    """The store columns the decoder is conditioned on (its columns but the pictures)."""
+    latent_scale: float
+    """What multiplies vae_latent to unit scale (1.0 in pixel space, where it is unused)."""
+    empty_caption: dict[str, torch.Tensor] | None
+    """Dropped text with decoder.null_text=empty_caption, as one row; None: all zeros."""
 
-    def __init__(self, section: DecoderConfig, store: Store, preview: Preview = Preview()):
-        self.latent = section.space == "latent"
-        self.conditions = CONDITIONS + (("text_mask",) if section.text_mask else ())
-        self.columns = ("vae_latent" if self.latent else "image_64",) + self.conditions
-        super().__init__(section, store, preview)
+    def __init__(self, section: DecoderConfig, store: Store, preview: Preview | None = None) -> None:
+        latent = section.space == "latent"
+        conditions = CONDITIONS + (("text_mask",) if section.text_mask else ())
+        super().__init__(section, store, preview, ("vae_latent" if latent else "image_64",) + conditions)
+        self.latent, self.conditions = latent, conditions
+        self.empty_caption = empty_caption(store) if section.null_text == "empty_caption" else None
+        self.latent_scale = latent_scale(store, section.latent_scale, "decoder.latent_scale") if latent else 1.0
 
     def check_store(self) -> None:
         dim = self.store.shape("clip_image_emb")[0]
@@ -36,10 +47,6 @@ class DecoderStage(Stage):
                 f"store '{self.store.url}': manifest field 'columns.clip_text_tokens.shape' has width {width}, but the "
                 f"decoder's text projection needs it equal to the embedding size {dim}"
             )
-        self.diffusion = Diffusion(self.section.diffusion)
-        self.empty_caption = empty_caption(self.store) if self.section.null_text == "empty_caption" else None
-        if self.latent:
-            self.latent_scale = latent_scale(self.store, self.section.latent_scale, "decoder.latent_scale")
 
     def build_model(self) -> torch.nn.Module:
         dim, width = self.store.shape("clip_image_emb")[0], self.store.shape("clip_text_tokens")[1]
@@ -125,7 +132,8 @@ class DecoderStage(Stage):
         """The decoder's conditioning from store rows (tensors or arrays) of self.conditions."""
         as_tensor = lambda v: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v))  # noqa: E731
         mask = as_tensor(rows["text_mask"]) if self.section.text_mask else None
-        return decoder.conditioning(*(as_tensor(rows[c]).float() for c in CONDITIONS), mask)
+        image_emb, text_emb, tokens = (as_tensor(rows[c]).float() for c in CONDITIONS)
+        return decoder.conditioning(image_emb, text_emb, tokens, mask)
 
     def extras(self) -> dict[str, Any]:
         text = {"null_text": self.section.null_text, "text_mask": self.section.text_mask}
@@ -153,5 +161,9 @@ class DecoderStage(Stage):
                 self.empty_caption,
             )
         )
-        pairs = zip(to_pil(to_minus_one_one(decode(rows["image_64"]))), sampled) if truth else ((s,) for s in sampled)
+        pairs = (
+            zip(to_pil(to_minus_one_one(decode(rows["image_64"]))), sampled, strict=True)
+            if truth
+            else ((s,) for s in sampled)
+        )
         return [("decoder_true_vs_sampled", grid([list(p) for p in pairs]))]

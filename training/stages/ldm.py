@@ -9,7 +9,7 @@ import torch
 from data_pipeline.store import Store, StoreError
 from models import ldm
 from models.config import LdmConfig
-from models.diffusion import Diffusion, device_of, row_mask
+from models.diffusion import device_of, row_mask
 from models.encoders import text_conditioning
 from models.imaging import grid, to_pil
 from training.stage import Check, Preview, Stage, empty_caption, latent_scale
@@ -17,26 +17,35 @@ from training.stage import Check, Preview, Stage, empty_caption, latent_scale
 
 class LdmStage(Stage):
     name = "ldm"
+    section: LdmConfig
+    embedding_token: bool
+    """ldm.text_embedding_token: clip_text_emb is appended to the tokens as one more."""
+    text_columns: tuple[str, ...]
+    """The store columns the text conditioning is read from."""
+    latent_scale: float
+    """What multiplies vae_latent to unit scale."""
+    null: torch.Tensor | None
+    """The context dropped text becomes (ldm.null_text=empty_caption), as one row; None: all zeros."""
 
-    def __init__(self, section: LdmConfig, store: Store, preview: Preview = Preview()):
-        self.embedding_token = section.text_embedding_token
-        self.text_columns = ("clip_text_tokens",) + (("clip_text_emb",) if self.embedding_token else ())
-        self.columns = ("vae_latent",) + self.text_columns
-        super().__init__(section, store, preview)
+    def __init__(self, section: LdmConfig, store: Store, preview: Preview | None = None) -> None:
+        embedding_token = section.text_embedding_token
+        text_columns = ("clip_text_tokens",) + (("clip_text_emb",) if embedding_token else ())
+        super().__init__(section, store, preview, ("vae_latent",) + text_columns)
+        self.embedding_token, self.text_columns = embedding_token, text_columns
+        self.latent_scale = latent_scale(store, section.latent_scale, "ldm.latent_scale")
+        self.null = None
+        if section.null_text == "empty_caption":
+            self.null = ldm.context(empty_caption(store), embedding_token)
 
     def check_store(self) -> None:
-        self.diffusion = Diffusion(self.section.diffusion)
-        self.latent_scale = latent_scale(self.store, self.section.latent_scale, "ldm.latent_scale")
-        self.null = None  # dropped text: all zeros
-        if self.section.null_text == "empty_caption":
-            self.null = ldm.context(empty_caption(self.store), self.embedding_token)
-        if not self.embedding_token:
+        if not self.section.text_embedding_token:
             return
         width, dim = self.store.shape("clip_text_tokens")[1], self.store.shape("clip_text_emb")[0]
         if width != dim:
             raise StoreError(
-                f"store '{self.store.url}': manifest field 'columns.clip_text_emb.shape' has size {dim}, but ldm.text_embedding_token "
-                f"appends it to tokens of width {width} (columns.clip_text_tokens.shape): set ldm.text_embedding_token=false"
+                f"store '{self.store.url}': manifest field 'columns.clip_text_emb.shape' has size {dim}, but "
+                f"ldm.text_embedding_token appends it to tokens of width {width} (columns.clip_text_tokens.shape): "
+                "set ldm.text_embedding_token=false"
             )
 
     def build_model(self) -> torch.nn.Module:

@@ -3,28 +3,39 @@
 from __future__ import annotations
 
 import io
+from itertools import islice
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from data_pipeline.store import StoreError
+from data_pipeline.store import Store, StoreError
 from models import prior
-from models.diffusion import Diffusion, row_mask
+from models.config import PriorConfig
+from models.diffusion import row_mask
 from models.encoders import TEXT_COLUMNS, text_conditioning
 from models.imaging import grid
 from models.public import PublicWeightsError
-from training.stage import Check, Stage, empty_caption
+from training.stage import Check, Preview, Stage, empty_caption
 
 
 class PriorStage(Stage):
     name = "prior"
-    columns = (*TEXT_COLUMNS, "clip_image_emb")
+    section: PriorConfig
+    empty_caption: dict[str, torch.Tensor] | None
+    """Dropped text with prior.null_text=empty_caption, as one row; None: all zeros."""
+
+    def __init__(self, section: PriorConfig, store: Store, preview: Preview | None = None) -> None:
+        super().__init__(section, store, preview, (*TEXT_COLUMNS, "clip_image_emb"))
+        self.empty_caption = empty_caption(store) if section.null_text == "empty_caption" else None
+        # read once, lazily (see `statistics` and `preview`)
+        self._statistics: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._bank: tuple[torch.Tensor, np.ndarray] | None = None
 
     def check_store(self) -> None:
         dim = self.store.shape("clip_image_emb")[0]
-        length, width = self.store.shape("clip_text_tokens")
+        _, width = self.store.shape("clip_text_tokens")
         if width != dim:
             raise StoreError(
                 f"store '{self.store.url}': manifest field 'columns.clip_text_tokens.shape' has width {width}, "
@@ -32,8 +43,6 @@ class PriorStage(Stage):
             )
         if "clip_image_emb_mean" not in self.store.manifest:
             raise StoreError(f"store '{self.store.url}': manifest lacks 'clip_image_emb_mean' (rerun `unclip embed`)")
-        self.diffusion = Diffusion(self.section.diffusion)
-        self.empty_caption = empty_caption(self.store) if self.section.null_text == "empty_caption" else None
 
     def build_model(self) -> torch.nn.Module:
         m = self.store.manifest
@@ -45,7 +54,7 @@ class PriorStage(Stage):
 
     def from_public_modules(self, modules: dict[str, torch.nn.Module]) -> torch.nn.Module:
         model = modules["model"]
-        if not bool((model.clip_std > 0).all()):
+        if not bool((model.get_parameter("clip_std") > 0).all()):
             raise PublicWeightsError(
                 "--init-from: the prior's clip_std has entries <= 0: it carries no CLIP statistics to normalise with"
             )
@@ -93,11 +102,12 @@ class PriorStage(Stage):
         fixed, and under ZeRO-3 they are partitioned like every parameter, so that read gathers
         them (every rank, at its first step). Read at the first step, not when the network is
         built, so that a resumed run has its checkpoint's."""
-        if getattr(self, "_statistics", None) is None:
+        if self._statistics is None:
             import deepspeed  # lazy: as every DeepSpeed import in a rank
 
-            with deepspeed.zero.GatheredParameters([module.clip_mean, module.clip_std]):
-                self._statistics = (module.clip_mean.detach().clone(), module.clip_std.detach().clone())
+            mean, std = module.get_parameter("clip_mean"), module.get_parameter("clip_std")
+            with deepspeed.zero.GatheredParameters([mean, std]):
+                self._statistics = (mean.detach().clone(), std.detach().clone())
         return self._statistics
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
@@ -118,8 +128,8 @@ class PriorStage(Stage):
         """Per caption: the true image, then the store image nearest to the predicted embedding."""
         if "image_64" not in self.store.manifest["columns"]:
             return []
-        if not hasattr(self, "_bank"):
-            data = self.store.read(["clip_image_emb", "image_64"], self.store.files[:4])
+        if self._bank is None:
+            data = self.store.read(["clip_image_emb", "image_64"], list(islice(self.store.files, 4)))
             bank = torch.nn.functional.normalize(torch.from_numpy(data["clip_image_emb"].astype(np.float32)), dim=-1)
             self._bank = (bank, data["image_64"])
         bank, pictures = self._bank

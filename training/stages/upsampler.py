@@ -10,28 +10,28 @@ import torch
 from data_pipeline.store import Store, StoreError
 from models import upsampler
 from models.config import UpsamplerConfig
-from models.diffusion import Diffusion
 from models.imaging import decode, grid, to_minus_one_one, to_pil
 from training.stage import Check, Preview, Stage
 
 
 class UpsamplerStage(Stage):
     name = "upsampler"
-    columns = ()  # set per instance: the configured resolutions
+    section: UpsamplerConfig
+    low_col: str
+    """The store column of the low-resolution pictures (image_<upsampler.low>)."""
+    high_col: str
+    """The store column of the high-resolution pictures (image_<upsampler.high>)."""
 
-    def __init__(self, section: UpsamplerConfig, store: Store, preview: Preview = Preview()):
-        u = section
-        self.low_col, self.high_col = f"image_{u.low}", f"image_{u.high}"
-        self.columns = (self.low_col, self.high_col)
-        super().__init__(section, store, preview)
+    def __init__(self, section: UpsamplerConfig, store: Store, preview: Preview | None = None) -> None:
+        super().__init__(section, store, preview, (f"image_{section.low}", f"image_{section.high}"))
+        self.low_col, self.high_col = self.columns
 
     def check_store(self) -> None:
-        for column, side in ((self.low_col, self.section.low), (self.high_col, self.section.high)):
+        for column, side in zip(self.columns, (self.section.low, self.section.high), strict=True):
             if self.store.shape(column)[0] != side:
                 raise StoreError(
                     f"store '{self.store.url}': manifest field 'columns.{column}.shape' is not {side} pixels"
                 )
-        self.diffusion = Diffusion(self.section.diffusion)
 
     def build_model(self) -> torch.nn.Module:
         return upsampler.build_upsampler(self.section)
@@ -88,4 +88,4 @@ class UpsamplerStage(Stage):
             to_pil(sampled),
             to_pil(to_minus_one_one(decode(rows[self.high_col]))),
         ]
-        return [("upsampler_bicubic_sampled_true", grid([list(row) for row in zip(*columns)]))]
+        return [("upsampler_bicubic_sampled_true", grid([list(row) for row in zip(*columns, strict=True)]))]
