@@ -21,12 +21,19 @@ def canonical_caption(shape: str, color: str, background: str) -> str:
 
 
 def clip_retrieval(clip_cfg: ClipConfig, pairs: tuple[np.ndarray, list[str]]) -> dict[str, Any]:
-    """Top-1 retrieval of each image's caption among captions that differ in one attribute."""
+    """Top-1 retrieval of each image's caption among captions that differ in one attribute.
+    Only captions in the embedded default's grammar can be scored: with none (real data), `top1`
+    is None and `reason` says why."""
     images, captions = pairs
     known = [(i, attributes_from_caption(c)) for i, c in enumerate(captions)]
     known = [(i, truth) for i, truth in known if truth]
     if not known:
-        return {"top1": float("nan"), "count": 0}
+        return {
+            "top1": None,
+            "count": 0,
+            "reason": f"none of the {len(captions)} captions names one shape and two colours as the embedded "
+            "default's captions do, so none has captions one attribute away to be told apart from",
+        }
     clip = FrozenClip(clip_cfg)
     pictures = to_zero_one(images[[i for i, _ in known]])
     pictures = torch.nn.functional.interpolate(pictures, size=clip.image_size, mode="bicubic", antialias=True).clamp(
@@ -52,5 +59,5 @@ def vae_psnr(vae_cfg: VaeConfig, images: np.ndarray, side: int) -> float:
     for start in range(0, len(x), 64):
         batch = x[start : start + 64]
         back = vae.decode(vae.encode(batch))
-        scores += [psnr(((a + 1) / 2).numpy(), ((b + 1) / 2).numpy()) for a, b in zip(batch, back)]
+        scores += [psnr(((a + 1) / 2).numpy(), ((b + 1) / 2).numpy()) for a, b in zip(batch, back, strict=True)]
     return float(np.mean(scores))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -100,3 +103,83 @@ def test_saved_weights_load_back_through_the_public_path_with_identical_outputs(
     with torch.no_grad():
         assert torch.equal(frozen_vae.encode(x), vae.encode(x).latent_dist.mean)
     assert encoders.vae_identity(cfg.vae)["downsample"] == 2
+
+
+def captions_like_the_web(count: int, seed: int = 0) -> list[str]:
+    """Short and long captions over a skewed vocabulary, with what makes hard negatives: exact
+    repeats, copies a word or a few away, and a share in the embedded default's grammar."""
+    rng = __import__("random").Random(seed)
+    vocabulary = [f"w{i}" for i in range(3000)]
+    weights = list(itertools.accumulate(1 / (rank + 3) for rank in range(len(vocabulary))))
+    captions: list[str] = []
+    for i in range(count):
+        kind = rng.random()
+        if kind < 0.1 and captions:
+            captions.append(rng.choice(captions))
+        elif kind < 0.3 and captions:
+            words = rng.choice(captions).split()
+            for _ in range(rng.randint(1, 3)):
+                at = rng.randrange(len(words) + 1)
+                if rng.random() < 0.5 and at < len(words):
+                    words[at] = rng.choices(vocabulary, cum_weights=weights)[0]
+                elif rng.random() < 0.5 or len(words) < 2:
+                    words.insert(at, rng.choices(vocabulary, cum_weights=weights)[0])
+                else:
+                    del words[min(at, len(words) - 1)]
+            captions.append(" ".join(words))
+        elif kind < 0.45:
+            truth = synthetic.sample_attributes(rng)
+            template = synthetic.CAPTION_TEMPLATES[i % len(synthetic.CAPTION_TEMPLATES)]
+            captions.append(template.format(shape=truth.shape, color=truth.color, background=truth.background))
+        else:
+            captions.append(" ".join(rng.choices(vocabulary, cum_weights=weights, k=rng.randint(1, 20))))
+    return captions
+
+
+@functools.cache
+def every_distance() -> tuple[list[str], np.ndarray]:
+    """A small set's word edits between every pair: what the mining means, found the slow way."""
+    captions = captions_like_the_web(240, seed=1)
+    words = [c.lower().replace(",", " ").split() for c in captions]
+    distance = np.zeros((len(words), len(words)), int)
+    for i, j in itertools.combinations(range(len(words)), 2):
+        distance[i, j] = distance[j, i] = encoder_fit._word_edits(words[i], words[j])
+    return captions, distance
+
+
+@pytest.mark.parametrize("max_edits", [1, 2, 3])
+def test_mining_finds_what_comparing_every_pair_finds(max_edits):
+    captions, distance = every_distance()
+    truth = [np.flatnonzero((row > 0) & (row <= max_edits)).tolist() for row in distance]
+    assert sum(map(len, truth)) > 150 and max(map(len, truth)) > 8  # neighbours to find, and more than 8 for some
+    unbounded = encoder_fit.caption_neighbours(captions, max_edits, per_caption=10**9, crowd=10**9)
+    assert unbounded == truth
+    mined = encoder_fit.caption_neighbours(captions, max_edits, per_caption=8)
+    assert all(set(m) <= set(t) and len(m) == min(len(t), 8) for m, t in zip(mined, truth, strict=True))
+    assert mined == encoder_fit.caption_neighbours(captions, max_edits, per_caption=8)  # seeded
+    assert encoder_fit.caption_neighbours([]) == [] and encoder_fit.caption_neighbours(["a", "b", "a"]) == [
+        [1],
+        [0, 2],
+        [1],
+    ]
+
+
+def test_mining_compares_no_more_per_caption_at_eight_times_the_captions(monkeypatch):
+    """Comparisons, counted (not timed): comparing every pair makes 8x as many per caption at 8x
+    the captions, n log n 1.3x; this set reads about 1.5x (its copies of copies grow denser), and
+    anything growing as n^1.33 or faster fails."""
+    calls = [0]
+    compare = encoder_fit._word_edits
+
+    def counted(a, b):
+        calls[0] += 1
+        return compare(a, b)
+
+    monkeypatch.setattr(encoder_fit, "_word_edits", counted)
+    per_caption = {}
+    for count in (1000, 8000):
+        calls[0] = 0
+        neighbours = encoder_fit.caption_neighbours(captions_like_the_web(count))
+        assert sum(1 for n in neighbours if n) > count // 4
+        per_caption[count] = calls[0] / count
+    assert per_caption[8000] < 2 * per_caption[1000], per_caption

@@ -126,6 +126,12 @@ class StoreLoader:
                 f"fewer than train.batch_size={batch_size} rows; lower train.batch_size or use fewer ranks"
             )
 
+    def rows_line(self) -> str:
+        """What the run trains on, in words: the store's total would count its held-out rows too,
+        which no trainer reads (they are eval's)."""
+        heldout = int(self.store.manifest["totals"]["rows"]) - self.rows
+        return f"{self.rows:,} training rows, {heldout:,} held-out rows"
+
     # -- order -------------------------------------------------------------------------------
     def _start_epoch(self, epoch: int, fragments: np.ndarray | None = None, steps: int = 0) -> None:
         """Deal `fragments` (rows (group, first unconsumed row)); None: the epoch's permutation."""

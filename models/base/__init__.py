@@ -1,7 +1,8 @@
 """The base modules: every package of unclip imports them, and they import nothing of ours but
 each other.
 
-- `storage`: the one storage contract (fsspec URLs, atomic writes and folder commits, retries).
+- `storage`: the one storage contract (fsspec URLs, atomic writes and folder commits, retries),
+  and the one JSON writer (`strict_json`: no NaN or Infinity, ever).
 - `storage_s3`: S3 with botocore's retries and outages named by URL.
 - `configlib`: typed configuration from YAML and `key=value` overrides, one-line errors.
 - `errors`: the two kinds of failure a user sees (bad input, exit 2; a failed job, exit 1).

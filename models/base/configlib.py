@@ -13,9 +13,10 @@ need as much again to keep what users rely on: a section given in part merges ov
 default (a stage's `DiffusionConfig(prediction="x0")` keeps x0 when only `timesteps` is given,
 where pydantic validates the part against the class defaults); `true`/`false` only for booleans
 (pydantic's lax mode takes 1, "yes", "on"), yet the string `1e-4` (YAML 1.1 reads it so) for a
-float and a number for a name (`train.run=2024`), both of which its strict mode refuses; and its messages ("Input should be less than or
-equal to 1", "Value error, ...") rewritten into our one line per dotted key. The overrides, YAML
-reading and `replace` stay ours either way. Not smaller, not clearer: kept.
+float and a number for a name (`train.run=2024`), both of which its strict mode refuses; and its
+messages ("Input should be less than or equal to 1", "Value error, ...") rewritten into our one
+line per dotted key. The overrides, YAML reading and `replace` stay ours either way. Not smaller,
+not clearer: kept.
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ import yaml
 from models.base import storage
 from models.base.errors import UserError
 
-T = TypeVar("T")
+if typing.TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 class ConfigError(UserError):
@@ -97,7 +101,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"config key '{key}': expected {_describe(tp)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a hint is a class, never an instance
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
         return build(tp, value, prefix=key)
@@ -149,8 +153,9 @@ def _check_bounds(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:
 def _field_default(field: dataclasses.Field) -> dict[str, Any]:
     if field.default_factory is not dataclasses.MISSING:
         return dataclasses.asdict(field.default_factory())
-    if field.default is not dataclasses.MISSING and dataclasses.is_dataclass(field.default):
-        return dataclasses.asdict(field.default)
+    default = field.default
+    if default is not dataclasses.MISSING and dataclasses.is_dataclass(default) and not isinstance(default, type):
+        return dataclasses.asdict(default)
     return {}
 
 

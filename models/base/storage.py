@@ -23,7 +23,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import io
 import json
+import math
+import numbers
 import os
 import posixpath
 import shutil
@@ -31,10 +34,12 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import fsspec
+import fsspec.config
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.spec import AbstractBufferedFile
 
 COMMIT_MARKER = "_COMMITTED"
 TMP_PREFIX = ".tmp-"
@@ -51,8 +56,8 @@ def configure_object_store(attempts: int, connect_timeout_s: float, read_timeout
     them into botocore's configuration."""
     settings = {"attempts": attempts, "connect_timeout": connect_timeout_s, "read_timeout": read_timeout_s}
     fsspec.config.conf.setdefault("s3", {}).update(settings)
-    for name, value in zip(S3_SETTINGS_ENV, settings.values()):
-        os.environ[name] = json.dumps(value)
+    for name, value in zip(S3_SETTINGS_ENV, settings.values(), strict=True):
+        os.environ[name] = strict_json(value)
 
 
 def _register_s3() -> None:
@@ -122,9 +127,14 @@ def listdir(url: str) -> list[str]:
     return sorted(n for n in names if not n.startswith(TMP_PREFIX))
 
 
+def _open_binary(fs: fsspec.AbstractFileSystem, path: str) -> IO[bytes]:
+    # fsspec's `open` is unannotated: pyright infers its text-mode branch too, which "rb" never takes
+    return cast(IO[bytes], fs.open(path, "rb"))
+
+
 def read_bytes(url: str) -> bytes:
     fs, path = url_to_fs(url)
-    with fs.open(path, "rb") as f:
+    with _open_binary(fs, path) as f:
         return f.read()
 
 
@@ -158,11 +168,13 @@ def atomic_open(url: str, mode: str = "wb") -> Iterator[IO]:
         # place, with no temporary to copy and delete (a third of the requests). An error in the
         # block throws the buffer away, so nothing is sent.
         f = fs.open(path, mode)
+        # s3fs's S3File is an fsspec buffered file holding the upload; text mode ("w") wraps it
+        upload = cast(AbstractBufferedFile, f.buffer if isinstance(f, io.TextIOWrapper) else f)
         try:
-            yield f
+            yield cast(IO, f)  # fsspec's files are file objects, though not typing.IO subclasses
         except BaseException:
-            f.discard()
-            f.closed = True
+            upload.discard()
+            upload.closed = True
             raise
         f.close()
         return
@@ -172,7 +184,7 @@ def atomic_open(url: str, mode: str = "wb") -> Iterator[IO]:
     tmp = _tmp_sibling(path)
     try:
         with fs.open(tmp, mode) as f:
-            yield f
+            yield cast(IO, f)  # fsspec's files are file objects, though not typing.IO subclasses
             if isinstance(fs, LocalFileSystem):
                 f.flush()
                 os.fsync(f.fileno())
@@ -196,8 +208,41 @@ def write_text(url: str, text: str) -> None:
     write_bytes(url, text.encode("utf-8"))
 
 
+def json_safe(obj: Any) -> Any:
+    """`obj` as strict JSON can hold it: every non-finite float (NaN, +-inf, numpy's and torch's
+    too) becomes None; numpy scalars and arrays, and tensors, become Python numbers and lists.
+    Python's json writes NaN and Infinity, which strict readers (JSON.parse, jq, Go, serde) refuse;
+    a writer whose reader must know why a figure is missing puts the reason beside the null."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (bool, str)) or obj is None:
+        return obj
+    if isinstance(obj, numbers.Integral):
+        return int(obj)
+    if isinstance(obj, numbers.Real):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    tolist = getattr(obj, "tolist", None)  # duck-typed: this module does not import numpy or torch
+    if callable(tolist):
+        return json_safe(tolist())
+    return obj
+
+
+def strict_json(obj: Any, **dumps_kwargs: Any) -> str:
+    """The one way unclip turns data into JSON text (files, JSON lines, JSON in columns and
+    environment variables): `json.dumps` of `json_safe(obj)` with `allow_nan=False`, so no writer
+    can emit NaN or Infinity. `dumps_kwargs` are json.dumps' own; what a `default` returns is made
+    safe too."""
+    default = dumps_kwargs.get("default")
+    if default is not None:
+        dumps_kwargs["default"] = lambda o: json_safe(default(o))
+    return json.dumps(json_safe(obj), allow_nan=False, **dumps_kwargs)
+
+
 def write_json(url: str, obj: Any) -> None:
-    write_text(url, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    write_text(url, strict_json(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def move(src_url: str, dst_url: str) -> None:
@@ -305,7 +350,7 @@ def _modified(entry: dict[str, Any]) -> float:
 def sha256_file(url: str, chunk: int = 1 << 22) -> str:
     fs, path = url_to_fs(url)
     digest = hashlib.sha256()
-    with fs.open(path, "rb") as f:
+    with _open_binary(fs, path) as f:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()

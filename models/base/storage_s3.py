@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Any
+from typing import Any, NoReturn, cast
 
 import s3fs
 from botocore.exceptions import BotoCoreError, ClientError
@@ -105,7 +105,7 @@ class S3FileSystem(s3fs.S3FileSystem):
                 call, kwargs=self._get_s3_method_kwargs(call, *akwarglist, **kwargs), retries=1
             )
         except Exception as err:
-            raise _named(err, method, _url_of(kwargs), self.attempts)
+            _raise_named(err, method, _url_of(kwargs), self.attempts)
 
     call_s3 = sync_wrapper(_call_s3)  # s3fs's files call this one: bound to s3fs's method otherwise
 
@@ -113,30 +113,32 @@ class S3FileSystem(s3fs.S3FileSystem):
         try:
             return await super()._cat_file(path, *args, **kwargs)
         except Exception as err:
-            raise _named(err, "get_object", f"s3://{self._strip_protocol(path)}", self.attempts)
+            _raise_named(err, "get_object", f"s3://{self._strip_protocol(path)}", self.attempts)
 
     async def _get_file(self, rpath: str, lpath: str, *args: Any, **kwargs: Any) -> None:
         try:
             return await super()._get_file(rpath, lpath, *args, **kwargs)
         except Exception as err:
-            raise _named(err, "get_object", f"s3://{self._strip_protocol(rpath)}", self.attempts)
+            _raise_named(err, "get_object", f"s3://{self._strip_protocol(rpath)}", self.attempts)
 
     def _open(self, path: str, mode: str = "rb", *args: Any, **kwargs: Any) -> s3fs.core.S3File:
         f = super()._open(path, mode, *args, **kwargs)
         # s3fs builds its S3File by name; ours only adds naming to reads (the read cache holds
         # the bound fetcher, so it is pointed at ours too)
         f.__class__ = _S3File
-        if getattr(f, "cache", None) is not None:
-            f.cache.fetcher = f._fetch_range
+        cache = getattr(f, "cache", None)
+        if cache is not None:
+            cache.fetcher = f._fetch_range
         return f
 
 
 class _S3File(s3fs.core.S3File):
     def _fetch_range(self, start: int, end: int) -> bytes:
         try:
-            return super()._fetch_range(start, end)
+            # s3fs is unannotated: pyright infers None from fsspec's `sync`, which returns the bytes
+            return cast(bytes, super()._fetch_range(start, end))
         except Exception as err:
-            raise _named(err, "get_object", f"s3://{self.bucket}/{self.key}", self.fs.attempts)
+            _raise_named(err, "get_object", f"s3://{self.bucket}/{self.key}", self.fs.attempts)
 
 
 def _url_of(request: dict[str, Any]) -> str:
@@ -147,20 +149,19 @@ def _url_of(request: dict[str, Any]) -> str:
     return f"s3://{request.get('Bucket', '')}/{key}"
 
 
-def _named(err: Exception, method: str, url: str, attempts: int) -> Exception:
-    """`err` as StorageUnavailable naming `url` and the operation, if it was a passing fault that
-    outlasted the retries; otherwise `err` itself (a 404 stays FileNotFoundError, and one already
-    named by an inner call keeps its name)."""
+def _raise_named(err: Exception, method: str, url: str, attempts: int) -> NoReturn:
+    """Raise `err` as StorageUnavailable naming `url` and the operation, if it was a passing fault
+    that outlasted the retries; otherwise `err` itself (a 404 stays FileNotFoundError, and one
+    already named by an inner call keeps its name)."""
     reason = transient_reason(err)
     if reason is None or isinstance(err, StorageUnavailable):
-        return err
+        raise err
     reason = " ".join(reason.split())[:300]  # the error's own text may run over lines
-    failure = StorageUnavailable(
-        f"storage unavailable: {method} {url} still failed after {attempts} attempts ({reason}); what was committed "
-        "before is intact: run again once the store answers (storage.attempts and storage.read_timeout_s set how long to wait)"
-    )
-    failure.__cause__ = err
-    return failure
+    raise StorageUnavailable(
+        f"storage unavailable: {method} {url} still failed after {attempts} attempts ({reason}); what was "
+        "committed before is intact: run again once the store answers (storage.attempts and "
+        "storage.read_timeout_s set how long to wait)"
+    ) from err
 
 
 def _log_failed_attempt(
