@@ -29,8 +29,16 @@ class RayConfig:
     dashboard: bool = option(False, doc="start the dashboard with a local Ray")
     forward_env: list[str] = option(
         factory=list,
-        doc="variables sent to an existing cluster's workers and jobs, e.g. [AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY]: in the clear, "
+        doc="variables sent to an existing cluster's workers and jobs, e.g. [AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY]: in the clear, "
         "anyone who can reach the Ray dashboard reads them; prefer the cluster's own identity (infra/README.md)",
+    )
+    stall_timeout_s: float = option(
+        300.0,
+        gt=0,
+        doc="a data job whose remaining tasks or actors no node can run (the cluster lost the CPUs, GPUs or memory "
+        "they need) stops after this long, keeping what it committed; raise it where an autoscaler starts nodes on "
+        "demand",
     )
 
 
@@ -137,10 +145,12 @@ class EmbedConfig:
     decode_memory_gb: float = option(
         0.5,
         gt=0,
-        doc="memory reserved by each shard's task: the shard's image bytes, a few chunks and one 1,024-row row group of output",
+        doc="memory reserved by each shard's task: the shard's image bytes, a few chunks and one 1,024-row row group "
+        "of output",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    progress_every_s: float = option(30.0, gt=0, doc="seconds between progress lines while no part comes back")
 
     def validate(self) -> None:
         if self.shards and not re.fullmatch(r"\d+-\d+", self.shards):
@@ -150,7 +160,8 @@ class EmbedConfig:
         unknown = [c for c in self.columns if c not in STORE_COLUMNS and not re.fullmatch(r"image_\d+", c)]
         if unknown:
             raise ValueError(
-                f"config key 'embed.columns': unknown column {unknown[0]!r} (expected some of {', '.join(STORE_COLUMNS)})"
+                f"config key 'embed.columns': unknown column {unknown[0]!r} (expected some of "
+                f"{', '.join(STORE_COLUMNS)})"
             )
         if self.extra_vae_resolutions and "vae_latent" not in self.columns:
             raise ValueError("config key 'embed.extra_vae_resolutions': needs 'vae_latent' in embed.columns")
@@ -159,7 +170,8 @@ class EmbedConfig:
             or len(set(self.extra_vae_resolutions) | {self.vae_resolution}) != len(self.extra_vae_resolutions) + 1
         ):
             raise ValueError(
-                f"config key 'embed.extra_vae_resolutions': expected distinct sides >= 8 other than embed.vae_resolution, "
+                "config key 'embed.extra_vae_resolutions': expected distinct sides >= 8 other than "
+                "embed.vae_resolution, "
                 f"got {self.extra_vae_resolutions}"
             )
 

@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import json
 import pickle
 import time
 from collections import Counter
 from typing import Any
 
 import ray
+import ray.exceptions
 import torch
 
-from data_pipeline import sources, store, store_writer, tasks
+from data_pipeline import ray_wait, sources, store, store_writer, tasks
 from data_pipeline.config import EmbedConfig, RayConfig
 from data_pipeline.embed_worker import Encoder, ShardJob, embed_shard
 from data_pipeline.ray_runtime import ray_session
@@ -112,10 +112,11 @@ def _check_same_sources(store_url: str, source: sources.Source, done: set[int]) 
             old, new = recorded["shards"][str(shard_id)], mine["shards"][str(shard_id)]
             if old != new or recorded["kind"] != source.kind:
                 raise store.StoreError(
-                    f"store '{store_url}': part {shard_id} was embedded from {recorded['kind']} {old!r}, the input now has "
+                    f"store '{store_url}': part {shard_id} was embedded from {recorded['kind']} {old!r}, the input "
+                    "now has "
                     f"{source.kind} {new!r} there; embed into a new root to change the input"
                 )
-    digest = hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(storage.strict_json(mine, sort_keys=True).encode()).hexdigest()[:16]
     storage.write_json(storage.join(folder, f"{digest}.json"), mine)
 
 
@@ -142,7 +143,8 @@ def run(
     storage.remove(storage.join(store_url, store.MANIFEST))  # it comes back when every part is in
     todo = [s for s in source.ids if s not in done]
     log(
-        f"embed: {len(source.ids)} {source.kind} shards, {len(source.ids) - len(todo)} already in the store, {len(todo)} to encode"
+        f"embed: {len(source.ids)} {source.kind} shards, {len(source.ids) - len(todo)} already in the store, "
+        f"{len(todo)} to encode"
     )
     job = ShardJob(
         source,
@@ -183,20 +185,21 @@ def _encode(
     """Run the shard tasks, a bounded number at once; returns the shards that failed, with why.
     `null_caption`: an encoder also embeds the empty caption (the driver loads no model)."""
     device = _device(cfg)
-    actor = ray.remote(Encoder).options(
-        num_cpus=cfg.actor_cpus, num_gpus=1 if device == "cuda" else 0, max_restarts=2, max_task_retries=2
-    )
-    pool = [
+    actor_need = ray_wait.Need("encoder actor", {"CPU": cfg.actor_cpus, "GPU": 1 if device == "cuda" else 0})
+    actor = ray.remote(Encoder).options(**actor_need.options(), max_restarts=2, max_task_retries=2)
+    pool: list[Any] = [  # actor handles (Ray types them as proxies of the class)
         actor.remote(encoders, job.specs, device, cfg.precision, int(cfg.actor_cpus), cfg.min_clip_score)
         for _ in range(cfg.encoder_actors)
     ]
     free = ray.cluster_resources().get("CPU", 1) - cfg.encoder_actors * cfg.actor_cpus
     if free < cfg.decode_cpus:
         raise store.StoreError(
-            f"embed: {cfg.encoder_actors} encoder actors x embed.actor_cpus={cfg.actor_cpus} reserve every CPU of the cluster; "
+            f"embed: {cfg.encoder_actors} encoder actors x embed.actor_cpus={cfg.actor_cpus} reserve every CPU of "
+            "the cluster; "
             f"leave embed.decode_cpus={cfg.decode_cpus} for the shard tasks"
         )
-    task = ray.remote(num_cpus=cfg.decode_cpus, memory=cfg.decode_memory_gb * 2**30, max_retries=2)(embed_shard)
+    task_need = ray_wait.Need("shard task", {"CPU": cfg.decode_cpus, "memory": cfg.decode_memory_gb * 2**30})
+    task = ray.remote(**task_need.options(), max_retries=2)(embed_shard)
     null_ref = pool[0].write_null_caption.remote(job.store_url) if null_caption else None
     job_ref = ray.put(job)
     waiting = collections.deque(todo)
@@ -204,6 +207,17 @@ def _encode(
     failed: dict[int, str] = {}
     counts: Counter[str] = Counter()
     written = received = 0
+    waiter = ray_wait.Waiter(
+        "embed",
+        log,
+        progress=lambda: f"embed: {written}/{len(todo)} parts written",
+        kept=lambda: (
+            f"the {written} parts written in this run and those before it are kept: rerun `unclip embed` once "
+            "the cluster can run them"
+        ),
+        progress_every_s=cfg.progress_every_s,
+        actors=[(actor_need, cfg.encoder_actors)],
+    )
     # Twice the tasks the free CPUs hold: a task waiting on an encoder gives its CPU back to Ray
     # (ray.get releases it), so the next shard starts decoding before the last one's chunks are back.
     limit = 2 * max(1, int(free // cfg.decode_cpus))
@@ -212,7 +226,7 @@ def _encode(
             while waiting and len(pending) < limit:
                 shard = waiting.popleft()
                 pending[task.remote(job_ref, shard, pool)] = shard
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            ready = waiter.wait(pending, task_need, queued=len(waiting))
             shard = pending.pop(ready[0])
             try:
                 part = ray.get(ready[0])
@@ -233,6 +247,7 @@ def _encode(
             )
         if null_ref is not None:
             try:
+                waiter.wait([null_ref], None)
                 ray.get(null_ref)
             except ray.exceptions.RayTaskError as err:  # a store that stays down: its one line
                 tasks.raise_cause(err)
@@ -243,6 +258,7 @@ def _encode(
             ray.kill(encoder)
     if written:
         log(
-            f"embed: the driver received {received / written:.0f} bytes a part ({counts['kept'] / written:.0f} rows a part)"
+            f"embed: the driver received {received / written:.0f} bytes a part ({counts['kept'] / written:.0f} rows "
+            "a part)"
         )
     return failed

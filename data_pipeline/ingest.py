@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from data_pipeline import content_dedup, filters, plan, raw, tasks, url_list
+from data_pipeline import content_dedup, filters, plan, raw, ray_wait, tasks, url_list
 from data_pipeline.config import IngestConfig, RayConfig
 from data_pipeline.ray_runtime import ray_session
 from models.base import storage
@@ -85,7 +85,7 @@ def download_shard(
             # download_shard raises on failure (Downloader.__call__ would swallow it)
             downloader.download_shard((shard_id, input_file))
         fs, staged = storage.url_to_fs(staging)
-        size = sum(fs.size(posixpath.join(staged, name + suffix)) for suffix in (".tar", ".parquet"))
+        size = sum(int(fs.size(posixpath.join(staged, name + suffix)) or 0) for suffix in (".tar", ".parquet"))
         stats = storage.read_json(storage.join(staging, name + raw.STATS_SUFFIX))
         for suffix in (".tar", ".parquet", raw.STATS_SUFFIX):  # the stats file last: it is the marker
             storage.move(storage.join(staging, name + suffix), raw.shard_file(raw_url, shard_id, suffix))
@@ -235,9 +235,9 @@ def run(cfg: IngestConfig, ray_cfg: RayConfig, raw_url: str, config_yaml: str, l
             f"ingest: {planned.input_rows:,} URLs, {sum(planned.filtered.values()):,} filtered before download -> "
             f"{planned.shards} shards of <= {cfg.shard_size}; {len(done)} already complete"
         )
-        totals = _earlier_totals(raw_url, done, folder.complete_bytes)
+        totals = _earlier_totals(raw_url, done, folder.complete_bytes, log, cfg.progress_every_s)
         todo = sorted(set(range(planned.shards)) - set(done))
-        this_run = (
+        this_run: dict[str, Any] = (
             _download(todo, planned, totals, raw_url, cfg, started, log) if todo else {"shards": 0, "successes": 0}
         )
         this_run["wall_s"] = round(time.time() - started, 2)
@@ -253,13 +253,24 @@ def run(cfg: IngestConfig, ray_cfg: RayConfig, raw_url: str, config_yaml: str, l
     return summary
 
 
-def _earlier_totals(raw_url: str, shard_ids: list[int], complete_bytes: int) -> Totals:
+def _earlier_totals(
+    raw_url: str, shard_ids: list[int], complete_bytes: int, log=print, progress_every_s: float = 5.0
+) -> Totals:
     """The stats of shards complete before this run, read in tasks of STATS_PER_TASK files."""
     totals = Totals()
-    task = ray.remote(num_cpus=0.5)(read_stats)
+    need = ray_wait.Need("stats task", {"CPU": 0.5})
+    task = ray.remote(**need.options())(read_stats)
     refs = [task.remote(raw_url, shard_ids[i : i + STATS_PER_TASK]) for i in range(0, len(shard_ids), STATS_PER_TASK)]
+    waiter = ray_wait.Waiter(
+        "ingest",
+        log,
+        progress=lambda: f"ingest: stats of {totals.shards}/{len(shard_ids)} earlier shards read",
+        kept=lambda: "the complete shards are kept: rerun `unclip ingest` once the cluster can run the tasks",
+        progress_every_s=progress_every_s,
+    )
     while refs:  # merged as they come: the driver holds one batch's totals at a time
-        ready, refs = ray.wait(refs, num_returns=1)
+        ready = waiter.wait(refs, need)
+        refs = [r for r in refs if r != ready[0]]
         totals.merge(ray.get(ready[0]))
     totals.bytes = complete_bytes  # from the run's one listing; the stats files do not carry it
     return totals
@@ -268,7 +279,8 @@ def _earlier_totals(raw_url: str, shard_ids: list[int], complete_bytes: int) -> 
 def _download(
     todo: list[int], planned: plan.Plan, totals: Totals, raw_url: str, cfg: IngestConfig, started: float, log
 ) -> dict[str, Any]:
-    task = ray.remote(num_cpus=cfg.processes_per_task, max_retries=2)(_download_group)
+    need = ray_wait.Need("download task", {"CPU": cfg.processes_per_task})
+    task = ray.remote(**need.options(), max_retries=2)(_download_group)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     limit = cfg.max_in_flight or max(1, cpus // cfg.processes_per_task)
     groups = collections.deque(
@@ -277,12 +289,30 @@ def _download(
     pending: dict[Any, list[int]] = {}
     failed: dict[int, str] = {}
     finished = successes = attempted = 0
-    last_report = time.time()
+
+    def progress() -> str:
+        storage.write_json(storage.join(raw_url, raw.PROGRESS), {"shards_planned": planned.shards, **totals.progress()})
+        elapsed = max(time.time() - started, 1e-9)
+        return (
+            f"ingest: {finished}/{len(todo)} shards, {successes:,}/{attempted:,} kept "
+            f"({100 * successes / max(attempted, 1):.0f}% success), {successes / elapsed:,.0f} images/s"
+        )
+
+    waiter = ray_wait.Waiter(
+        "ingest",
+        log,
+        progress,
+        kept=lambda: (
+            f"the {finished} shards complete in this run and those before it are kept: rerun `unclip ingest` once "
+            "the cluster can run them"
+        ),
+        progress_every_s=cfg.progress_every_s,
+    )
     while groups or pending:
         while groups and len(pending) < limit:
             group = groups.popleft()
             pending[task.remote([(i, planned.shard_inputs(i)) for i in group], raw_url, cfg)] = group
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=cfg.progress_every_s)
+        ready = waiter.wait(pending, need, queued=len(groups))
         for ref in ready:
             group = pending.pop(ref)
             try:
@@ -301,16 +331,10 @@ def _download(
             finished += len(results)
             successes += sum(r["successes"] for r in results)
             attempted += sum(r["count"] for r in results)
-        if time.time() - last_report >= cfg.progress_every_s or not (groups or pending):
-            elapsed = max(time.time() - started, 1e-9)
-            log(
-                f"ingest: {finished}/{len(todo)} shards, {successes:,}/{attempted:,} kept "
-                f"({100 * successes / max(attempted, 1):.0f}% success), {successes / elapsed:,.0f} images/s"
-            )
-            storage.write_json(
-                storage.join(raw_url, raw.PROGRESS), {"shards_planned": planned.shards, **totals.progress()}
-            )
-            last_report = time.time()
+        if groups or pending:
+            waiter.report_if_due()
+        else:
+            waiter.report()
     if failed:
         raise IngestIncomplete(
             f"ingest: {len(failed)} shards failed ({', '.join(raw.shard_name(i) for i in sorted(failed)[:5])}...): "

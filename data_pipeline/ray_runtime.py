@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import sys
@@ -23,6 +24,15 @@ SETTINGS = ("HF_HUB_OFFLINE", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", *storage
 # Anything whose value is a secret by its name: never printed, logged or written by us.
 SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|(^|_)KEY($|_)|API_?KEY|ACCESS_KEY", re.I)
 _warned: set[str] = set()
+# `ray.stall_timeout_s` of the session this process is in (innermost last: sessions nest, a job's
+# inside a test's): a setting of the session, so that every step that waits on Ray inside it
+# (data_pipeline/ray_wait.py) uses it without each step being handed it.
+_stall_timeout_s = [RayConfig().stall_timeout_s]
+
+
+def stall_timeout_s() -> float:
+    """How long work that no node can run may wait before the job stops (`ray.stall_timeout_s`)."""
+    return _stall_timeout_s[-1]
 
 
 def forwarded_env(names: tuple[str, ...] | list[str] = ()) -> dict[str, str]:
@@ -37,7 +47,8 @@ def forwarded_env(names: tuple[str, ...] | list[str] = ()) -> dict[str, str]:
         _warned.update(wanted)
         print(
             f"unclip: ray.forward_env sends {', '.join(wanted)} to the cluster in the clear: anyone who can reach its "
-            "dashboard can read them (Ray has no secret variables); prefer the cluster's own identity (infra/README.md)",
+            "dashboard can read them (Ray has no secret variables); prefer the cluster's own identity "
+            "(infra/README.md)",
             file=sys.stderr,
             flush=True,
         )
@@ -52,6 +63,16 @@ def masked(env: dict[str, Any]) -> dict[str, Any]:
 @contextlib.contextmanager
 def ray_session(cfg: RayConfig) -> Iterator[str | None]:
     """Yield the dashboard URL (or None) of a connected Ray; shut down only what we started."""
+    _stall_timeout_s.append(cfg.stall_timeout_s)
+    try:
+        with _connected(cfg) as dashboard:
+            yield dashboard
+    finally:
+        _stall_timeout_s.pop()
+
+
+@contextlib.contextmanager
+def _connected(cfg: RayConfig) -> Iterator[str | None]:
     if ray.is_initialized():
         yield None
         return
@@ -76,7 +97,7 @@ def ray_session(cfg: RayConfig) -> Iterator[str | None]:
             runtime_env={"env_vars": env_vars},
             log_to_driver=False,
             configure_logging=True,
-            logging_level="WARNING",
+            logging_level=logging.WARNING,
         )
     dashboard = getattr(context, "dashboard_url", None) or None
     try:

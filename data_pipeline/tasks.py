@@ -15,13 +15,14 @@ from __future__ import annotations
 import collections
 import re
 import resource
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
+import ray.exceptions
 
+from data_pipeline import ray_wait
 from models.base import storage
 
 PEAK_RSS = "peak_rss_bytes"  # every marker carries its worker's peak resident memory
@@ -45,7 +46,7 @@ def committed(folder: str) -> dict[int, dict[str, Any]]:
     """index -> result of every task already committed under `folder` (one listing)."""
     ids = [int(m.group(1)) for n in storage.listdir(folder) if (m := re.fullmatch(r"(\d+)\.json", n))]
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        return dict(zip(ids, pool.map(lambda i: storage.read_json(marker(folder, i)), ids)))
+        return dict(zip(ids, pool.map(lambda i: storage.read_json(marker(folder, i)), ids), strict=True))
 
 
 def run_stage(
@@ -63,26 +64,31 @@ def run_stage(
     done = committed(folder)
     done = {i: r for i, r in done.items() if i < count}
     todo = collections.deque(i for i in range(count) if i not in done)
-    task = ray.remote(num_cpus=num_cpus, max_retries=2)(run_and_mark)
+    need = ray_wait.Need("task", {"CPU": num_cpus})
+    task = ray.remote(**need.options(), max_retries=2)(run_and_mark)
     limit = max(2, 2 * int(ray.cluster_resources().get("CPU", 1) / num_cpus))
     pending: dict[Any, int] = {}
-    last = time.time()
+    waiter = ray_wait.Waiter(
+        f"ingest: {name}",
+        log,
+        progress=lambda: f"ingest: {name}: {len(done)}/{count} done",
+        kept=lambda: "what the tasks committed is kept: rerun `unclip ingest` once the cluster can run the rest",
+        progress_every_s=progress_every_s,
+    )
     if todo:
         log(f"ingest: {name}: {len(todo)} of {count} tasks to run")
     while todo or pending:
         while todo and len(pending) < limit:
             i = todo.popleft()
             pending[task.remote(fn, marker(folder, i), *args(i))] = i
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=progress_every_s)
-        for ref in ready:
+        for ref in waiter.wait(pending, need, queued=len(todo)):
             i = pending.pop(ref)
             try:
                 done[i] = ray.get(ref)
             except ray.exceptions.RayTaskError as err:
                 raise_cause(err)
-        if time.time() - last >= progress_every_s and (todo or pending):
-            log(f"ingest: {name}: {len(done)}/{count} done")
-            last = time.time()
+        if todo or pending:
+            waiter.report_if_due()
     return done
 
 

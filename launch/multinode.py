@@ -28,6 +28,7 @@ from launch import config as config_mod
 from launch import ray_train
 from launch.config import Config
 from launch.environment import rank_environment, rank_variables
+from launch.rank_failures import RANK_ERRORS
 from launch.train import check_before_launch, config_url, outcome, rank_command, run_forwarding_sigterm
 from models.base import storage
 from models.base.configlib import ConfigError, to_yaml
@@ -50,12 +51,13 @@ class NodeCommand:
 
 
 def torchrun_argv(cfg: Config, stage: str, resume_from: str | None = None, init_from: str | None = None) -> list[str]:
-    """The command every node runs: torchrun's c10d rendezvous assigns node ranks on its own."""
+    """The command every node runs: torchrun's c10d rendezvous assigns node ranks on its own. Its
+    agent is torchrun's, with torchrun's arguments, ending a failed launch in one line (launch/agent.py)."""
     launch = cfg.launch
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "launch.agent",
         f"--nnodes={launch.nodes}",
         f"--nproc-per-node={launch.gpus_per_node}",
         "--rdzv-backend=c10d",
@@ -240,8 +242,10 @@ def launch_train(
             f"train {stage}: this node joins {cfg.launch.nodes} x {cfg.launch.gpus_per_node} ranks at "
             f"{cfg.launch.master_addr}:{cfg.launch.master_port}"
         )
-        returncode, preempted = run_forwarding_sigterm(steps[0].argv, rank_environment(cfg.launch.env))
-        return outcome(cfg, stage, returncode, preempted, log)
+        with tempfile.TemporaryDirectory(prefix="unclip-rank-errors-") as errors:
+            env = rank_environment({**cfg.launch.env, RANK_ERRORS: errors})
+            returncode, preempted = run_forwarding_sigterm(steps[0].argv, env, quiet_after=errors)
+            return outcome(cfg, stage, returncode, preempted, log, errors)
     if backend == "deepspeed":
         with tempfile.TemporaryDirectory(prefix="unclip-ds-") as folder:
             hostfile = cfg.launch.hostfile

@@ -7,13 +7,13 @@ This is where the configuration meets the engine: the engine (training/engine.py
 train settings, a stage built from its own section, the store and the run folder.
 
 Exit status: 0 when done or when preempted after saving; 2 for a run that must not go on
-(non-finite streak, unusable checkpoint, bad input); 3 when a collective timed out.
+(non-finite streak, unusable checkpoint, bad input); 3 when a collective timed out or lost its peer
+(another rank's process or node is gone: launch/rank_failures.py names the cause).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -24,6 +24,8 @@ from data_pipeline.store import Store, open_store
 from launch import config as config_mod
 from launch.config import Config
 from launch.environment import apply_in_rank
+from launch.rank_failures import KEPT, LOST_PEER, RANK_ERRORS, host, lost_peer
+from models.base import storage
 from models.base.configlib import read_yaml, to_yaml
 from models.base.errors import StorageUnavailable, UserError
 from models.base.ports import free_port
@@ -33,8 +35,6 @@ from training.engine import train
 from training.failures import NonFiniteStreak, Preempted
 from training.stage import Preview, Stage
 from training.stages import get_stage
-
-RANK_ERRORS = "UNCLIP_RANK_ERRORS"  # a folder where a failing rank leaves its one line for `unclip train`
 
 
 def stage_for(cfg: Config, name: str, store: Store) -> Stage:
@@ -112,6 +112,17 @@ def main(argv: list[str] | None = None) -> int:
         return report(args.stage, str(err), 2, cli_code=1)
     except RuntimeError as err:
         text = str(err)
+        peer = lost_peer(text)
+        if peer:
+            rank = os.environ.get("RANK", "0")
+            return report(
+                args.stage,
+                f"rank {rank} on {host()} lost its peer ({peer}): another rank's process or its node is gone; {KEPT}",
+                3,
+                cli_code=1,
+                kind=LOST_PEER,
+                peer=peer,
+            )
         if "timed out" in text.lower() or "timeout" in text.lower():
             return report(
                 args.stage,
@@ -124,14 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(stage: str, message: str, status: int, cli_code: int) -> int:
+def report(stage: str, message: str, status: int, cli_code: int, **facts: str) -> int:
     """Say why this rank stops: to `unclip train` (which says it once, in one line, with `cli_code`)
     when it started us, else on stderr. Returns the rank's exit status."""
     folder = os.environ.get(RANK_ERRORS)
     if folder and os.path.isdir(folder):
         rank = int(os.environ.get("RANK", "0"))
         with open(os.path.join(folder, f"rank-{rank:05d}.json"), "w") as f:
-            json.dump({"message": f"train {stage}: {message}", "exit_code": cli_code}, f)
+            line = {"message": f"train {stage}: {message}", "exit_code": cli_code, "rank": rank, "host": host()}
+            f.write(storage.strict_json({**line, **facts}))
     else:
         print(f"train {stage}: error: {message}", file=sys.stderr, flush=True)
     return status

@@ -8,7 +8,6 @@ then exits 0.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,7 +20,8 @@ from data_pipeline.store import Store, StoreError, open_store
 from launch import config as config_mod
 from launch.config import Config
 from launch.environment import local_ranks, rank_environment
-from launch.rank import RANK_ERRORS, run_rank, stage_for
+from launch.rank import run_rank, stage_for
+from launch.rank_failures import RANK_ERRORS, summary
 from models.base import storage
 from models.base.configlib import to_yaml
 from models.base.errors import JobFailed
@@ -33,7 +33,8 @@ from training.engine import SUMMARY
 
 
 class RanksFailed(JobFailed):
-    """The ranks exited with an error: the first rank's own line when it left one, with its kind."""
+    """The ranks exited with an error: the line launch/rank_failures.py makes of what the ranks and
+    the agent left (the rank that failed first, its host and why), with its kind."""
 
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
@@ -129,7 +130,7 @@ def outcome(
     cfg: Config, stage: str, returncode: int, preempted: bool, log=print, errors: str | None = None
 ) -> dict[str, Any]:
     """The run's summary, or the preemption checkpoint; RanksFailed when the ranks failed (with
-    the first rank's own line and kind, when it left one in `errors`)."""
+    the one line launch/rank_failures.py makes of what they and the agent left in `errors`)."""
     run_url = cfg.run_url(stage)
     if preempted and returncode != 0:
         # a launcher reports the signal it forwarded as a failure; what matters is the saved state
@@ -138,11 +139,9 @@ def outcome(
             log(f"train {stage}: preempted; checkpoint {latest}")
             return {"stage": stage, "preempted": True, "checkpoint": latest}
     if returncode != 0:
-        reported = sorted(os.listdir(errors)) if errors and os.path.isdir(errors) else []
-        if reported:
-            with open(os.path.join(errors, reported[0])) as f:
-                first = json.load(f)
-            raise RanksFailed(first["message"], first["exit_code"])
+        said = summary(stage, errors) if errors else None
+        if said:
+            raise RanksFailed(*said)
         raise RanksFailed(f"ranks exited with status {returncode} (their output is above)")
     if preempted:
         return {"stage": stage, "preempted": True}

@@ -1,6 +1,6 @@
 """The training engine across real processes (DeepSpeed on 2 CPU ranks, torchrun, gloo): an
 uninterrupted run, and what resume makes of kills, crashes, preemption, corrupt checkpoints,
-other world sizes, hung collectives and S3 outages. The runs are tests/engine_runs.py's."""
+other world sizes, hung collectives and S3 outages. The runs are tests/support/engine_runs.py's."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 
@@ -17,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from models.base import storage
-from tests.engine_runs import (  # noqa: F401 (the fixtures root and straight)
+from tests.support.engine_runs import (  # noqa: F401 (the fixtures root and straight)
     command,
     kill_tree,
     launch,
@@ -29,7 +30,7 @@ from tests.engine_runs import (  # noqa: F401 (the fixtures root and straight)
     straight_fixture,
     trainer_state,
 )
-from tests.storefactory import make_store
+from tests.support.storefactory import make_store
 
 pytestmark = pytest.mark.slow
 
@@ -88,6 +89,8 @@ def test_sigkill_then_resume_gives_the_same_losses(root, straight):
     summary = json.load(open(os.path.join(run_dir(root, "killed"), "train_summary.json")))
     start = summary["resumed_from_step"]
     assert 8 <= start <= killed_at
+    with open(metrics_file) as f:  # each step once: what the killed run logged after `start` was dropped
+        assert [json.loads(line)["step"] for line in f] == list(range(1, 25))
     for step in range(start + 1, 25):
         assert abs(resumed[step]["loss"] - straight[step]["loss"]) <= 1e-6, step
     # the average too: each rank's share saved, gathered, cut again on resume and averaged on
@@ -107,7 +110,13 @@ def test_interrupted_checkpoint_write_leaves_the_previous_in_use(root, tmp_path)
         check=False,
         tmpdir=tmp_path,
     )
-    assert failed.returncode != 0
+    assert failed.returncode == 1
+    # rank 1 was SIGKILLed mid-save; rank 0's aborted barrier and torchrun's failure report do not
+    # end the output in tracebacks: one line names the rank, its host and the signal
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith("unclip train: error: train ldm: rank 1 (local rank 1, pid "), failed.stderr[-3000:]
+    assert f"on {socket.gethostname()} was killed (SIGKILL)" in last and "rerun" in last, last
+    assert "Traceback" not in failed.stderr and "ChildFailedError" not in failed.stderr, failed.stderr[-3000:]
     assert leftovers(tmp_path) == []  # a failed run leaves no temporary behind either
     names = os.listdir(run_dir(root, "crash"))
     assert (
@@ -255,6 +264,7 @@ def test_zero3_resumes_on_more_ranks_with_its_average(root):
     assert (
         float(re.search(r"ldm: ([\d.]+)M trainable parameters", first.stdout).group(1)) > 0.1
     )  # counted whole under ZeRO-3
+    assert "M trainable parameters, 144 training rows, 0 held-out rows, 1 ranks x" in first.stdout  # the store's split
     resume = json.load(open(os.path.join(run_dir(root, "z3"), "train_summary.json")))["resume"]
     assert (resume["world_size_before"], resume["world_size_after"], resume["universal"]) == (1, 2, True)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -283,7 +293,7 @@ def test_checkpoints_on_s3_with_faults_and_an_outage(root, tmp_path, s3_prefix, 
     outage after the first checkpoint stops the ranks in one line naming the URL with `latest`
     kept, and a resume (faults still on) ends with the losses of the same run fault-free."""
     from tests.conftest import FAULT_SETTINGS
-    from tests.faultproxy import upstream_keys
+    from tests.support.faultproxy import upstream_keys
 
     reference = {step: r["loss"] for step, r in short_run(root, "0", "train.zero_stage=0").items()}
     make_store(storage.join(s3_prefix, "store"), (40, 30, 50, 24))  # the store of `root`, on S3
@@ -335,6 +345,8 @@ def test_checkpoints_on_s3_with_faults_and_an_outage(root, tmp_path, s3_prefix, 
     faults.schedule(0.0)
     assert failed_tries >= 3 and latest() == "step_0000004" and storage.is_committed(storage.join(run, "step_0000004"))
     assert {step: r["loss"] for step, r in s3_metrics(run).items()} == reference
+    logged = storage.read_text(storage.join(run, "logs", "metrics.jsonl")).splitlines()
+    assert [json.loads(line)["step"] for line in logged] == [1, 2, 3, 4]  # each step once
     assert leftovers(tmp_path) == []  # the staging of a remote run and its resume copy are gone with it
 
 

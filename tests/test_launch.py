@@ -23,7 +23,7 @@ import yaml
 from launch import cli
 from launch import config as config_mod
 from models.base.ports import free_port
-from tests.storefactory import make_store
+from tests.support.storefactory import make_store
 from tests.test_ingest import serve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def test_torchrun_dry_run_is_what_each_node_runs(capsys):
     lines = commands(out)
     assert len(lines) == 3 and lines[0] == lines[2]
     assert "NCCL_SOCKET_IFNAME=eth0" in lines[0] and "TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in lines[0]
-    args = get_args_parser().parse_args(after_module(without_env(lines[0]), "torch.distributed.run"))
+    args = get_args_parser().parse_args(after_module(without_env(lines[0]), "launch.agent"))  # torchrun's arguments
     assert (args.nnodes, args.nproc_per_node, args.rdzv_backend, args.rdzv_endpoint) == (
         "3",
         "8",
