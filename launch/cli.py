@@ -10,21 +10,31 @@ import argparse
 import os
 import re
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from models.base.process import exit_now
 
+if TYPE_CHECKING:
+    from launch.config import Config
+
+Log = Callable[[str], None]
+
 COMMANDS = {
     "ingest": "download a URL list into ROOT/raw/ (Ray + img2dataset)",
-    "encoders": "`encoders init`: small random encoders; `encoders fit`: train them on ROOT/raw/ (the embedded default)",
+    "encoders": "`encoders init`: small random encoders; `encoders fit`: train them on ROOT/raw/ "
+    "(the embedded default)",
     "embed": "frozen CLIP/VAE over ROOT/raw/ into the embedding store ROOT/store/ (Ray tasks and encoder actors)",
-    "manifest": "`manifest [URL]`: rebuild a store's parts index and manifest from its committed parts; converts older stores",
+    "manifest": "`manifest [URL]`: rebuild a store's parts index and manifest from its committed parts; "
+    "converts older stores",
     "train": "`train STAGE`: train one stage (prior, decoder, upsampler, ldm) with DeepSpeed from the store",
     "sample": "prompts -> images by the ldm and unCLIP chains; variations; interpolations",
     "eval": "score the trained stages on the store's held-out rows (eval.json + grid)",
     "export": "`export --out DIR`: every trained stage as diffusers folders, with a model card",
     "inspect": "`inspect [URL]`: summarise an embedding store (default: ROOT/store)",
     "demo": "the whole pipeline on the embedded default data set",
-    "launch": "`launch train STAGE --backend B`, `launch ingest|embed --address URL`, `launch status|stop JOB`: across nodes",
+    "launch": "`launch train STAGE --backend B`, `launch ingest|embed --address URL`, `launch status|stop JOB`: "
+    "across nodes",
 }
 
 # `unclip launch` flags, each a shorthand for a config key
@@ -50,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--resume-from", help="resume from this step_NNNNNNN folder (default: the run's newest)")
             p.add_argument(
                 "--init-from",
-                help="start from these weights: our step or run folder (its EMA), or public diffusers weights (a StableDiffusionPipeline or UnCLIPPipeline folder, one component's folder, or a hub repo id)",
+                help="start from these weights: our step or run folder (its EMA), or public diffusers weights "
+                "(a StableDiffusionPipeline or UnCLIPPipeline folder, one component's folder, or a hub repo id)",
             )
         if name == "encoders":
             p.add_argument("action", choices=["init", "fit"])
@@ -154,69 +165,95 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _dispatch(args: argparse.Namespace, cfg, log) -> int:
-    from models.base.configlib import to_dict, to_yaml
-
-    if args.command in ("encoders", "sample", "eval", "export", "demo"):
+def _dispatch(args: argparse.Namespace, cfg: Config, log: Log) -> int:
+    if args.command in _IN_PROCESS:
         from launch.environment import use_machine
 
         use_machine()  # the in-process work (fitting, sampling) on every usable core; ranks and actors set their own
+    return _HANDLERS[args.command](args, cfg, log)
 
-    if args.command == "ingest":
-        from data_pipeline import ingest
 
-        log(f"ingest: {cfg.ingest.url_list} -> {cfg.raw_url} (Ray: {cfg.ray.address or 'local'})")
-        summary = ingest.run(cfg.ingest, cfg.ray, cfg.raw_url, to_yaml(cfg), log=log)
-        log(
-            f"ingest: kept {summary['kept']} of {summary['input_rows']}; failed by reason {summary['failed_by_reason']}"
-        )
-    elif args.command == "encoders" and args.action == "init":
-        from models.encoders import write_tiny_encoders
+def _ingest(args: argparse.Namespace, cfg: Config, log: Log) -> int:
+    from data_pipeline import ingest
+    from models.base.configlib import to_yaml
 
-        log(f"encoders init: {write_tiny_encoders(cfg.encoders)}")
-    elif args.command == "encoders":
-        from launch.demo import fit_encoders
-
-        fit_encoders(cfg, log)
-    elif args.command == "embed":
-        from data_pipeline import embed
-
-        log(f"embed: {cfg.raw_url} -> {cfg.store_url} with {cfg.encoders.clip.model} / {cfg.encoders.vae.path}")
-        embed.run(cfg.encoders, cfg.embed, cfg.ray, cfg.raw_url, cfg.store_url, to_dict(cfg), log=log)
-    elif args.command == "train":
-        from launch.train import train_local
-
-        _say_trained(args.stage, train_local(cfg, args.stage, args.resume_from, args.init_from, log=log), log)
-    elif args.command == "sample":
-        from launch import sample
-
-        sample.run(cfg, log=log)
-    elif args.command == "eval":
-        from launch import evaluate
-
-        evaluate.run(cfg, log=log)
-    elif args.command == "export":
-        from launch import export
-
-        export.run(cfg, args.out, log=log)
-    elif args.command == "manifest":
-        from data_pipeline import store_writer
-
-        store_writer.rebuild(args.url or cfg.store_url, cfg.ray, log=log)
-    elif args.command == "inspect":
-        from data_pipeline.store import describe, open_store
-
-        print(describe(open_store(args.url or cfg.store_url), args.rows))
-    elif args.command == "demo":
-        from launch import demo
-
-        demo.run(cfg, args.workdir, log=log)
-    elif args.command == "launch":
-        return _launch(args, cfg, log)
+    log(f"ingest: {cfg.ingest.url_list} -> {cfg.raw_url} (Ray: {cfg.ray.address or 'local'})")
+    summary = ingest.run(cfg.ingest, cfg.ray, cfg.raw_url, to_yaml(cfg), log=log)
+    log(f"ingest: kept {summary['kept']} of {summary['input_rows']}; failed by reason {summary['failed_by_reason']}")
     return 0
 
 
-def _say_trained(stage: str, summary: dict | None, log) -> None:
+def _encoders(args: argparse.Namespace, cfg: Config, log: Log) -> int:
+    if args.action == "init":
+        from models.encoders import write_tiny_encoders
+
+        log(f"encoders init: {write_tiny_encoders(cfg.encoders)}")
+    else:
+        from launch.demo import fit_encoders
+
+        fit_encoders(cfg, log)
+    return 0
+
+
+def _embed(args: argparse.Namespace, cfg: Config, log: Log) -> int:
+    from data_pipeline import embed
+    from models.base.configlib import to_dict
+
+    log(f"embed: {cfg.raw_url} -> {cfg.store_url} with {cfg.encoders.clip.model} / {cfg.encoders.vae.path}")
+    embed.run(cfg.encoders, cfg.embed, cfg.ray, cfg.raw_url, cfg.store_url, to_dict(cfg), log=log)
+    return 0
+
+
+def _manifest(args: argparse.Namespace, cfg: Config, log: Log) -> int:
+    from data_pipeline import store_writer
+
+    store_writer.rebuild(args.url or cfg.store_url, cfg.ray, log=log)
+    return 0
+
+
+def _train(args: argparse.Namespace, cfg: Config, log: Log) -> int:
+    from launch.train import train_local
+
+    _say_trained(args.stage, train_local(cfg, args.stage, args.resume_from, args.init_from, log=log), log)
+    return 0
+
+
+def _sample(args: argparse.Namespace, cfg: Config, log: Log) -> int:
+    from launch import sample
+
+    sample.run(cfg, log=log)
+    return 0
+
+
+def _eval(args: argparse.Namespace, cfg: Config, log: Log) -> int:
+    from launch import evaluate
+
+    evaluate.run(cfg, log=log)
+    return 0
+
+
+def _export(args: argparse.Namespace, cfg: Config, log: Log) -> int:
+    from launch import export
+
+    export.run(cfg, args.out, log=log)
+    return 0
+
+
+def _inspect(args: argparse.Namespace, cfg: Config, log: Log) -> int:
+    from data_pipeline.store import describe, open_store
+
+    print(describe(open_store(args.url or cfg.store_url), args.rows))
+    return 0
+
+
+def _demo(args: argparse.Namespace, cfg: Config, log: Log) -> int:
+    from launch import demo
+
+    demo.run(cfg, args.workdir, log=log)
+    return 0
+
+
+def _say_trained(stage: str, summary: dict | None, log: Log) -> None:
     if not summary or summary.get("preempted") or "last_loss" not in summary:
         return
     if summary["first_loss"] is None:  # resumed at its last step: nothing left to train
@@ -225,7 +262,7 @@ def _say_trained(stage: str, summary: dict | None, log) -> None:
         log(f"train {stage}: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}; {summary['checkpoint']}")
 
 
-def _launch(args: argparse.Namespace, cfg, log) -> int:
+def _launch(args: argparse.Namespace, cfg: Config, log: Log) -> int:
     from launch import jobs
 
     if args.action == "train":
@@ -242,6 +279,24 @@ def _launch(args: argparse.Namespace, cfg, log) -> int:
         return 0 if jobs.status(cfg, args.target, log) in ("SUCCEEDED", "RUNNING", "PENDING") else 1
     jobs.stop(cfg, args.target, log)
     return 0
+
+
+# Each command's handler, which imports the command's modules when it runs (see the module's docstring)
+_HANDLERS: dict[str, Callable[[argparse.Namespace, Config, Log], int]] = {
+    "ingest": _ingest,
+    "encoders": _encoders,
+    "embed": _embed,
+    "manifest": _manifest,
+    "train": _train,
+    "sample": _sample,
+    "eval": _eval,
+    "export": _export,
+    "inspect": _inspect,
+    "demo": _demo,
+    "launch": _launch,
+}
+# The commands that compute in this process, on every usable core (see _dispatch)
+_IN_PROCESS = frozenset({"encoders", "sample", "eval", "export", "demo"})
 
 
 def run() -> None:

@@ -19,8 +19,9 @@ DIR/vae/, DIR/clip/     the frozen encoders, copied when they are local folders
 DIR/README.md           a model card: each stage's training config, how to load it, the store's identity
 
 `DiffusionPipeline.from_pretrained(DIR/ldm or DIR/unclip, trust_remote_code=True)(prompt, generator=...)`
-(no remote code for the standard pipelines) draws what `unclip sample` draws at the same seed, steps and guidance; each network alone, driven
-by its scheduler, gives the same outputs too (tests/test_pipeline.py checks both).
+(no remote code for the standard pipelines) draws what `unclip sample` draws at the same seed, steps and
+guidance; each network alone, driven by its scheduler, gives the same outputs too (tests/test_pipeline.py
+checks both).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import dataclasses
 import json
 import os
 import shutil
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
+import torch
 import yaml
 
 from data_pipeline.store import Store, open_store
@@ -40,22 +42,71 @@ from models import hf_text, ldm_pipeline, unclip_pipeline
 from models.assembly import modules_of
 from models.base import storage
 from models.base.configlib import read_yaml
+from models.config import DiffusionConfig
+from models.decoder import UnclipDecoder
 from models.diffusion import Diffusion
 from models.encoders import LOCAL_DIR, FrozenClip, vae_identity
 from models.ldm_pipeline import UnclipLdmPipeline
 from models.unclip_pipeline import UnclipChainPipeline
 from training.checkpoint import load_ema_model, read_latest
 
+if TYPE_CHECKING:
+    from diffusers.models.modeling_utils import ModelMixin
+    from diffusers.models.transformers.prior_transformer import PriorTransformer
+    from diffusers.models.unets.unet_2d import UNet2DModel
+    from diffusers.schedulers.scheduling_unclip import UnCLIPScheduler
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-def _stage_runs(cfg: Config) -> list[tuple[str, str, str]]:
-    """(stage, run, export folder name) of every trained stage the sample settings point at."""
-    found = [(s, cfg.sample.run, s) for s in ("prior", "decoder", "ldm") if read_latest(cfg.run_url(s, cfg.sample.run))]
-    found += [
-        ("upsampler", r, f"upsampler-{r}")
-        for r in cfg.sample.upsampler_runs
-        if read_latest(cfg.run_url("upsampler", r))
-    ]
+
+@dataclasses.dataclass(frozen=True)
+class LoadedStage:
+    """One trained stage as export loads it: its newest checkpoint's EMA network and diffusion."""
+
+    stage: str  # prior, decoder, upsampler or ldm
+    run: str
+    name: str  # its folder in the export: the stage, or upsampler-<run>
+    checkpoint: str  # the step folder it was loaded from
+    model: torch.nn.Module
+    info: dict[str, Any]  # the checkpoint's stage.json
+    diffusion_cfg: DiffusionConfig  # the diffusion it was trained with
+    diffusion: Diffusion  # that diffusion, sampled with sample.sampler
+
+    @property
+    def extras(self) -> dict[str, Any]:
+        return self.info["extras"]
+
+
+def _stage_runs(cfg: Config) -> list[tuple[str, str, str, str]]:
+    """(stage, run, export folder name, newest checkpoint) of every trained stage the sample settings
+    point at."""
+    wanted = [(s, cfg.sample.run, s) for s in ("prior", "decoder", "ldm")]
+    wanted += [("upsampler", r, f"upsampler-{r}") for r in cfg.sample.upsampler_runs]
+    found = []
+    for stage, run_name, name in wanted:
+        checkpoint = read_latest(cfg.run_url(stage, run_name))
+        if checkpoint:
+            found.append((stage, run_name, name, checkpoint))
     return found
+
+
+def _load(cfg: Config, stage: str, run_name: str, name: str, checkpoint: str) -> LoadedStage:
+    model, info = load_ema_model(checkpoint)
+    diffusion_cfg = recorded_diffusion(checkpoint, info)
+    return LoadedStage(
+        stage=stage,
+        run=run_name,
+        name=name,
+        checkpoint=checkpoint,
+        model=model,
+        info=info,
+        diffusion_cfg=diffusion_cfg,
+        diffusion=Diffusion(diffusion_cfg, cfg.sample.sampler),
+    )
+
+
+def _decoder(loaded: LoadedStage) -> UnclipDecoder:
+    """The decoder stage's network: models.assembly.rebuild assembles every decoder as an UnclipDecoder."""
+    return cast(UnclipDecoder, loaded.model)
 
 
 def run(cfg: Config, out: str, log=print) -> dict[str, Any]:
@@ -65,59 +116,59 @@ def run(cfg: Config, out: str, log=print) -> dict[str, Any]:
         raise FileNotFoundError(f"export: no trained stage under {cfg.root}/runs (run {cfg.sample.run})")
     exported: dict[str, Any] = {}
     card_sections = []
-    loaded = []
-    for stage, run_name, name in runs:
-        folder = read_latest(cfg.run_url(stage, run_name))
-        model, info = load_ema_model(folder)
-        diffusion_cfg = recorded_diffusion(folder, info)
-        loaded.append(
-            (stage, run_name, name, folder, model, info, diffusion_cfg, Diffusion(diffusion_cfg, cfg.sample.sampler))
-        )
+    loaded = [_load(cfg, *found) for found in runs]
     # the unCLIP chain, when it is whole, is one pipeline folder holding its networks
-    chain = [item for item in loaded if item[0] in ("prior", "decoder", "upsampler")]
-    whole = {item[0] for item in chain} >= {"prior", "decoder"} and sum(
-        item[0] == "upsampler" for item in chain
+    chain = [item for item in loaded if item.stage in ("prior", "decoder", "upsampler")]
+    whole = {item.stage for item in chain} >= {"prior", "decoder"} and sum(
+        item.stage == "upsampler" for item in chain
     ) <= MAX_SUPER_RES
     misfits = unclip_pipeline_misfits(cfg, chain) if whole else []
     chain_pipeline = "UnCLIPPipeline" if whole and not misfits else UnclipChainPipeline.__name__
     with storage.atomic_dir(out) as staging:
-        for stage, run_name, name, folder, model, info, diffusion_cfg, diffusion in loaded:
-            pipeline, where = None, name
-            if stage == "ldm":
-                pipeline = _ldm_pipeline(cfg, store, model, diffusion, info["extras"], os.path.join(staging, name))
+        for item in loaded:
+            pipeline, where = None, item.name
+            if item.stage == "ldm":
+                folder = os.path.join(staging, item.name)
+                pipeline = _ldm_pipeline(cfg, store, item.model, item.diffusion, item.extras, folder)
             elif whole:
                 pipeline, where = chain_pipeline, UNCLIP_FOLDER
             else:
-                for module_name, module in modules_of(model).items():
-                    module.save_pretrained(os.path.join(staging, name, module_name))
-                diffusion.make_scheduler(learned_variance=getattr(model, "learned_variance", False)).save_pretrained(
-                    os.path.join(staging, name, "scheduler")
+                for module_name, module in modules_of(item.model).items():
+                    # each is a diffusers model (models.assembly.module_class)
+                    cast("ModelMixin", module).save_pretrained(os.path.join(staging, item.name, module_name))
+                learned_variance = getattr(item.model, "learned_variance", False)
+                item.diffusion.make_scheduler(learned_variance=learned_variance).save_pretrained(
+                    os.path.join(staging, item.name, "scheduler")
                 )
             description = {
-                "stage": stage,
-                "run": run_name,
-                "checkpoint": folder,
-                "modules": list(info["modules"]),
-                "extras": info["extras"],
-                "diffusion": dataclasses.asdict(diffusion_cfg),
-                "null_condition": NULL_CONDITION[stage],
+                "stage": item.stage,
+                "run": item.run,
+                "checkpoint": item.checkpoint,
+                "modules": list(item.info["modules"]),
+                "extras": item.extras,
+                "diffusion": dataclasses.asdict(item.diffusion_cfg),
+                "null_condition": NULL_CONDITION[item.stage],
                 "pipeline": pipeline,
                 "folder": where,
             }
-            if where == name:
-                with open(os.path.join(staging, name, "unclip_stage.json"), "w") as f:
-                    json.dump(description, f, indent=2, default=str)
-            exported[name] = description
-            card_sections.append(_card_section(name, stage, folder, pipeline, where, misfits))
+            if where == item.name:
+                with open(os.path.join(staging, item.name, "unclip_stage.json"), "w") as f:
+                    f.write(storage.strict_json(description, indent=2, default=str))
+            exported[item.name] = description
+            card_sections.append(_card_section(item.name, item.stage, item.checkpoint, pipeline, where, misfits))
         if whole:
             build = _unclip_pipeline if misfits else _standard_unclip_pipeline
             build(cfg, store, chain, os.path.join(staging, UNCLIP_FOLDER))
             with open(os.path.join(staging, UNCLIP_FOLDER, "unclip_stages.json"), "w") as f:
-                json.dump(
-                    {**{item[2]: exported[item[2]] for item in chain}, "not_an_UnCLIPPipeline_because": misfits},
-                    f,
-                    indent=2,
-                    default=str,
+                f.write(
+                    storage.strict_json(
+                        {
+                            **{item.name: exported[item.name] for item in chain},
+                            "not_an_UnCLIPPipeline_because": misfits,
+                        },
+                        indent=2,
+                        default=str,
+                    )
                 )
         _copy_encoders(cfg, staging, exported)
         with open(os.path.join(staging, "README.md"), "w") as f:
@@ -153,7 +204,7 @@ def _name_components_by_module(folder: str, pipe, class_name: list[str] | None =
         if isinstance(value, list) and value[:1] == ["diffusers"] and not hasattr(diffusers, value[1]):
             described[component] = [type(getattr(pipe, component)).__module__, value[1]]
     with open(index, "w") as f:
-        json.dump(described, f, indent=2)
+        f.write(storage.strict_json(described, indent=2))
 
 
 # The decoder blocks to which UnCLIPPipeline's `attention_mask` is the text's mask: diffusers'
@@ -169,18 +220,14 @@ _TEXT_MASKED_BLOCKS = (
 )
 
 
-def unclip_pipeline_misfits(cfg: Config, chain: list[tuple]) -> list[str]:
+def unclip_pipeline_misfits(cfg: Config, chain: list[LoadedStage]) -> list[str]:
     """What keeps the whole unCLIP chain from being diffusers' UnCLIPPipeline, which draws as Karlo
     does: the UnCLIPScheduler for every network, the empty caption as unconditional text, the
     decoder's text mask, one upsampler (run as its first and last UNet) over an antialiased bicubic
     enlargement, on the last text layer. [] when it is one."""
-    by_stage = {item[0]: item for item in chain if item[0] != "upsampler"}
-    upsamplers = [item for item in chain if item[0] == "upsampler"]
-    prior_extras, dec, dec_extras = (
-        by_stage["prior"][5]["extras"],
-        by_stage["decoder"][4],
-        by_stage["decoder"][5]["extras"],
-    )
+    by_stage = {item.stage: item for item in chain if item.stage != "upsampler"}
+    upsamplers = [item for item in chain if item.stage == "upsampler"]
+    prior_extras, dec, dec_extras = by_stage["prior"].extras, _decoder(by_stage["decoder"]), by_stage["decoder"].extras
     unet = dec.unet.config
     found = []
     if cfg.sample.sampler != "unclip":
@@ -190,7 +237,8 @@ def unclip_pipeline_misfits(cfg: Config, chain: list[tuple]) -> list[str]:
     for stage, extras in (("prior", prior_extras), ("decoder", dec_extras)):
         if extras.get("null_text", "zeros") != "empty_caption":
             found.append(
-                f"{stage}.null_text is {extras.get('null_text', 'zeros')!r}: UnCLIPPipeline's unconditional text is the empty caption"
+                f"{stage}.null_text is {extras.get('null_text', 'zeros')!r}: "
+                "UnCLIPPipeline's unconditional text is the empty caption"
             )
     if not dec_extras.get("text_mask"):
         found.append("decoder.text_mask is off: UnCLIPPipeline masks the caption's padding")
@@ -208,44 +256,57 @@ def unclip_pipeline_misfits(cfg: Config, chain: list[tuple]) -> list[str]:
         )
     if len(upsamplers) != 1:
         found.append(f"{len(upsamplers)} upsamplers: UnCLIPPipeline runs exactly one")
-    elif upsamplers[0][5]["extras"].get("resize", "bicubic_clamped") != "bicubic_antialias":
+    elif upsamplers[0].extras.get("resize", "bicubic_clamped") != "bicubic_antialias":
         found.append("upsampler.resize is not bicubic_antialias, the enlargement UnCLIPPipeline gives its upsampler")
     return found
 
 
-def _standard_unclip_pipeline(cfg: Config, store: Store, chain: list[tuple], folder: str) -> None:
+def _standard_unclip_pipeline(cfg: Config, store: Store, chain: list[LoadedStage], folder: str) -> None:
     """The chain as diffusers' UnCLIPPipeline (`unclip_pipeline_misfits` found nothing against it):
     its one upsampler is both super_res_first and super_res_last, as one network ran every step."""
-    from diffusers import UnCLIPPipeline  # lazy: diffusers' pipelines load only for an export
+    # lazy: diffusers' pipelines load only for an export
+    from diffusers import UnCLIPPipeline  # pyright: ignore[reportPrivateImportUsage]  # diffusers exports it lazily
 
-    by_stage = {item[0]: item for item in chain}
-    dec, upsampler = by_stage["decoder"][4], by_stage["upsampler"][4]
+    by_stage = {item.stage: item for item in chain}
+    dec = _decoder(by_stage["decoder"])
+    upsampler = cast("UNet2DModel", by_stage["upsampler"].model)  # as models/upsampler.py builds it
     clip = store_clip(cfg, store)
     pipe = UnCLIPPipeline(
-        prior=by_stage["prior"][4],
+        prior=cast("PriorTransformer", by_stage["prior"].model),  # as models/prior.py builds it
         decoder=dec.unet,
         text_proj=dec.text_proj,
-        text_encoder=hf_text.text_encoder(clip),
+        text_encoder=cast("CLIPTextModelWithProjection", hf_text.text_encoder(clip)),
         tokenizer=hf_text.tokenizer(clip),
         super_res_first=upsampler,
         super_res_last=upsampler,
-        prior_scheduler=by_stage["prior"][7].make_scheduler(),
-        decoder_scheduler=by_stage["decoder"][7].make_scheduler(learned_variance=dec.learned_variance),
-        super_res_scheduler=by_stage["upsampler"][7].make_scheduler(),
+        prior_scheduler=_unclip_scheduler(by_stage["prior"]),
+        decoder_scheduler=_unclip_scheduler(by_stage["decoder"], learned_variance=dec.learned_variance),
+        super_res_scheduler=_unclip_scheduler(by_stage["upsampler"]),
     )
     pipe.save_pretrained(folder)
     _name_components_by_module(folder, pipe)
 
 
-def _unclip_pipeline(cfg: Config, store: Store, chain: list[tuple], folder: str) -> None:
+def _unclip_scheduler(item: LoadedStage, learned_variance: bool = False) -> UnCLIPScheduler:
+    """A stage's scheduler in a chain exported as an UnCLIPPipeline: an UnCLIPScheduler, as
+    `unclip_pipeline_misfits` found sample.sampler to be unclip."""
+    return cast("UnCLIPScheduler", item.diffusion.make_scheduler(learned_variance=learned_variance))
+
+
+def _unclip_pipeline(cfg: Config, store: Store, chain: list[LoadedStage], folder: str) -> None:
     """prior -> decoder -> upsamplers (in sample.upsampler_runs' order) as one custom pipeline
     (models/unclip_pipeline.py) with the store's CLIP text encoder and, for a latent decoder, its VAE."""
-    from diffusers import AutoencoderKL  # lazy: diffusers' models load only for an export
+    # lazy: diffusers' models load only for an export
+    from diffusers import AutoencoderKL  # pyright: ignore[reportPrivateImportUsage]  # diffusers exports it lazily
 
-    by_stage = {item[0]: item for item in chain if item[0] != "upsampler"}
-    upsamplers = [item for item in chain if item[0] == "upsampler"]
-    prior_model, prior_diffusion = by_stage["prior"][4], by_stage["prior"][7]
-    dec, dec_extras, dec_diffusion = by_stage["decoder"][4], by_stage["decoder"][5]["extras"], by_stage["decoder"][7]
+    by_stage = {item.stage: item for item in chain if item.stage != "upsampler"}
+    upsamplers = [item for item in chain if item.stage == "upsampler"]
+    prior_model, prior_diffusion = by_stage["prior"].model, by_stage["prior"].diffusion
+    dec, dec_extras, dec_diffusion = (
+        _decoder(by_stage["decoder"]),
+        by_stage["decoder"].extras,
+        by_stage["decoder"].diffusion,
+    )
     clip = store_clip(cfg, store)
     vae = None
     if dec.latent:
@@ -253,7 +314,7 @@ def _unclip_pipeline(cfg: Config, store: Store, chain: list[tuple], folder: str)
         vae = AutoencoderKL.from_pretrained(cfg.encoders.vae.path, subfolder=cfg.encoders.vae.subfolder)
     super_res = {}
     for i, item in enumerate(upsamplers):
-        super_res[f"super_res_{i}"], super_res[f"super_res_{i}_scheduler"] = item[4], item[7].make_scheduler()
+        super_res[f"super_res_{i}"], super_res[f"super_res_{i}_scheduler"] = item.model, item.diffusion.make_scheduler()
     pipe = UnclipChainPipeline(
         text_encoder=hf_text.text_encoder(clip),
         tokenizer=hf_text.tokenizer(clip),
@@ -266,10 +327,10 @@ def _unclip_pipeline(cfg: Config, store: Store, chain: list[tuple], folder: str)
         **super_res,
         text_layer=cfg.encoders.clip.text_layer,
         decoder_latent_scale=dec_extras.get("latent_scale") if dec.latent else None,
-        prior_null_text=by_stage["prior"][5]["extras"].get("null_text", "zeros"),
+        prior_null_text=by_stage["prior"].extras.get("null_text", "zeros"),
         decoder_null_text=dec_extras.get("null_text", "zeros"),
         decoder_text_mask=bool(dec_extras.get("text_mask")),
-        super_res_resize=[item[5]["extras"].get("resize", "bicubic_clamped") for item in upsamplers]
+        super_res_resize=[item.extras.get("resize", "bicubic_clamped") for item in upsamplers]
         + ["bicubic_clamped"] * (MAX_SUPER_RES - len(upsamplers)),
     )
     pipe.save_pretrained(folder)
@@ -282,7 +343,8 @@ def _ldm_pipeline(cfg: Config, store: Store, unet, diffusion: Diffusion, extras:
     Diffusion is (the text states alone, the empty caption's as unconditional) it is a
     `StableDiffusionPipeline`; else our own (models/ldm_pipeline.py, shipped beside it, which
     `trust_remote_code=True` loads). Returns the pipeline's class name."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline  # lazy: diffusers' pipelines load only for an export
+    # lazy: diffusers' pipelines load only for an export (the ignore: diffusers exports them lazily)
+    from diffusers import AutoencoderKL, StableDiffusionPipeline  # pyright: ignore[reportPrivateImportUsage]
 
     clip = store_clip(cfg, store)
     check_identity("vae", store.manifest["encoders"]["vae"], vae_identity(cfg.encoders.vae))
@@ -292,9 +354,10 @@ def _ldm_pipeline(cfg: Config, store: Store, unet, diffusion: Diffusion, extras:
         vae.register_to_config(scaling_factor=extras["latent_scale"])  # what the pipeline divides latents by
         pipe = StableDiffusionPipeline(
             **common,
-            text_encoder=hf_text.stable_diffusion_text_encoder(clip),
-            safety_checker=None,
-            feature_extractor=None,
+            text_encoder=cast("CLIPTextModel", hf_text.stable_diffusion_text_encoder(clip)),
+            # diffusers' documented way to leave the safety checker out, though its types say otherwise
+            safety_checker=None,  # pyright: ignore[reportArgumentType]
+            feature_extractor=None,  # pyright: ignore[reportArgumentType]
             requires_safety_checker=False,
         )
         pipe.save_pretrained(folder)
@@ -326,10 +389,12 @@ def _card_section(name: str, stage: str, folder: str, pipeline: str | None, wher
     trained_with = read_yaml(storage.join(folder, "config.yaml"))
     settings = yaml.safe_dump({stage: trained_with.get(stage), "train": trained_with.get("train")}, sort_keys=False)
     load = {
-        "StableDiffusionPipeline": f"A standard `StableDiffusionPipeline`: `StableDiffusionPipeline.from_pretrained('{where}')`.",
+        "StableDiffusionPipeline": "A standard `StableDiffusionPipeline`: "
+        f"`StableDiffusionPipeline.from_pretrained('{where}')`.",
         UnclipLdmPipeline.__name__: f"A custom pipeline (its conditioning is unclip's): "
         f"`DiffusionPipeline.from_pretrained('{where}', trust_remote_code=True)`.",
-        "UnCLIPPipeline": f"Part of the unCLIP chain as a standard `UnCLIPPipeline`: `UnCLIPPipeline.from_pretrained('{where}')`.",
+        "UnCLIPPipeline": "Part of the unCLIP chain as a standard `UnCLIPPipeline`: "
+        f"`UnCLIPPipeline.from_pretrained('{where}')`.",
         UnclipChainPipeline.__name__: f"Part of the unCLIP chain's custom pipeline, not an `UnCLIPPipeline` because "
         f"{'; '.join(misfits)}: `DiffusionPipeline.from_pretrained('{where}', trust_remote_code=True)`.",
         None: "Diffusers networks with the scheduler they sample with: see `unclip_stage.json`.",
@@ -338,14 +403,18 @@ def _card_section(name: str, stage: str, folder: str, pipeline: str | None, wher
 
 
 NULL_CONDITION = {
-    "prior": "text dropped: zero text embedding and tokens, full attention mask (extras.null_text zeros), or the empty caption's (empty_caption)",
-    "decoder": "image embedding dropped: text_proj.learned_classifier_free_guidance_embeddings; text dropped: zero text embedding and tokens "
-    "(extras.null_text zeros) or the empty caption's (empty_caption); with extras.text_mask the unet's encoder_attention_mask is "
-    "[context tokens: true, then the caption's mask]; the unet sees pixel_unshuffle(image, p) and its output goes through pixel_shuffle(., p), p = sqrt(unet.in_channels / 3); "
-    "with extras.latent_channels it draws VAE latents instead (p = 1): pictures are vae.decode(latents / extras.latent_scale)",
-    "upsampler": "not conditioned on text; input is [noisy high-res, low-res enlarged as extras.resize says] on the channel axis",
-    "ldm": "encoder_hidden_states: clip_text_tokens, then clip_text_emb as one more token when extras.text_embedding_token; "
-    "text dropped: all zeros",
+    "prior": "text dropped: zero text embedding and tokens, full attention mask (extras.null_text zeros), "
+    "or the empty caption's (empty_caption)",
+    "decoder": "image embedding dropped: text_proj.learned_classifier_free_guidance_embeddings; "
+    "text dropped: zero text embedding and tokens (extras.null_text zeros) or the empty caption's (empty_caption); "
+    "with extras.text_mask the unet's encoder_attention_mask is [context tokens: true, then the caption's mask]; "
+    "the unet sees pixel_unshuffle(image, p) and its output goes through pixel_shuffle(., p), "
+    "p = sqrt(unet.in_channels / 3); with extras.latent_channels it draws VAE latents instead (p = 1): "
+    "pictures are vae.decode(latents / extras.latent_scale)",
+    "upsampler": "not conditioned on text; input is [noisy high-res, low-res enlarged as extras.resize says] "
+    "on the channel axis",
+    "ldm": "encoder_hidden_states: clip_text_tokens, then clip_text_emb as one more token when "
+    "extras.text_embedding_token; text dropped: all zeros",
 }
 
 
@@ -375,8 +444,6 @@ def model_card(manifest: dict[str, Any], sections: list[str]) -> str:
         "diffusion), as diffusers folders. `ldm/` is a whole text-to-image pipeline: a `StableDiffusionPipeline` "
         "when it is conditioned as Stable Diffusion is, else a custom one (loaded with `trust_remote_code=True`); "
         "each section below says which. Load each other stage's networks with `from_pretrained` and drive "
-        "them with the `scheduler` folder beside them; `unclip_stage.json` says how each is conditioned.\n\n## Data\n\n```json\n"
-        + json.dumps(identity, indent=2)
-        + "\n```\n\n"
-        + "\n".join(sections)
+        "them with the `scheduler` folder beside them; `unclip_stage.json` says how each is conditioned."
+        "\n\n## Data\n\n```json\n" + storage.strict_json(identity, indent=2) + "\n```\n\n" + "\n".join(sections)
     )

@@ -20,11 +20,13 @@ class ClipConfig:
     # CLIP's tokenizer (Stable Diffusion 1.x, Karlo) pads with the end-of-text token.
     text_layer: Literal["last", "penultimate"] = option(
         "last",
-        doc="the text layer that becomes clip_text_tokens: the last, or the penultimate through the final layer norm (SD 2.x)",
+        doc="the text layer that becomes clip_text_tokens: the last, or the penultimate through the final layer norm "
+        "(SD 2.x)",
     )
     text_padding: Literal["zeros", "eos"] = option(
         "zeros",
-        doc="what fills the tokens after a caption's end-of-text token: zeros (open_clip, SD 2.x) or end-of-text (OpenAI CLIP, SD 1.x, Karlo)",
+        doc="what fills the tokens after a caption's end-of-text token: zeros (open_clip, SD 2.x) or end-of-text "
+        "(OpenAI CLIP, SD 1.x, Karlo)",
     )
 
 
@@ -106,6 +108,12 @@ class DiffusionConfig:
     )
 
 
+def _check_block_channels(key: str, channels: list[int]) -> None:
+    """A UNet's block_channels (ldm, decoder): one level per entry, at least one, each a multiple of 8."""
+    if not channels or any(c < 8 or c % 8 for c in channels):
+        raise ValueError(f"config key '{key}': expected multiples of 8, at least one, got {channels}")
+
+
 # What dropped text becomes in training, and the unconditional input of guidance in sampling: all
 # zeros (our default), or the empty caption's states, as Stable Diffusion and Karlo were trained
 # (their pipelines encode "" for it); the store keeps the empty caption's embedding for training.
@@ -158,10 +166,7 @@ class LdmConfig:
     diffusion: DiffusionConfig = option(factory=lambda: DiffusionConfig(prediction="v", loss_weighting="min_snr"))
 
     def validate(self) -> None:
-        if not self.block_channels or any(c < 8 or c % 8 for c in self.block_channels):
-            raise ValueError(
-                f"config key 'ldm.block_channels': expected multiples of 8, at least one, got {self.block_channels}"
-            )
+        _check_block_channels("ldm.block_channels", self.block_channels)
 
 
 @dataclass
@@ -210,10 +215,7 @@ class DecoderConfig:
     diffusion: DiffusionConfig = option(factory=lambda: DiffusionConfig(prediction="v", loss_weighting="min_snr"))
 
     def validate(self) -> None:
-        if not self.block_channels or any(c < 8 or c % 8 for c in self.block_channels):
-            raise ValueError(
-                f"config key 'decoder.block_channels': expected multiples of 8, at least one, got {self.block_channels}"
-            )
+        _check_block_channels("decoder.block_channels", self.block_channels)
 
 
 @dataclass
@@ -244,7 +246,8 @@ class UpsamplerConfig:
             )
         if self.crop and (self.crop > self.high or self.crop % (self.high // self.low)):
             raise ValueError(
-                f"config key 'upsampler.crop': expected 0 or a side <= {self.high} divisible by {self.high // self.low}, got {self.crop}"
+                f"config key 'upsampler.crop': expected 0 or a side <= {self.high} divisible by "
+                f"{self.high // self.low}, got {self.crop}"
             )
         if len(self.blur_sigma) != 2 or not 0 <= self.blur_sigma[0] <= self.blur_sigma[1]:
             raise ValueError(
