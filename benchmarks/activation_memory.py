@@ -53,7 +53,7 @@ def arm(work: str, checkpointing: str, batch_size: int, passes: int) -> dict:
     batch = {k: torch.from_numpy(v[:batch_size].copy()) for k, v in data.items()}
     before = rss_bytes()
     times, losses = [], []
-    for i in range(passes):
+    for _ in range(passes):
         started = time.perf_counter()
         loss = stage.loss(model, batch, step_generator(0, 0, 0, 0))
         loss.backward()
@@ -69,7 +69,7 @@ def arm(work: str, checkpointing: str, batch_size: int, passes: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--passes", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
@@ -78,10 +78,12 @@ def main() -> None:
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.arm:
-        print(json.dumps(arm(args.work, args.arm, args.batch_size, args.passes)))
+        from models.base import storage
+
+        print(storage.strict_json(arm(args.work, args.arm, args.batch_size, args.passes)))
         return
 
-    from tests.storefactory import make_store
+    from tests.support.storefactory import make_store
 
     work = tempfile.mkdtemp(prefix="unclip-bench-activations-")
     make_store(os.path.join(work, "store"), (args.batch_size,), latent=(4, 32, 32))
@@ -120,14 +122,16 @@ def main() -> None:
     for which in ("blocks", "selective"):
         memory = median(which, "peak_above_start_bytes") / median("off", "peak_above_start_bytes")
         seconds = median(which, "seconds_per_pass") / median("off", "seconds_per_pass")
-        same = all(a["loss"] == b["loss"] for a, b in zip(runs["off"], runs[which]))
+        same = all(a["loss"] == b["loss"] for a, b in zip(runs["off"], runs[which], strict=True))
         result[which] = {"memory_ratio": memory, "time_ratio": seconds, "same_loss": same}
         print(
-            f"{which} / without: peak memory {memory:.2f}x (target <= 0.6), step time {seconds:.2f}x (target <= 1.35); same first loss: {same}"
+            f"{which} / without: peak memory {memory:.2f}x (target <= 0.6), "
+            f"step time {seconds:.2f}x (target <= 1.35); same first loss: {same}"
         )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        from models.base import storage
+
+        storage.write_json(args.json, result)
 
 
 if __name__ == "__main__":

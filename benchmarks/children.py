@@ -37,11 +37,12 @@ def scratch(workdir: str | None, prefix: str) -> Iterator[str]:
 
 def save_report(path: str | None, report: dict) -> None:
     if path:
-        with open(path, "w") as f:
-            json.dump(report, f, indent=2)
+        from models.base import storage  # lazy: the scale scripts put the repository on sys.path first
+
+        storage.write_json(path, report)
 
 
-def parser(doc: str) -> argparse.ArgumentParser:
+def parser(doc: str | None) -> argparse.ArgumentParser:
     """The scale benchmarks' command line: their own flags go on this one."""
     parsed = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parsed.add_argument("--workdir", default=None, help="keep the generated data here (default: a temporary folder)")

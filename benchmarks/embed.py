@@ -11,7 +11,6 @@ prints samples/s of each, their ratio (target >= 0.85) and stored bytes per samp
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -78,7 +77,7 @@ def decoded_batches(cfg, records, site: str):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--images", type=int, default=1536)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -145,12 +144,12 @@ def main() -> None:
     for name, b in sorted(bytes_per_sample.items(), key=lambda kv: -kv[1]):
         print(f"  {name:<18} {b:10.1f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {"samples_per_s": rate, "ratio": ratio, "bytes_per_sample": bytes_per_sample, "images": args.images},
-                f,
-                indent=2,
-            )
+        from models.base import storage
+
+        storage.write_json(
+            args.json,
+            {"samples_per_s": rate, "ratio": ratio, "bytes_per_sample": bytes_per_sample, "images": args.images},
+        )
 
 
 if __name__ == "__main__":

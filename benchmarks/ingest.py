@@ -70,7 +70,7 @@ def unclip_ingest(url_list: str, out: str, args: argparse.Namespace) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--images", type=int, default=2400)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--shard-size", type=int, default=300)
@@ -103,7 +103,8 @@ def main() -> None:
                 times[name].append(time.time() - started)
                 shutil.rmtree(out)
                 print(
-                    f"round {round_ + 1}: {name:<14} {times[name][-1]:6.1f}s  {kept[name] / times[name][-1]:7.0f} images/s",
+                    f"round {round_ + 1}: {name:<14} {times[name][-1]:6.1f}s  "
+                    f"{kept[name] / times[name][-1]:7.0f} images/s",
                     flush=True,
                 )
     shutil.rmtree(work, ignore_errors=True)
@@ -130,8 +131,9 @@ def main() -> None:
         f"{result['wall_ratio_with_local_ray_start']:.3f}"
     )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        from models.base import storage
+
+        storage.write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ and the largest/smallest ratio of each. Targets: driver RSS and s/M rows at the 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -27,8 +26,8 @@ import time
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import children  # noqa: E402
-from benchmarks.children import peak_rss, save_report, scratch  # noqa: E402
+from benchmarks import children
+from benchmarks.children import peak_rss, save_report, scratch
 
 GB = 2**30
 WORDS = "a the photo of red blue green dog cat house tree car on in with at beach city night portrait vintage".split()
@@ -73,6 +72,7 @@ def generate_hashes(raw_url: str, millions: float, shard_size: int, seed: int) -
     downloads repeat an earlier image, ~10% failed. Returns the shard count."""
     import numpy as np
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from data_pipeline import dedup, raw
@@ -92,7 +92,7 @@ def generate_hashes(raw_url: str, millions: float, shard_size: int, seed: int) -
         table = pa.table(
             {
                 "uid": dedup.to_hex(rng.integers(0, 256, (n, 12), dtype=np.uint8), 12),
-                "sha256": pa.compute.if_else(pa.array(ok), sha, pa.scalar(None, pa.string())),
+                "sha256": pc.if_else(pa.array(ok), sha, pa.scalar(None, pa.string())),
                 "status": pa.array(np.where(ok, "success", "failed_to_download")),
             }
         )
@@ -176,7 +176,11 @@ def check_content(raw_url: str, shards: int, buckets: int, sample: int) -> dict:
         path = raw.shard_file(raw_url, shard, raw.DUPLICATES_SUFFIX)
         if storage.exists(path):
             t = pq.read_table(path)
-            found.update((u, d) for u, d in zip(t["uid"].to_pylist(), t["duplicate_of"].to_pylist()) if u in in_sample)
+            found.update(
+                (u, d)
+                for u, d in zip(t["uid"].to_pylist(), t["duplicate_of"].to_pylist(), strict=True)
+                if u in in_sample
+            )
     return {
         "buckets_checked": len(chosen),
         "rows_checked": len(in_sample),
@@ -207,7 +211,9 @@ def main() -> None:
             "generate-hashes": lambda: {"shards": generate_hashes(rest[0], float(rest[1]), int(rest[2]), 0)},
             "check": lambda: check_content(rest[0], int(rest[1]), int(rest[2]), 4),
         }[kind]()
-        print(json.dumps(result))
+        from models.base import storage
+
+        print(storage.strict_json(result))
         return
 
     sizes = [float(s) for s in args.sizes.split(",")]
@@ -231,7 +237,8 @@ def main() -> None:
         driver = large["driver_rss"] / small["driver_rss"]
         largest_task = max(r["task_rss"] for r in rows.values())
         print(
-            f"{sizes[-1]:g}M/{sizes[0]:g}M: s/M rows {per_row:.2f} (target <= 1.2), driver RSS {driver:.2f} (target <= 1.2), "
+            f"{sizes[-1]:g}M/{sizes[0]:g}M: s/M rows {per_row:.2f} (target <= 1.2), "
+            f"driver RSS {driver:.2f} (target <= 1.2), "
             f"largest task {largest_task / GB:.2f} GB (target <= 2)"
         )
         report = {"sizes": rows, "per_row_ratio": per_row, "driver_rss_ratio": driver, "largest_task_rss": largest_task}
@@ -242,7 +249,8 @@ def main() -> None:
             content = _child("content", raw_url, str(shards), str(shard_size))
             check = _child("check", raw_url, str(shards), str(content["buckets"]))
             print(
-                f"content dedup {args.hashes:g}M hashes: {content['seconds'] / args.hashes:.2f} s/M, {content['duplicates']:,} repeats, "
+                f"content dedup {args.hashes:g}M hashes: {content['seconds'] / args.hashes:.2f} s/M, "
+                f"{content['duplicates']:,} repeats, "
                 f"driver {content['driver_rss'] / 2**20:.0f} MB, largest task {content['task_rss'] / 2**20:.0f} MB; "
                 f"{check['buckets_checked']} of {content['buckets']} buckets ({check['rows_checked']:,} rows, "
                 f"{check['repeats_checked']:,} repeats) {'equal to' if check['equal'] else 'DIFFER FROM'} the reference"

@@ -10,7 +10,6 @@ tensors, background prefetch). Rounds alternate; prints rows/s of each and the r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -52,7 +51,7 @@ def loader_epoch(store, batch_size: int) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rows", type=int, default=40000)
     parser.add_argument("--part-rows", type=int, default=5000)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -61,7 +60,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from data_pipeline.store import open_store
-    from tests.storefactory import make_store
+    from tests.support.storefactory import make_store
     from training import data  # noqa: F401 - imports torch now, not inside the first timed epoch
 
     work = tempfile.mkdtemp(prefix="unclip-bench-loader-")
@@ -82,8 +81,9 @@ def main() -> None:
     ratio = rate["StoreLoader"] / rate["bare pyarrow scan"]
     print(f"\nloader / bare scan: {ratio:.3f} (target >= 0.8)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows_per_s": rate, "ratio": ratio, "columns": COLUMNS}, f, indent=2)
+        from models.base import storage
+
+        storage.write_json(args.json, {"rows_per_s": rate, "ratio": ratio, "columns": COLUMNS})
 
 
 if __name__ == "__main__":

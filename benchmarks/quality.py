@@ -42,7 +42,7 @@ def held_out_pairs(store) -> tuple[np.ndarray, list[str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--workdir", default="quality-run")
     parser.add_argument("--reuse", action="store_true", help="score the demo already in --workdir")
     parser.add_argument("--rescore", action="store_true", help="with --reuse: run `unclip eval` again first")
@@ -54,6 +54,7 @@ def main() -> None:
     from data_pipeline.synthetic_quality import clip_retrieval, vae_psnr
     from launch import config as config_mod
     from launch import demo, evaluate
+    from models.base import storage
     from models.base.configlib import read_yaml
     from models.metrics import guidance_gain
 
@@ -87,12 +88,14 @@ def main() -> None:
         for key, scores in ((f"{chain}@{scale}", on), (f"{chain}@1", off)):
             if "prompt_following" not in scores:
                 raise SystemExit(
-                    f"{workdir}: eval.json has no prompt following for {key} (eval.unguided_baseline off, or captions not the generator's)"
+                    f"{workdir}: eval.json has no prompt following for {key} "
+                    "(eval.unguided_baseline off, or captions not the generator's)"
                 )
             result["prompt_following"][key] = scores["prompt_following"]
         result["guidance_off_vs_on"][chain] = guidance_gain(off, on)
     result["grid"] = evaluation["reading_grid"]
-    # against eval.reference_rows training images; eval.json from before reference_rows measured against the held-out rows
+    # against eval.reference_rows training images; eval.json from before reference_rows measured
+    # against the held-out rows
     result["frechet_reference"] = evaluation.get(
         "frechet_reference", {"split": "heldout", "rows": evaluation["heldout_rows"]}
     )
@@ -102,17 +105,20 @@ def main() -> None:
     print(f"{'VAE PSNR on held-out images (dB)':50s} {result['vae_psnr_db']:10.1f} {'>= 25':>8s}")
     print(f"{'CLIP top-1 among one-attribute-away captions':50s} {result['clip_top1']:10.1%} {'>= 90%':>8s}")
     print(
-        f"{'prior cosine (text-embedding baseline)':50s} {result['prior_cosine']:6.3f} ({result['prior_text_baseline']:.3f})"
+        f"{'prior cosine (text-embedding baseline)':50s} {result['prior_cosine']:6.3f} "
+        f"({result['prior_text_baseline']:.3f})"
     )
     for key, hits in result["prompt_following"].items():
         print(
-            f"{'following ' + key + ': shape / colour / bg':50s} {hits['shape']:.0%} / {hits['color']:.0%} / {hits['background']:.0%}"
+            f"{'following ' + key + ': shape / colour / bg':50s} "
+            f"{hits['shape']:.0%} / {hits['color']:.0%} / {hits['background']:.0%}"
         )
     for chain, gain in result["guidance_off_vs_on"].items():
         follow, clip_score, distance = gain["prompt_following_mean"], gain["clip_score"], gain["frechet_distance_clip"]
         print(
-            f"guidance off -> on, {chain}: following {follow[0]:.0%} -> {follow[1]:.0%}, CLIP score {clip_score[0]:.3f} -> "
-            f"{clip_score[1]:.3f}, Fréchet distance {distance[0]:.1f} -> {distance[1]:.1f}: "
+            f"guidance off -> on, {chain}: following {follow[0]:.0%} -> {follow[1]:.0%}, "
+            f"CLIP score {clip_score[0]:.3f} -> {clip_score[1]:.3f}, "
+            f"Fréchet distance {distance[0]:.1f} -> {distance[1]:.1f}: "
             + ("beats unguided" if gain["beats_unguided"] else "does NOT beat unguided")
         )
     reference = result["frechet_reference"]
@@ -121,8 +127,7 @@ def main() -> None:
         + (f"; the real held-out images read {real_distance:.1f}" if real_distance is not None else "")
     )
     print("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result["phases_wall_s"].items()))
-    with open(os.path.join(workdir, "quality.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    storage.write_json(os.path.join(workdir, "quality.json"), result)
     print(f"quality.json and {result['grid']}")
 
 

@@ -17,7 +17,6 @@ driver receives <= 4 KB per part, the same at both part sizes.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -29,8 +28,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import children  # noqa: E402
-from benchmarks.children import peak_rss, save_report, scratch  # noqa: E402
+from benchmarks import children
+from benchmarks.children import peak_rss, save_report, scratch
 
 MB = 2**20
 
@@ -52,19 +51,27 @@ def generate_index(store_url: str, parts: int, rows_per_part: int, stats_dim: in
     }
     folder = storage.join(store_url, "parts-0000beef")
     slices = -(-parts // INDEX_SLICE)
-    for s in range(slices):
-        ids = np.arange(s * INDEX_SLICE, min((s + 1) * INDEX_SLICE, parts))
-        n = len(ids)
-        one = lambda values: pa.ListArray.from_arrays(np.arange(n + 1, dtype=np.int32), pa.array(values, pa.int32()))  # noqa: E731
-        blobs = lambda width: pa.BinaryArray.from_buffers(
+
+    def one(values: np.ndarray) -> pa.ListArray:
+        """A list column with the one value of each row in its list."""
+        n = len(values)
+        return pa.ListArray.from_arrays(np.arange(n + 1, dtype=np.int32), pa.array(values, pa.int32()))
+
+    def blobs(n: int, width: int) -> pa.BinaryArray:
+        """`n` random binary values of `width` bytes each."""
+        return pa.BinaryArray.from_buffers(
             pa.binary(),
             n,
             [
                 None,
-                pa.py_buffer(np.arange(0, (n + 1) * width, width, dtype=np.int32)),  # noqa: E731
+                pa.py_buffer(np.arange(0, (n + 1) * width, width, dtype=np.int32)),
                 pa.py_buffer(rng.random(n * width // 8).tobytes()),
             ],
         )
+
+    for s in range(slices):
+        ids = np.arange(s * INDEX_SLICE, min((s + 1) * INDEX_SLICE, parts))
+        n = len(ids)
         table = {
             "part": pa.array(ids),
             "file": pa.array([f"part-{i:05d}.parquet" for i in ids]),
@@ -76,11 +83,11 @@ def generate_index(store_url: str, parts: int, rows_per_part: int, stats_dim: in
             "source": pa.array([f"{i:05d}.tar" for i in ids]),
             **{f"bytes:{c}": pa.array(rng.integers(1000, 100_000, n)) for c in [*store.BASE_COLUMNS, *specs]},
             "count:clip_image_emb": pa.array(np.full(n, rows_per_part)),
-            "sum:clip_image_emb": blobs(8 * stats_dim),
-            "sumsq:clip_image_emb": blobs(8 * stats_dim),
+            "sum:clip_image_emb": blobs(n, 8 * stats_dim),
+            "sumsq:clip_image_emb": blobs(n, 8 * stats_dim),
             "count:vae_latent": pa.array(np.full(n, rows_per_part * 4096)),
-            "sum:vae_latent": blobs(8),
-            "sumsq:vae_latent": blobs(8),
+            "sum:vae_latent": blobs(n, 8),
+            "sumsq:vae_latent": blobs(n, 8),
         }
         with storage.atomic_open(storage.join(folder, f"{s:05d}.parquet")) as sink:
             pq.write_table(pa.table(table), sink)
@@ -115,7 +122,7 @@ def child_layout(store_url: str) -> dict:
     base = psutil.Process().memory_info().rss
     started = time.time()
     opened = store.open_store(store_url)
-    opened.index  # the layout columns of every slice, as arrays
+    _ = opened.index  # the layout columns of every slice, as arrays
     index_s = time.time() - started
     loader = StoreLoader(opened, ["clip_image_emb"], batch_size=64, seed=0, rank=0, world_size=8)
     startup_s = time.time() - started  # the index included: what a rank waits before its first read
@@ -182,7 +189,9 @@ def main() -> None:
             "layout": lambda: child_layout(rest[0]),
             "embed": lambda: child_embed(rest[0], int(rest[1])),
         }[kind]()
-        print(json.dumps(result))
+        from models.base import storage
+
+        print(storage.strict_json(result))
         return
 
     report: dict = {"layout": {}, "embed": {}}
@@ -194,22 +203,26 @@ def main() -> None:
             r = report["layout"][f"{millions:g}M"] = _child("layout", url)
             shutil.rmtree(url, ignore_errors=True)
             print(
-                f"{millions:>6g}M rows ({parts:,} parts): index {r['index_bytes'] / MB:,.0f} MB, layout columns loaded in {r['index_s']:.2f} s; "
+                f"{millions:>6g}M rows ({parts:,} parts): index {r['index_bytes'] / MB:,.0f} MB, "
+                f"layout columns loaded in {r['index_s']:.2f} s; "
                 f"loader rank 0 of 8: layout {r['layout_bytes'] / MB:.0f} MB, start-up {r['startup_s']:.2f} s",
                 flush=True,
             )
         for size in [int(s) for s in args.part_sizes.split(",")]:
             r = report["embed"][size] = _child("embed", workdir, str(size))
             print(
-                f"embed, parts of {size} images: {r['parts']} parts, the driver received {r['bytes_per_part']:.0f} bytes a part",
+                f"embed, parts of {size} images: {r['parts']} parts, "
+                f"the driver received {r['bytes_per_part']:.0f} bytes a part",
                 flush=True,
             )
         largest = report["layout"][max(report["layout"], key=lambda k: float(k[:-1]))]
         sizes = [r["bytes_per_part"] for r in report["embed"].values()]
         print(
-            f"largest store: layout {largest['layout_bytes'] / MB:.0f} MB (target <= 256), start-up {largest['startup_s']:.2f} s "
-            f"(target <= 10), index load {largest['index_s']:.2f} s (target <= 2); driver {max(sizes):.0f} bytes a part "
-            f"(target <= 4096), {max(sizes) / min(sizes):.2f}x across part sizes"
+            f"largest store: layout {largest['layout_bytes'] / MB:.0f} MB (target <= 256), "
+            f"start-up {largest['startup_s']:.2f} s (target <= 10), "
+            f"index load {largest['index_s']:.2f} s (target <= 2); "
+            f"driver {max(sizes):.0f} bytes a part (target <= 4096), "
+            f"{max(sizes) / min(sizes):.2f}x across part sizes"
         )
         save_report(args.json, report)
 

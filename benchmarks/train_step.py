@@ -124,7 +124,7 @@ def model_flops(stage_model_batch) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -141,7 +141,7 @@ def main() -> None:
     import torch
 
     from launch import config
-    from tests.storefactory import make_store
+    from tests.support.storefactory import make_store
 
     work = tempfile.mkdtemp(prefix="unclip-bench-step-")
     # SD-like proportions: latents 4x32x32 (256 px images), so compute, not bookkeeping, dominates
@@ -192,11 +192,11 @@ def main() -> None:
     if compiled:
         result["compiled_over_eager_engine"] = step["engine"] / step["eager engine"]
         result["max_relative_loss_difference"] = max(
-            abs(a - b) / abs(b) for a, b in zip(losses["engine"], losses["eager engine"])
+            abs(a - b) / abs(b) for a, b in zip(losses["engine"], losses["eager engine"], strict=True)
         )
         print(
-            f"compiled / eager engine step time: {result['compiled_over_eager_engine']:.3f} (target <= 1.00); logged losses differ by at most "
-            f"{result['max_relative_loss_difference']:.1e} (relative)"
+            f"compiled / eager engine step time: {result['compiled_over_eager_engine']:.3f} (target <= 1.00); "
+            f"logged losses differ by at most {result['max_relative_loss_difference']:.1e} (relative)"
         )
     # counted on every device, so the GPU figures' code runs wherever the benchmark does
     flops = model_flops(probe)
@@ -209,8 +209,9 @@ def main() -> None:
         result["mfu"] = flops / step["engine"] / (peak * 1e12)
         print(f"model FLOPs utilisation: {100 * result['mfu']:.1f}% of {peak:g} TFLOP/s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        from models.base import storage
+
+        storage.write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from typing import cast
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -26,10 +27,12 @@ def rank_main(out: str) -> None:
     import deepspeed
     import torch
     import torch.distributed as dist
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     from data_pipeline.store import open_store
     from launch import config
     from launch.rank import stage_for
+    from models.base import storage
     from training.ds_config import deepspeed_config, make_optimizer
     from training.ema import EMA
     from training.engine import init_distributed, step_generator
@@ -46,13 +49,17 @@ def rank_main(out: str) -> None:
     batch = {k: torch.from_numpy(v[:4].copy()) for k, v in data.items()}
     engine.backward(stage.loss(engine, batch, step_generator(0, rank, 0, 0)))
     engine.step()
-    zero = engine.optimizer
+    # zero_stage=2 above: DeepSpeed wraps our optimizer in its ZeRO stage 1/2 optimizer
+    zero = cast(DeepSpeedZeroOptimizer, engine.optimizer)
     state_bytes = sum(
         t.numel() * t.element_size() for s in zero.optimizer.state.values() for t in s.values() if torch.is_tensor(t)
     )
     master_bytes = sum(t.numel() * t.element_size() for t in zero.single_partition_of_fp32_groups)
     params = sum(p.numel() for p in model.parameters())
-    ema = EMA(engine.module, cfg.train.ema.decay)  # as the engine keeps it: this rank's share of every weight
+    # DeepSpeed puts the model into the engine's __dict__ as `module`, which pyright reads through
+    # nn.Module.__getattr__ (Tensor | Module)
+    module = cast(torch.nn.Module, engine.module)
+    ema = EMA(module, cfg.train.ema.decay)  # as the engine keeps it: this rank's share of every weight
     ema_bytes = sum(v.numel() * v.element_size() for v in ema.shadow.values())
     report = {
         "rank": rank,
@@ -61,23 +68,22 @@ def rank_main(out: str) -> None:
         "ema_bytes": ema_bytes,
         "parameters": params,
     }
-    gathered = [None] * world
+    gathered: list[dict[str, int] | None] = [None] * world
     dist.all_gather_object(gathered, report)
     if rank == 0:
-        with open(os.path.join(out, f"memory-{world}.json"), "w") as f:
-            json.dump(gathered, f)
+        storage.write_json(os.path.join(out, f"memory-{world}.json"), gathered)
     dist.barrier()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rank-main", help=argparse.SUPPRESS)
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.rank_main:
         return rank_main(args.rank_main)
 
-    from tests.storefactory import make_store
+    from tests.support.storefactory import make_store
 
     work = tempfile.mkdtemp(prefix="unclip-bench-zero-")
     make_store(os.path.join(work, "store"), (64,))
@@ -114,20 +120,16 @@ def main() -> None:
     ratio, ema_ratio = per_rank[2] / per_rank[1], ema_per_rank[2] / ema_per_rank[1]
     print(f"\nZeRO-2 per-rank optimizer state, world 2 / world 1: {ratio:.3f} (target about 0.5)")
     print(
-        f"per-rank EMA ({ema_per_rank[1] / 2**20:.2f} vs {ema_per_rank[2] / 2**20:.2f} MiB), world 2 / world 1: {ema_ratio:.3f}"
+        f"per-rank EMA ({ema_per_rank[1] / 2**20:.2f} vs {ema_per_rank[2] / 2**20:.2f} MiB), "
+        f"world 2 / world 1: {ema_ratio:.3f}"
     )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "bytes_per_rank": per_rank,
-                    "ratio": ratio,
-                    "ema_bytes_per_rank": ema_per_rank,
-                    "ema_ratio": ema_ratio,
-                },
-                f,
-                indent=2,
-            )
+        from models.base import storage
+
+        storage.write_json(
+            args.json,
+            {"bytes_per_rank": per_rank, "ratio": ratio, "ema_bytes_per_rank": ema_per_rank, "ema_ratio": ema_ratio},
+        )
 
 
 if __name__ == "__main__":

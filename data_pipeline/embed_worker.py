@@ -156,6 +156,7 @@ class Encoder:
             chunk["clip_score"] = torch.cosine_similarity(image_emb, text["emb"], dim=-1).numpy().astype(np.float32)
             outputs = {"clip_image_emb": image_emb, "clip_text_emb": text["emb"], "clip_text_tokens": text["tokens"]}
             for name, array in vae_pixels.items():
+                assert self.vae is not None, "vae pixels are cropped only for vae_latent columns, which load the VAE"
                 outputs[name] = self.vae.encode(self.to_minus_one_one(array))
             outputs = {k: v.numpy() for k, v in outputs.items() if k in self.specs}
             for i, reason in invalid_rows(outputs, self.specs, n).items():

@@ -44,6 +44,7 @@ def resolve(f: IngestFilters, schema: pa.Schema) -> IngestFilters:
     width = _column(schema.names, f.width_col, WIDTH_COLUMNS, "width_col", need_size)
     height = _column(schema.names, f.height_col, HEIGHT_COLUMNS, "height_col", need_size)
     if need_size:
+        assert width is not None and height is not None, "_column raises when a needed column is missing"
         _require_numeric(schema, width, "ingest.filters.width_col")
         _require_numeric(schema, height, "ingest.filters.height_col")
     for name in f.thresholds:

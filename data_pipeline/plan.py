@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+import ray.exceptions
 
 from data_pipeline import dedup, filters, raw, tasks, url_list
 from data_pipeline.config import IngestConfig, IngestFilters
@@ -147,7 +148,8 @@ def prepare(cfg: IngestConfig, raw_url: str, settings: dict[str, Any], complete:
     if recorded and recorded["version"] == VERSION and recorded["identity"] == wanted:
         spec = _from_header(recorded, plan_url, cfg)
         log(
-            f"ingest: plan of {len(spec.files)} list files reused ({len(spec.pieces)} pieces, {spec.buckets} URL buckets)"
+            f"ingest: plan of {len(spec.files)} list files reused "
+            f"({len(spec.pieces)} pieces, {spec.buckets} URL buckets)"
         )
         return spec
     if complete:
@@ -182,7 +184,8 @@ def _refuse(raw_url: str, recorded: dict | None, wanted: dict, complete: list[in
     ]
     changed = differences[0] if differences else "its files changed"
     raise UrlListError(
-        f"'{raw_url}' holds {shards} of another URL list ({changed}); ingest into a new root (or remove it) to start over"
+        f"'{raw_url}' holds {shards} of another URL list ({changed}); "
+        "ingest into a new root (or remove it) to start over"
     )
 
 
@@ -229,7 +232,13 @@ def _describe_files(urls: list[str], cfg: IngestConfig) -> list[tuple[str, int, 
     text = [u for u in urls if url_list.format_of(u, cfg.input_format) != "parquet"]
     refs = {u: ray.remote(num_cpus=1)(_describe_text).remote(u, cfg) for u in text}
     with ThreadPoolExecutor(tasks.READ_THREADS) as pool:
-        footers = dict(zip([u for u in urls if u not in refs], pool.map(parquet, [u for u in urls if u not in refs])))
+        footers = dict(
+            zip(
+                [u for u in urls if u not in refs],
+                pool.map(parquet, [u for u in urls if u not in refs]),
+                strict=True,
+            )
+        )
     out = []
     for url in urls:
         if url in refs:
@@ -379,7 +388,7 @@ def scan_piece(spec: Spec, index: int) -> dict[str, Any]:
 
     def flush() -> None:
         digests, orders, codes = (
-            (np.concatenate(parts) for parts in zip(*run))
+            (np.concatenate(parts) for parts in zip(*run, strict=True))
             if run
             else (np.zeros((0, 32), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.uint8))
         )
@@ -482,7 +491,11 @@ def read_shard(inputs: list[tuple[str, int, int]], schema: pa.Schema | None = No
             groups = [g for g in range(len(sizes)) if ends[g] > start and ends[g] - sizes[g] < stop]
             table = parquet.read_row_groups(groups)
             parts.append(table.slice(start - int(ends[groups[0]] - sizes[groups[0]]), stop - start))
-    return pa.concat_tables(parts) if parts else schema.empty_table()
+    if parts:
+        return pa.concat_tables(parts)
+    if schema is None:
+        raise ValueError("read_shard: no inputs, and no schema to make the empty table of")
+    return schema.empty_table()
 
 
 def _by_name(found: np.ndarray, names: list[str]) -> dict[str, int]:

@@ -25,7 +25,7 @@ import posixpath
 import re
 import tarfile
 from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any, cast
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -119,11 +119,14 @@ def iter_samples(raw_url: str, shard_id: int, dropped: set[str]) -> Iterator[dic
     meta = read_status(raw_url, shard_id, ["key", "uid", "caption", "url", "width", "height", "status"]).to_pylist()
     images: dict[str, bytes] = {}
     fs, path = storage.url_to_fs(shard_file(raw_url, shard_id, ".tar"))
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+    # fsspec is unannotated: pyright infers open's text-mode wrapper too; "rb" gives a binary file
+    with cast(IO[bytes], fs.open(path, "rb")) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         for member in tar:
             stem, _, ext = member.name.rpartition(".")
             if ext in IMAGE_EXTENSIONS:
-                images[stem] = tar.extractfile(member).read()
+                data = tar.extractfile(member)
+                assert data is not None, f"{member.name}: img2dataset's tars hold regular files only"
+                images[stem] = data.read()
     for m in meta:
         if m["status"] == "success" and m["uid"] not in dropped:
             yield {**m, "image": images.get(m["key"])}

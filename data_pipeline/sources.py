@@ -18,7 +18,7 @@ import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any, cast
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -51,7 +51,7 @@ class Source:
 
     @functools.cached_property
     def _by_id(self) -> dict[int, str]:
-        return dict(zip(self.ids, self.files))
+        return dict(zip(self.ids, self.files, strict=True))
 
     def file_of(self, shard_id: int) -> str:
         return self._by_id[shard_id]
@@ -64,7 +64,7 @@ class Source:
         if not shards:
             return self
         first, last = (int(x) for x in shards.split("-"))
-        chosen = [(i, f) for i, f in zip(self.ids, self.files) if first <= i <= last]
+        chosen = [(i, f) for i, f in zip(self.ids, self.files, strict=True) if first <= i <= last]
         if not chosen:
             raise SourceError(
                 f"config key 'embed.shards': no {self.kind} shard has an id in {first}-{last} "
@@ -83,10 +83,12 @@ def open_source(
         files = tuple(raw.shard_file(raw_url, i, ".tar") for i in ids)
         return Source("raw", files, tuple(ids), raw_url=raw_url, drop_duplicates=summary.get("dedup_content", True))
     fs, path = storage.url_to_fs(input_url)
+    found: list[str]
+    # fsspec is unannotated: pyright infers glob/find's detail=True dict too; without detail they list paths
     if any(ch in path for ch in "*?["):
-        found = fs.glob(path)
+        found = cast(list[str], fs.glob(path))
     elif fs.isdir(path):
-        found = fs.find(path)
+        found = cast(list[str], fs.find(path))
     elif fs.exists(path):
         found = [path]
     else:
@@ -105,14 +107,14 @@ def open_source(
     kind = "webdataset" if suffixes == {".tar"} else "parquet"
     ids = [_shard_id(f, input_url) for f in files]
     seen: dict[int, str] = {}
-    for shard_id, file in zip(ids, files):
+    for shard_id, file in zip(ids, files, strict=True):
         if shard_id in seen:
             raise SourceError(
                 f"embed input '{input_url}': {posixpath.basename(seen[shard_id])} and {posixpath.basename(file)} "
                 f"are both shard {shard_id} (the first number in a name is its shard id); rename one"
             )
         seen[shard_id] = file
-    ordered = sorted(zip(ids, files))
+    ordered = sorted(zip(ids, files, strict=True))
     return Source(
         kind, tuple(f for _, f in ordered), tuple(i for i, _ in ordered), image_col=image_col, caption_col=caption_col
     )
@@ -133,6 +135,7 @@ def iter_samples(source: Source, shard_id: int) -> Iterator[dict[str, Any]]:
     file = source.file_of(shard_id)
     try:
         if source.kind == "raw":
+            assert source.raw_url is not None, "open_source gives every raw source its raw_url"
             dropped = raw.shard_duplicates(source.raw_url, shard_id) if source.drop_duplicates else set()
             for m in raw.iter_samples(source.raw_url, shard_id, dropped):
                 yield {
@@ -156,18 +159,21 @@ def iter_samples(source: Source, shard_id: int) -> Iterator[dict[str, Any]]:
         if isinstance(err, FileNotFoundError):
             raise
         raise SourceError(
-            f"embed input '{file}': cannot read it as a {source.kind} shard ({str(err).splitlines()[0] or type(err).__name__})"
+            f"embed input '{file}': cannot read it as a {source.kind} shard "
+            f"({str(err).splitlines()[0] or type(err).__name__})"
         ) from None
 
 
 def _webdataset_samples(file: str) -> Iterator[dict[str, Any]]:
     groups: dict[str, dict[str, bytes]] = {}
     fs, path = storage.url_to_fs(file)
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+    # fsspec is unannotated: pyright infers open's text-mode wrapper too; "rb" gives a binary file
+    with cast(IO[bytes], fs.open(path, "rb")) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         for member in tar:
-            if member.isfile():
+            data = tar.extractfile(member) if member.isfile() else None
+            if data is not None:
                 stem, _, ext = member.name.partition(".")
-                groups.setdefault(stem, {})[ext.lower()] = tar.extractfile(member).read()
+                groups.setdefault(stem, {})[ext.lower()] = data.read()
     name = posixpath.basename(file)
     for stem, parts in groups.items():
         meta = json.loads(parts["json"]) if "json" in parts else {}
@@ -194,12 +200,15 @@ def _parquet_samples(file: str, image_col: str | None, caption_col: str | None) 
     if image_col not in names or caption_col not in names:
         raise SourceError(
             f"embed input '{file}': needs an image column (embed.image_col; looked for {', '.join(IMAGE_COLUMNS)}) "
-            f"and a caption column (embed.caption_col; looked for {', '.join(CAPTION_COLUMNS)}); columns: {', '.join(names)}"
+            f"and a caption column (embed.caption_col; looked for {', '.join(CAPTION_COLUMNS)}); "
+            f"columns: {', '.join(names)}"
         )
     name = posixpath.basename(file)
     urls = table["url"].to_pylist() if "url" in names else [None] * len(table)
     keys = table["key"].to_pylist() if "key" in names else list(range(len(table)))
-    for image, caption, url, key in zip(table[image_col].to_pylist(), table[caption_col].to_pylist(), urls, keys):
+    for image, caption, url, key in zip(
+        table[image_col].to_pylist(), table[caption_col].to_pylist(), urls, keys, strict=True
+    ):
         if isinstance(image, dict):  # HF-style struct {"bytes": ..., "path": ...}
             image = image.get("bytes")
         url = url or f"{name}#{key}"

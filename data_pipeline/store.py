@@ -25,7 +25,7 @@ import re
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import pyarrow as pa
@@ -85,7 +85,8 @@ def column_specs(
                 raise StoreError(f"column {name!r} needs a VAE (encoders.vae)")
             if latent_columns[name] % vae["downsample"]:
                 raise StoreError(
-                    f"column {name!r}: side {latent_columns[name]} is not a multiple of the VAE's downsampling {vae['downsample']}"
+                    f"column {name!r}: side {latent_columns[name]} is not a multiple of "
+                    f"the VAE's downsampling {vae['downsample']}"
                 )
             side = latent_columns[name] // vae["downsample"]
             specs[name] = {
@@ -138,7 +139,10 @@ def heldout_mask(part_id: int, rows: int, fraction: float) -> np.ndarray:
 
 
 def part_id(file: str) -> int:
-    return int(_PART_FILE.search(file).group(1))
+    found = _PART_FILE.search(file)
+    if found is None:
+        raise StoreError(f"'{file}' is not a store part (part-NNNNN.parquet)")
+    return int(found.group(1))
 
 
 def column_numpy(table: pa.Table, name: str, shape: Sequence[int]) -> np.ndarray:
@@ -180,15 +184,22 @@ class PartFiles(Sequence[str]):
     """URLs of a store's non-empty parts, as a sequence that holds one int64 per part."""
 
     def __init__(self, url: str, index: PartsIndex):
-        self.url, self.index, self.positions = url, index, np.flatnonzero(index.rows > 0)
+        # not `self.index`: that would hide Sequence.index, the position of a value
+        self.url, self.parts_index, self.positions = url, index, np.flatnonzero(index.rows > 0)
 
     def __len__(self) -> int:
         return len(self.positions)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+
+    def __getitem__(self, i: int | slice) -> str | list[str]:
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        return storage.join(self.url, self.index.file_of(int(self.positions[i])))
+        return storage.join(self.url, self.parts_index.file_of(int(self.positions[i])))
 
 
 def read_index(store_url: str, manifest: dict[str, Any], columns: Sequence[str] | None = LAYOUT_COLUMNS) -> pa.Table:
@@ -287,7 +298,8 @@ class Store:
         data = storage.read_bytes(url)
         if hashlib.sha256(data).hexdigest() != recorded["sha256"]:
             raise StoreError(
-                f"store '{self.url}': {recorded['file']} does not match the manifest's sha256 (rerun `unclip manifest {self.url}`)"
+                f"store '{self.url}': {recorded['file']} does not match the manifest's sha256 "
+                f"(rerun `unclip manifest {self.url}`)"
             )
         return load_arrays(data)
 
@@ -353,13 +365,16 @@ def describe(store: Store, sample_rows: int = 3) -> str:
     lines = [
         f"store        {store.url}",
         f"schema       v{m['schema_version']}, created {m['created']}",
-        f"rows         {totals['rows']:,} in {totals['parts']:,} parts ({totals['empty_parts']:,} empty), {totals['bytes']:,} bytes",
+        f"rows         {totals['rows']:,} in {totals['parts']:,} parts ({totals['empty_parts']:,} empty), "
+        f"{totals['bytes']:,} bytes",
         "counts       " + ", ".join(f"{k}={v:,}" for k, v in totals["counts"].items()),
-        f"clip         {clip.get('model')} pretrained={clip.get('pretrained')} sha256={str(clip.get('weights_sha256'))[:16]}…",
+        f"clip         {clip.get('model')} pretrained={clip.get('pretrained')} "
+        f"sha256={str(clip.get('weights_sha256'))[:16]}…",
     ]
     if vae:
         lines.append(
-            f"vae          {vae.get('path')} scaling_factor={vae.get('scaling_factor')} sha256={str(vae.get('weights_sha256'))[:16]}…"
+            f"vae          {vae.get('path')} scaling_factor={vae.get('scaling_factor')} "
+            f"sha256={str(vae.get('weights_sha256'))[:16]}…"
         )
     sizes = column_bytes(store)
     lines.append("")

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+import ray.exceptions
 
 from data_pipeline import tasks
 from data_pipeline.ray_runtime import ray_session
@@ -140,6 +141,7 @@ class PartWriter:
             self._write(self.pending_rows)
         entry = _part_entry(self.part, self.rows, None, self.holdout_fraction)
         if self._writer is not None:
+            assert self._sink is not None, "_write sets the writer and its sink together"
             self._writer.close()
             meta = self._writer.writer.metadata
             self._files.close()  # the part appears, whole
@@ -190,7 +192,7 @@ def _part_entry(
         "file": part_name(part) + ".parquet",
         "rows": rows,
         "row_groups": [g.num_rows for g in groups],
-        "train_rows": [int((~heldout[a:b]).sum()) for a, b in zip(bounds[:-1], bounds[1:])],
+        "train_rows": [int((~heldout[a:b]).sum()) for a, b in zip(bounds[:-1], bounds[1:], strict=True)],
         "sha256": sha256,
         "bytes": size,
         "column_bytes": dict(column_bytes),

@@ -12,7 +12,6 @@ import contextlib
 import functools
 import http.server
 import io
-import json
 import os
 import random
 import tarfile
@@ -145,14 +144,16 @@ def generate(out_dir: str, cfg: SyntheticConfig) -> list[dict]:
 def write_url_list(records: list[dict], base_url: str, path: str) -> str:
     """A LAION-style parquet URL list (`URL`, `TEXT` + attribute columns) for `records`."""
     rows = [{"URL": f"{base_url}/{r['path']}", "TEXT": r["caption"]} for r in records]
-    for row, r in zip(rows, records):
-        row["attributes"] = json.dumps({k: r.get(k) for k in ("shape", "color", "background", "cx", "cy", "size")})
+    for row, r in zip(rows, records, strict=True):
+        row["attributes"] = storage.strict_json(
+            {k: r.get(k) for k in ("shape", "color", "background", "cx", "cy", "size")}
+        )
     pq.write_table(pa.Table.from_pylist(rows), path)
     return path
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 
@@ -190,7 +191,7 @@ def write_shards(
                         members = {
                             "png": f.read(),
                             "txt": r["caption"].encode(),
-                            "json": json.dumps({"caption": r["caption"]}).encode(),
+                            "json": storage.strict_json({"caption": r["caption"]}).encode(),
                         }
                     for ext, data in members.items():
                         info = tarfile.TarInfo(f"{start + i:08d}.{ext}")

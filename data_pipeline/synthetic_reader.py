@@ -11,6 +11,7 @@ following, so its own accuracy on generated images is tested.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from PIL import Image
@@ -51,7 +52,8 @@ def read(image: Image.Image) -> Reading:
         [labels[:ring].ravel(), labels[-ring:].ravel(), labels[:, :ring].ravel(), labels[:, -ring:].ravel()]
     )
     background = int(np.bincount(border, minlength=len(PALETTE_NAMES)).argmax())
-    components, count = ndimage.label(labels != background)
+    # scipy is unannotated: pyright infers label's other return too, the count alone, given only with `output`
+    components, count = cast(tuple[np.ndarray, int], ndimage.label(labels != background))
     if count == 0:
         return Reading(None, None, PALETTE_NAMES[background])
     sizes = np.bincount(components.ravel())[1:]
@@ -85,11 +87,13 @@ def _kind(region: np.ndarray, fill: float) -> str:
 def prompt_following(pictures: list[Image.Image], captions: list[str]) -> tuple[dict[str, float], list[Reading]] | None:
     """Per attribute, the fraction of pictures whose reading is what their caption asked for, and
     the readings; None when a caption is not the embedded generator's (no truth to score against)."""
-    truths = [attributes_from_caption(c) for c in captions]
-    if not truths or any(t is None for t in truths):
+    named = [attributes_from_caption(c) for c in captions]
+    truths = [t for t in named if t is not None]
+    if not truths or len(truths) < len(named):
         return None
     readings = [read(p) for p in pictures]
     keys = ("shape", "color", "background")
     return {
-        key: float(np.mean([getattr(r, key) == t[i] for r, t in zip(readings, truths)])) for i, key in enumerate(keys)
+        key: float(np.mean([getattr(r, key) == t[i] for r, t in zip(readings, truths, strict=True)]))
+        for i, key in enumerate(keys)
     }, readings

@@ -10,6 +10,7 @@ import hashlib
 import json
 import posixpath
 from collections.abc import Iterator
+from typing import IO, cast
 
 import numpy as np
 import pyarrow as pa
@@ -58,10 +59,13 @@ def stable_key(url: str) -> str:
 
 def list_files(url: str, input_format: str = "auto") -> list[str]:
     fs, path = storage.url_to_fs(url)
+    files: list[str]
+    # fsspec is unannotated: pyright infers glob/find's detail=True dict too; without detail they list paths
     if any(ch in path for ch in "*?["):
-        files = sorted(fs.glob(path))
+        files = sorted(cast(list[str], fs.glob(path)))
     elif fs.isdir(path):
-        files = sorted(p for p in fs.find(path) if not posixpath.basename(p).startswith((".", "_")))
+        found = cast(list[str], fs.find(path))
+        files = sorted(p for p in found if not posixpath.basename(p).startswith((".", "_")))
     elif fs.exists(path):
         files = [path]
     else:
@@ -132,7 +136,8 @@ def iter_raw(
                 if empty:
                     yield parquet.schema_arrow.empty_table().select(wanted if wanted is not None else names)
             return
-        with fs.open(path, "rb", compression="infer") as f:
+        # fsspec is unannotated: pyright infers open's text-mode wrapper too; "rb" gives a binary file
+        with cast(IO[bytes], fs.open(path, "rb", compression="infer")) as f:
             data = f.read()
         if fmt in ("csv", "tsv"):
             parse = csv.ParseOptions(delimiter="," if fmt == "csv" else "\t", newlines_in_values=True)

@@ -7,7 +7,7 @@ each network is a diffusers `ModelMixin`, so it saves with `save_pretrained` and
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -24,10 +24,20 @@ def module_class(name: str):
 
 def modules_of(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     from diffusers import (
-        ModelMixin,
+        ModelMixin,  # pyright: ignore[reportPrivateImportUsage]
     )  # lazy: diffusers' models (3-4 s) only where a network is built; `unclip train` checks the store without it
 
     return {"model": model} if isinstance(model, ModelMixin) else dict(model.named_children())
+
+
+def _config_of(module: torch.nn.Module) -> dict[str, Any]:
+    from diffusers import ConfigMixin  # pyright: ignore[reportPrivateImportUsage]  # lazy: as in modules_of
+
+    if not isinstance(module, ConfigMixin):
+        raise TypeError(
+            f"{type(module).__name__} is not a diffusers model: stage.json records each network's diffusers config"
+        )
+    return dict(module.config)
 
 
 def describe(
@@ -43,7 +53,7 @@ def describe(
     return {
         "stage": stage,
         "modules": {
-            name: {"class": type(m).__name__, "config": dict(m.config)} for name, m in modules_of(model).items()
+            name: {"class": type(m).__name__, "config": _config_of(m)} for name, m in modules_of(model).items()
         },
         "extras": extras,
         "diffusion": diffusion,
@@ -52,7 +62,11 @@ def describe(
 
 
 def rebuild(info: dict[str, Any]) -> torch.nn.Module:
-    modules = {name: module_class(d["class"]).from_config(d["config"]) for name, d in info["modules"].items()}
+    # from_config returns a (model, unused kwargs) pair only when asked to (return_unused_kwargs)
+    modules = {
+        name: cast(torch.nn.Module, module_class(d["class"]).from_config(d["config"]))
+        for name, d in info["modules"].items()
+    }
     if list(modules) == ["model"]:
         return modules["model"]
     if info["stage"] == "decoder":

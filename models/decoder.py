@@ -90,7 +90,8 @@ def build_decoder(
     n = len(cfg.block_channels)
     if (cfg.space == "latent") != (latent_channels is not None):
         raise ValueError(
-            f"config key 'decoder.space' is {cfg.space!r}, but the decoder was built with latent_channels={latent_channels}"
+            f"config key 'decoder.space' is {cfg.space!r}, "
+            f"but the decoder was built with latent_channels={latent_channels}"
         )
     patch = cfg.patch if cfg.space == "pixel" else 1
     if image_size % (patch * 2 ** (n - 1)):
@@ -105,7 +106,7 @@ def build_decoder(
     attends = [side // 2**level <= cfg.attention_side or level == n - 1 for level in range(n)]
     time_embed_dim = cfg.block_channels[0] * 4
     from diffusers import (
-        UNet2DConditionModel,
+        UNet2DConditionModel,  # pyright: ignore[reportPrivateImportUsage]
     )  # lazy: diffusers (3-4 s) only where a network is built; `unclip train` checks the store without it
 
     unet = UNet2DConditionModel(

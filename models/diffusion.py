@@ -75,7 +75,7 @@ class Diffusion:
         if cfg.snr_shift != 1.0:
             # As explicit betas, so every diffusers scheduler built from (and exported with) this
             # config runs the shifted schedule.
-            from diffusers import DDPMScheduler  # lazy: see above
+            from diffusers import DDPMScheduler  # lazy: see above  # pyright: ignore[reportPrivateImportUsage]
 
             config["trained_betas"] = shifted_betas(DDPMScheduler(**config).alphas_cumprod.double(), cfg.snr_shift)
         return config
@@ -97,7 +97,7 @@ class Diffusion:
     def make_scheduler(self, sampler: str | None = None, learned_variance: bool = False):
         """`learned_variance`: the network also predicts its variance (Karlo's decoder), which only
         the unclip sampler uses."""
-        from diffusers import DDIMScheduler, DDPMScheduler, UnCLIPScheduler  # lazy: see scheduler_config
+        from diffusers import DDIMScheduler, DDPMScheduler, UnCLIPScheduler  # lazy: see scheduler_config  # pyright: ignore[reportPrivateImportUsage]
 
         sampler = sampler or self.sampler
         if sampler == "ddim":
@@ -107,12 +107,14 @@ class Diffusion:
         if sampler == "unclip":
             self.check_unclip_sampler()
             cfg = self.cfg
+            prediction = PREDICTION_TYPES[cfg.prediction]
+            assert prediction in ("epsilon", "sample")  # check_unclip_sampler refused v
             return UnCLIPScheduler(
                 num_train_timesteps=cfg.timesteps,
                 variance_type="learned_range" if learned_variance else "fixed_small_log",
                 clip_sample=cfg.clip_sample is not None,
                 clip_sample_range=cfg.clip_sample or 1.0,
-                prediction_type=PREDICTION_TYPES[cfg.prediction],
+                prediction_type=prediction,
             )
         raise ValueError(f"unknown sampler {sampler!r} (expected one of {', '.join(SAMPLERS)})")
 
@@ -120,7 +122,10 @@ class Diffusion:
         """Why the unclip sampler (UnCLIPScheduler) cannot sample this diffusion, or None."""
         cfg = self.cfg
         if cfg.schedule != "cosine" or cfg.snr_shift != 1.0:
-            return f"it takes the cosine schedule, unshifted; this stage trained on {cfg.schedule} with snr_shift {cfg.snr_shift}"
+            return (
+                f"it takes the cosine schedule, unshifted; this stage trained on {cfg.schedule} "
+                f"with snr_shift {cfg.snr_shift}"
+            )
         if cfg.prediction == "v":
             return "it takes eps or x0 predictions; this stage predicts v"
         return None
@@ -214,5 +219,6 @@ class Diffusion:
                 step["prev_timestep"] = timesteps[i + 1] if i + 1 < len(timesteps) else None
                 if variance is not None:
                     pred = torch.cat([pred, variance], 1)
-            x = scheduler.step(pred, t, x, generator=generator, **step).prev_sample
+            # the tuple's first item is prev_sample in each scheduler; diffusers types `timestep` int, takes tensors
+            x = scheduler.step(pred, t, x, generator=generator, return_dict=False, **step)[0]  # pyright: ignore[reportArgumentType]
         return x

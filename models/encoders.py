@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -73,6 +73,13 @@ def _clip_model_config(cfg: ClipConfig) -> tuple[dict[str, Any], dict[str, Any]]
     return model_cfg, pre
 
 
+def _per_channel(values: Sequence[float], what: str) -> tuple[float, float, float]:
+    if len(values) != 3:
+        raise ValueError(f"CLIP preprocess {what}: expected one value per RGB channel, got {list(values)}")
+    red, green, blue = values
+    return red, green, blue
+
+
 def clip_preprocess(cfg: ClipConfig) -> ClipPreprocess:
     """Input size and normalisation of the configured CLIP."""
     from open_clip.constants import (
@@ -84,8 +91,8 @@ def clip_preprocess(cfg: ClipConfig) -> ClipPreprocess:
     size = model_cfg["vision_cfg"]["image_size"]
     return ClipPreprocess(
         image_size=size if isinstance(size, int) else size[0],
-        mean=tuple(pre.get("mean") or OPENAI_DATASET_MEAN),
-        std=tuple(pre.get("std") or OPENAI_DATASET_STD),
+        mean=_per_channel(pre.get("mean") or OPENAI_DATASET_MEAN, "mean"),
+        std=_per_channel(pre.get("std") or OPENAI_DATASET_STD, "std"),
     )
 
 
@@ -116,10 +123,11 @@ def clip_identity(cfg: ClipConfig) -> dict[str, Any]:
 def vae_identity(cfg: VaeConfig) -> dict[str, Any]:
     """What the store records about the VAE, from its config and weights file (no model built)."""
     from diffusers import (
-        AutoencoderKL,
+        AutoencoderKL,  # pyright: ignore[reportPrivateImportUsage]
     )  # lazy: diffusers' models (3-4 s) only where a network is built; `unclip train` checks the store without it
 
-    config = AutoencoderKL.load_config(cfg.path, subfolder=cfg.subfolder)
+    # diffusers annotates a pair; without return_unused_kwargs or return_commit_hash it returns the config alone
+    config = cast(dict[str, Any], AutoencoderKL.load_config(cfg.path, subfolder=cfg.subfolder))
     weights = _vae_weights_file(cfg)
     return {
         "library": "diffusers",
@@ -170,26 +178,46 @@ class FrozenClip:
         self.dtype = DTYPES[precision]
         pretrained = None if cfg.model.startswith(LOCAL_DIR) else cfg.pretrained
         model = open_clip.create_model(cfg.model, pretrained=pretrained, device=self.device)
+        if not isinstance(model, (open_clip.CLIP, open_clip.CustomTextCLIP, open_clip.CoCa)):
+            raise TypeError(f"config key 'encoders.clip.model': {cfg.model} built a {type(model).__name__}, not a CLIP")
         self.model = model.eval().requires_grad_(False).to(self.dtype)
         self.tokenizer = open_clip.get_tokenizer(cfg.model)
         text_tower = getattr(model, "text", model)
-        self._ln_final = text_tower.ln_final
-        blocks = getattr(getattr(text_tower, "transformer", None), "resblocks", None)
-        if cfg.text_layer == "penultimate" and (blocks is None or len(blocks) < 2):
-            raise ValueError(
-                f"config key 'encoders.clip.text_layer': {cfg.model} has no penultimate text layer of its own (a Hugging Face text tower?)"
+        ln_final = text_tower.ln_final
+        if not isinstance(ln_final, torch.nn.LayerNorm):
+            raise TypeError(
+                f"config key 'encoders.clip.model': {cfg.model}'s text tower ends in a {type(ln_final).__name__}, "
+                "not a layer norm"
             )
+        self._ln_final = ln_final
+        blocks = getattr(getattr(text_tower, "transformer", None), "resblocks", None)
         # what clip_text_tokens are read from: the final layer norm's output, or the penultimate
         # block's, which then goes through that same layer norm
-        self._token_source = self._ln_final if cfg.text_layer == "last" else blocks[-2]
+        self._token_source: torch.nn.Module
+        if cfg.text_layer == "last":
+            self._token_source = self._ln_final
+        elif blocks is not None and len(blocks) >= 2:
+            self._token_source = blocks[-2]
+        else:
+            raise ValueError(
+                f"config key 'encoders.clip.text_layer': {cfg.model} has no penultimate text layer of its own "
+                "(a Hugging Face text tower?)"
+            )
         self._batch_first = getattr(text_tower.transformer, "batch_first", True) if blocks is not None else True
+        if self.tokenizer.context_length is None:
+            raise ValueError(f"config key 'encoders.clip.model': {cfg.model}'s tokenizer has no context length")
         self.context_length = int(self.tokenizer.context_length)
         self.text_width = int(self._ln_final.normalized_shape[0])
-        self.embed_dim = int(
-            self.model.text_projection.shape[-1]
-            if torch.is_tensor(self.model.text_projection)
-            else self.model.text_projection.out_features
-        )
+        projection = self.model.text_projection
+        if isinstance(projection, torch.Tensor):  # open_clip applies it as x @ P
+            self.embed_dim = int(projection.shape[-1])
+        elif isinstance(projection, torch.nn.Linear):
+            self.embed_dim = int(projection.out_features)
+        else:
+            raise TypeError(
+                f"config key 'encoders.clip.model': {cfg.model}'s text projection is a {type(projection).__name__}, "
+                "expected a tensor or a Linear layer"
+            )
         pre = clip_preprocess(cfg)
         shape = (1, 3, 1, 1)
         self._mean = torch.tensor(pre.mean, device=self.device).view(shape)
@@ -218,7 +246,11 @@ class FrozenClip:
         from `text_layer`, and the mask [B, L]."""
         tokens, mask = self.tokenize(captions)
         captured: list[torch.Tensor] = []
-        handle = self._token_source.register_forward_hook(lambda _m, _i, out: captured.append(out))
+
+        def keep(_module: torch.nn.Module, _args: tuple[Any, ...], out: torch.Tensor) -> None:
+            captured.append(out)
+
+        handle = self._token_source.register_forward_hook(keep)
         try:
             emb = self.model.encode_text(tokens).float()
         finally:
@@ -250,28 +282,33 @@ class FrozenVae:
 
     def __init__(self, cfg: VaeConfig, device: str = "cpu", precision: str = "fp32"):
         from diffusers import (
-            AutoencoderKL,
+            AutoencoderKL,  # pyright: ignore[reportPrivateImportUsage]
         )  # lazy: diffusers' models (3-4 s) only where a network is built; `unclip train` checks the store without it
 
         self.cfg = cfg
         self.device = torch.device(device)
         self.dtype = DTYPES[precision]
         vae = AutoencoderKL.from_pretrained(cfg.path, subfolder=cfg.subfolder, torch_dtype=self.dtype)
-        self.vae = vae.eval().requires_grad_(False).to(self.device)
-        self.scaling_factor = float(vae.config.scaling_factor)
-        self.latent_channels = int(vae.config.latent_channels)
-        self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
+        # diffusers wraps `to` in functools.wraps(Module.to), which pyright reads as unbound
+        self.vae = vae.eval().requires_grad_(False).to(self.device)  # pyright: ignore[reportArgumentType]
+        self.scaling_factor = float(vae.config["scaling_factor"])
+        self.latent_channels = int(vae.config["latent_channels"])
+        self.downsample = 2 ** (len(vae.config["block_out_channels"]) - 1)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [-1, 1] -> [B, C, H/f, W/f] posterior means (deterministic)."""
-        posterior = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
+        # the tuple (return_dict=False) holds the posterior alone
+        posterior = self.vae.encode(images.to(self.device, self.dtype), return_dict=False)[0]
         return posterior.mean.float()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Unscaled latents -> images in [-1, 1]."""
-        return self.vae.decode(latents.to(self.device, self.dtype)).sample.float().clamp(-1, 1)
+        # diffusers types `z` FloatTensor (any float dtype works) and the tuple (return_dict=False) as
+        # FloatTensor too; that tuple holds the images alone
+        images = self.vae.decode(latents.to(self.device, self.dtype), return_dict=False)[0]  # pyright: ignore[reportArgumentType]
+        return images.float().clamp(-1, 1)
 
     def identity(self) -> dict[str, Any]:
         return vae_identity(self.cfg)
@@ -320,13 +357,14 @@ def tiny_vae_config(t: TinyEncodersConfig) -> dict[str, Any]:
 def write_tiny_encoders(cfg: EncodersConfig) -> dict[str, str]:
     """Write small random encoders where `cfg` expects to load them; returns their locations."""
     import open_clip  # lazy: open_clip (a second); trainers only need text_conditioning
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # pyright: ignore[reportPrivateImportUsage]
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
     folder = _local_dir(cfg.clip)
     if folder is None:
         raise ValueError(
-            f"config key 'encoders.clip.model': expected 'local-dir:PATH' to write tiny encoders into, got {cfg.clip.model!r}"
+            "config key 'encoders.clip.model': expected 'local-dir:PATH' to write tiny encoders into, "
+            f"got {cfg.clip.model!r}"
         )
     torch.manual_seed(cfg.tiny.seed)
     model_cfg = tiny_clip_config(cfg.tiny)
@@ -340,7 +378,7 @@ def write_tiny_encoders(cfg: EncodersConfig) -> dict[str, str]:
         "resize_mode": "shortest",
     }
     (folder / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2)
+        storage.strict_json({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2)
     )
 
     vae = AutoencoderKL(**tiny_vae_config(cfg.tiny))

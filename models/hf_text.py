@@ -9,11 +9,16 @@ gives: tests/test_encoders.py checks the ids and the states.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
+from typing import TYPE_CHECKING
 
 import torch
+
+from models.base import storage
+
+if TYPE_CHECKING:
+    from transformers import CLIPTextModelWithProjection
 
 OPEN_CLIP_SPECIAL = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
 # what fills a caption's tokens after its end-of-text token (encoders.clip.text_padding): token 0
@@ -22,7 +27,7 @@ OPEN_CLIP_SPECIAL = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|e
 PAD_TOKEN = {"zeros": "!", "eos": "<|endoftext|>"}
 
 
-def text_encoder(clip) -> torch.nn.Module:
+def text_encoder(clip) -> CLIPTextModelWithProjection:
     """`clip` (a FrozenClip) as a transformers CLIPTextModelWithProjection with every layer: its
     `text_embeds` are our pooled embedding, its last hidden state our `last` tokens, and its final
     layer norm over `hidden_states[-2]` our `penultimate` tokens."""
@@ -88,7 +93,7 @@ def tokenizer(clip):
     merges = [" ".join(pair) for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda item: item[1])]
     with tempfile.TemporaryDirectory(prefix="unclip-tokenizer-") as folder:
         with open(os.path.join(folder, "vocab.json"), "w") as f:
-            json.dump(vocab, f)
+            f.write(storage.strict_json(vocab))
         with open(os.path.join(folder, "merges.txt"), "w") as f:
             f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
         return CLIPTokenizer(

@@ -18,7 +18,7 @@ from models.normalization import norm_groups
 def build_unet(cfg: LdmConfig, latent_channels: int, latent_size: int, text_width: int):
     n = len(cfg.block_channels)
     from diffusers import (
-        UNet2DConditionModel,
+        UNet2DConditionModel,  # pyright: ignore[reportPrivateImportUsage]
     )  # lazy: diffusers (3-4 s) only where a network is built; `unclip train` checks the store without it
 
     return UNet2DConditionModel(

@@ -4,8 +4,9 @@ loaded with `DiffusionPipeline.from_pretrained(EXPORT/ldm, trust_remote_code=Tru
 It is a custom pipeline because the ldm's conditioning is ours, not Stable Diffusion's: the UNet
 attends to the text tokens followed by CLIP's pooled text embedding as one more token
 (`text_embedding_token`), and the unconditional input may be all zeros (`null_text`). An ldm
-conditioned as Stable Diffusion is (neither) is exported as a `StableDiffusionPipeline` instead. Everything else is a standard text-to-image loop, and it draws what `unclip sample` draws
-at the same seed, steps and guidance. This file imports nothing of unclip's: it runs where only
+conditioned as Stable Diffusion is (neither) is exported as a `StableDiffusionPipeline` instead.
+Everything else is a standard text-to-image loop, and it draws what `unclip sample` draws at the
+same seed, steps and guidance. This file imports nothing of unclip's: it runs where only
 torch, diffusers and transformers are installed, so it repeats models/diffusion.py's sampling loop
 and the pictures' conversion to PIL (tests/test_pipeline.py checks that it draws the same).
 """
@@ -13,7 +14,7 @@ and the pictures' conversion to PIL (tests/test_pipeline.py checks that it draws
 from __future__ import annotations
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers import DiffusionPipeline, ImagePipelineOutput  # pyright: ignore[reportPrivateImportUsage]
 
 
 class UnclipLdmPipeline(DiffusionPipeline):
@@ -54,11 +55,11 @@ class UnclipLdmPipeline(DiffusionPipeline):
             return_tensors="pt",
         ).input_ids.to(self.text_encoder.device)
         out = self.text_encoder(input_ids=ids, output_hidden_states=True)
-        if self.config.text_layer == "last":
+        if self.config["text_layer"] == "last":
             states = out.last_hidden_state
         else:
             states = self.text_encoder.text_model.final_layer_norm(out.hidden_states[-2])
-        if self.config.text_embedding_token:
+        if self.config["text_embedding_token"]:
             states = torch.cat([states, out.text_embeds[:, None]], 1)
         return states.float()
 
@@ -79,7 +80,7 @@ class UnclipLdmPipeline(DiffusionPipeline):
         context = self.encode_prompt(prompts).to(device)
         null = (
             torch.zeros_like(context)
-            if self.config.null_text == "zeros"
+            if self.config["null_text"] == "zeros"
             else self.encode_prompt([""]).to(device).expand_as(context)
         )
         self.scheduler.set_timesteps(num_inference_steps)
@@ -89,7 +90,8 @@ class UnclipLdmPipeline(DiffusionPipeline):
         def predict(x_t: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
             return self.unet(x_t.to(dtype), t, encoder_hidden_states=hidden.to(dtype)).sample.float()
 
-        for t in self.progress_bar(self.scheduler.timesteps):
+        # diffusers decorates progress_bar with torch.compiler.disable, unannotated: pyright loses its signature
+        for t in self.progress_bar(self.scheduler.timesteps):  # pyright: ignore[reportCallIssue, reportGeneralTypeIssues]
             tt = torch.full((len(prompts),), int(t), dtype=torch.long, device=device)
             pred = predict(x, tt, context)
             if guidance_scale != 1.0:
@@ -97,7 +99,7 @@ class UnclipLdmPipeline(DiffusionPipeline):
                 pred = uncond + guidance_scale * (pred - uncond)
             x = self.scheduler.step(pred, t, x, generator=generator).prev_sample
         vae = self.vae
-        images = vae.decode((x / self.config.latent_scale).to(device, vae.dtype)).sample.float().clamp(-1, 1)
+        images = vae.decode((x / self.config["latent_scale"]).to(device, vae.dtype)).sample.float().clamp(-1, 1)
         images = (images + 1) / 2
         if output_type == "pt":
             result = images.cpu()

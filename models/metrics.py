@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from scipy import linalg
@@ -17,9 +17,10 @@ def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def frechet_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)): the Fréchet distance of two Gaussians."""
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    # scipy infers a (root, error) pair too, which only disp=False returns
+    covmean = cast(np.ndarray, linalg.sqrtm(sigma1 @ sigma2))
     if np.iscomplexobj(covmean):  # numerical noise of a nearly singular product
-        covmean = covmean.real
+        covmean = np.real(covmean)
     return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1 + sigma2 - 2 * covmean))
 
 

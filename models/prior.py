@@ -16,7 +16,7 @@ from models.diffusion import Diffusion, device_of
 
 def build_prior(cfg: PriorConfig, embed_dim: int, context_length: int, mean: list[float], std: list[float]):
     from diffusers import (
-        PriorTransformer,
+        PriorTransformer,  # pyright: ignore[reportPrivateImportUsage]
     )  # lazy: diffusers (3-4 s) only where a network is built; `unclip train` checks the store without it
 
     model = PriorTransformer(

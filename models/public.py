@@ -72,6 +72,7 @@ def find_public(source: str, stage: str) -> PublicWeights | None:
     if os.path.isdir(source):
         if is_ours(source):
             return None
+        places: dict[str, tuple[str, str | None]]
         if os.path.exists(os.path.join(source, PIPELINE_INDEX)):
             places = {ours: (source, component) for ours, component in wanted.items()}
         elif os.path.exists(os.path.join(source, "config.json")):

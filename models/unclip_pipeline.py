@@ -18,7 +18,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers import DiffusionPipeline, ImagePipelineOutput  # pyright: ignore[reportPrivateImportUsage]
 
 # diffusers no longer exports it at its top level: model_index.json names it by this module, which
 # diffusers finds imported (here) when it loads the components
@@ -124,7 +124,7 @@ class UnclipChainPipeline(DiffusionPipeline):
             return_tensors="pt",
         ).input_ids.to(self.text_encoder.device)
         out = self.text_encoder(input_ids=ids, output_hidden_states=True)
-        if self.config.text_layer == "last":
+        if self.config["text_layer"] == "last":
             tokens = out.last_hidden_state
         else:
             tokens = self.text_encoder.text_model.final_layer_norm(out.hidden_states[-2])
@@ -143,7 +143,7 @@ class UnclipChainPipeline(DiffusionPipeline):
     def _image_embeddings(self, text, steps, guidance, generator, device):
         prior = self.prior
         n = len(text["emb"])
-        null = self._null_text(text, self.config.prior_null_text)
+        null = self._null_text(text, self.config["prior_null_text"])
 
         def predict(x, t, conditional):
             c = text if conditional else null
@@ -164,7 +164,7 @@ class UnclipChainPipeline(DiffusionPipeline):
         channels = self.vae.config.latent_channels if latent else 3
         patch = math.isqrt(unet.config.in_channels // channels)
         dtype = unet.dtype
-        null = self._null_text(text, self.config.decoder_null_text)
+        null = self._null_text(text, self.config["decoder_null_text"])
 
         def predict(x, t, conditional):
             n = len(x)
@@ -178,7 +178,7 @@ class UnclipChainPipeline(DiffusionPipeline):
             )
             mask = (
                 F.pad(c["mask"], (proj.clip_extra_context_tokens, 0), value=True)
-                if self.config.decoder_text_mask
+                if self.config["decoder_text_mask"]
                 else None
             )
             folded = F.pixel_unshuffle(x.to(dtype), patch)
@@ -192,7 +192,9 @@ class UnclipChainPipeline(DiffusionPipeline):
         )
         if not latent:
             return out.clamp(-1, 1)
-        return self.vae.decode((out / self.config.decoder_latent_scale).to(self.vae.dtype)).sample.float().clamp(-1, 1)
+        return (
+            self.vae.decode((out / self.config["decoder_latent_scale"]).to(self.vae.dtype)).sample.float().clamp(-1, 1)
+        )
 
     def _upsample(self, unet, scheduler, low, steps, generator, device, resize):
         size = unet.config.sample_size
@@ -232,7 +234,7 @@ class UnclipChainPipeline(DiffusionPipeline):
                     upsampler_inference_steps,
                     generator,
                     device,
-                    self.config.super_res_resize[i],
+                    self.config["super_res_resize"][i],
                 )
         images = (images + 1) / 2
         if output_type == "pt":
@@ -241,4 +243,5 @@ class UnclipChainPipeline(DiffusionPipeline):
             result = images.permute(0, 2, 3, 1).cpu().numpy()
             if output_type == "pil":
                 result = self.numpy_to_pil(result)
-        return ImagePipelineOutput(images=result) if return_dict else (result,)
+        # diffusers annotates `images` as PIL or numpy, yet its own pipelines hand back tensors for "pt"
+        return ImagePipelineOutput(images=result) if return_dict else (result,)  # pyright: ignore[reportArgumentType]

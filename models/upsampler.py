@@ -22,7 +22,7 @@ from models.normalization import norm_groups
 def build_upsampler(cfg: UpsamplerConfig):
     n = len(cfg.block_channels)
     from diffusers import (
-        UNet2DModel,
+        UNet2DModel,  # pyright: ignore[reportPrivateImportUsage]
     )  # lazy: diffusers (3-4 s) only where a network is built; `unclip train` checks the store without it
 
     return UNet2DModel(
@@ -88,7 +88,7 @@ def random_crops(
     factor = high.shape[1] // low.shape[1]
     small = crop // factor
     hs, ls = [], []
-    for hi_img, lo_img in zip(high, low):
+    for hi_img, lo_img in zip(high, low, strict=True):
         y, x = rng.integers(0, lo_img.shape[0] - small + 1), rng.integers(0, lo_img.shape[1] - small + 1)
         ls.append(lo_img[y : y + small, x : x + small])
         hs.append(hi_img[y * factor : (y + small) * factor, x * factor : (x + small) * factor])

@@ -46,7 +46,7 @@ def fault_proxy():
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from tests.faultproxy import FaultProxy
+    from tests.support.faultproxy import FaultProxy
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

@@ -228,7 +228,7 @@ def test_a_pixel_decoder_samples_the_same_in_plain_diffusers_by_the_exported_lay
 
     from models.config import DiffusionConfig
     from models.diffusion import Diffusion
-    from tests.plain_diffusers import plain_decoder, plain_loop
+    from tests.support.plain_diffusers import plain_decoder, plain_loop
 
     model, diffusion = small(patch=4), Diffusion(DiffusionConfig(prediction="x0", snr_shift=4.0))
     model.unet.save_pretrained(tmp_path / "unet")

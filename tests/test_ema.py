@@ -83,7 +83,7 @@ def test_each_rank_averages_its_share_and_the_whole_is_exact(tmp_path):
             "--standalone",
             "--nproc_per_node=2",
             "-m",
-            "tests.zero3_ema_ranks",
+            "tests.support.zero3_ema_ranks",
             str(report_file),
         ],
         env=env,

@@ -219,7 +219,7 @@ def test_parquet_input_and_s3_with_faults_and_an_outage(env, s3_prefix, faults, 
     tenth of requests, where an outage after the first part stops the run in one named line and a
     rerun (faults still on) completes: the two stores' parts are the same bytes."""
     from tests.conftest import FAULT_SETTINGS
-    from tests.faultproxy import run_into_outage, upstream_keys
+    from tests.support.faultproxy import run_into_outage, upstream_keys
 
     good = [r for r in env["records"] if r["broken"] is None][:14]
     wds = storage.join(s3_prefix, "wds")

@@ -152,7 +152,7 @@ def test_training_refuses_a_store_embedded_with_other_text_conditioning(tmp_path
     from data_pipeline.store import StoreError
     from launch import config
     from launch.train import check_before_launch
-    from tests.storefactory import make_store
+    from tests.support.storefactory import make_store
 
     make_store(str(tmp_path / "store"))  # recorded before the options: the last layer, zero padding
     check_before_launch(config.load(None, [f"root={tmp_path}"]), "prior")

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.storefactory import make_store
+from tests.support.storefactory import make_store
 
 SMALL = ["prior.layers=2", "prior.heads=2", "train.batch_size=8", "train.steps=2", "train.progress_bar=never"]
 

@@ -12,7 +12,7 @@ import pytest
 from data_pipeline.config import IngestFilters, Threshold
 from data_pipeline.filters import apply_metadata_filters, find_duplicates, make_resizer, summarize_messages
 from data_pipeline.url_list import NON_UTF8, UrlListError
-from tests import images
+from tests.support import images
 
 
 def listing(rows: list[dict]) -> pa.Table:

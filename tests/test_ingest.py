@@ -26,7 +26,7 @@ from data_pipeline import filters, ingest, plan, raw, url_list
 from data_pipeline.config import IngestConfig, IngestFilters, RayConfig, Threshold
 from launch import config
 from models.base import storage
-from tests import images
+from tests.support import images
 
 QUIET = lambda _msg: None  # noqa: E731
 
@@ -429,7 +429,7 @@ def test_s3_faults_and_an_outage_lose_nothing(site, s3_prefix, local_ray, faults
     on) completes with exactly the keys a fault-free run keeps."""
     from launch import cli
     from tests.conftest import FAULT_SETTINGS
-    from tests.faultproxy import run_into_outage, upstream_keys
+    from tests.support.faultproxy import run_into_outage, upstream_keys
 
     rows = [{"URL": f"{site}/ok/{i}.png", "TEXT": f"picture {i}"} for i in range(8)]
     buf = io.BytesIO()

@@ -43,7 +43,7 @@ def test_an_ldm_attends_to_the_embedding_only_when_its_checkpoint_trained_with_i
 def test_an_embedding_of_another_size_than_the_tokens_is_refused_by_name(tmp_path):
     from data_pipeline.store import StoreError
     from launch import config
-    from tests.storefactory import make_store
+    from tests.support.storefactory import make_store
     from training.stages.ldm import LdmStage
 
     store = make_store(str(tmp_path / "store"), columns=("clip_text_emb", "clip_text_tokens", "vae_latent"))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from models.base import storage
-from tests import storefactory
+from tests.support import storefactory
 from training.data import StoreLoader, deal
 
 PARTS = (20, 17, 13, 30, 9, 25, 11, 19)  # one row group each: 144 rows
@@ -137,6 +137,8 @@ def test_held_out_rows_never_reach_training(tmp_path):
     (loader,) = loaders(s, 1, batch=4)
     seen = take([loader], loader.steps_in_epoch)
     assert set(seen) <= train and len(seen) >= len(train) - 4
+    # the train log's count: the training rows, and the held-out ones apart (not the store's 144 as if all trained)
+    assert loader.rows_line() == f"{len(train)} training rows, {len(heldout)} held-out rows"
     again = make_store(str(tmp_path / "again"), PARTS, holdout=0.2)  # the split is a function of position
     assert set(again.read(["clip_image_emb"], split="heldout")["clip_image_emb"][:, 0].astype(int).tolist()) == heldout
 

@@ -59,7 +59,7 @@ def test_guidance_beats_unguided_only_when_following_and_clip_score_both_rise():
 def test_reference_embeddings_are_training_rows_spread_over_the_store(tmp_path):
     from data_pipeline.store import StoreError
     from launch.evaluate import reference_embeddings
-    from tests.storefactory import make_store
+    from tests.support.storefactory import make_store
 
     store = make_store(str(tmp_path / "store"), rows_per_part=(10,) * 12, holdout=0.2)
     row_id = lambda embeddings: embeddings[:, 0].astype(int)  # noqa: E731 - the factory writes the row number there

@@ -24,7 +24,7 @@ from launch import config, demo, export, sample
 from launch.train import train_local
 from models.base import storage
 from models.base.configlib import ConfigError, read_yaml, replace, to_yaml
-from tests.plain_diffusers import plain_decoder, plain_loop
+from tests.support.plain_diffusers import plain_decoder, plain_loop
 
 pytestmark = pytest.mark.slow
 
@@ -227,7 +227,7 @@ def test_a_fine_tuned_public_stable_diffusion_unet_exports_as_a_stable_diffusion
     from diffusers import DiffusionPipeline
 
     from launch.trained import load_trained
-    from tests import public_layouts
+    from tests.support import public_layouts
 
     cfg, _, _ = pipeline
     store = open_store(cfg.store_url)
@@ -298,7 +298,7 @@ def test_a_fine_tuned_karlo_chain_exports_as_an_unclip_pipeline(pipeline, tmp_pa
     from diffusers import DiffusionPipeline
 
     from launch.trained import load_trained
-    from tests import public_layouts
+    from tests.support import public_layouts
 
     cfg, _, _ = pipeline
     store = open_store(cfg.store_url)
@@ -566,7 +566,7 @@ def test_checkpoints_outlive_the_config_schema(pipeline, tmp_path):
 
 def test_eval_refuses_a_store_with_too_few_held_out_rows(pipeline, tmp_path):
     from launch import evaluate
-    from tests.storefactory import make_store
+    from tests.support.storefactory import make_store
 
     cfg, _, _ = pipeline
     make_store(str(tmp_path / "store"), rows_per_part=(6,), holdout=0.01)  # a fraction, but no row falls in it

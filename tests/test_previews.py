@@ -10,7 +10,7 @@ from data_pipeline.store import open_store
 from launch import config
 from launch.rank import stage_for
 from models.encoders import vae_identity, write_tiny_encoders
-from tests.storefactory import make_store
+from tests.support.storefactory import make_store
 from training.ema import EMA
 from training.engine import ema_model
 

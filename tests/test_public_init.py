@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from launch import config
 from launch.train import check_before_launch
 from models.base.errors import UserError
-from tests import public_layouts
-from tests.storefactory import make_store
+from tests.support import public_layouts
+from tests.support.storefactory import make_store
 
 # one rank: ranks are the engine tests' subject; a tiny learning rate, so that after one step the
 # trained weights and their average are still the loaded ones (to the optimizer's first step)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.engine_runs import launch, launch_together, metrics, root_fixture, run_dir, short_run  # noqa: F401 (the fixture root)
+from tests.support.engine_runs import launch, launch_together, metrics, root_fixture, run_dir, short_run  # noqa: F401 (the fixture root)
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def test_zero_stages_precisions_and_offload_train(root, settings):
 
 def test_the_step_loop_reads_nothing_from_the_device_outside_log_steps(root, tmp_path):
     """Each stage trained N and 2N steps (one log step, at the end) makes as many host reads of
-    tensors from our code (tests/count_syncs.py): none comes once a step. On a GPU each would
+    tensors from our code (tests/support/count_syncs.py): none comes once a step. On a GPU each would
     wait for the step's kernels. Before the losses stayed on the device, an ldm step made 6."""
     shutil.copytree(os.path.join(root, "store"), tmp_path / "store")
     specs = [
@@ -48,7 +48,13 @@ def test_the_step_loop_reads_nothing_from_the_device_outside_log_steps(root, tmp
         "upsampler",
     ]  # ZeRO-0: our optimizer's path; ZeRO 1-3 leave the step to DeepSpeed
     result = subprocess.run(
-        [sys.executable, os.path.join(os.path.dirname(__file__), "count_syncs.py"), str(tmp_path), "2", *specs],
+        [
+            sys.executable,
+            os.path.join(os.path.dirname(__file__), "support", "count_syncs.py"),
+            str(tmp_path),
+            "2",
+            *specs,
+        ],
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from models.base import storage
-from tests.storefactory import make_store
+from tests.support.storefactory import make_store
 
 # eps prediction, uniformly weighted: its loss falls from ~1 within a few steps, which the resume
 # tests read as "the curve continues"; min-SNR v losses wander too much over 8 steps to tell.
@@ -54,7 +54,7 @@ def run_dir(root, run="main", stage="ldm"):
 
 
 def metrics(root, run="main", stage="ldm") -> dict[int, dict]:
-    """The last record logged for each step (a resumed run logs some steps twice)."""
+    """The last record logged for each step (each is logged once, a resumed run included)."""
     out = {}
     with open(os.path.join(run_dir(root, run, stage), "logs", "metrics.jsonl")) as f:
         for line in f:

@@ -79,7 +79,7 @@ def make_store(
     }
     lock = {"encoders": identity, "columns": sorted(s), "specs": s, "holdout_fraction": holdout}
     store_writer.write_lock(root, lock)
-    store_writer.build_manifest(root, lock, {"note": "made by tests/storefactory.py"}, log=lambda _m: None)
+    store_writer.build_manifest(root, lock, {"note": "made by tests/support/storefactory.py"}, log=lambda _m: None)
     return store.open_store(root)
 
 

@@ -7,7 +7,7 @@ final checkpoint) is in both. Only calls from this repository's files on the tra
 count: DeepSpeed's own (its ZeRO 1-3 optimizers read an overflow flag or the gradient norm every
 step) and the loader thread's (host-side batches) do not.
 
-    python tests/count_syncs.py ROOT N STAGE[:override,...] ...
+    python tests/support/count_syncs.py ROOT N STAGE[:override,...] ...
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import threading
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 READS = ("item", "cpu", "tolist", "__bool__", "__float__", "__int__")
 calls = {"n": 0}
 

@@ -1,7 +1,7 @@
 """Tiny public pipelines, built by diffusers and transformers in exactly the layouts of the public
 weights (Stable Diffusion 2.x's `StableDiffusionPipeline`, Karlo's `UnCLIPPipeline`) and saved
 with `save_pretrained`, as diffusers' own tests build theirs. Their sizes fit the stores of
-tests/storefactory.py: a user with the real weights changes only paths."""
+tests/support/storefactory.py: a user with the real weights changes only paths."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import tempfile
 
 import torch
 
-from tests.storefactory import DIM, LATENT, TOKENS
+from tests.support.storefactory import DIM, LATENT, TOKENS
 
 
 def tiny_tokenizer():
@@ -53,7 +53,7 @@ def stable_diffusion(
     folder: str, cross_attention_dim: int = DIM, latent: tuple[int, int] = LATENT[:2], seed: int = 0
 ) -> str:
     """A StableDiffusionPipeline whose UNet works on a store's latents (`latent`: channels, side;
-    by default tests/storefactory's) and text tokens (width `cross_attention_dim`), with a VAE that
+    by default tests/support/storefactory's) and text tokens (width `cross_attention_dim`), with a VAE that
     maps pictures 4 times wider to them."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -100,7 +100,7 @@ def stable_diffusion(
 def karlo(folder: str, seed: int = 0, dim: int = DIM, tokens: int = TOKENS) -> str:
     """An UnCLIPPipeline as Karlo's: prior, 64 px decoder with its text_proj and a learned variance,
     two 64 -> 256 super-resolution UNets (first and last step; RGB out, as Karlo's are), on CLIP
-    embeddings and text tokens of width `dim` (`tokens` of them; by default tests/storefactory's)."""
+    embeddings and text tokens of width `dim` (`tokens` of them; by default tests/support/storefactory's)."""
     from diffusers import PriorTransformer, UnCLIPPipeline, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
     from transformers import CLIPTextModelWithProjection

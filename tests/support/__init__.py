@@ -1,0 +1,1 @@
+"""What the tests share: stores, pictures, fault proxies, launch helpers and rank scripts."""
