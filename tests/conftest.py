@@ -118,6 +118,7 @@ LONGEST_FIRST = [
     "test_launch.py",
     "test_secrets.py",
     "test_public_init.py",
+    "test_stall.py",
 ]
 
 
