@@ -112,9 +112,8 @@ def _check_same_sources(store_url: str, source: sources.Source, done: set[int]) 
             old, new = recorded["shards"][str(shard_id)], mine["shards"][str(shard_id)]
             if old != new or recorded["kind"] != source.kind:
                 raise store.StoreError(
-                    f"store '{store_url}': part {shard_id} was embedded from {recorded['kind']} {old!r}, the input "
-                    "now has "
-                    f"{source.kind} {new!r} there; embed into a new root to change the input"
+                    f"store '{store_url}': part {shard_id} was embedded from {recorded['kind']} {old!r}, "
+                    f"the input now has {source.kind} {new!r} there; embed into a new root to change the input"
                 )
     digest = hashlib.sha256(storage.strict_json(mine, sort_keys=True).encode()).hexdigest()[:16]
     storage.write_json(storage.join(folder, f"{digest}.json"), mine)
@@ -258,7 +257,7 @@ def _encode(
             ray.kill(encoder)
     if written:
         log(
-            f"embed: the driver received {received / written:.0f} bytes a part ({counts['kept'] / written:.0f} rows "
-            "a part)"
+            f"embed: the driver received {received / written:.0f} bytes a part "
+            f"({counts['kept'] / written:.0f} rows a part)"
         )
     return failed

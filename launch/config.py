@@ -81,8 +81,7 @@ class SampleConfig:
         if self.sampler == "unclip" and min(self.steps, self.upsampler_steps) < 2:
             raise ValueError(
                 "config key 'sample.sampler' is 'unclip', whose timesteps need sample.steps and "
-                "sample.upsampler_steps >= 2; "
-                f"got {self.steps} and {self.upsampler_steps}"
+                f"sample.upsampler_steps >= 2; got {self.steps} and {self.upsampler_steps}"
             )
         if self.interpolate and len(self.interpolate) != 2:
             raise ValueError(f"config key 'sample.interpolate': expected two prompts, got {len(self.interpolate)}")

@@ -107,8 +107,8 @@ def run(cfg: Config, log=print) -> dict[str, Any]:
     store = open_store(cfg.store_url)
     if store.holdout_fraction <= 0:
         raise StoreError(
-            f"store '{store.url}': manifest field 'holdout.fraction' is 0: no held-out rows to score on (set "
-            "embed.holdout_fraction)"
+            f"store '{store.url}': manifest field 'holdout.fraction' is 0: no held-out rows to score on "
+            "(set embed.holdout_fraction)"
         )
     stages = available_stages(cfg)
     chains_ready = {"ldm": "ldm" in stages, "unclip": {"prior", "decoder"} <= set(stages)}

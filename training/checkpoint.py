@@ -180,9 +180,8 @@ class Checkpointer:
             pointer = storage.join(self.run_url, LATEST)
             latest = storage.read_text(pointer).strip() if storage.exists(pointer) else "nothing"
             raise CheckpointError(
-                f"checkpoint {step_tag(step)}: no space left on the device writing '{written}' ({usage.free:,} bytes "
-                "free "
-                f"of {usage.total:,} in {self.staging_root}); `latest` stays at {latest}"
+                f"checkpoint {step_tag(step)}: no space left on the device writing '{written}' "
+                f"({usage.free:,} bytes free of {usage.total:,} in {self.staging_root}); `latest` stays at {latest}"
             ) from None
 
     def _save(

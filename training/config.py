@@ -30,8 +30,8 @@ class OptimConfig:
     min_lr_ratio: float = option(0.1, ge=0, le=1)
     fused: Literal["auto", "on", "off"] = option(
         "auto",
-        doc="torch's fused AdamW kernel: auto uses it on a GPU; ZeRO-0 always does (it skips non-finite steps on the "
-        "device)",
+        doc="torch's fused AdamW kernel: auto uses it on a GPU; ZeRO-0 always does "
+        "(it skips non-finite steps on the device)",
     )
 
     def validate(self) -> None:
