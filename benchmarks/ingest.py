@@ -65,6 +65,7 @@ def unclip_ingest(url_list: str, out: str, args: argparse.Namespace) -> int:
         threads_per_task=args.threads,
         timeout_s=10,
         filters=IngestFilters(drop_empty_caption=False),
+        allow_networks=["127.0.0.1"],  # the benchmark's server
     )
     return ingest.run(cfg, RayConfig(num_cpus=args.cpus), out, "benchmark: true\n", log=lambda _: None)["kept"]
 

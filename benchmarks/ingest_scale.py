@@ -68,7 +68,7 @@ def generate_list(folder: str, rows: int, files: int, row_group: int, seed: int)
 
 
 def generate_hashes(raw_url: str, millions: float, shard_size: int, seed: int) -> int:
-    """img2dataset-like status files (uid, sha256 hex, status) of `millions` M rows; ~3% of the
+    """img2dataset-like status files (key, uid, sha256 hex, status) of `millions` M rows; ~3% of the
     downloads repeat an earlier image, ~10% failed. Returns the shard count."""
     import numpy as np
     import pyarrow as pa
@@ -91,6 +91,7 @@ def generate_hashes(raw_url: str, millions: float, shard_size: int, seed: int) -
         sha = dedup.to_hex(digests[part], 32)
         table = pa.table(
             {
+                "key": pa.array(np.char.zfill((shard * 10**7 + np.arange(n)).astype(str), 12)),  # img2dataset's
                 "uid": dedup.to_hex(rng.integers(0, 256, (n, 12), dtype=np.uint8), 12),
                 "sha256": pc.if_else(pa.array(ok), sha, pa.scalar(None, pa.string())),
                 "status": pa.array(np.where(ok, "success", "failed_to_download")),

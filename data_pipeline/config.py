@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from data_pipeline import fetch_guard
 from models.base.configlib import option
 from models.base.storage_s3 import DEFAULT_ATTEMPTS, DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_READ_TIMEOUT_S
 
@@ -20,6 +21,10 @@ STORE_COLUMNS = (
     "image_64",
     "image_256",
 )
+
+
+# img2dataset's default: what artists and sites use to refuse AI training and indexing.
+OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 
 
 @dataclass
@@ -119,7 +124,25 @@ class IngestConfig:
     dedup_bucket_rows: int = option(
         4_000_000, ge=1, doc="keys per dedup task (URL and content dedup): buckets = rows / this"
     )
+    user_agent_token: str | None = option(
+        "unclip",
+        doc="named in every request's User-Agent; X-Robots-Tag directives addressed to it (`unclip: noai`) apply "
+        "as well as those to all agents; null: none",
+    )
+    disallowed_header_directives: list[str] = option(
+        factory=lambda: list(OPT_OUT_DIRECTIVES),
+        doc="X-Robots-Tag directives that refuse a picture (its owner's opt-out, counted as opted_out); empty: "
+        "opt-outs ignored, which the log and the summary say",
+    )
+    allow_networks: list[str] = option(
+        factory=list,
+        doc="CIDRs downloads may reach although they are loopback, private, link-local, shared, multicast or "
+        "reserved (refused by default, at every redirect: data_pipeline/fetch_guard.py); e.g. [10.20.0.0/16]",
+    )
     filters: IngestFilters = option(factory=IngestFilters)
+
+    def validate(self) -> None:
+        fetch_guard.parse_networks(self.allow_networks)
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """Content dedup over a whole ingest, in Ray tasks: repeated image bytes (sha256) are dropped, the
-earliest sample in list order kept, whichever shard finished first.
+earliest sample in list order kept, whichever shard or download finished first (a sample's place is
+its shard and its place in the shard's input, read from img2dataset's key: `raw.list_positions`).
 
 It runs once every shard is complete, in the three steps of data_pipeline/dedup.py, over groups
 of consecutive shards (about `ingest.plan_task_rows` samples each):
-  keys     per group: every downloaded sample's sha256 (32 bytes), order (shard, row) and uid
+  keys     per group: every downloaded sample's sha256 (32 bytes), order (shard, place) and uid
   buckets  per bucket: the repeats, with the uid each repeats
   deliver  per group: each shard's own list, ROOT/raw/NNNNN_duplicates.parquet (uid,
            duplicate_of), written only for shards that have a repeat
@@ -95,11 +96,11 @@ def write_group_keys(raw_url: str, chosen: dict[str, int], group: int) -> dict[s
     """Task: the content keys of a group's downloaded samples (a sample without a hash has none)."""
     digests, orders, uids = [], [], []
     for shard in _group_shards(chosen, group):
-        status = raw.read_status(raw_url, shard, ["uid", "sha256", "status"])
+        status = raw.read_status(raw_url, shard, ["key", "uid", "sha256", "status"])
         digest, valid = dedup.from_hex(status["sha256"])
         rows = np.flatnonzero(valid & np.asarray(status["status"].to_numpy(zero_copy_only=False) == "success"))
         digests.append(digest[rows])
-        orders.append(dedup.order_of(shard, rows))
+        orders.append(dedup.order_of(shard, raw.list_positions(status["key"])[rows]))
         uids.append(status["uid"].take(pa.array(rows)))
     keys = np.concatenate(digests) if digests else np.zeros((0, 32), np.uint8)
     uid = pa.concat_arrays([u.combine_chunks() for u in uids]) if uids else pa.array([], pa.string())

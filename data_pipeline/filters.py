@@ -21,13 +21,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data_pipeline import dedup, url_list
+from data_pipeline import dedup, fetch_guard, url_list
 from data_pipeline.config import IngestFilters
 from data_pipeline.url_list import NON_UTF8, UrlListError
 
 WIDTH_COLUMNS = ("WIDTH", "list_width")
 HEIGHT_COLUMNS = ("HEIGHT", "list_height")
-_URL = r"^https?://(?:[^@/?#\s]*@)?(?P<host>[A-Za-z0-9.\-\[\]:]*[A-Za-z0-9\]])(?::\d+)?(?:[/?#]\S*)?$"
+# A host of letters in any script (IDNA-encoded before the request: data_pipeline/fetch_guard.py); a
+# path of anything but leading or trailing white space (a browser percent-encodes what it must).
+_URL = (
+    r"^https?://(?:[^@/?#\s]*@)?(?P<host>[A-Za-z0-9.\-\[\]:\x{80}-\x{10FFFF}]*[A-Za-z0-9\]\x{80}-\x{10FFFF}])"
+    r"(?::\d+)?(?:[/?#](?:.*\S)?)?$"
+)
 
 # Messages img2dataset's resizer (and ours) return, as the filter rule they stand for.
 IMAGE_RULES = {
@@ -254,20 +259,42 @@ def find_duplicates(status: pa.Table) -> pa.Table:
     )
 
 
-def summarize_messages(status_dict: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
-    """img2dataset's per-sample messages -> (failures by reason, image filters by rule)."""
-    failures: dict[str, int] = {}
-    filtered: dict[str, int] = {}
+@dataclasses.dataclass
+class Outcomes:
+    """img2dataset's per-sample messages of some shards, counted by what they mean."""
+
+    failed: dict[str, int] = dataclasses.field(default_factory=dict)  # by reason (`failure_reason`)
+    refused: dict[str, int] = dataclasses.field(default_factory=dict)  # REFUSALS: the site's or our policy
+    filtered: dict[str, int] = dataclasses.field(default_factory=dict)  # image filters, by rule
+
+
+# Not failures: a picture whose owner opted out (X-Robots-Tag), or whose host is in a blocked network.
+REFUSALS = ("opted_out", "blocked_address")
+
+
+def summarize_messages(status_dict: dict[str, int]) -> Outcomes:
+    out = Outcomes()
     for message, n in status_dict.items():
         if message == "success":
             continue
         rule = IMAGE_RULES.get(message)
-        target, name = (filtered, rule) if rule else (failures, failure_reason(message))
+        reason = failure_reason(message)
+        target, name = (
+            (out.filtered, rule) if rule else (out.refused, reason) if reason in REFUSALS else (out.failed, reason)
+        )
         target[name] = target.get(name, 0) + n
-    return failures, filtered
+    return out
 
+
+# Failures that may pass: a rerun with `--retry-failed` tries them again.
+TRANSIENT = ("timeout", "dns", "connection_error", "http_5xx", "http_408", "http_429")
 
 _REASONS = (
+    (re.compile(r"disallowed by X-Robots-Tag"), "opted_out"),
+    (re.compile(fetch_guard.BLOCKED_PREFIX), "blocked_address"),
+    (re.compile(fetch_guard.INVALID_PREFIX + r"|URL can't contain control characters|nonnumeric port"), "invalid_url"),
+    (re.compile(r"HTTP Error 408"), "http_408"),
+    (re.compile(r"HTTP Error 429"), "http_429"),
     (re.compile(r"HTTP Error 3\d\d|redirect", re.I), "redirect_loop"),
     (re.compile(r"HTTP Error 4\d\d"), "http_4xx"),
     (re.compile(r"HTTP Error 5\d\d"), "http_5xx"),
@@ -278,7 +305,15 @@ _REASONS = (
         "decode_error",
     ),
     (
-        re.compile(r"urlopen error|Connection|Name or service|unknown url type|no host|Remote end closed", re.I),
+        re.compile(
+            r"Name or service not known|name resolution|No address associated with hostname|nodename nor servname"
+            r"|getaddrinfo failed",
+            re.I,
+        ),
+        "dns",
+    ),
+    (
+        re.compile(r"urlopen error|Connection|unknown url type|no host|Remote end closed", re.I),
         "connection_error",
     ),
 )

@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from data_pipeline import content_dedup, filters, plan, raw, ray_wait, tasks, url_list
+from data_pipeline import content_dedup, fetch_guard, filters, plan, raw, ray_wait, tasks, url_list
 from data_pipeline.config import IngestConfig, RayConfig
 from data_pipeline.ray_runtime import ray_session
 from models.base import storage
@@ -54,8 +54,9 @@ def download_shard(
     from img2dataset.writer import WebDatasetSampleWriter
 
     rows = plan.read_shard(inputs)
+    fetch_guard.install(cfg.allow_networks)  # every request of this process: browser URLs, no blocked network
     name = raw.shard_name(shard_id)
-    staging = storage.join(raw_url, f"{storage.TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}")
+    staging = storage.join(raw_url, raw.STAGING, f"{name}-{uuid.uuid4().hex[:8]}")
     storage.makedirs(staging)
     downloader = Downloader(
         sample_writer_class=WebDatasetSampleWriter,
@@ -74,8 +75,8 @@ def download_shard(
         verify_hash_type=None,
         encode_format=cfg.encode_format,
         retries=cfg.retries,
-        user_agent_token=None,
-        disallowed_header_directives=None,
+        user_agent_token=cfg.user_agent_token,
+        disallowed_header_directives=cfg.disallowed_header_directives or None,
     )
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -113,6 +114,7 @@ class Totals:
     def __init__(self) -> None:
         self.shards = self.attempted = self.successes = self.downloaded = self.bytes = 0
         self.failed: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()
         self.filtered: Counter[str] = Counter()
         self.messages: Counter[str] = Counter()
 
@@ -123,15 +125,17 @@ class Totals:
         self.successes += stats["successes"]
         self.downloaded += stats["count"] - stats["failed_to_download"]
         self.bytes += stats.get("bytes", 0)
-        reasons, rules = filters.summarize_messages(stats["status_dict"])
-        self.failed.update(reasons)
-        self.filtered.update(rules)
+        outcomes = filters.summarize_messages(stats["status_dict"])
+        self.failed.update(outcomes.failed)
+        self.refused.update(outcomes.refused)
+        self.filtered.update(outcomes.filtered)
         self._keep_messages({m: n for m, n in stats["status_dict"].items() if m != "success"})
 
     def merge(self, other: Totals) -> None:
         for name in ("shards", "attempted", "successes", "downloaded", "bytes"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.failed.update(other.failed)
+        self.refused.update(other.refused)
         self.filtered.update(other.filtered)
         self._keep_messages(other.messages)
 
@@ -148,6 +152,7 @@ class Totals:
             "successes": self.successes,
             "bytes": self.bytes,
             "failed_by_reason": dict(self.failed.most_common()),
+            "refused_by_reason": dict(self.refused.most_common()),
             "filtered_after_download": dict(self.filtered.most_common()),
         }
 
@@ -168,8 +173,43 @@ def plan_settings(cfg: IngestConfig) -> dict[str, Any]:
     return {**{k: getattr(cfg, k) for k in keys}, **metadata}
 
 
+def crawl_policy(cfg: IngestConfig) -> dict[str, Any]:
+    """What this run's downloads honoured and refused, as the summary records it."""
+    return {
+        "opt_outs": (
+            f"honoured: X-Robots-Tag {', '.join(cfg.disallowed_header_directives)} (for all agents and for "
+            f"{cfg.user_agent_token!r})"
+            if cfg.disallowed_header_directives
+            else OPT_OUTS_IGNORED
+        ),
+        "user_agent_token": cfg.user_agent_token,
+        "blocked_networks": "loopback, private, link-local, shared, multicast and reserved addresses",
+        "allow_networks": list(cfg.allow_networks),
+    }
+
+
+OPT_OUTS_IGNORED = (
+    "IGNORED: ingest.disallowed_header_directives is empty, so pictures whose owners refuse AI use were downloaded"
+)
+DNS_HINT_SHARE = 0.05  # of attempts failing to resolve their host, above which the summary points at DNS
+
+
+def dns_hint(attempted: int, dns_failures: int) -> str | None:
+    if attempted and dns_failures > DNS_HINT_SHARE * attempted:
+        return (
+            f"{dns_failures:,} of {attempted:,} attempts ({100 * dns_failures / attempted:.0f}%) failed to resolve "
+            "their host: run a caching resolver on every node (infra/README.md, 'DNS')"
+        )
+    return None
+
+
 def summarize(
-    planned: plan.Plan, totals: Totals, duplicates: int, dedup_content: bool, this_run: dict[str, Any]
+    planned: plan.Plan,
+    totals: Totals,
+    duplicates: int,
+    dedup_content: bool,
+    this_run: dict[str, Any],
+    crawl: dict[str, Any],
 ) -> dict[str, Any]:
     """Totals over every complete shard, including those of earlier runs."""
     filtered_after = Counter(totals.filtered)
@@ -184,6 +224,8 @@ def summarize(
         "downloaded": totals.downloaded,
         "failed": sum(totals.failed.values()),
         "failed_by_reason": dict(totals.failed.most_common()),
+        "refused": sum(totals.refused.values()),
+        "refused_by_reason": dict(totals.refused.most_common()),
         "filtered_after_download": dict(filtered_after.most_common()),
         "kept": totals.successes - duplicates,
         "dedup_content": dedup_content,
@@ -197,6 +239,8 @@ def summarize(
             "largest_task_rss_mb": round(planned.peak_task_rss / 2**20),
         },
         "top_error_messages": dict(totals.messages.most_common(10)),
+        "crawl": crawl,
+        "hint": dns_hint(totals.attempted, totals.failed.get("dns", 0)),
     }
 
 
@@ -205,13 +249,17 @@ def format_table(summary: dict[str, Any]) -> str:
     rows += [(f"  filtered: {k}", v) for k, v in summary["filtered_before_download"].items()]
     rows += [("attempted", summary["attempted"]), ("downloaded", summary["downloaded"])]
     rows += [(f"  failed: {k}", v) for k, v in summary["failed_by_reason"].items()]
+    rows += [(f"  refused: {k}", v) for k, v in summary["refused_by_reason"].items()]
     rows += [(f"  filtered: {k}", v) for k, v in summary["filtered_after_download"].items()]
     rows += [("kept", summary["kept"]), ("bytes", summary["bytes"]), ("shards", summary["shards"])]
     rows += [("wall time (s)", summary["wall_s"]), ("images/s (this run)", summary["images_per_s"])]
     width = max(len(k) for k, _ in rows)
-    return "\n".join(
+    table = "\n".join(
         f"  {k:<{width}}  {v:>12,}" if isinstance(v, int) else f"  {k:<{width}}  {v!s:>12}" for k, v in rows
     )
+    notes = [summary["crawl"]["opt_outs"]] if summary["crawl"]["opt_outs"] == OPT_OUTS_IGNORED else []
+    notes += [f"hint: {summary['hint']}"] if summary["hint"] else []
+    return "\n".join([table, *(f"  {note}" for note in notes)])
 
 
 def run(cfg: IngestConfig, ray_cfg: RayConfig, raw_url: str, config_yaml: str, log=print) -> dict[str, Any]:
@@ -220,6 +268,9 @@ def run(cfg: IngestConfig, ray_cfg: RayConfig, raw_url: str, config_yaml: str, l
     if not cfg.url_list:
         raise url_list.UrlListError("config key 'ingest.url_list': no URL list given")
     storage.makedirs(raw_url)
+    crawl = crawl_policy(cfg)
+    if not cfg.disallowed_header_directives:
+        log(f"ingest: opt-outs {OPT_OUTS_IGNORED}")
     folder = raw.scan_folder(raw_url)  # the one listing of ROOT/raw/ in this run
     for name in folder.temporaries:
         storage.remove(storage.join(raw_url, name))
@@ -240,6 +291,9 @@ def run(cfg: IngestConfig, ray_cfg: RayConfig, raw_url: str, config_yaml: str, l
         this_run: dict[str, Any] = (
             _download(todo, planned, totals, raw_url, cfg, started, log) if todo else {"shards": 0, "successes": 0}
         )
+        # Every download task has ended: what staging remains is that of tasks that died with their
+        # node (Ray ran them again elsewhere), all under one folder, removed without listing ROOT/raw/.
+        storage.remove(storage.join(raw_url, raw.STAGING))
         this_run["wall_s"] = round(time.time() - started, 2)
         duplicates = 0
         if cfg.filters.dedup_content and planned.shards:
@@ -247,7 +301,7 @@ def run(cfg: IngestConfig, ray_cfg: RayConfig, raw_url: str, config_yaml: str, l
                 raw_url, planned.shards, planned.kept, cfg.plan_task_rows, cfg.shard_size, cfg.dedup_bucket_rows
             )
             duplicates = content_dedup.run(raw_url, chosen, log, cfg.progress_every_s)["duplicates"]
-    summary = summarize(planned, totals, duplicates, cfg.filters.dedup_content, this_run)
+    summary = summarize(planned, totals, duplicates, cfg.filters.dedup_content, this_run, crawl)
     storage.write_json(storage.join(raw_url, raw.SUMMARY), summary)
     log("ingest: summary\n" + format_table(summary))
     return summary

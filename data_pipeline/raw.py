@@ -12,6 +12,7 @@ For the whole data set:
   _config.yaml       the resolved configuration
   _progress.json     running totals, rewritten as the run goes
   _summary.json      written last: present means every shard is complete and deduplicated
+  .tmp-staging/      download tasks' shards before they are committed (removed once all have ended)
 
 `uid` (a hash of the URL) is the sample key from here on; img2dataset's `key` only names the
 files inside one shard.
@@ -27,7 +28,9 @@ import tarfile
 from collections.abc import Iterator
 from typing import IO, Any, cast
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from models.base import storage
@@ -38,6 +41,7 @@ DUPLICATES_SUFFIX = "_duplicates.parquet"
 SUMMARY = "_summary.json"
 PROGRESS = "_progress.json"
 DEDUP_DIR = "_dedup"
+STAGING = f"{storage.TMP_PREFIX}staging"  # download tasks write here first, a folder per attempt
 CONFIG = "_config.yaml"
 LEGACY_DUPLICATES = "_duplicates.parquet"  # one list for the whole data set, before per-shard lists
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # the order a reader picks one in
@@ -86,6 +90,18 @@ def read_status(raw_url: str, shard_id: int, columns: list[str] | None = None) -
     fs, path = storage.url_to_fs(shard_file(raw_url, shard_id, ".parquet"))
     with fs.open(path, "rb") as f:
         return pq.read_table(f, columns=columns)
+
+
+def list_positions(keys: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Each row's place in its shard's input (list order), from img2dataset's keys.
+
+    img2dataset writes a shard's status rows as downloads finish, so a row's place in the file says
+    when it finished; its key, shard * 10^k + place, says where the URL stood. The shard's file
+    holds every input row, so the rank of a key among the file's keys is its place."""
+    values = np.asarray(pc.cast(keys, pa.int64()))
+    ranks = np.empty(len(values), np.int64)
+    ranks[np.argsort(values, kind="stable")] = np.arange(len(values))
+    return ranks
 
 
 def shard_duplicates(raw_url: str, shard_id: int) -> set[str]:

@@ -179,7 +179,10 @@ def _ingest(args: argparse.Namespace, cfg: Config, log: Log) -> int:
 
     log(f"ingest: {cfg.ingest.url_list} -> {cfg.raw_url} (Ray: {cfg.ray.address or 'local'})")
     summary = ingest.run(cfg.ingest, cfg.ray, cfg.raw_url, to_yaml(cfg), log=log)
-    log(f"ingest: kept {summary['kept']} of {summary['input_rows']}; failed by reason {summary['failed_by_reason']}")
+    log(
+        f"ingest: kept {summary['kept']} of {summary['input_rows']}; failed by reason {summary['failed_by_reason']}; "
+        f"refused by reason {summary['refused_by_reason']}"
+    )
     return 0
 
 

@@ -54,7 +54,12 @@ def with_demo_training(cfg: Config) -> Config:
 def demo_overrides(workdir: str) -> list[str]:
     """Defaults that place everything under `workdir` (the user's own overrides come after)."""
     workdir = os.path.abspath(workdir)
-    return [f"root={os.path.join(workdir, 'data')}", f"ingest.url_list={os.path.join(workdir, 'urls.parquet')}"]
+    return [
+        f"root={os.path.join(workdir, 'data')}",
+        f"ingest.url_list={os.path.join(workdir, 'urls.parquet')}",
+        # the embedded data set is served on 127.0.0.1: the one non-public address its ingest may reach
+        "ingest.allow_networks=[127.0.0.1]",
+    ]
 
 
 @contextlib.contextmanager

@@ -130,15 +130,22 @@ def test_bomb_is_refused_from_its_header_and_odd_images_are_kept():
         assert all(abs(a - b) <= 12 for a, b in zip(pixel, images.RED, strict=False)), pixel
 
 
-def test_messages_split_into_failures_and_image_filters():
-    failures, filtered = summarize_messages(
+def test_messages_split_into_failures_refusals_and_image_filters():
+    outcomes = summarize_messages(
         {
             "success": 5,
             "HTTP Error 404: Not Found": 2,
             "image too small": 1,
             "empty body": 1,
             "aspect ratio too large": 3,
+            "Use of image disallowed by X-Robots-Tag directive": 4,
+            "<urlopen error blocked address: h.example is 10.0.0.1, a private address (ingest.allow_networks...)>": 2,
+            "invalid URL: host 'a b.com' holds characters no host name has": 1,
+            "<urlopen error [Errno -3] Temporary failure in name resolution>": 6,
+            "<urlopen error [Errno -2] Name or service not known>": 1,
+            "HTTP Error 429: Too Many Requests": 1,
         }
     )
-    assert failures == {"http_4xx": 2, "empty_body": 1}
-    assert filtered == {"image_too_small": 1, "image_aspect_ratio": 3}
+    assert outcomes.failed == {"http_4xx": 2, "empty_body": 1, "invalid_url": 1, "dns": 7, "http_429": 1}
+    assert outcomes.refused == {"opted_out": 4, "blocked_address": 2}
+    assert outcomes.filtered == {"image_too_small": 1, "image_aspect_ratio": 3}

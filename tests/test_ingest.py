@@ -16,6 +16,7 @@ import sys
 import tarfile
 import threading
 import time
+import urllib.parse
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,12 +30,22 @@ from models.base import storage
 from tests.support import images
 
 QUIET = lambda _msg: None  # noqa: E731
+LOCAL = ["127.0.0.1"]  # the test servers' one address: every other non-public address stays refused
+ALLOW_LOCAL = "ingest.allow_networks=[127.0.0.1]"
 
 
 class Site(http.server.BaseHTTPRequestHandler):
     """Routes: /ok/N.png (distinct images, optionally slow), and one route per bad input."""
 
     delay_s = 0.0
+    private = ""  # the base URL of a server on a blocked address, which /to-private redirects to
+    # X-Robots-Tag answers: refused for every agent, for unclip's token alone, and one for another crawler
+    opt_outs = {
+        "/optout/noai.png": "noai",
+        "/optout/noimageai.png": "noimageai, nofollow",
+        "/optout/for-unclip.png": "unclip: noai",
+        "/optout/for-another-crawler.png": "otherbot: noai",
+    }
     fixed = {
         "/dup/a.png": lambda: images.png(color=(0, 0, 1)),  # same bytes as /ok/0.png
         "/dup/b.png": lambda: images.png(color=(0, 0, 1)),
@@ -50,7 +61,23 @@ class Site(http.server.BaseHTTPRequestHandler):
         "/wide.png": lambda: images.png((200, 40)),
     }
 
+    user_agents: set[str] = set()  # every User-Agent the site was sent
+
     def do_GET(self):
+        Site.user_agents.add(self.headers.get("User-Agent", ""))
+        path = urllib.parse.unquote(self.path)  # as requested: percent-encoded UTF-8
+        if path in self.opt_outs:
+            return self._send(200, images.png(color=(200, list(self.opt_outs).index(path), 2)), self.opt_outs[path])
+        if path.startswith("/uni/"):  # published names outside ASCII: a byte of the name picks the colour
+            return self._send(200, images.png(color=(201, path.encode()[-5], 2)))
+        if path == "/to-private":
+            self.send_response(302)
+            self.send_header("Location", f"{self.private}/ok/1.png")
+            self.end_headers()
+            return None
+        if path.startswith("/late/"):  # an earlier copy of /same/N/...: it finishes after the later one
+            time.sleep(1.5)
+            return self._send(200, images.png(color=(int(path.split("/")[2][:-4]), 7, 1)))
         if self.path.startswith("/same/"):  # /same/N/K.png: image N, whatever K (another URL, the same bytes)
             return self._send(200, images.png(color=(int(self.path.split("/")[2]), 7, 1)))
         if self.path.startswith("/ok/"):
@@ -71,8 +98,10 @@ class Site(http.server.BaseHTTPRequestHandler):
             return self._send(200, self.fixed[self.path]())
         return self._send(404, b"no")
 
-    def _send(self, status: int, body: bytes) -> None:
+    def _send(self, status: int, body: bytes, robots: str | None = None) -> None:
         self.send_response(status)
+        if robots:
+            self.send_header("X-Robots-Tag", robots)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -82,21 +111,39 @@ class Site(http.server.BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve(delay_s: float = 0.0):
-    handler = type("SiteHandler", (Site,), {"delay_s": delay_s})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+def serve(delay_s: float = 0.0, address: str = "127.0.0.1", private: str = "", seen: list[str] | None = None):
+    """The site on `address`; `seen`: where to note every request it receives."""
+
+    def note(handler, *args) -> None:
+        if seen is not None:
+            seen.append(handler.path)
+        Site.do_GET(handler)
+
+    handler = type("SiteHandler", (Site,), {"delay_s": delay_s, "private": private, "do_GET": note})
+    server = http.server.ThreadingHTTPServer((address, 0), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"http://{address}:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
 
 
+PRIVATE_REQUESTS: list[str] = []  # what the server on a blocked address (127.0.0.2) was asked
+
+
 @pytest.fixture(scope="module")
-def site():
-    with serve() as base:
+def private_site():
+    """A site on 127.0.0.2, standing for a service inside the cluster's network (refused)."""
+    with serve(address="127.0.0.2", seen=PRIVATE_REQUESTS) as private:
+        yield private
+
+
+@pytest.fixture(scope="module")
+def site(private_site):
+    """The site on 127.0.0.1 (allowed), whose /to-private redirects to the site on 127.0.0.2."""
+    with serve(private=private_site) as base:
         yield base
 
 
@@ -109,7 +156,7 @@ def kept_keys(raw_url: str) -> list[str]:
     ]
 
 
-def write_lists(folder, base: str) -> dict[str, str]:
+def write_lists(folder, base: str, private: str) -> dict[str, str]:
     """The bad-input list, split over one file of each format; returns url -> caption of the good rows."""
     good = {f"{base}/ok/{i}.png": f"picture number {i}" for i in range(12)}
     good.update(
@@ -132,6 +179,13 @@ def write_lists(folder, base: str) -> dict[str, str]:
             "/dup/b.png",
         )
     }
+    # opted out (refused), a crawler's own opt-out (kept), a private address and a redirect into one
+    bad.update({f"{base}{p}": f"opted out {p}" for p in Site.opt_outs if "another" not in p})
+    good[f"{base}/optout/for-another-crawler.png"] = "an opt-out for another crawler"
+    bad.update({f"{base}/to-private": "redirected to a private address", f"{private}/ok/2.png": "a private address"})
+    # published names outside ASCII (downloaded), and a host IDNA refuses (a label over 63 characters)
+    good.update({f"{base}/uni/flag_Réunion.png": "a flag", f"{base}/uni/women’s_room.png?größe=groß": "a door"})
+    bad["http://" + "ä" * 70 + ".example/x.png"] = "an invalid host"
     rows = [{"url": u, "caption": c} for u, c in {**good, **bad}.items()]
     rows += [
         {"url": "htp:/broken", "caption": "malformed"},
@@ -160,19 +214,25 @@ def write_lists(folder, base: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_every_bad_input_is_counted_under_its_reason(site, tmp_path, local_ray):
+def test_every_bad_input_is_counted_under_its_reason(site, private_site, tmp_path, local_ray):
     lists = tmp_path / "lists"
     lists.mkdir()
-    good = write_lists(lists, site)
+    good = write_lists(lists, site, private_site)
     filters = IngestFilters(min_image_size=32, max_image_aspect_ratio=3.0, max_image_pixels=10_000_000)
     cfg = IngestConfig(
-        url_list=str(lists), shard_size=8, timeout_s=4, threads_per_task=8, filters=filters, progress_every_s=1
+        url_list=str(lists),
+        shard_size=8,
+        timeout_s=4,
+        threads_per_task=8,
+        filters=filters,
+        progress_every_s=1,
+        allow_networks=LOCAL,
     )
     raw_url = str(tmp_path / "raw")
     lines: list[str] = []
     summary = ingest.run(cfg, RayConfig(), raw_url, "a: 1\n", log=lines.append)
 
-    assert summary["input_rows"] == 34
+    assert summary["input_rows"] == 43
     assert summary["filtered_before_download"] == {
         "duplicate_url": 1,
         "empty_caption": 1,
@@ -184,22 +244,29 @@ def test_every_bad_input_is_counted_under_its_reason(site, tmp_path, local_ray):
         "empty_body": 1,
         "http_4xx": 1,
         "http_5xx": 1,
+        "invalid_url": 1,
         "redirect_loop": 1,
         "timeout": 1,
     }
+    assert summary["refused_by_reason"] == {"opted_out": 3, "blocked_address": 2}
+    assert PRIVATE_REQUESTS == []  # neither the listed private URL nor the redirect reached it
+    assert all("(compatible; unclip;" in agent for agent in Site.user_agents)  # the crawler names itself
+    assert summary["crawl"]["opt_outs"].startswith("honoured: X-Robots-Tag noai, noimageai, noindex, noimageindex")
     assert summary["filtered_after_download"] == {
         "duplicate_content": 2,
         "image_aspect_ratio": 1,
         "image_too_large": 1,
         "image_too_small": 1,
     }
-    assert summary["attempted"] == 28 and summary["downloaded"] == 28 - 4  # not: 404, 500, hang, loop
-    assert summary["kept"] == len(good) == 16
+    # not downloaded: 404, 500, hang, loop, the invalid host, 3 opted out, 2 on a private address
+    assert summary["attempted"] == 37 and summary["downloaded"] == 37 - 10
+    assert summary["kept"] == len(good) == 19
     assert summary["bytes"] > 0 and summary["images_per_s"] > 0
     assert sorted(kept_keys(raw_url)) == sorted(url_list.stable_key(u) for u in good)
     assert storage.read_json(storage.join(raw_url, raw.SUMMARY)) == summary
     assert any("shards" in line and "images/s" in line for line in lines)  # progress while it ran
     assert "kept" in lines[-1] and "failed: timeout" in lines[-1]  # the final table
+    assert "refused: opted_out" in lines[-1] and "refused: blocked_address" in lines[-1]
 
     # the odd images were converted, not mangled: every kept odd image is the red it was drawn in
     for shard in raw.complete_shards(raw_url):
@@ -217,6 +284,27 @@ def test_every_bad_input_is_counted_under_its_reason(site, tmp_path, local_ray):
 
 
 @pytest.mark.slow
+def test_opt_outs_and_private_networks_are_opened_only_when_asked(site, private_site, tmp_path, local_ray):
+    urls = [f"{site}/optout/noai.png", f"{site}/optout/for-unclip.png", f"{private_site}/ok/7.png"]
+    pq.write_table(pa.table({"url": urls, "caption": ["a", "b", "c"]}), tmp_path / "urls.parquet")
+    cfg = IngestConfig(
+        url_list=str(tmp_path / "urls.parquet"),
+        shard_size=8,
+        disallowed_header_directives=[],
+        allow_networks=["127.0.0.1", "127.0.0.2/32"],
+    )
+    lines: list[str] = []
+    seen_before = len(PRIVATE_REQUESTS)
+    summary = ingest.run(cfg, RayConfig(), str(tmp_path / "raw"), "a: 1\n", log=lines.append)
+    assert summary["kept"] == 3 and summary["refused_by_reason"] == {}
+    assert PRIVATE_REQUESTS[seen_before:] == ["/ok/7.png"]
+    # said once in the log, and in the summary and its table
+    assert summary["crawl"]["opt_outs"] == ingest.OPT_OUTS_IGNORED
+    assert sum(ingest.OPT_OUTS_IGNORED in line for line in lines[:-1]) == 1
+    assert ingest.OPT_OUTS_IGNORED in lines[-1]
+
+
+@pytest.mark.slow
 def test_s3_output_and_input(site, s3_prefix, local_ray, caplog):
     rows = [{"URL": f"{site}/ok/{i}.png", "TEXT": f"picture {i}", "punsafe": i / 10} for i in range(10)]
     buf = io.BytesIO()
@@ -225,7 +313,13 @@ def test_s3_output_and_input(site, s3_prefix, local_ray, caplog):
     raw_url = storage.join(s3_prefix, "raw")
     safe = IngestFilters(thresholds={"punsafe": Threshold(max=0.55)})
     # two shards in one Ray task, a process each
-    cfg = IngestConfig(url_list=storage.join(s3_prefix, "lists"), shard_size=4, processes_per_task=2, filters=safe)
+    cfg = IngestConfig(
+        url_list=storage.join(s3_prefix, "lists"),
+        shard_size=4,
+        processes_per_task=2,
+        filters=safe,
+        allow_networks=LOCAL,
+    )
     storage.write_bytes(storage.join(raw_url, f"{storage.TMP_PREFIX}left-by-a-killed-run"), b"x")
     caplog.set_level(logging.INFO, logger="werkzeug")  # moto's server logs every request it answers
     summary = ingest.run(cfg, RayConfig(), raw_url, "a: 1\n", log=QUIET)
@@ -258,13 +352,13 @@ def _markers(folder) -> int:
 
 def _ingest(root, settings: list[str]) -> dict:
     """`unclip ingest` with these settings into `root`, in this process."""
-    cfg = config.load(None, [f"root={root}", *settings])
+    cfg = config.load(None, [f"root={root}", ALLOW_LOCAL, *settings])
     return ingest.run(cfg.ingest, cfg.ray, str(root / "raw"), "x: 1\n", log=QUIET)
 
 
 def _kill_ingest_when(root, settings: list[str], ready, what: str) -> None:
     """Start `unclip ingest` in a process of its own and SIGKILL it as soon as `ready()` holds."""
-    command = [sys.executable, "-m", "launch.cli", "ingest", f"root={root}", "ray.num_cpus=2", *settings]
+    command = [sys.executable, "-m", "launch.cli", "ingest", f"root={root}", "ray.num_cpus=2", ALLOW_LOCAL, *settings]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while not ready() and time.time() < deadline and proc.poll() is None:
@@ -276,6 +370,22 @@ def _kill_ingest_when(root, settings: list[str], ready, what: str) -> None:
     assert not (root / "raw" / raw.SUMMARY).exists()
 
 
+def _kill_a_download_task(raw_dir, killed: list[int]) -> None:
+    """SIGKILL the first Ray worker seen downloading into `raw_dir` (as when its node dies); Ray runs
+    its task again elsewhere and the dead attempt's staging folder stays behind."""
+    import psutil
+
+    deadline = time.time() + 120
+    while time.time() < deadline and not killed:
+        if raw_dir.exists() and any(p.name.startswith(storage.TMP_PREFIX) for p in raw_dir.iterdir()):
+            for proc in psutil.process_iter(["cmdline"]):
+                if any("_download_group" in part for part in proc.info["cmdline"] or []):
+                    proc.kill()
+                    killed.append(proc.pid)
+                    return
+        time.sleep(0.02)
+
+
 KILL_LIST_SIZE = 120
 
 
@@ -283,14 +393,28 @@ KILL_LIST_SIZE = 120
 def test_sigkill_then_rerun_keeps_exactly_the_uninterrupted_keys(tmp_path, local_ray):
     with serve(delay_s=0.05) as base:
         urls = [f"{base}/ok/{i}.png" for i in range(KILL_LIST_SIZE)] + [f"{base}/dup/a.png", f"{base}/404.png"]
+        # in shard 0, an earlier copy that finishes last (the kept one), and a later copy that finishes first
+        urls[1:1] = [f"{base}/late/3.png"]
+        urls[5:5] = [f"{base}/same/3/b.png"]
         pq.write_table(
             pa.table({"url": urls, "caption": [f"c{i}" for i in range(len(urls))]}), tmp_path / "urls.parquet"
         )
         settings = [f"ingest.url_list={tmp_path / 'urls.parquet'}", "ingest.shard_size=8", "ingest.threads_per_task=2"]
 
+        # the reference run loses a download task midway, as when a node dies
+        killed: list[int] = []
+        killer = threading.Thread(target=_kill_a_download_task, args=(tmp_path / "reference" / "raw", killed))
+        killer.start()
         _ingest(tmp_path / "reference", settings)
+        killer.join()
+        assert killed, "no download task was seen to kill"
+        leftovers = [p.name for p in (tmp_path / "reference" / "raw").iterdir()]
+        assert not [n for n in leftovers if n.startswith(storage.TMP_PREFIX)]  # the dead task's staging went too
         expected = kept_keys(str(tmp_path / "reference" / "raw"))
-        assert len(expected) == len(set(expected)) == KILL_LIST_SIZE  # /dup/a.png repeats /ok/0.png
+        # /dup/a.png repeats /ok/0.png; /same/3/b.png repeats /late/3.png, which stands earlier in the list
+        assert len(expected) == len(set(expected)) == KILL_LIST_SIZE + 1
+        assert url_list.stable_key(f"{base}/late/3.png") in expected
+        assert url_list.stable_key(f"{base}/same/3/b.png") not in expected
 
         root = tmp_path / "killed"
         _kill_ingest_when(root, settings, lambda: len(raw.complete_shards(str(root / "raw"))) >= 3, "while downloading")
@@ -300,9 +424,9 @@ def test_sigkill_then_rerun_keeps_exactly_the_uninterrupted_keys(tmp_path, local
         summary = _ingest(root, settings)
         assert summary["this_run"]["shards"] == 16 - len(partial)
     # the totals add the earlier run's shards (read back from their stats) to this run's
-    assert summary["shards"] == 16 and summary["attempted"] == len(urls) and summary["kept"] == KILL_LIST_SIZE
+    assert summary["shards"] == 16 and summary["attempted"] == len(urls) and summary["kept"] == KILL_LIST_SIZE + 1
     assert summary["failed_by_reason"] == {"http_4xx": 1} and summary["filtered_after_download"] == {
-        "duplicate_content": 1
+        "duplicate_content": 2
     }
     got = kept_keys(str(root / "raw"))
     assert len(got) == len(set(got))  # each once
@@ -440,6 +564,7 @@ def test_s3_faults_and_an_outage_lose_nothing(site, s3_prefix, local_ray, faults
         "ingest",
         f"root={s3_prefix}",
         f"ingest.url_list={storage.join(s3_prefix, 'lists')}",
+        ALLOW_LOCAL,
         "ingest.shard_size=4",
         "ingest.max_in_flight=1",
         *FAULT_SETTINGS,

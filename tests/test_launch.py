@@ -452,6 +452,7 @@ def test_ingest_submitted_to_a_ray_head_completes(ray_head, tmp_path):
                 "--wait",
                 f"ingest.url_list={tmp_path / 'urls.parquet'}",
                 "ingest.shard_size=4",
+                "ingest.allow_networks=[127.0.0.1]",
                 *common,
             ),
             timeout=400,
@@ -477,6 +478,7 @@ def test_ingest_submitted_to_a_ray_head_completes(ray_head, tmp_path):
                 "launch",
                 "ingest",
                 f"ingest.url_list={tmp_path / 'slow.parquet'}",
+                "ingest.allow_networks=[127.0.0.1]",
                 f"root={tmp_path / 'slow'}",
                 f"launch.address={ray_head}",
             )

@@ -115,13 +115,15 @@ def write_status_shards(raw_url: str, shards: int, rows: int, seed: int = 0) -> 
         status = ["success" if rng.random() > 0.1 else "failed_to_download" for _ in range(rows)]
         table = pa.table(
             {
+                "key": [f"{shard:05d}{r:04d}" for r in range(rows)],  # img2dataset's: shard, then place in list
                 "uid": [f"{shard}-{r}" for r in range(rows)],
                 "sha256": [s if st == "success" else None for s, st in zip(sha, status, strict=True)],
                 "status": status,
             }
         )
         buf = io.BytesIO()
-        pq.write_table(table, buf)
+        # as img2dataset writes them: in the order downloads finished, not in list order
+        pq.write_table(table.take(pa.array(rng.permutation(rows))), buf)
         storage.write_bytes(raw.shard_file(raw_url, shard, ".parquet"), buf.getvalue())
         everything.append(
             table.append_column("shard", pa.array([shard] * rows)).append_column("row", pa.array(range(rows)))
@@ -147,7 +149,7 @@ def test_content_dedup_keeps_the_earliest_sample_across_shards_and_buckets(tmp_p
             assert not storage.exists(path)
             continue
         got = pq.read_table(path)
-        assert got["uid"].to_pylist() == want["uid"].to_pylist()  # each shard's own list, in row order
+        assert got["uid"].to_pylist() == want["uid"].to_pylist()  # each shard's own list, in list order
         assert got["duplicate_of"].to_pylist() == want["duplicate_of"].to_pylist()  # the earliest copy is kept
         assert raw.shard_duplicates(raw_url, shard) == set(want["uid"].to_pylist())
 

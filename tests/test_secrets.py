@@ -64,6 +64,7 @@ def test_no_credential_reaches_an_output(tmp_path, ray_head):  # noqa: F811
             f"root={root}",
             f"launch.address={ray_head}",
             f"ingest.url_list={tmp_path / 'urls.parquet'}",
+            "ingest.allow_networks=[127.0.0.1]",
             "ingest.shard_size=8",
         )
         found += hits(job.stdout + job.stderr, "the output of `unclip launch ingest`")
