@@ -2,8 +2,10 @@
 
 Generates LAION-like URL lists (URL, TEXT, WIDTH, HEIGHT, similarity, punsafe, pwatermark; ~1% of
 rows repeat an earlier URL, often in another file) of 1M, 4M and 16M rows over `--files` parquet
-files, and runs the real planning and URL dedup (data_pipeline/plan.py) on a local Ray over each,
-every size in a fresh driver process. Then content dedup (data_pipeline/content_dedup.py) over
+files, each with an opt-out list (`--optout` million entries at the largest size, in proportion
+below it: URLs of the list, URLs it lacks, 50 of its hosts as domains), and runs the real planning,
+URL dedup and opt-out join (data_pipeline/plan.py) on a local Ray over each, every size in a fresh
+driver process. Then content dedup (data_pipeline/content_dedup.py) over
 `--hashes` million generated sha256 values laid out as img2dataset's status files, where
 downloads would have written them; a sample of its buckets is checked against a direct
 reference (a Python dict over those buckets' rows, in list order).
@@ -67,6 +69,32 @@ def generate_list(folder: str, rows: int, files: int, row_group: int, seed: int)
         pq.write_table(table, os.path.join(folder, f"part-{f:05d}.parquet"), row_group_size=row_group)
 
 
+def generate_optout(folder: str, list_rows: int, entries: int, files: int, row_group: int, seed: int) -> None:
+    """A do-not-train export of `entries` rows: half of them URLs of the list (`generate_list`'s,
+    same seed), half URLs it lacks, and 50 of its 5,000 hosts as domains (1% of its rows)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    ids = np.random.default_rng(seed).integers(0, 2**62, list_rows, dtype=np.int64)  # the list's first draw
+    rng = np.random.default_rng(seed + 1)
+    chosen = np.concatenate([ids[rng.integers(0, list_rows, entries // 2)], rng.integers(0, 2**62, entries // 2)])
+    host = pc.cast(pa.array(chosen % 5000), pa.string())
+    urls = pc.binary_join_element_wise(
+        "https://img", host, ".cdn.example.com/images/", pc.cast(pa.array(chosen), pa.string()), "/full.jpg", ""
+    )
+    domains = pa.array([f"img{h}.cdn.example.com" for h in rng.choice(5000, 50, replace=False)])
+    column = pa.concat_arrays([urls, domains])
+    os.makedirs(folder, exist_ok=True)
+    per_file = -(-len(column) // files)
+    for f in range(files):
+        part = column.slice(f * per_file, per_file)
+        pq.write_table(
+            pa.table({"url": part}), os.path.join(folder, f"optout-{f:05d}.parquet"), row_group_size=row_group
+        )
+
+
 def generate_hashes(raw_url: str, millions: float, shard_size: int, seed: int) -> int:
     """img2dataset-like status files (key, uid, sha256 hex, status) of `millions` M rows; ~3% of the
     downloads repeat an earlier image, ~10% failed. Returns the shard count."""
@@ -101,16 +129,16 @@ def generate_hashes(raw_url: str, millions: float, shard_size: int, seed: int) -
     return shards
 
 
-def child_plan(list_dir: str, raw_url: str) -> dict:
-    from data_pipeline import plan
-    from data_pipeline.config import IngestConfig, RayConfig
+def child_plan(list_dir: str, raw_url: str, optout_dir: str = "") -> dict:
+    from data_pipeline import plan, plan_run
+    from data_pipeline.config import IngestConfig, IngestFilters, RayConfig
     from data_pipeline.ray_runtime import ray_session
 
-    cfg = IngestConfig(url_list=list_dir, shard_size=10_000)
+    cfg = IngestConfig(url_list=list_dir, shard_size=10_000, filters=IngestFilters(optout_list=optout_dir or None))
     with ray_session(RayConfig()):  # started before the clock, as on a cluster that is up
         started = time.time()
         spec = plan.prepare(cfg, raw_url, {}, [], lambda _m: None)
-        planned = plan.execute(spec, lambda _m: None)
+        planned = plan_run.execute(spec, lambda _m: None)
         seconds = time.time() - started
     return {
         "rows": planned.input_rows,
@@ -122,6 +150,7 @@ def child_plan(list_dir: str, raw_url: str) -> dict:
         "shards": planned.shards,
         "kept": planned.kept,
         "duplicate_url": planned.filtered.get("duplicate_url", 0),
+        "opted_out_listed": planned.filtered.get("opted_out_listed", 0),
     }
 
 
@@ -202,6 +231,12 @@ def main() -> None:
     parser.add_argument(
         "--hashes", type=float, default=40, help="millions of sha256 values for content dedup (0: skip)"
     )
+    parser.add_argument(
+        "--optout",
+        type=float,
+        default=10,
+        help="millions of opt-out entries at the largest size (smaller sizes in proportion; 0: none)",
+    )
     args = parser.parse_args()
     if args.child:
         kind, *rest = args.child
@@ -209,6 +244,9 @@ def main() -> None:
             "plan": lambda: child_plan(*rest),
             "content": lambda: child_content(rest[0], int(rest[1]), int(rest[2])),
             "generate-list": lambda: generate_list(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), 0) or {},
+            "generate-optout": lambda: (
+                generate_optout(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), int(rest[4]), 0) or {}
+            ),
             "generate-hashes": lambda: {"shards": generate_hashes(rest[0], float(rest[1]), int(rest[2]), 0)},
             "check": lambda: check_content(rest[0], int(rest[1]), int(rest[2]), 4),
         }[kind]()
@@ -223,14 +261,20 @@ def main() -> None:
         for size in sizes:
             folder = os.path.join(workdir, f"list-{size:g}M")
             _child("generate-list", folder, str(int(size * 1e6)), str(args.files), str(args.row_group))
-            rows[size] = _child("plan", folder, os.path.join(workdir, f"raw-{size:g}M"))
+            optout = os.path.join(workdir, f"optout-{size:g}M") if args.optout else ""
+            if optout:
+                entries = int(args.optout * 1e6 * size / max(sizes))
+                _child("generate-optout", optout, str(int(size * 1e6)), str(entries), "4", str(args.row_group))
+            rows[size] = _child("plan", folder, os.path.join(workdir, f"raw-{size:g}M"), optout)
             shutil.rmtree(os.path.join(workdir, f"raw-{size:g}M"), ignore_errors=True)
             shutil.rmtree(folder, ignore_errors=True)
+            if optout:
+                shutil.rmtree(optout, ignore_errors=True)
             r = rows[size]
             print(
                 f"{size:>6g}M rows  {r['seconds'] / size:6.2f} s/M rows  driver {r['driver_rss'] / 2**20:6.0f} MB  "
                 f"largest task {r['task_rss'] / 2**20:6.0f} MB  ({r['pieces']} pieces, {r['buckets']} URL buckets, "
-                f"{r['duplicate_url']:,} repeated URLs, {r['shards']} shards)",
+                f"{r['duplicate_url']:,} repeated URLs, {r['opted_out_listed']:,} opted out, {r['shards']} shards)",
                 flush=True,
             )
         small, large = rows[sizes[0]], rows[sizes[-1]]

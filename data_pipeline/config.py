@@ -92,6 +92,12 @@ class IngestFilters:
         factory=dict, doc="numeric column -> {min, max}; e.g. similarity: {min: 0.28}; a missing value fails"
     )
     blocked_domains: list[str] = option(factory=list, doc="a listed domain blocks its subdomains too")
+    optout_list: str | None = option(
+        None,
+        doc="URLs and domains whose owners refuse AI training (a do-not-train registry's export): a file, folder or "
+        "glob of parquet/csv/tsv/jsonl/txt; joined in the planning tasks, counted as opted_out_listed "
+        "(data_pipeline/optout.py)",
+    )
     # after download, on the decoded image (img2dataset's checks, plus a header check before decoding)
     min_image_size: int = option(0, ge=0, doc="shorter side, in pixels")
     max_image_aspect_ratio: float | None = option(None, ge=1)
@@ -102,7 +108,7 @@ class IngestFilters:
 @dataclass
 class IngestConfig:
     url_list: str = option("", doc="URL list: a file, a folder or a glob; any fsspec URL")
-    input_format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = "auto"
+    input_format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "text"] = "auto"
     url_col: str | None = option(None, doc="null: the first of URL, url")
     caption_col: str | None = option(None, doc="null: the first of TEXT, caption, text")
     shard_size: int = option(256, ge=1, doc="URLs per shard; one shard is one Ray task")

@@ -3,7 +3,7 @@
 Before download every rule is a vectorised pass over a batch of the list (pyarrow compute), and
 a row is counted under the first rule it fails, so the counts add up to the rows dropped. Every
 rule but `duplicate_url` is decided by the row alone; that one needs the whole list, and the
-planner (data_pipeline/plan.py) decides it in buckets. After download, img2dataset's resizer
+planner (data_pipeline/plan_run.py) decides it in buckets. After download, img2dataset's resizer
 checks size and aspect ratio; `GuardedResizer` adds a header check so a decompression bomb is
 refused before it is decoded. Repeated image bytes are dropped by data_pipeline/content_dedup.py.
 """
@@ -96,8 +96,13 @@ def _fill_false(mask: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.asarray(pc.fill_null(mask, False), dtype=bool)
 
 
+def url_hosts(urls: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """Each URL's host (with its port, if listed), lower case; null where the URL is malformed."""
+    return pc.utf8_lower(pc.struct_field(pc.extract_regex(pc.fill_null(urls, ""), _URL), "host"))
+
+
 def _blocked(urls: pa.ChunkedArray, domains: list[str]) -> np.ndarray:
-    hosts = pc.utf8_lower(pc.struct_field(pc.extract_regex(pc.fill_null(urls, ""), _URL), "host"))
+    hosts = url_hosts(urls)
     blocked = {d.lower().strip(".") for d in domains}
 
     def is_blocked(host: str | None) -> bool:
@@ -170,7 +175,7 @@ KEPT = 255  # the code of a row no rule drops
 
 def first_failing(table: pa.Table, f: IngestFilters) -> np.ndarray:
     """Per row, the index in `rule_names(f)` of the first rule it fails, or KEPT; never
-    `duplicate_url`, which depends on the rest of the list (data_pipeline/plan.py decides it)."""
+    `duplicate_url`, which depends on the rest of the list (data_pipeline/plan_run.py decides it)."""
     names = rule_names(f)
     codes = np.full(len(table), KEPT, np.uint8)
     for name, failing in _local_rules(table, f):

@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from data_pipeline import content_dedup, fetch_guard, filters, plan, raw, ray_wait, tasks, url_list
+from data_pipeline import content_dedup, fetch_guard, filters, plan, plan_run, raw, ray_wait, tasks, url_list
 from data_pipeline.config import IngestConfig, RayConfig
 from data_pipeline.ray_runtime import ray_session
 from models.base import storage
@@ -280,7 +280,7 @@ def run(cfg: IngestConfig, ray_cfg: RayConfig, raw_url: str, config_yaml: str, l
         spec = plan.prepare(cfg, raw_url, plan_settings(cfg), folder.complete, log)
         storage.remove(storage.join(raw_url, raw.SUMMARY))  # it comes back when this run is complete
         storage.write_text(storage.join(raw_url, raw.CONFIG), config_yaml)
-        planned = plan.execute(spec, log, cfg.progress_every_s)
+        planned = plan_run.execute(spec, log, cfg.progress_every_s)
         done = [i for i in folder.complete if i < planned.shards]
         log(
             f"ingest: {planned.input_rows:,} URLs, {sum(planned.filtered.values()):,} filtered before download -> "

@@ -1,13 +1,10 @@
 """Planning an ingest in Ray tasks: the URL list -> shard inputs, filtered and URL-deduplicated.
 
 No process reads the whole list. The driver lists the list's files and reads parquet footers;
-every row is read by tasks, a piece (a file, or a run of its row groups) each:
-
-  1. scan    per piece: read the URL, caption and filter columns; decide every rule a row decides
-             alone; write the sha256 of each URL, bucketed (data_pipeline/dedup.py).
-  2. urldup  per bucket: the repeated URLs; the first occurrence in list order is kept.
-  3. rows    per piece: read the piece again, every column; write its kept rows with their
-             uid: these are the shard inputs.
+every row is read by tasks, a piece (a file, or a run of its row groups) each, in the steps
+data_pipeline/plan_run.py runs: the opt-out list's keys, the scan, URL dedup with the opt-out
+join, and the shard inputs. This module is what a plan is: its files, pieces and settings, where
+its outputs go, and which rows a shard holds.
 
 Shard s holds kept rows [s * shard_size, (s + 1) * shard_size) in list order, as it did when
 one process planned everything; `Plan.shard_inputs` says which row range of which rows file
@@ -18,6 +15,8 @@ Under ROOT/raw/_plan/ (each task's marker, NNNNN.json, is written after its data
   scan/NNNNN-RRRR.parquet    piece N's URL keys (sha256, order, rule code) in runs R of about
                              `ingest.plan_task_rows` rows; row group b = bucket b
   urldup/NNNNN.parquet       bucket N's repeated URLs: order, the rule code they had
+  optout-keys/NNNNN.parquet  opt-out list piece N's keys; row group b = bucket b
+  optout/NNNNN.parquet       bucket N's rows an opt-out entry names: order
   rows/NNNNN.parquet         piece N's kept rows, in list order: the shard inputs
 A rerun with the same list and settings reuses plan.json and every committed task; another
 list or other settings are refused once a shard is complete, and replanned before that.
@@ -28,8 +27,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import functools
-from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -46,8 +43,8 @@ from models.base import storage
 
 PLAN_DIR = "_plan"
 VERSION = 1
-MIN_ROW_GROUP = 4096  # rows files: row groups of max(shard_size, this) rows
-KEPT = "kept"  # the counts' name for rows no rule drops
+HOST_KEYS_PER_ROW = 3
+TEXT_ENTRY_BYTES = 40  # about, per opt-out entry of a text file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +74,8 @@ class Spec:
     filters: IngestFilters  # resolved against the list's columns
     shard_size: int
     task_rows: int  # rows a planning task holds at once
+    optout: tuple[ListFile, ...] = ()  # the opt-out list's files (url_col: the entry column)
+    optout_pieces: tuple[Piece, ...] = ()
 
     def folder(self, step: str) -> str:
         return storage.join(self.plan_url, step)
@@ -135,7 +134,11 @@ def identity(cfg: IngestConfig, settings: dict[str, Any]) -> dict[str, Any]:
     with ThreadPoolExecutor(tasks.READ_THREADS) as pool:
         listed = list(pool.map(described, files))
     columns = {"input_format": cfg.input_format, "url_col": cfg.url_col, "caption_col": cfg.caption_col}
-    return {"settings": {**settings, **columns}, "files": listed}
+    out: dict[str, Any] = {"settings": {**settings, **columns}, "files": listed}
+    if cfg.filters.optout_list:
+        with ThreadPoolExecutor(tasks.READ_THREADS) as pool:
+            out["optout_files"] = list(pool.map(described, url_list.list_files(cfg.filters.optout_list)))
+    return out
 
 
 def prepare(cfg: IngestConfig, raw_url: str, settings: dict[str, Any], complete: list[int], log) -> Spec:
@@ -174,8 +177,11 @@ def _refuse(raw_url: str, recorded: dict | None, wanted: dict, complete: list[in
                 f"'{raw_url}' was ingested with ingest.{key}={old.get(key)!r}, now {new.get(key)!r}; "
                 "ingest into a new root (or remove it) to change it"
             )
-    before = {f["url"]: f for f in recorded["identity"]["files"]}
-    now = {f["url"]: f for f in wanted["files"]}
+
+    def files(identity: dict) -> dict[str, dict]:  # the URL list's files, then the opt-out list's
+        return {f["url"]: f for f in [*identity["files"], *identity.get("optout_files", [])]}
+
+    before, now = files(recorded["identity"]), files(wanted)
     differences = [f"{u} is new" for u in now if u not in before] + [f"{u} is gone" for u in before if u not in now]
     differences += [
         f"{u} changed (size {before[u]['size']} -> {now[u]['size']}, version {before[u]['stamp']} -> {now[u]['stamp']})"
@@ -209,16 +215,38 @@ def _new_spec(cfg: IngestConfig, wanted: dict[str, Any], plan_url: str) -> Spec:
             if rows
             else []
         )
+    optout_files, optout_pieces = _optout_pieces(wanted.get("optout_files", []), cfg)
+    # A bucket task holds its share of every key: with an opt-out list, the entries' and the rows'
+    # domain keys too (HOST_KEYS_PER_ROW a row, as for img.cdn.example.com).
+    keys = total * (1 + HOST_KEYS_PER_ROW) + sum(f.rows for f in optout_files) if optout_files else total
     return Spec(
         plan_url,
         tuple(files),
         tuple(pieces),
-        dedup.bucket_count(total, cfg.dedup_bucket_rows),
+        dedup.bucket_count(keys, cfg.dedup_bucket_rows),
         shard_schema(schema),
         resolved,
         cfg.shard_size,
         cfg.plan_task_rows,
+        optout_files,
+        optout_pieces,
     )
+
+
+def _optout_pieces(
+    described: list[dict[str, Any]], cfg: IngestConfig
+) -> tuple[tuple[ListFile, ...], tuple[Piece, ...]]:
+    """The opt-out list's files (rows: from the footer, or guessed from a text file's size) and
+    pieces: parquet by row groups, other formats a file each."""
+    files, pieces = [], []
+    for index, file in enumerate(described):
+        url = file["url"]
+        fmt = url_list.format_of(url)
+        groups = url_list.parquet_row_groups(url)[0] if fmt == "parquet" else None
+        rows = sum(groups) if groups is not None else (file["size"] or 0) // TEXT_ENTRY_BYTES
+        files.append(ListFile(url, fmt, rows, "", None))
+        pieces += [Piece(index, g) for g in _split(groups, cfg.plan_task_rows)] if groups else [Piece(index, None)]
+    return tuple(files), tuple(pieces)
 
 
 def _describe_files(urls: list[str], cfg: IngestConfig) -> list[tuple[str, int, list[int] | None, pa.Schema]]:
@@ -295,12 +323,17 @@ def _header(spec: Spec, wanted: dict[str, Any], cfg: IngestConfig) -> dict[str, 
         "buckets": spec.buckets,
         "schema": base64.b64encode(spec.schema.serialize().to_pybytes()).decode(),
         "layout": {"plan_task_rows": cfg.plan_task_rows, "dedup_bucket_rows": cfg.dedup_bucket_rows},
+        "optout": [dataclasses.asdict(f) for f in spec.optout],
+        "optout_pieces": [
+            [p.file, list(p.row_groups) if p.row_groups is not None else None] for p in spec.optout_pieces
+        ],
     }
 
 
 def _from_header(header: dict[str, Any], plan_url: str, cfg: IngestConfig) -> Spec:
     schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(header["schema"])))
     pieces = tuple(Piece(f, tuple(g) if g is not None else None) for f, g in header["pieces"])
+    optout_pieces = tuple(Piece(f, tuple(g) if g is not None else None) for f, g in header.get("optout_pieces", []))
     # the filters resolve against the list's columns as they did when the plan was made
     unified = pa.schema([f for f in schema if f.name != "uid"])
     files = tuple(ListFile(**f) for f in header["files"])
@@ -313,169 +346,8 @@ def _from_header(header: dict[str, Any], plan_url: str, cfg: IngestConfig) -> Sp
         filters.resolve(cfg.filters, unified),
         cfg.shard_size,
         header["layout"]["plan_task_rows"],
-    )
-
-
-def execute(spec: Spec, log, progress_every_s: float = 5.0) -> Plan:
-    """Run (or finish) the three steps; returns the counts and the kept rows of every piece."""
-    ref = ray.put(spec)
-    pieces, buckets = len(spec.pieces), spec.buckets
-    scanned = tasks.run_stage(
-        "plan: scan", spec.folder("scan"), scan_piece, lambda i: (ref, i), pieces, log, progress_every_s
-    )
-    key_files = ray.put([spec.key_file(i, run) for i in range(pieces) for run in range(len(scanned[i]["run_starts"]))])
-    repeated = tasks.run_stage(
-        "plan: URL dedup",
-        spec.folder("urldup"),
-        dedup_bucket,
-        lambda b: (ref, b, key_files),
-        buckets,
-        log,
-        progress_every_s,
-    )
-    written = tasks.run_stage(
-        "plan: shard inputs",
-        spec.folder("rows"),
-        write_rows,
-        lambda i: (ref, i, scanned[i]),
-        pieces,
-        log,
-        progress_every_s,
-    )
-
-    counts: Counter[str] = Counter()
-    for result in scanned.values():
-        counts.update(result["rules"])
-    for result in repeated.values():  # a repeated URL counts as one, whatever rule came after
-        counts.subtract(result["rules"])
-        counts["duplicate_url"] += result["repeats"]
-    kept = np.array([written[i]["kept"] for i in range(pieces)], np.int64)
-    if counts.pop(KEPT, 0) != kept.sum():
-        raise RuntimeError(
-            f"plan '{spec.plan_url}': the shard inputs hold {kept.sum()} rows, the scan kept another number"
-        )
-    peak = max(tasks.peak_rss(scanned), tasks.peak_rss(repeated), tasks.peak_rss(written))
-    return Plan(spec, sum(r["rows"] for r in scanned.values()), {k: v for k, v in counts.items() if v}, kept, peak)
-
-
-def read_piece(spec: Spec, index: int, columns: list[str] | None) -> Iterator[pa.Table]:
-    """Piece `index` in batches, normalized; `columns`: the stored names wanted (None: all)."""
-    piece = spec.pieces[index]
-    file = spec.files[piece.file]
-    wanted = (
-        None
-        if columns is None
-        else [c for c in (file.url_col, file.caption_col, *map(url_list.listed_name, columns)) if c]
-    )
-    groups = list(piece.row_groups) if piece.row_groups is not None else None
-    batch = min(url_list.BATCH_ROWS, spec.task_rows)
-    for table in url_list.iter_raw(file.url, file.format, file.caption_col, groups, wanted, batch_rows=batch):
-        yield url_list.normalize(table, file.url, file.url_col, file.caption_col)
-
-
-def scan_piece(spec: Spec, index: int) -> dict[str, Any]:
-    """Task: rule codes of every row; the URL keys of the rows that have a URL, bucketed.
-
-    Keys go out in runs of about `task_rows` rows, a key file each, so that a piece larger than
-    that (one big row group) costs no more memory than any other."""
-    f = spec.filters
-    names = filters.rule_names(f)
-    before = [names.index(n) for n in filters.BEFORE_DEDUP]
-    found = np.zeros(256, np.int64)
-    run: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    starts: list[int] = []
-    rows = run_start = 0
-
-    def flush() -> None:
-        digests, orders, codes = (
-            (np.concatenate(parts) for parts in zip(*run, strict=True))
-            if run
-            else (np.zeros((0, 32), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.uint8))
-        )
-        dedup.write_keys(
-            spec.key_file(index, len(starts)), digests, orders, {"code": pa.array(codes, pa.uint8())}, spec.buckets
-        )
-        starts.append(run_start)
-        run.clear()
-
-    for table in read_piece(spec, index, filters.columns_read(f)):
-        code = filters.first_failing(table, f)
-        found += np.bincount(code, minlength=256)
-        with_url = np.flatnonzero(~np.isin(code, before))
-        run.append(
-            (
-                url_list.url_digests(table["url"].take(pa.array(with_url))),
-                dedup.order_of(index, rows + with_url),
-                code[with_url],
-            )
-        )
-        rows += len(table)
-        if rows - run_start >= spec.task_rows:
-            flush()
-            run_start = rows
-    if run or not starts:
-        flush()
-    return {"rows": rows, "rules": _by_name(found, names), "run_starts": starts}
-
-
-def dedup_bucket(spec: Spec, bucket: int, key_files: list[str]) -> dict[str, Any]:
-    """Task: the repeated URLs of one bucket, and the rule each would have been counted under."""
-    repeats = dedup.reduce_bucket(dedup.read_bucket(key_files, bucket), spec.file("urldup", bucket))
-    found = np.bincount(np.asarray(repeats["code"]), minlength=256)
-    return {"repeats": len(repeats), "rules": _by_name(found, filters.rule_names(spec.filters))}
-
-
-def write_rows(spec: Spec, index: int, scanned: dict[str, Any]) -> dict[str, Any]:
-    """Task: piece `index`'s kept rows, every column, in list order, with their uid. Which rows
-    and their URL hashes come from the scan's key files, one run at a time: no rule or hash is
-    computed twice."""
-    repeats = dedup.read_repeats(
-        [spec.file("urldup", b) for b in range(spec.buckets)],
-        int(dedup.order_of(index, 0)),
-        int(dedup.order_of(index + 1, 0)),
-        [],
-    )
-    repeated = np.asarray(repeats["order"])
-
-    def kept_of_run(run: int) -> tuple[np.ndarray, pa.Array]:
-        keys = pq.read_table(spec.key_file(index, run), columns=["key", "order", "code"])
-        order = np.asarray(keys["order"])
-        candidates = np.flatnonzero((np.asarray(keys["code"]) == filters.KEPT) & ~np.isin(order, repeated))
-        ranked = candidates[np.argsort(order[candidates], kind="stable")]
-        return order[ranked] & ((1 << dedup.ROW_BITS) - 1), dedup.to_hex(
-            dedup.digest_matrix(keys["key"].take(pa.array(ranked))), 12
-        )
-
-    starts = scanned["run_starts"]
-    kept_rows, uids = np.zeros(0, np.int64), pa.array([], pa.string())
-    loaded = kept = rows = 0
-    with storage.atomic_open(spec.file("rows", index)) as sink, pq.ParquetWriter(sink, spec.schema) as writer:
-        for table in read_piece(spec, index, None):
-            end = rows + len(table)
-            while loaded < len(starts) and starts[loaded] < end:  # the runs this batch reaches into
-                more_rows, more_uids = kept_of_run(loaded)
-                kept_rows, uids = np.concatenate([kept_rows, more_rows]), pa.concat_arrays([uids, more_uids])
-                loaded += 1
-            last = int(np.searchsorted(kept_rows, end))
-            chosen = table.take(pa.array(kept_rows[:last] - rows)).drop_columns([NON_UTF8])
-            chosen = chosen.add_column(2, "uid", uids.slice(0, last))
-            writer.write_table(conform(chosen, spec.schema), row_group_size=max(spec.shard_size, MIN_ROW_GROUP))
-            kept_rows, uids = kept_rows[last:], uids.slice(last)
-            kept += last
-            rows = end
-    if rows != scanned["rows"]:
-        raise UrlListError(
-            f"URL list '{spec.files[spec.pieces[index].file].url}' changed while it was planned "
-            f"({rows} rows now, {scanned['rows']} when scanned); rerun `unclip ingest` into a new root"
-        )
-    return {"kept": kept}
-
-
-def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """`table` with every column of `schema`, in its order and types (missing ones null), as
-    one table of the whole list would have had them."""
-    return (
-        pa.concat_tables([schema.empty_table(), table], promote_options="permissive").select(schema.names).cast(schema)
+        tuple(ListFile(**f) for f in header.get("optout", [])),
+        optout_pieces,
     )
 
 
@@ -496,9 +368,3 @@ def read_shard(inputs: list[tuple[str, int, int]], schema: pa.Schema | None = No
     if schema is None:
         raise ValueError("read_shard: no inputs, and no schema to make the empty table of")
     return schema.empty_table()
-
-
-def _by_name(found: np.ndarray, names: list[str]) -> dict[str, int]:
-    out = {names[c]: int(found[c]) for c in np.flatnonzero(found[: filters.KEPT])}
-    out[KEPT] = int(found[filters.KEPT])
-    return out

@@ -24,7 +24,14 @@ from models.base.errors import UserError
 
 URL_COLUMNS = ("URL", "url")
 CAPTION_COLUMNS = ("TEXT", "caption", "text")
-FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
+FORMATS = {
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".txt": "text",  # one URL a line, no caption (opt-out lists are often this)
+}
 # img2dataset writes these itself; input columns with these names would be overwritten.
 RESERVED = {
     "key",
@@ -76,7 +83,7 @@ def list_files(url: str, input_format: str = "auto") -> list[str]:
         files = [f for f in files if _format_of(f)] if len(files) > 1 else files
     if not files:
         raise UrlListError(
-            f"URL list '{url}': no {input_format if input_format != 'auto' else 'parquet/csv/tsv/jsonl'} files"
+            f"URL list '{url}': no {input_format if input_format != 'auto' else 'parquet/csv/tsv/jsonl/txt'} files"
         )
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return [f if storage.is_local(url) else f"{protocol}://{f}" for f in files]
@@ -144,6 +151,9 @@ def iter_raw(
             captions = [caption_col] if caption_col else list(CAPTION_COLUMNS)
             convert = csv.ConvertOptions(column_types={c: pa.binary() for c in captions})
             table = csv.read_csv(pa.BufferReader(data), parse_options=parse, convert_options=convert)
+        elif fmt == "text":
+            lines = (line.strip() for line in data.decode("utf-8", errors="replace").splitlines())
+            table = pa.table({"url": pa.array([x for x in lines if x and not x.startswith("#")], pa.string())})
         else:
             table = _read_jsonl(data)
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError, ValueError) as err:

@@ -27,7 +27,7 @@ from data_pipeline import filters, ingest, plan, raw, url_list
 from data_pipeline.config import IngestConfig, IngestFilters, RayConfig, Threshold
 from launch import config
 from models.base import storage
-from tests.support import images
+from tests.support import images, optout_reference
 
 QUIET = lambda _msg: None  # noqa: E731
 LOCAL = ["127.0.0.1"]  # the test servers' one address: every other non-public address stays refused
@@ -441,8 +441,12 @@ def test_a_kill_while_planning_then_a_rerun_plans_exactly_the_same_shards(tmp_pa
         tmp_path / "urls.parquet",
         row_group_size=100,
     )
+    # an opt-out list naming every tenth URL, in row groups the plan reads as pieces of its own
+    entries = [f"http://127.0.0.1:9/{n}.png" for n in range(0, 3000, 10)]
+    pq.write_table(pa.table({"url": entries}), tmp_path / "optout.parquet", row_group_size=100)
     settings = [
         f"ingest.url_list={tmp_path / 'urls.parquet'}",
+        f"ingest.filters.optout_list={tmp_path / 'optout.parquet'}",
         "ingest.shard_size=500",
         "ingest.plan_task_rows=100",
         "ingest.dedup_bucket_rows=100",
@@ -458,15 +462,17 @@ def test_a_kill_while_planning_then_a_rerun_plans_exactly_the_same_shards(tmp_pa
     )
 
     summary = _ingest(root, settings)
-    reference, counts = filters.apply_metadata_filters(url_list.read(str(tmp_path / "urls.parquet")), IngestFilters())
-    assert summary["filtered_before_download"] == counts == {"duplicate_url": 1000}
+    kept, counts = filters.apply_metadata_filters(url_list.read(str(tmp_path / "urls.parquet")), IngestFilters())
+    reference, opted_out = optout_reference.apply(kept, entries)
+    assert counts == {"duplicate_url": 1000} and opted_out == 300
+    assert summary["filtered_before_download"] == {**counts, "opted_out_listed": 300}
     expected = reference["uid"].to_pylist()
     for shard in raw.complete_shards(
         str(root / "raw")
     ):  # every kept row once, in the same shards (img2dataset's own row order)
         attempted = raw.read_status(str(root / "raw"), shard, ["uid"])["uid"].to_pylist()
         assert sorted(attempted) == sorted(expected[shard * 500 : (shard + 1) * 500])
-    assert summary["shards"] == 6 and summary["failed_by_reason"] == {"connection_error": 3000}
+    assert summary["shards"] == 6 and summary["failed_by_reason"] == {"connection_error": 2700}
 
 
 @pytest.mark.slow
@@ -524,6 +530,18 @@ def test_a_rerun_with_another_list_or_settings_is_refused(tmp_path):
         plan.prepare(cfg, raw_url, ingest.plan_settings(cfg), [0], QUIET)
     # with no shard complete, another list is planned anew
     assert plan.prepare(cfg, raw_url, ingest.plan_settings(cfg), [], QUIET).files[0].rows == 3
+    # an opt-out list is part of what a plan is made from: a new export is a new plan
+    (tmp_path / "optout.txt").write_text("h\n")
+    with_optout = IngestConfig(
+        url_list=str(lists), shard_size=2, filters=IngestFilters(optout_list=str(tmp_path / "optout.txt"))
+    )
+    other_root = str(tmp_path / "raw-optout")
+    assert (
+        plan.prepare(with_optout, other_root, ingest.plan_settings(with_optout), [], QUIET).optout[0].format == "text"
+    )
+    (tmp_path / "optout.txt").write_text("h\nhttp://h/2\n")
+    with pytest.raises(url_list.UrlListError, match=r"of another URL list \(.*optout.txt changed"):
+        plan.prepare(with_optout, other_root, ingest.plan_settings(with_optout), [0], QUIET)
 
 
 def _write_list(path, urls):
@@ -543,7 +561,33 @@ def test_failure_reasons_are_classified():
     )
     assert failure_reason("Image decoding error") == "decode_error"
     assert failure_reason("<urlopen error [Errno 111] Connection refused>") == "connection_error"
+    assert failure_reason("<urlopen error [Errno -3] Temporary failure in name resolution>") == "dns"
     assert failure_reason("something new") == "other"
+
+
+def test_the_summary_points_at_dns_when_more_than_5_percent_fail_to_resolve():
+    assert ingest.dns_hint(1000, 50) is None
+    hint = ingest.dns_hint(1000, 51)
+    assert hint is not None and "51 of 1,000 attempts (5%)" in hint and "infra/README.md" in hint
+    crawl = ingest.crawl_policy(IngestConfig())
+    assert crawl["opt_outs"].startswith("honoured") and crawl["user_agent_token"] == "unclip"
+    summary = {
+        "input_rows": 1000,
+        "filtered_before_download": {},
+        "attempted": 1000,
+        "downloaded": 900,
+        "failed_by_reason": {"dns": 51},
+        "refused_by_reason": {},
+        "filtered_after_download": {},
+        "kept": 900,
+        "bytes": 1,
+        "shards": 1,
+        "wall_s": 1.0,
+        "images_per_s": 900.0,
+        "crawl": crawl,
+        "hint": hint,
+    }
+    assert ingest.format_table(summary).splitlines()[-1] == f"  hint: {hint}"
 
 
 @pytest.mark.slow

@@ -16,9 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline import content_dedup, dedup, filters, plan, raw, tasks, url_list
+from data_pipeline import content_dedup, dedup, filters, plan, plan_run, raw, tasks, url_list
 from data_pipeline.config import IngestConfig, IngestFilters, Threshold
 from models.base import storage
+from tests.support import optout_reference
 
 QUIET = lambda _msg: None  # noqa: E731
 
@@ -79,7 +80,7 @@ def test_the_plan_in_tasks_keeps_exactly_the_rows_of_one_process(tmp_path, local
                 url_list=str(lists), shard_size=16, plan_task_rows=layout[0], dedup_bucket_rows=layout[1], filters=f
             )
             spec = plan.prepare(cfg, str(tmp_path / f"raw-{layout[0]}-{len(counts)}"), {}, [], QUIET)
-            plans[layout] = planned = plan.execute(spec, QUIET)
+            plans[layout] = planned = plan_run.execute(spec, QUIET)
             assert planned.input_rows == 701 and planned.filtered == counts
             got = planned_rows(planned)
             assert got.schema == reference.schema
@@ -102,6 +103,40 @@ def test_the_plan_in_tasks_keeps_exactly_the_rows_of_one_process(tmp_path, local
         4,
         4,
     ]  # 37 = 30 + 7 rows, then 30; 100 (+1) = 30+30+30+10 (+1)
+
+
+@pytest.mark.slow
+def test_an_optout_list_removes_exactly_the_rows_it_names(tmp_path, local_ray):
+    lists, optouts = tmp_path / "lists", tmp_path / "optout"
+    lists.mkdir()
+    optouts.mkdir()
+    write_mixed_list(lists)
+    listed = url_list.read(str(lists))["url"].to_pylist()
+    exact = sorted({u for u in listed if u and u.endswith("7.jpg")})  # URLs as listed, some repeated in the list
+    entries = [*exact, "host3.example", "*.HOST5.example", "example", "not an entry", "http://elsewhere.example/1.jpg"]
+    # the registry's export: parquet in row groups, and a text file with a comment and a blank line
+    pq.write_table(pa.table({"url": entries[: len(exact) // 2]}), optouts / "a.parquet", row_group_size=5)
+    (optouts / "b.txt").write_text("# do not train\n\n" + "\n".join(entries[len(exact) // 2 :]) + "\n")
+
+    kept, counts = filters.apply_metadata_filters(url_list.read(str(lists)), IngestFilters())
+    reference, opted_out = optout_reference.apply(kept, entries)
+    assert 60 < opted_out < len(kept)
+    for layout in ((1_000_000, 4_000_000), (40, 64)):  # one bucket; row-group pieces and 11 buckets
+        cfg = IngestConfig(
+            url_list=str(lists),
+            shard_size=16,
+            plan_task_rows=layout[0],
+            dedup_bucket_rows=layout[1],
+            filters=IngestFilters(optout_list=str(optouts)),
+        )
+        raw_url = str(tmp_path / f"raw-{layout[0]}")
+        spec = plan.prepare(cfg, raw_url, {}, [], QUIET)
+        planned = plan_run.execute(spec, QUIET)
+        assert planned.filtered == {**counts, "opted_out_listed": opted_out}
+        assert planned_rows(planned).to_pylist() == reference.to_pylist()
+        listed_counts = tasks.committed(spec.folder("optout-keys"))
+        assert sum(r["ignored"] for r in listed_counts.values()) == 2  # "example" alone, "not an entry"
+        assert len(spec.optout_pieces) == 2  # a.parquet (its row groups in one piece), b.txt
 
 
 def write_status_shards(raw_url: str, shards: int, rows: int, seed: int = 0) -> pa.Table:
