@@ -291,9 +291,6 @@ def summarize_messages(status_dict: dict[str, int]) -> Outcomes:
     return out
 
 
-# Failures that may pass: a rerun with `--retry-failed` tries them again.
-TRANSIENT = ("timeout", "dns", "connection_error", "http_5xx", "http_408", "http_429")
-
 _REASONS = (
     (re.compile(r"disallowed by X-Robots-Tag"), "opted_out"),
     (re.compile(fetch_guard.BLOCKED_PREFIX), "blocked_address"),

@@ -23,8 +23,8 @@ import yaml
 from launch import cli
 from launch import config as config_mod
 from models.base.ports import free_port
+from tests.support.site import serve
 from tests.support.storefactory import make_store
-from tests.test_ingest import serve
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [

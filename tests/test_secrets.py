@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.test_ingest import serve
+from tests.support.site import serve
 from tests.test_launch import ray_head  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.slow
