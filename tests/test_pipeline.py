@@ -364,7 +364,11 @@ def test_a_fine_tuned_karlo_chain_exports_as_an_unclip_pipeline(pipeline, tmp_pa
         upsampler_steps=sr_steps,
     )
     ours = ((sampled + 1) / 2).permute(0, 2, 3, 1).numpy()
-    assert drawn.shape == (1, 256, 256, 3) and np.abs(drawn - ours).max() < 1e-4, np.abs(drawn - ours).max()
+    # The same arithmetic in another order (diffusers' pipeline vs our sampler: four UNets, eight
+    # steps): the CPU's kernels decide the last bits; 1.3e-4 at most was seen on one machine. A wrong
+    # scheduler, guidance or noise differs by 1e-2 or more, everywhere.
+    diff = np.abs(drawn - ours)
+    assert drawn.shape == (1, 256, 256, 3) and diff.max() < 1e-3 and diff.mean() < 1e-5, (diff.max(), diff.mean())
     assert "standard `UnCLIPPipeline`" in open(os.path.join(out, "README.md")).read()
 
 
