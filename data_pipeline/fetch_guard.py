@@ -95,6 +95,16 @@ def refusal(address: str, allowed: Sequence[Network] = ()) -> str | None:
     return None
 
 
+def ascii_host(host: str) -> str:
+    """A host name as DNS knows it: IDNA (UTS 46) where it holds characters outside ASCII."""
+    if host.isascii():
+        return host
+    try:
+        return idna.encode(host, uts46=True).decode("ascii")
+    except idna.IDNAError as err:
+        raise InvalidUrl(f"{INVALID_PREFIX}: host {host!r}: {err}") from None
+
+
 def browser_url(url: str) -> str:
     """`url` as a browser requests it: UTF-8 percent-encoding, an IDNA host, no fragment."""
     if url.isascii() and " " not in url and "#" not in url:
@@ -106,11 +116,7 @@ def browser_url(url: str) -> str:
         raise InvalidUrl(f"{INVALID_PREFIX}: {err}") from None
     if not host:
         raise InvalidUrl(f"{INVALID_PREFIX}: no host")
-    if not host.isascii():
-        try:
-            host = idna.encode(host, uts46=True).decode("ascii")
-        except idna.IDNAError as err:
-            raise InvalidUrl(f"{INVALID_PREFIX}: host {host!r}: {err}") from None
+    host = ascii_host(host)
     if not _HOST.fullmatch(host):
         raise InvalidUrl(f"{INVALID_PREFIX}: host {host!r} holds characters no host name has")
     netloc = f"[{host}]" if ":" in host else host

@@ -21,12 +21,11 @@ from __future__ import annotations
 import hashlib
 import re
 
-import idna
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data_pipeline import dedup, url_list
+from data_pipeline import dedup, fetch_guard, url_list
 from data_pipeline.url_list import UrlListError
 
 ENTRY_COLUMNS = ("url", "URL", "domain", "entry")
@@ -47,11 +46,10 @@ def normalize_host(host: str) -> str | None:
     if host.startswith("["):
         return None  # an IPv6 literal has no domains
     host = host.split(":", 1)[0]
-    if not host.isascii():
-        try:
-            host = idna.encode(host, uts46=True).decode("ascii")
-        except idna.IDNAError:
-            return None
+    try:
+        host = fetch_guard.ascii_host(host)
+    except fetch_guard.InvalidUrl:
+        return None
     return host if _HOST_NAME.fullmatch(host) else None
 
 
